@@ -1,0 +1,130 @@
+"""Float64 oracles of every pgpo op: plain, slow, and the tests' ground truth.
+
+Each function follows ../shared/SPEC.md literally, in float64, with no chunking and no cleverness, so a reader can
+check it against the paper line by line. The fast paths (Triton kernels, torch fallback) are tested against these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(a / temp) || softmax(b / temp)) per row, in float64 (SPEC section 1).
+
+    Args:
+        logits_vis: [..., V] logits a of the visual pass.
+        logits_txt: [..., V] logits b of the text-only pass.
+        temperature: softmax temperature (> 0).
+
+    Returns:
+        [...] float64 KL in nats, >= 0. Entries with a_i = -inf contribute nothing; a finite a_i where b_i = -inf
+        gives +inf. A row whose a is all -inf has no distribution: our choice, its KL is 0 (treated like padding).
+    """
+    a = logits_vis.double() / temperature
+    b = logits_txt.double() / temperature
+    lse_a = torch.logsumexp(a, dim=-1)  # [...]
+    lse_b = torch.logsumexp(b, dim=-1)
+    p = torch.exp(a - lse_a.unsqueeze(-1))  # [..., V]; nan where the whole row of a is -inf
+    support = a != float("-inf")
+    diff = torch.where(support, a - b, torch.zeros_like(a))  # a_i = -inf: p_i = 0, never 0 * inf
+    weighted = torch.where(support, p * diff, torch.zeros_like(a))
+    kl = weighted.sum(-1) - lse_a + lse_b
+    # a finite where b = -inf -> +inf (mathematically true); lse_b = -inf gives the same.
+    kl = torch.where((support & (b == float("-inf"))).any(-1), torch.full_like(kl, float("inf")), kl)
+    kl = torch.where(support.any(-1), kl, torch.zeros_like(kl))
+    return kl.clamp_min(0.0)
+
+
+def token_logprob_ref(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temp)[target] per row, float64. [..., V] x [...] -> [...]."""
+    x = logits.double() / temperature
+    return torch.gather(x, -1, target_ids.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
+
+
+def token_entropy_ref(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temp) per row, float64, in nats. [..., V] -> [...]."""
+    x = logits.double() / temperature
+    logp = torch.log_softmax(x, -1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def k3_kl_ref(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
+    """The paper's appendix estimator from the sampled token only: r = pi_txt / pi_vis, S = (r - 1) - log r.
+
+    Args:
+        logp_vis: [...] log pi_vis(x_t) of the sampled token.
+        logp_txt: [...] log pi_txt(x_t) of the same token.
+    Returns:
+        [...] float64 estimate, >= 0.
+    """
+    log_r = logp_txt.double() - logp_vis.double()
+    return (torch.expm1(log_r) - log_r).clamp_min(0.0)
+
+
+def _reshape_one_ref(s: torch.Tensor, tau: float, beta: float, eps: float, renormalize: bool) -> torch.Tensor:
+    """SPEC section 2 on the valid scores of one sequence, [n] float64 -> [n] float64."""
+    n = s.numel()
+    if n == 0:
+        return s.clone()
+    s = torch.log1p(s)  # log-compression
+    m, M = s.min(), s.max()
+    ones = torch.ones_like(s)
+    if n == 1 or bool(m == M):
+        return ones  # our choice (SPEC 2): no information to reshape, uniform weights
+    if torch.isinf(M):
+        # +inf counts as the sequence maximum (I = 1); finite scores then sit at I = 0.
+        I = torch.where(torch.isinf(s), ones, torch.zeros_like(s))
+    else:
+        I = (s - m) / (M - m + eps)
+    w = torch.where(I < tau, I / (tau + eps), 1.0 + beta * (I - tau) / (1.0 - tau + eps))
+    if not renormalize:
+        return w
+    total = w.sum()
+    if not bool(total > 0):
+        return ones  # zero mass: nothing to renormalize, uniform weights (our choice)
+    return w * n / total
+
+
+def reshape_weights_ref(
+    scores: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+    renormalize: bool = True,
+) -> torch.Tensor:
+    """Per-sequence PGPO reshape of visual-dependency scores into token weights, float64 (SPEC section 2).
+
+    Padded layout: scores [B, T] with bool mask [B, T] (None = all valid) -> [B, T], 0 at padding.
+    Packed layout: scores [total] with cu_seqlens [B + 1] -> [total].
+    """
+    s = scores.double()
+    out = torch.zeros_like(s)
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            out[lo:hi] = _reshape_one_ref(s[lo:hi], tau, beta, eps, renormalize)
+        return out
+    valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.bool()
+    for i in range(s.shape[0]):
+        out[i, valid[i]] = _reshape_one_ref(s[i, valid[i]], tau, beta, eps, renormalize)
+    return out
+
+
+def pgpo_token_weights_ref(
+    logits_vis: torch.Tensor,
+    logits_txt: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token KL of [B, T, V] logits then the padded reshape: -> (weights [B, T], kl [B, T]), float64."""
+    kl = token_kl_ref(logits_vis, logits_txt, temperature)
+    return reshape_weights_ref(kl, mask, tau=tau, beta=beta, eps=eps), kl

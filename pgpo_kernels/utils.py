@@ -1,0 +1,131 @@
+"""Shared helpers: argument checks, backend choice, launch heuristics.
+
+Every public op validates its arguments here, before any kernel launch, and raises a ValueError/TypeError that names
+the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's interpreter runs kernels on CPU tensors (TRITON_INTERPRET=1, set before triton import)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton missing or broken on this platform
+        return False
+    return True
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map "auto" to "triton" on CUDA tensors and "torch" otherwise; check that "triton" can run where asked."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
+        if not on_cuda and not interpreter_enabled():
+            raise RuntimeError(
+                "backend='triton' got CPU tensors: move them to CUDA, or set TRITON_INTERPRET=1 before importing "
+                "triton to run the kernels in the (slow) interpreter, or use backend='torch'"
+            )
+    return backend
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def check_logits_pair(logits_vis: torch.Tensor, logits_txt: torch.Tensor) -> None:
+    """Both [..., V] floating tensors of the same shape and device, V >= 1."""
+    check_float("logits_vis", logits_vis)
+    check_float("logits_txt", logits_txt)
+    if logits_vis.dim() < 1:
+        raise ValueError("logits_vis must have shape [..., V] with at least one dimension, got a 0-d tensor")
+    if logits_vis.shape != logits_txt.shape:
+        raise ValueError(
+            f"logits_txt must have the shape of logits_vis [..., V] = {tuple(logits_vis.shape)}, "
+            f"got {tuple(logits_txt.shape)}"
+        )
+    if logits_vis.shape[-1] == 0:
+        raise ValueError("logits_vis must have a non-empty vocab dimension V, got V = 0")
+    if logits_vis.device != logits_txt.device:
+        raise ValueError(f"logits_vis and logits_txt must be on one device, got {logits_vis.device} and "
+                         f"{logits_txt.device}")
+
+
+def check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+
+
+def check_reshape_params(tau: float, beta: float, eps: float) -> None:
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
+    if not beta >= 0.0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+
+
+def check_mask(mask: torch.Tensor | None, shape: torch.Size, name: str = "mask") -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor of shape {tuple(shape)}, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool (or integer 0/1) tensor of shape {tuple(shape)}, got {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the scores' shape [B, T]), got {tuple(mask.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """int32/int64 [B + 1], starting at 0, non-decreasing, ending at the packed length. Reads it on the host once."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor of shape [B + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 (or int64) of shape [B + 1], got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape [B + 1] with B >= 0, got {tuple(cu_seqlens.shape)}")
+    c = cu_seqlens.detach().to("cpu", torch.int64)  # host sync: validation needs the values
+    if int(c[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(c[0])}")
+    if c.numel() > 1 and bool((c[1:] < c[:-1]).any()):
+        raise ValueError("cu_seqlens must be non-decreasing (monotone sequence offsets)")
+    if int(c[-1]) != total:
+        raise ValueError(f"cu_seqlens[-1] must equal the packed length of scores ({total}), got {int(c[-1])}")
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View [..., V] as [N, V] with a unit last stride; copies only when no such view exists."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > 0 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Number of streaming multiprocessors, or a stand-in when not on CUDA (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

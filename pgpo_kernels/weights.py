@@ -1,0 +1,52 @@
+"""pgpo_token_weights: token KL then the PGPO reshape, with no [N, V] intermediate and no host sync."""
+
+from __future__ import annotations
+
+import torch
+
+from pgpo_kernels.reshape import check_reshape_args
+from pgpo_kernels.reshape import reshape_weights
+from pgpo_kernels.token_kl import token_kl
+from pgpo_kernels.utils import check_logits_pair
+from pgpo_kernels.utils import check_temperature
+
+
+def pgpo_token_weights(
+    logits_vis: torch.Tensor,
+    logits_txt: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+    renormalize: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGPO token weights from the two passes' logits (arXiv 2604.01840: S_t = KL(vis || txt), then reshape).
+
+    Args:
+        logits_vis: padded [B, T, V] or packed [total, V] logits of the visual pass.
+        logits_txt: the text-only pass's logits, same shape.
+        mask: padded layout, bool [B, T] of valid response tokens (None = all valid).
+        cu_seqlens: packed layout, int32 [B + 1] offsets (validated on the host: one small sync).
+        temperature, tau, beta, eps, renormalize, backend: as in token_kl and reshape_weights.
+
+    Returns:
+        (weights, kl): float32, both [B, T] (or [total]); weights are 0 at padding, kl is computed for every row.
+        Multiply the sequence advantage [B, 1] by weights to get token advantages.
+    """
+    check_logits_pair(logits_vis, logits_txt)
+    check_temperature(temperature)
+    score_shape = logits_vis.shape[:-1]
+    if cu_seqlens is None and len(score_shape) != 2:
+        raise ValueError(f"logits_vis must have shape [B, T, V] (or [total, V] with cu_seqlens), got "
+                         f"{tuple(logits_vis.shape)}")
+    # every reshape check runs here, before the KL launch: a bad mask must not cost a pass over [N, V]
+    check_reshape_args(torch.empty(score_shape, device="meta"), mask, cu_seqlens, tau, beta, eps,
+                       device=logits_vis.device)
+    kl = token_kl(logits_vis, logits_txt, temperature=temperature, backend=backend)  # [B, T] float32
+    weights = reshape_weights(kl, mask, cu_seqlens=cu_seqlens, tau=tau, beta=beta, eps=eps,
+                              renormalize=renormalize, backend=backend)
+    return weights, kl
