@@ -14,7 +14,7 @@ from PIL import Image
 from pgpo_train.tiny import TINY_PROMPT_TEMPLATE
 from pgpo_train.tiny import save_count_dataset
 
-TINY_DATASET_VERSION = "count-v1"
+TINY_DATASET_VERSION = "count-v2"
 
 
 def tiny_dataset_path(cache_dir: str | None = None, seed: int = 0) -> str:

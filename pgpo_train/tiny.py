@@ -5,8 +5,8 @@ the real-run path (`from_pretrained` on a saved checkpoint, `load_dataset` on a 
 
 The task ("count"): a 56x56 image holds a 2x2 grid of cells, each empty or holding a red, green or blue shape. The
 question asks how many shapes of one colour there are. The answer needs the image: without it the model can only
-guess from the prior. The reference response lists the cell colours inside <think> and boxes the count, so the
-visually grounded tokens (the colours) and the text-only ones (the count, given the list) are both present.
+guess from the prior. The reference response counts every colour inside <think> and boxes the asked one, so the
+visually grounded tokens (the counts in the think) and the text-grounded ones (the boxed copy) are both present.
 """
 
 from __future__ import annotations
@@ -56,8 +56,13 @@ def count_question(color: str) -> str:
 
 
 def count_response(cells: list[str], answer: int) -> str:
-    """The reference (SFT) response: cell colours in reading order, then the boxed count."""
-    return f"<think>{' '.join(cells)}</think>\\boxed{{{answer}}}"
+    """The reference (SFT) response: the count of every colour (fixed order), then the boxed count asked for.
+
+    our choice: per-colour counts rather than a cell-by-cell list; counting is an average over the image tokens,
+    which a tiny transformer learns in minutes, while a reading-order list needs positional lookup.
+    """
+    counts = " ".join(f"{c} {sum(x == c for x in cells)}" for c in COLORS)
+    return f"<think>{counts}</think>\\boxed{{{answer}}}"
 
 
 def draw_cells(cells: list[str], rng: random.Random) -> Image.Image:
