@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -33,8 +34,9 @@ class PGPOConfig:
 @dataclass
 class TrainConfig:
     # --- I/O
-    out_dir: str = "runs/pgpo-tiny"  # run directory: metrics.jsonl, checkpoints/, config.json
+    out_dir: str = ""  # run directory (metrics.jsonl, checkpoints/, config.json); empty = runs/{algo}-{time}
     resume: bool = False  # continue from out_dir's latest checkpoint (exactly: model, optimizer, RNG, data position)
+    overwrite: bool = False  # start over in an out_dir that already holds checkpoints
     save_every: int = 25  # RL steps between atomic checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1
@@ -79,7 +81,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0  # paper: 0.99
     # --- SFT warm-up (gives the random tiny model a start)
-    sft_steps: int = 150
+    sft_steps: int = 200
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # --- eval
@@ -88,7 +90,9 @@ class TrainConfig:
     # --- system
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    threads: int = (
+        0  # torch CPU threads; 0 = auto: 1 for the tiny model on CPU (tiny matmuls thrash with more), else torch's
+    )
 
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated."""
@@ -107,11 +111,24 @@ class TrainConfig:
             raise ValueError(f"--dynamic-sampling must be auto, on or off, got {c.dynamic_sampling!r}")
         if c.dynamic_sampling == "auto":
             c.dynamic_sampling = "off" if c.algo == "grpo" else "on"
-        for name in ("prompts_per_step", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens"):
+        for name in (
+            "prompts_per_step",
+            "group_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+        ):
             if getattr(c, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
         if c.steps < 0 or c.sft_steps < 0:
             raise ValueError("--steps and --sft-steps must be >= 0")
+        if not c.out_dir:
+            if c.resume:
+                raise ValueError("--resume needs --out-dir (the run directory to continue)")
+            import time
+
+            c.out_dir = os.path.join("runs", f"{c.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not c.prompt_template:
             c.prompt_template = "" if (c.dataset or c.model) else "tiny"
         return c
@@ -131,7 +148,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
         else:
-            parser.add_argument(flag, dest=dest, type=type(default), default=default, metavar=type(default).__name__.upper())
+            parser.add_argument(
+                flag, dest=dest, type=type(default), default=default, metavar=type(default).__name__.upper()
+            )
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:

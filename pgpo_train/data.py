@@ -126,7 +126,11 @@ class RecordStream:
             if img is None:
                 self.skipped_images += 1
                 continue
-            rec = {"image": img, "problem": str(row[self.columns["problem"]]), "answer": str(row[self.columns["answer"]])}
+            rec = {
+                "image": img,
+                "problem": str(row[self.columns["problem"]]),
+                "answer": str(row[self.columns["answer"]]),
+            }
             sol_col = self.columns.get("solution")
             if sol_col:
                 rec["solution"] = str(row[sol_col])

@@ -38,10 +38,14 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     stop = eos_ids(model, processor)
     gen = {"do_sample": False} if greedy else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
     out = model.generate(
-        **prompt, **gen, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop,
-        pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=visual_special_ids(model),
+        **prompt,
+        **gen,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=stop,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        suppress_tokens=visual_special_ids(model),
     )
-    responses = out[:, prompt["input_ids"].shape[1]:]
+    responses = out[:, prompt["input_ids"].shape[1] :]
     mask = response_mask_from(responses, stop)
     batch = build_sequences(model, prompt, responses, mask, processor.tokenizer.pad_token_id)
     stats = old_logp_and_scores(model, batch, cfg, {})
@@ -110,7 +114,9 @@ def render_png(record: dict, dep: dict, tau: float, out: str) -> None:
     ax_bar.set_xticks(list(xs))
     ax_bar.set_xticklabels([t.replace("$", r"\$") for t in dep["tokens"]], rotation=60, fontsize=8)
     ax_bar.set_ylabel("token KL(vis || txt)")
-    ax_bar.set_title(f"response tokens coloured by visual dependency (tau = {tau}); reward {dep['score']['score']:.2f}", fontsize=9)
+    ax_bar.set_title(
+        f"response tokens coloured by visual dependency (tau = {tau}); reward {dep['score']['score']:.2f}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

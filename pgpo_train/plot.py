@@ -75,7 +75,7 @@ def plot_runs(run_dirs: list[str], out: str | None = None, smooth: int = 5) -> s
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            k = 1 if key.startswith("eval/") or key.startswith("sft/") else smooth
+            k = 1 if key.startswith(("eval/", "sft/")) else smooth
             ax.plot(xs, _smooth(list(ys), k), label=label, marker="o" if key.startswith("eval/") else None, ms=3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")

@@ -33,14 +33,18 @@ def test_agg_loss_modes():
     assert core_algos.agg_loss(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
     assert core_algos.agg_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
     # micro-batches with global counts add up to the whole mini-batch's mean
-    parts = sum(core_algos.agg_loss(loss[i : i + 1], mask[i : i + 1], "token-mean", global_tokens=4.0) for i in range(2))
+    parts = sum(
+        core_algos.agg_loss(loss[i : i + 1], mask[i : i + 1], "token-mean", global_tokens=4.0) for i in range(2)
+    )
     assert parts.item() == pytest.approx(10 / 4)
     with pytest.raises(ValueError, match="loss_agg_mode"):
         core_algos.agg_loss(loss, mask, "nope")
 
 
 def _loss(adv_tok, old, new, mask):
-    return core_algos.get_policy_loss_fn("vanilla")(old, new, adv_tok, mask, clip_ratio_low=0.2, clip_ratio_high=0.28)[0]
+    return core_algos.get_policy_loss_fn("vanilla")(old, new, adv_tok, mask, clip_ratio_low=0.2, clip_ratio_high=0.28)[
+        0
+    ]
 
 
 def test_pgpo_tau0_beta0_is_dapo():

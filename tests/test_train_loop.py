@@ -23,22 +23,54 @@ def assets(tmp_path_factory):
     raw = save_tiny_checkpoint(root / "tiny-random", seed=0)
     data = save_count_dataset(root / "count", n_train=64, n_test=8, seed=0)
     # a short SFT so sampled rewards are mixed: RL steps then have non-zero advantages and really update
-    warm = train(TrainConfig(model=raw, dataset=data, prompt_template="tiny", out_dir=str(root / "sft"), steps=0,
-                             sft_steps=50, sft_batch_size=16, sft_lr=4e-3, eval_every=0, tensorboard=False, progress=False))
+    warm = train(
+        TrainConfig(
+            model=raw,
+            dataset=data,
+            prompt_template="tiny",
+            out_dir=str(root / "sft"),
+            steps=0,
+            sft_steps=50,
+            sft_batch_size=16,
+            sft_lr=4e-3,
+            eval_every=0,
+            tensorboard=False,
+            progress=False,
+        )
+    )
     model = save_tiny_checkpoint(root / "tiny-model", model=warm["model"], processor=warm["processor"])
     return {"model": model, "data": data, "root": root}
 
 
+def _lines(run_dir):
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(x) for x in f]
+
+
 def _rl_lines(run_dir):
-    return [json.loads(x) for x in open(run_dir / "metrics.jsonl") if '"rl"' in x]
+    return [x for x in _lines(run_dir) if x["phase"] == "rl"]
 
 
 def _cfg(assets, out, **kw):
-    base = dict(
-        model=assets["model"], dataset=assets["data"], prompt_template="tiny", out_dir=str(out), steps=2,
-        prompts_per_step=2, group_size=4, mini_batch_size=4, micro_batch_size=3, max_new_tokens=16, sft_steps=2,
-        sft_batch_size=4, eval_every=0, tensorboard=False, progress=False, save_every=1, seed=3,
-    )
+    base = {
+        "model": assets["model"],
+        "dataset": assets["data"],
+        "prompt_template": "tiny",
+        "out_dir": str(out),
+        "steps": 2,
+        "prompts_per_step": 2,
+        "group_size": 4,
+        "mini_batch_size": 4,
+        "micro_batch_size": 3,
+        "max_new_tokens": 16,
+        "sft_steps": 2,
+        "sft_batch_size": 4,
+        "eval_every": 0,
+        "tensorboard": False,
+        "progress": False,
+        "save_every": 1,
+        "seed": 3,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -49,14 +81,24 @@ def _params(model):
 
 def test_one_step_end_to_end_pgpo(assets, tmp_path):
     out = train(_cfg(assets, tmp_path / "run", steps=1, eval_every=1, eval_size=4))
-    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    lines = _lines(tmp_path / "run")
     assert [x["phase"] for x in lines] == ["sft", "sft", "rl"]
     rl = lines[-1]
     for key in ("reward/mean", "reward/acc", "response/length_mean", "timing/rollout", "timing/step", "eval/acc"):
         assert key in rl, key
     if rl["data/kept_frac"] > 0:  # an update happened: the PGPO phases ran and logged
-        for key in ("actor/loss", "actor/clip_frac", "actor/entropy", "pgpo/kl_mean", "pgpo/kl_max",
-                    "pgpo/frac_above_tau", "pgpo/weight_mean", "timing/text_only", "timing/kl_reshape", "timing/update"):
+        for key in (
+            "actor/loss",
+            "actor/clip_frac",
+            "actor/entropy",
+            "pgpo/kl_mean",
+            "pgpo/kl_max",
+            "pgpo/frac_above_tau",
+            "pgpo/weight_mean",
+            "timing/text_only",
+            "timing/kl_reshape",
+            "timing/update",
+        ):
             assert key in rl, key
         assert rl["pgpo/kl_mean"] >= 0 and rl["pgpo/weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert latest_checkpoint(str(tmp_path / "run" / "checkpoints")) is not None
@@ -66,13 +108,15 @@ def test_one_step_end_to_end_pgpo(assets, tmp_path):
 @pytest.mark.parametrize("estimator", ["k3"])
 def test_update_changes_params_k3_no_dynamic_sampling(assets, tmp_path, estimator):
     """With dynamic sampling off every step updates (unless all advantages are 0): k3 path runs and moves weights."""
-    cfg = _cfg(assets, tmp_path / "k3", steps=1, sft_steps=0, dynamic_sampling="off", group_size=4, lr=1e-2, weight_decay=0.0)
+    cfg = _cfg(
+        assets, tmp_path / "k3", steps=1, sft_steps=0, dynamic_sampling="off", group_size=4, lr=1e-2, weight_decay=0.0
+    )
     cfg.pgpo.estimator = estimator
     from pgpo_train.train import load_policy
 
     before = _params(load_policy(cfg.resolved(), torch.device("cpu"))[0])
     out = train(cfg)
-    rl = [json.loads(x) for x in open(tmp_path / "k3" / "metrics.jsonl")][-1]
+    rl = _lines(tmp_path / "k3")[-1]
     assert "pgpo/kl_mean" in rl and "actor/loss" in rl
     after = _params(out["model"])
     moved = any(not torch.equal(before[k], after[k]) for k in before)
@@ -87,10 +131,12 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     assert sum("actor/loss" in x for x in _rl_lines(tmp_path / "full")) >= 2, "test needs real updates"
     a, b = _params(full["model"]), _params(resumed["model"])
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("timing/")}  # noqa: E731
-    la = [strip(json.loads(x)) for x in open(tmp_path / "full" / "metrics.jsonl")]
-    lb = [strip(json.loads(x)) for x in open(tmp_path / "cut" / "metrics.jsonl")]
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("timing/")}
+    la = [strip(x) for x in _lines(tmp_path / "full")]
+    lb = [strip(x) for x in _lines(tmp_path / "cut")]
     assert la == lb
+    with pytest.raises(ValueError, match="already holds checkpoints"):  # never silently mixes two runs
+        train(_cfg(assets, tmp_path / "full", steps=3))
 
 
 def test_pgpo_tau0_beta0_equals_dapo_run(assets, tmp_path):
@@ -110,8 +156,23 @@ def test_pgpo_tau0_beta0_equals_dapo_run(assets, tmp_path):
 def test_missing_column_is_a_clear_error(assets, tmp_path):
     with pytest.raises(ValueError, match=r"lacks column\(s\) problem='question'"):
         train(_cfg(assets, tmp_path / "bad", problem_column="question"))
-    assert main(["--model", assets["model"], "--dataset", assets["data"], "--problem-column", "question",
-                 "--out-dir", str(tmp_path / "bad2"), "--no-progress", "--no-tensorboard"]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                assets["model"],
+                "--dataset",
+                assets["data"],
+                "--problem-column",
+                "question",
+                "--out-dir",
+                str(tmp_path / "bad2"),
+                "--no-progress",
+                "--no-tensorboard",
+            ]
+        )
+        == 2
+    )
 
 
 def test_undecodable_image_is_skipped_and_counted(assets, tmp_path):
@@ -125,8 +186,14 @@ def test_undecodable_image_is_skipped_and_counted(assets, tmp_path):
         rows.append({**r, "image": {"bytes": b"not an image" if i % 3 == 0 else buf.getvalue(), "path": None}})
     path = tmp_path / "broken"
     os.makedirs(path)
-    feats = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"),
-                               "answer": datasets.Value("string"), "solution": datasets.Value("string")})
+    feats = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "problem": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "solution": datasets.Value("string"),
+        }
+    )
     datasets.Dataset.from_list(rows, features=feats).to_parquet(str(path / "train.parquet"))
     out = train(_cfg({**assets, "data": str(path)}, tmp_path / "run", steps=1, sft_steps=2, sft_batch_size=4))
     assert out["skipped_images"] >= 1
