@@ -81,7 +81,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0  # paper: 0.99
     # --- SFT warm-up (gives the random tiny model a start)
-    sft_steps: int = 200
+    sft_steps: int = 300
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # --- eval

@@ -494,9 +494,8 @@ def train(cfg: TrainConfig) -> dict:
     """Runs SFT warm-up (if any) then RL; returns a summary dict. Resumable from cfg.out_dir."""
     cfg = cfg.resolved()
     device = resolve_device(cfg)
-    threads = cfg.threads or (1 if device.type == "cpu" and not cfg.model else 0)
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
     if not cfg.resume and latest_checkpoint(ckpt_dir) is not None:
@@ -519,6 +518,8 @@ def train(cfg: TrainConfig) -> dict:
     train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
 
     model, processor = load_policy(cfg, device)
+    if not cfg.threads and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 50_000_000:
+        torch.set_num_threads(1)  # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy box)
     eval_records = []
     if cfg.eval_every > 0:
         try:
