@@ -255,6 +255,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict) -> di
     B, T = batch["responses"].shape
     old_logp, entropy, scores = [], [], []
     pgpo = cfg.algo == "pgpo"
+    fused_stats = _token_stats_op() if pgpo else None
     for start in range(0, B, cfg.micro_batch_size):
         mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
@@ -262,29 +263,52 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict) -> di
                 mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"]
             )
             logits_vis = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
-            lp, ent = logp_entropy(logits_vis, mb["responses"])
-        old_logp.append(lp)
-        entropy.append(ent)
+            if fused_stats is None:
+                lp, ent = logp_entropy(logits_vis, mb["responses"])
         if not pgpo:
+            old_logp.append(lp)
+            entropy.append(ent)
             del logits_vis
             continue
         with timed(times, "timing/text_only"):
             kw = text_only_inputs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
             logits_txt = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
         with timed(times, "timing/kl_reshape"):
-            if cfg.pgpo.estimator == "full":
+            if fused_stats is not None:
+                # one read of each logit tensor gives log-prob, entropy and S_t (logits are already / temperature)
+                st = fused_stats(
+                    logits_vis, logits_txt, mb["responses"], estimator=cfg.pgpo.estimator, backend=cfg.pgpo.backend
+                )
+                lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
+            elif cfg.pgpo.estimator == "full":
                 from pgpo_kernels import token_kl
 
-                s = token_kl(logits_vis, logits_txt, backend=cfg.pgpo.backend)  # [mb, T] (logits already / temp)
+                s = token_kl(logits_vis, logits_txt, backend=cfg.pgpo.backend)  # [mb, T]
             else:
                 lp_txt, _ = logp_entropy(logits_txt, mb["responses"], with_entropy=False)
                 s = core_algos.k3_token_kl(lp, lp_txt)  # [mb, T]
-            scores.append(s)
+        old_logp.append(lp)
+        entropy.append(ent)
+        scores.append(s)
         del logits_vis, logits_txt  # free both passes' logits before the next micro-batch
     out = {"old_logp": torch.cat(old_logp), "entropy": torch.cat(entropy)}
     if pgpo:
         out["scores"] = torch.cat(scores)
     return out
+
+
+def _token_stats_op():
+    """pgpo_kernels.token_stats (log-prob, entropy, KL in one pass) when this pgpo_kernels has it, else None.
+
+    PGPO_NO_TOKEN_STATS=1 forces the unfused path (torch log-softmax + token_kl), e.g. to compare the two.
+    """
+    if os.environ.get("PGPO_NO_TOKEN_STATS") == "1":
+        return None
+    try:
+        from pgpo_kernels import token_stats
+    except ImportError:
+        return None
+    return token_stats
 
 
 def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
@@ -519,7 +543,9 @@ def train(cfg: TrainConfig) -> dict:
 
     model, processor = load_policy(cfg, device)
     if not cfg.threads and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 50_000_000:
-        torch.set_num_threads(1)  # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy box)
+        torch.set_num_threads(
+            1
+        )  # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy box)
     eval_records = []
     if cfg.eval_every > 0:
         try:

@@ -208,3 +208,28 @@ def test_model_without_image_tokens_is_refused(assets):
     processor = load_processor(assets["model"])
     with pytest.raises(ValueError, match="no image tokens"):
         check_vlm(SimpleNamespace(config=SimpleNamespace()), processor)
+
+
+def test_fused_token_stats_path_matches_unfused(assets, tmp_path, monkeypatch):
+    """When pgpo_kernels provides token_stats, the loop's fused old-log-prob/KL path gives the unfused results."""
+    pytest.importorskip("pgpo_kernels", reason="needs pgpo_kernels")
+    import pgpo_kernels
+
+    if not hasattr(pgpo_kernels, "token_stats"):
+        pytest.skip("this pgpo_kernels has no token_stats yet")
+    from pgpo_train import train as train_mod
+
+    for estimator in ("full", "k3"):
+        cfg = _cfg(assets, tmp_path / estimator, steps=1, sft_steps=0).resolved()
+        cfg.pgpo.estimator = estimator
+        model, processor = train_mod.load_policy(cfg, torch.device("cpu"))
+        records = make_count_records(2, seed=4)
+        batch, _ = train_mod.rollout(model, processor, records, cfg, torch.device("cpu"), {})
+        batch.pop("texts")
+        fused = train_mod.old_logp_and_scores(model, batch, cfg, {})
+        monkeypatch.setenv("PGPO_NO_TOKEN_STATS", "1")
+        plain = train_mod.old_logp_and_scores(model, batch, cfg, {})
+        monkeypatch.delenv("PGPO_NO_TOKEN_STATS")
+        m = batch["response_mask"].bool()
+        for key in ("old_logp", "entropy", "scores"):
+            assert torch.allclose(fused[key][m], plain[key][m], atol=1e-4, rtol=1e-4), (estimator, key)
