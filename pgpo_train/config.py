@@ -39,14 +39,13 @@ class TrainConfig:
     overwrite: bool = False  # start over in an out_dir that already holds checkpoints
     save_every: int = 25  # RL steps between atomic checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    log_every: int = 1
     tensorboard: bool = True  # also write tensorboard events when tensorboard is installed
     progress: bool = True  # tqdm progress bar
     # --- model
     model: str = ""  # hub name or local path of a Qwen2.5-VL; empty = the embedded tiny model (random init)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # trade compute for activation memory (real models)
     freeze_vision: bool = False  # paper trains the vision tower too
     # --- data
     dataset: str = ""  # hub name or local path for datasets.load_dataset; empty = the generated tiny count task
@@ -137,7 +136,29 @@ class TrainConfig:
 # %% argparse from the dataclasses
 
 
+CHOICES = {
+    "algo": ["grpo", "dapo", "pgpo"],
+    "estimator": ["full", "k3"],
+    "dynamic_sampling": ["auto", "on", "off"],
+    "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
+}
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing `# ...` comment of each field in cls's source: the flag's --help text (one place to document)."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    helps = _field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
@@ -145,11 +166,18 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
         dest = (prefix + f.name).replace(".", "__")
+        help_text = helps.get(f.name, "").replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             parser.add_argument(
-                flag, dest=dest, type=type(default), default=default, metavar=type(default).__name__.upper()
+                flag,
+                dest=dest,
+                type=type(default),
+                default=default,
+                choices=CHOICES.get(f.name),
+                help=help_text,
+                metavar=None if f.name in CHOICES else type(default).__name__.upper(),
             )
 
 
@@ -164,6 +192,8 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 
 def config_from_dict(d: dict) -> TrainConfig:
-    d = dict(d)
-    pgpo = PGPOConfig(**d.pop("pgpo", {}))
-    return TrainConfig(pgpo=pgpo, **d)
+    """TrainConfig from a run's config.json; keys this version does not know are ignored (older runs)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"pgpo"}
+    known_pgpo = {f.name for f in dataclasses.fields(PGPOConfig)}
+    pgpo = PGPOConfig(**{k: v for k, v in d.get("pgpo", {}).items() if k in known_pgpo})
+    return TrainConfig(pgpo=pgpo, **{k: v for k, v in d.items() if k in known})
