@@ -1,10 +1,11 @@
 """Summarize the dapo-vs-pgpo benchmark runs (runs/bench-{algo}-s{seed}) into this folder.
 
-Writes summary.jsonl (one line per run), {run}.metrics.jsonl copies, curves.png (all runs overlaid) and
-curves_seed{N}.png. Usage: python benchmarks/results/train_dapo_vs_pgpo/summarize.py [RUNS_ROOT]
+Writes summary.jsonl (one line per run), {run}.metrics.jsonl.gz copies, curves.png (per algo: every seed thin,
+the seed mean thick) and curves_seed0.png (every logged metric of seed 0, both algos). Usage: python benchmarks/results/train_dapo_vs_pgpo/summarize.py [RUNS_ROOT]
 """
 
 import glob
+import gzip
 import json
 import os
 import shutil
@@ -62,11 +63,51 @@ def main():
             s = summarize(r)
             f.write(json.dumps(s) + "\n")
             print(json.dumps(s))
-            shutil.copy(os.path.join(r, "metrics.jsonl"), os.path.join(HERE, f"{os.path.basename(r)}.metrics.jsonl"))
+            gz = os.path.join(HERE, f"{os.path.basename(r)}.metrics.jsonl.gz")
+            with open(os.path.join(r, "metrics.jsonl"), "rb") as src, gzip.GzipFile(gz, "wb", mtime=0) as dst:
+                shutil.copyfileobj(src, dst)
             shutil.copy(os.path.join(r, "config.json"), os.path.join(HERE, f"{os.path.basename(r)}.config.json"))
-    plot_runs(runs, os.path.join(HERE, "curves.png"), smooth=15)
-    for seed in sorted({r.rsplit("-s", 1)[1] for r in runs}):
-        plot_runs([r for r in runs if r.endswith(f"-s{seed}")], os.path.join(HERE, f"curves_seed{seed}.png"), smooth=15)
+    plot_seed_means(runs, os.path.join(HERE, "curves.png"))
+    plot_runs([r for r in runs if r.endswith("-s0")], os.path.join(HERE, "curves_seed0.png"), smooth=15)
+
+
+def plot_seed_means(runs: list[str], out: str) -> None:
+    """Eval accuracy, train reward (smoothed 25 steps) and seconds per step: each seed thin, the seed mean thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("eval/acc", "eval accuracy (greedy, 128 held-out)", 1),
+        ("reward/mean", "train reward (smoothed)", 25),
+        ("timing/step", "seconds per RL step (smoothed)", 25),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4))
+    colors = {"dapo": "tab:blue", "pgpo": "tab:orange", "grpo": "tab:green"}
+    for ax, (key, title, k) in zip(axes, panels):
+        for algo in sorted({os.path.basename(r).split("-")[1] for r in runs}):
+            curves = []
+            for r in [r for r in runs if os.path.basename(r).split("-")[1] == algo]:
+                pts = [(x["step"], x[key]) for x in read_metrics(r) if key in x and x.get("phase") == "rl"]
+                if key == "eval/acc":
+                    pts = [(x["step"], x[key]) for x in read_metrics(r) if key in x]
+                xs = [p[0] for p in pts]
+                ys = [statistics.fmean([q[1] for q in pts[max(0, i - k + 1) : i + 1]]) for i in range(len(pts))]
+                ax.plot(xs, ys, color=colors.get(algo), alpha=0.3, lw=1)
+                curves.append((xs, ys))
+            n = min(len(c[0]) for c in curves)
+            mean = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
+            ax.plot(
+                curves[0][0][:n], mean, color=colors.get(algo), lw=2.5, label=f"{algo} (mean of {len(curves)} seeds)"
+            )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step (SFT warm-up ends at 300)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
