@@ -70,17 +70,17 @@ class TrainConfig:
     clip_ratio_high: float = 0.0  # 0 = by algo: 0.28 for dapo/pgpo, 0.2 for grpo
     loss_agg_mode: str = ""  # empty = by algo: token-mean for dapo/pgpo, seq-mean-token-mean for grpo
     dynamic_sampling: str = "auto"  # auto (on for dapo/pgpo) | on | off: drop groups whose rewards are all equal
-    lr: float = 1e-4  # paper: 1e-6 on 3B/7B; the tiny random model needs far more
+    lr: float = 0.0  # 0 = auto: 1e-4 for the embedded tiny model, the paper's 1e-6 with --model
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     acc_weight: float = 0.9
     format_weight: float = 0.1
     # --- rollout
-    max_new_tokens: int = 24  # paper: 2048
+    max_new_tokens: int = 0  # 0 = auto: 24 for the tiny task, the paper's 2048 with --model or --dataset
     temperature: float = 1.0
     top_p: float = 1.0  # paper: 0.99
     # --- SFT warm-up (gives the random tiny model a start)
-    sft_steps: int = 300
+    sft_steps: int = -1  # -1 = auto: 300 for the embedded default, 0 with --model or --dataset
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # --- eval
@@ -110,6 +110,13 @@ class TrainConfig:
             raise ValueError(f"--dynamic-sampling must be auto, on or off, got {c.dynamic_sampling!r}")
         if c.dynamic_sampling == "auto":
             c.dynamic_sampling = "off" if c.algo == "grpo" else "on"
+        embedded = not (c.model or c.dataset)
+        if c.lr == 0.0:
+            c.lr = 1e-6 if c.model else 1e-4
+        if c.max_new_tokens == 0:
+            c.max_new_tokens = 24 if embedded else 2048
+        if c.sft_steps == -1:
+            c.sft_steps = 300 if embedded else 0
         for name in (
             "prompts_per_step",
             "group_size",

@@ -222,6 +222,7 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) ->
             eos_token_id=stop,
             pad_token_id=processor.tokenizer.pad_token_id,
             suppress_tokens=visual_special_ids(model),
+            repetition_penalty=1.0,  # checkpoints' generation configs set one (Qwen: 1.05); logp must see plain softmax
         )
         responses = out[:, prompt["input_ids"].shape[1] :]  # [B, T]
         response_mask = response_mask_from(responses, stop)

@@ -70,6 +70,7 @@ def _cfg(assets, out, **kw):
         "progress": False,
         "save_every": 1,
         "seed": 3,
+        "lr": 1e-4,
     }
     base.update(kw)
     return TrainConfig(**base)
