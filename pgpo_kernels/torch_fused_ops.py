@@ -16,8 +16,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-from pgpo_kernels.torch_ops import token_kl_torch
-
 # our choice: a fallback chunk may use up to this share of the free memory, and never more than this many rows
 FREE_MEMORY_SHARE = 0.25
 MAX_CHUNK_ROWS = 8192
@@ -52,27 +50,42 @@ def default_chunk_rows(n_cols: int, itemsize: int, device: torch.device) -> int:
 
 
 # %% token stats from logits ---------------------------------------------------------------------------------------
+def _kl_terms(logp: torch.Tensor, logq: torch.Tensor, support: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL per row from log-softmaxes [c, V]; support = a != -inf; b the raw logits of the second pass."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    inf = torch.full((), float("inf"), dtype=logp.dtype, device=logp.device)
+    # p_i = 0 (a_i = -inf) contributes nothing; a finite a_i where b_i = -inf gives +inf even if p_i underflows
+    kl = torch.where(support, torch.where(logq == float("-inf"), inf, logp.exp() * (logp - logq)), zero).sum(-1)
+    has_mass = support.any(-1)
+    kl = torch.where(has_mass & (b == float("-inf")).all(-1), inf, kl)  # q has no mass at all
+    # our choice (SPEC 1 is silent): an all -inf row of a has no distribution -> KL 0
+    return torch.where(has_mass, kl, zero).clamp_min(0.0)
+
+
+def _kl_rows(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk: [c, V] logits x2 -> [c] KL in the compute dtype. Never writes into its inputs."""
+    dt = _compute_dtype(a.dtype)
+    x = a.to(dt) / temperature  # a new tensor even for fp32 inputs
+    logp = x.log_softmax(-1)  # [c, V], centred: no cancellation of large logits
+    logq = (b.to(dt) / temperature).log_softmax(-1)
+    return _kl_terms(logp, logq, x != float("-inf"), b)
+
+
 def _stats_rows(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float):
     """One chunk: [c, V] logits x2 + [c] targets -> (logp, logp_txt, entropy, kl), each [c] in the compute dtype."""
     dt = _compute_dtype(a.dtype)
-    inv_t = 1.0 / temperature
-    x = a.to(dt) * inv_t  # [c, V]
+    x = a.to(dt) / temperature  # [c, V]
     support = x != float("-inf")
-    logp = x.log_softmax(-1)  # [c, V], centred: no cancellation of large logits
-    logq = (b.to(dt) * inv_t).log_softmax(-1)  # [c, V]
+    logp = x.log_softmax(-1)  # [c, V]
+    logq = (b.to(dt) / temperature).log_softmax(-1)  # [c, V]
     idx = target.long().unsqueeze(-1)
     lp_t = logp.gather(-1, idx).squeeze(-1)  # [c]
     lq_t = logq.gather(-1, idx).squeeze(-1)
-    p = logp.exp()
     zero = torch.zeros((), dtype=dt, device=a.device)
-    ent = -torch.where(support, p * logp, zero).sum(-1)
-    inf = torch.full((), float("inf"), dtype=dt, device=a.device)
-    # p_i = 0 (a_i = -inf) contributes nothing; a finite a_i where b_i = -inf gives +inf even if p_i underflows
-    kl = torch.where(support, torch.where(logq == float("-inf"), inf, p * (logp - logq)), zero).sum(-1)
+    ent = -torch.where(support, logp.exp() * logp, zero).sum(-1)
+    kl = _kl_terms(logp, logq, support, b)
     has_mass = support.any(-1)
-    kl = torch.where(has_mass & (b == float("-inf")).all(-1), inf, kl)  # q has no mass at all
-    # our choice (SPEC 1 is silent): an all -inf row of a has no distribution -> KL 0, entropy 0, log-prob -inf
-    kl = torch.where(has_mass, kl, zero).clamp_min(0.0)
+    # our choice: an all -inf row has no distribution -> entropy 0, log-prob -inf
     ent = torch.where(has_mass, ent, zero).clamp_min(0.0)
     neg_inf = torch.full((), float("-inf"), dtype=dt, device=a.device)
     lp_t = torch.where(has_mass, lp_t, neg_inf).clamp_max(0.0)
@@ -108,7 +121,7 @@ def fused_linear_token_kl_torch(
         hi = min(lo + chunk_rows, n_rows)
         la = F.linear(hidden_vis[lo:hi], weight, bias)  # [c, V], the only V-sized buffers alive
         lb = F.linear(hidden_txt[lo:hi], weight, bias)
-        out[lo:hi] = token_kl_rows_torch(la, lb, temperature)
+        out[lo:hi] = token_kl_rows_torch(la, lb, temperature)  # [c] (fp64 stays exact here, cast on store)
         del la, lb
     return out
 
@@ -137,16 +150,17 @@ def fused_linear_token_stats_torch(
 
 # %% token KL: forward in the input's precision, and the gradient ---------------------------------------------------
 def token_kl_rows_torch(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL per row of [N, V] inputs; float64 in -> float64 out, anything else -> the fp32 fallback of torch_ops."""
-    if a.dtype != torch.float64:
-        return token_kl_torch(a, b, temperature)
+    """KL per row of [N, V] inputs, row chunks of ~64 MiB; float64 in -> float64 out, else float32.
+
+    Unlike torch_ops.token_kl_torch, never scales its inputs in place (that one mutates fp32 logits when
+    temperature != 1: `.float()` of an fp32 tensor is the tensor itself).
+    """
     n_rows, n_cols = a.shape
-    out = torch.empty(n_rows, dtype=torch.float64, device=a.device)
+    out = torch.empty(n_rows, dtype=_compute_dtype(a.dtype), device=a.device)
     step = max(1, _CHUNK_ELEMS // max(n_cols, 1))
-    target = torch.zeros(n_rows, dtype=torch.long, device=a.device)  # unused by the KL
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
-        out[lo:hi] = _stats_rows(a[lo:hi], b[lo:hi], target[lo:hi], temperature)[3]
+        out[lo:hi] = _kl_rows(a[lo:hi], b[lo:hi], temperature)
     return out
 
 
