@@ -15,16 +15,17 @@ Public API (names are fixed; trainers import them):
 Needs only torch and triton. `pgpo_kernels.reference` holds float64 oracles of every op.
 """
 
-from pgpo_kernels.reshape import reshape_weights
-from pgpo_kernels.token_kl import token_kl
-from pgpo_kernels.weights import pgpo_token_weights
 from pgpo_kernels.fused_linear import fused_linear_token_kl
 from pgpo_kernels.fused_linear import fused_linear_token_stats
 from pgpo_kernels.k3 import k3_kl
+from pgpo_kernels.reshape import reshape_weights
 from pgpo_kernels.token_kl import TokenKLFunction
+from pgpo_kernels.token_kl import token_kl
 from pgpo_kernels.token_stats import TokenStats
 from pgpo_kernels.token_stats import token_stats
+from pgpo_kernels.weights import pgpo_token_weights
 
 __all__ = ["token_kl", "reshape_weights", "pgpo_token_weights"]
-__all__ += ["fused_linear_token_kl", "fused_linear_token_stats", "token_stats", "TokenStats", "k3_kl", "TokenKLFunction"]
+__all__ += ["fused_linear_token_kl", "fused_linear_token_stats", "token_stats", "TokenStats", "k3_kl"]
+__all__ += ["TokenKLFunction"]
 __version__ = "0.1.0"

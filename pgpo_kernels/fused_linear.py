@@ -76,6 +76,7 @@ def _fused_linear_stats_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software-pipeline depth of the loads feeding tl.dot
 ):
     # -- map the program to its rows and vocab chunk; int64 ids: N * H and V * H can pass 2**31 ---------------------
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,7 +109,7 @@ def _fused_linear_stats_partial_kernel(
         # -- logit tiles of both passes: one W tile feeds two dots, fp32 accumulators -------------------------------
         acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for k in range(0, n_hidden, BLOCK_H):
+        for k in tl.range(0, n_hidden, BLOCK_H, num_stages=NUM_STAGES):
             ks = k + offs_h
             k_ok = ks < n_hidden
             h_ok = row_ok[:, None] & k_ok[None, :]
@@ -196,8 +197,8 @@ def fused_linear_forward(
             hv, ht, weight, bias if bias is not None else part, tgt if with_target else part, part,
             rows, n_cols, n_hidden, hv.stride(0), ht.stride(0), weight.stride(0), cols_per_chunk, c, scale,
             HAS_BIAS=bias is not None, WITH_TARGET=with_target, DOT_FP32=dot_fp32,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, NUM_STAGES=cfg["num_stages"],
+            num_warps=cfg["num_warps"],
         )
         for out, val in zip(outs, combine_stats(part, tgt, cols_per_chunk, scale)):
             out[lo:hi] = val

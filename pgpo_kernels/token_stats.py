@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pgpo_kernels.k3 import ESTIMATORS
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.token_kl import LN2
@@ -328,5 +327,3 @@ def token_stats(
         logp, logq, ent, kl = token_stats_forward(logits_vis, logits_txt, target_ids, temperature)
     return finish_stats(logp, logq, ent, kl, estimator, lead)
 
-
-__all__ = ["TokenStats", "token_stats", "ESTIMATORS"]
