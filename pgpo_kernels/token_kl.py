@@ -36,7 +36,8 @@ from pgpo_kernels.utils import next_power_of_2
 from pgpo_kernels.utils import resolve_backend
 
 LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)  # constexpr: @triton.jit code may not read plain float globals
+# tl.constexpr: @triton.jit code may read a module global only as a constexpr (a plain float fails to compile)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_V = 4096
 N_STATS = 5  # per-chunk partial stats: m_a, s_a, m_b, s_b, t
 
