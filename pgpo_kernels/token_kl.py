@@ -209,9 +209,9 @@ def _token_kl_bwd_kernel(
         y = tl.load(b_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
         lp = (x - ma) * scale - log_sa  # log2 p_j; the max is subtracted before scaling, as in the forward
         lq = (y - mb) * scale - log_sb
-        p = tl.exp2(lp)
+        p = tl.where(x == float("-inf"), 0.0, tl.exp2(lp))  # also covers lp = -inf - (-inf) on an all -inf row
         ga = tl.where(x == float("-inf"), 0.0, g * p * (LN2 * (lp - lq) - kl))
-        gb = g * (tl.exp2(lq) - p)
+        gb = tl.where(s_a == 0.0, 0.0, g * (tl.exp2(lq) - p))
         tl.store(grad_a_ptr + row * n_cols + cols, ga.to(grad_a_ptr.dtype.element_ty), mask=in_row)
         tl.store(grad_b_ptr + row * n_cols + cols, gb.to(grad_b_ptr.dtype.element_ty), mask=in_row)
 
