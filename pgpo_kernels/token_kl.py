@@ -32,6 +32,7 @@ from pgpo_kernels.utils import resolve_backend
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_LN2_C = tl.constexpr(LN2)  # globals read inside @triton.jit must be constexpr
 MAX_BLOCK_V = 4096
 N_STATS = 5  # per-chunk partial stats: m_a, s_a, m_b, s_b, t
 
@@ -87,7 +88,7 @@ def _kl_stream(a_row_ptr, b_row_ptr, col_start, col_end, scale, BLOCK_V: tl.cons
 @triton.jit
 def _kl_finish(s_a, s_b, t):
     """KL in nats from base-2 stats; an all -inf row of a has no distribution (0), s_b = 0 < s_a means +inf."""
-    kl = LN2 * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
+    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
     kl = tl.where(s_b == 0.0, float("inf"), kl)
     kl = tl.where(s_a == 0.0, 0.0, kl)
     return tl.maximum(kl, 0.0)  # clamp tiny negative rounding
