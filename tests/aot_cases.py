@@ -19,6 +19,14 @@ for dtype in ("bf16", "fp16", "fp32"):
             {"BLOCK_V": block_v}, warps,
         ))
 
+# the largest autotune config (BLOCK_V 8192, 16 warps) must build too
+CASES.append((
+    "token_kl_fwd-bf16-autotune8192", "pgpo_kernels.token_kl", "_token_kl_fwd_kernel",
+    {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32", "n_cols": "i32", "stride_a_row": "i64",
+     "stride_b_row": "i64", "scale": "fp32"},
+    {"BLOCK_V": 8192}, 16,
+))
+
 _block_v, _warps = kl_launch_config(152064)
 CASES.append((
     "token_kl_partial-bf16", "pgpo_kernels.token_kl", "_token_kl_partial_kernel",
