@@ -199,3 +199,13 @@ def test_inputs_untouched(backend, dtype):
     a0, b0 = a.clone(), b.clone()
     token_kl(a, b, temperature=0.5, backend=backend)
     assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+def test_torch_fallback_chunks_rows(monkeypatch):
+    # the fallback holds only [chunk, V] fp32 buffers: force one row per chunk and check nothing changes
+    import pgpo_kernels.torch_ops as torch_ops
+
+    a, b = _logits((5, 333), torch.bfloat16)
+    monkeypatch.setattr(torch_ops, "_CHUNK_ELEMS", 333)
+    assert torch_ops._rows_per_chunk(333) == 1
+    _close(token_kl(a, b, backend="torch"), token_kl_ref(a, b), 1e-5, 1e-5)
