@@ -108,7 +108,7 @@ def test_one_input_needs_grad_and_nothing_big_is_saved(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_unchanged_and_inputs_untouched(backend):
-    # regression: torch_ops.token_kl_torch scales fp32 inputs in place when temperature != 1
+    # regression: an earlier torch fallback scaled fp32 inputs in place when temperature != 1
     a, b = _pair((2, 3, 30), torch.float32)
     a0, b0 = a.clone(), b.clone()
     out = token_kl(a, b, temperature=0.5, backend=backend)
