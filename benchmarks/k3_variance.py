@@ -12,13 +12,14 @@ far apart the two are where it matters, on real rollouts of the default run's po
 4. report mean and spread of both, of their difference, their correlation (Pearson, Spearman), and what the
    difference does to PGPO's weights (the reshape of SPEC section 2 with the paper's tau, beta).
 
-Run: python -m benchmarks.k3_variance --sft-steps 150 --prompts 64 --out csrc_notes/k3_variance.json
+Run: python -m benchmarks.k3_variance --sft-steps 0 150 --seeds 0 1 2 --prompts 64 --out csrc_notes/k3_variance.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft-steps", type=int, nargs="+", default=[0, 150], help="warm-up lengths to measure at")
     p.add_argument("--prompts", type=int, default=64, help="rollout prompts (x group responses)")
     p.add_argument("--group", type=int, default=4, help="responses per prompt (TrainConfig default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one policy + rollout per seed")
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--out", default="", help="write the results as JSON here")
@@ -123,13 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     results = []
-    for steps in a.sft_steps:
-        r = measure(steps, a.prompts, a.group, a.seed, a.micro_batch)
-        print(json.dumps(r), flush=True)
-        results.append(r)
+    for seed in a.seeds:
+        for steps in a.sft_steps:
+            r = measure(steps, a.prompts, a.group, seed, a.micro_batch)
+            print(json.dumps(r), flush=True)
+            results.append(r)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"command": "python -m benchmarks.k3_variance " + " ".join(argv or []), "results": results}, f,
+            args = sys.argv[1:] if argv is None else argv
+            json.dump({"command": "python -m benchmarks.k3_variance " + " ".join(args), "results": results}, f,
                       indent=1)
 
 

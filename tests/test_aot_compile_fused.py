@@ -62,11 +62,12 @@ def _cases():
                "part_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "n_hidden": "i32", "stride_hv_row": "i32",
                "stride_ht_row": "i32", "stride_w_row": "i32", "cols_per_chunk": "i32", "n_chunks": "i32",
                "scale": "fp32", "HAS_BIAS": "constexpr", "WITH_TARGET": "constexpr", "DOT_FP32": "constexpr",
-               "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr", "NUM_STAGES": "constexpr"}
+               "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr", "NUM_STAGES": "constexpr",
+               "GROUP_N": "constexpr"}
         for has_bias, with_target in ((False, False), (True, True)):
             consts = {"HAS_BIAS": has_bias, "WITH_TARGET": with_target, "DOT_FP32": dot_fp32,
                       "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"],
-                      "NUM_STAGES": cfg["num_stages"]}
+                      "NUM_STAGES": cfg["num_stages"], "GROUP_N": cfg["GROUP_N"]}
             cases.append((f"fused_linear_{dt}_bias{int(has_bias)}_target{int(with_target)}",
                           _fused_linear_stats_partial_kernel, sig, consts, {"num_warps": cfg["num_warps"]}))
     return cases

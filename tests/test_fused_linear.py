@@ -87,7 +87,8 @@ def test_triton_many_tiles_and_chunks_and_row_launches():
     tgt = torch.randint(0, V, (N,))
     tgt[:4] = torch.tensor([0, V - 1, 63, 64])  # tile and chunk borders
     la, lb = linear_logits_ref(hv, w, b), linear_logits_ref(ht, w, b)
-    cfg = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1}
+    # GROUP_N = 2 over 2 and then 1 row blocks per launch: a full and a ragged launch group
+    cfg = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "CHUNK_TILES": 4, "GROUP_N": 2}
     kl, logp, logq, ent = fused_linear_forward(hv, ht, w, b, tgt, 1.0, chunk_rows=24, n_chunks=3, config=cfg)
     torch.testing.assert_close(kl.double(), token_kl_ref(la, lb), atol=_TRITON_ATOL, rtol=1e-5)
     torch.testing.assert_close(logp.double(), token_logprob_ref(la, tgt), atol=_TRITON_ATOL, rtol=1e-5)
