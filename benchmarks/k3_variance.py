@@ -10,7 +10,8 @@ far apart the two are where it matters, on real rollouts of the default run's po
 3. run the visual and text-only passes on those responses and compute, for every valid response token,
    the full KL and k3 with pgpo_kernels.token_stats (one read of each logit tensor, both estimators);
 4. report mean and spread of both, of their difference, their correlation (Pearson, Spearman), and what the
-   difference does to PGPO's weights (the reshape of SPEC section 2 with the paper's tau, beta).
+   difference does to PGPO's weights (the reshape of SPEC section 2 with the paper's tau, beta);
+5. check that generate() sampled from the very distribution the scoring pass computes (k3 is unbiased only then).
 
 Run: python -m benchmarks.k3_variance --sft-steps 0 150 --seeds 0 1 2 --prompts 64 --out csrc_notes/k3_variance.json
 """
@@ -63,6 +64,38 @@ def summarize(full: torch.Tensor, k3: torch.Tensor, mask: torch.Tensor, tau: flo
     }
 
 
+@torch.no_grad()
+def sampling_gap(model, processor, cfg, records) -> float:
+    """Max |logit| gap between what generate() sampled from and what the scoring forward computes, over valid tokens.
+
+    k3 is unbiased only if x_t ~ pi_vis exactly; this rules out a position-id or cache mismatch between the two.
+    """
+    from pgpo_train.text_only import visual_inputs
+    from pgpo_train.train import build_sequences
+    from pgpo_train.train import encode_prompts
+    from pgpo_train.train import eos_ids
+    from pgpo_train.train import response_logits
+    from pgpo_train.train import response_mask_from
+    from pgpo_train.train import visual_special_ids
+
+    model.eval()
+    prompt = encode_prompts(processor, records, cfg.prompt_template, 1, torch.device("cpu"))
+    stop = eos_ids(model, processor)
+    out = model.generate(
+        **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+        max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=processor.tokenizer.pad_token_id,
+        suppress_tokens=visual_special_ids(model), output_logits=True, return_dict_in_generate=True,
+    )
+    resp = out.sequences[:, prompt["input_ids"].shape[1]:]  # [B, T]
+    mask = response_mask_from(resp, stop).bool()
+    gen = torch.stack(out.logits, 1).float()  # [B, T, V] raw logits generate() sampled from (before processors)
+    batch = build_sequences(model, prompt, resp, mask.long(), processor.tokenizer.pad_token_id)
+    kw = visual_inputs(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["pixel_values"],
+                       batch["image_grid_thw"])
+    scored = response_logits(model, kw, resp.shape[1], 1.0)  # [B, T, V]
+    return float((gen - scored).abs().amax(-1)[mask].max())
+
+
 def measure(sft_steps: int, prompts: int, group: int, seed: int, micro_batch: int) -> dict:
     from pgpo_train.config import TrainConfig
     from pgpo_train.text_only import text_only_inputs
@@ -105,6 +138,7 @@ def measure(sft_steps: int, prompts: int, group: int, seed: int, micro_batch: in
             full.append(token_stats(lv, lt, tgt, estimator="full", backend="torch").kl)
             k3.append(token_stats(lv, lt, tgt, estimator="k3", backend="torch").kl)
     stats = summarize(torch.cat(full), torch.cat(k3), batch["response_mask"], cfg.pgpo.tau, cfg.pgpo.beta)
+    stats["sampling_logit_gap"] = sampling_gap(model, processor, cfg, eval_records[:8])
     stats.update(sft_steps=sft_steps, prompts=prompts, group_size=group, seed=seed,
                  reward_mean=roll["reward/mean"], response_length_mean=roll["response/length_mean"],
                  sft_seconds=round(t_sft, 1))

@@ -106,7 +106,7 @@ def _compile_all() -> None:
 def compiled() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {(r["name"], r["arch"]): r for r in recs}
