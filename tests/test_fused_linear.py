@@ -184,3 +184,28 @@ def test_float64_torch_backend_is_exact():
     kl = fused_linear_token_kl(hv, ht, w, b, backend="torch")
     ref = token_kl_ref(linear_logits_ref(hv, w, b), linear_logits_ref(ht, w, b))
     torch.testing.assert_close(kl.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N", [5, 2048])
+def test_gpu_qwen_shapes_and_memory(N):
+    # Qwen2.5-VL-7B's lm_head in bf16; the reference recomputes 16 evenly spread rows in float64 on the CPU
+    H, V = 3584, 152064
+    hv, ht, w, _ = _inputs(N, H, V, torch.bfloat16, bias=False)
+    hv, ht, w = hv.cuda(), ht.cuda(), w.cuda()
+    tgt = torch.randint(0, V, (N,), device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    st = fused_linear_token_stats(hv, ht, w, tgt)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.10 * (2 * N * V * 2), f"extra {extra} B vs unfused bf16 logits {2 * N * V * 2} B"
+    rows = torch.arange(0, N, max(1, N // 16))
+    la, lb = linear_logits_ref(hv[rows].cpu(), w.cpu()), linear_logits_ref(ht[rows].cpu(), w.cpu())
+    torch.testing.assert_close(st.kl[rows].cpu().double(), token_kl_ref(la, lb), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(st.logp[rows].cpu().double(), token_logprob_ref(la, tgt[rows].cpu()), atol=1e-3,
+                               rtol=1e-4)
+    torch.testing.assert_close(st.entropy[rows].cpu().double(), token_entropy_ref(la), atol=1e-3, rtol=1e-4)
+    _ranges(st, V)

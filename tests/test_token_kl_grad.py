@@ -120,3 +120,16 @@ def test_forward_unchanged_and_inputs_untouched(backend):
         again = token_kl(a, b, temperature=0.5, backend=backend)
     torch.testing.assert_close(out, again)
     assert not again.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backward_vocab_152064():
+    a, b = _pair((64, 152064), torch.bfloat16)
+    a, b = a.cuda().requires_grad_(True), b.cuda().requires_grad_(True)
+    g = torch.randn(64, device="cuda")
+    ga, gb = torch.autograd.grad((token_kl(a, b) * g).sum(), (a, b))
+    rows = torch.arange(0, 64, 4)
+    ra, rb = token_kl_grad_ref(a.detach()[rows].cpu(), b.detach()[rows].cpu(), g[rows].cpu())
+    torch.testing.assert_close(ga[rows].cpu().double(), ra, atol=1e-5, rtol=2e-2)
+    torch.testing.assert_close(gb[rows].cpu().double(), rb, atol=1e-5, rtol=2e-2)

@@ -181,3 +181,16 @@ def test_torch_fallback_leaves_inputs_alone():
     a0, b0 = a.clone(), b.clone()
     token_stats(a, b, torch.zeros(2, 3, dtype=torch.long), temperature=0.5, backend="torch")
     assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_rows", [1, 64, 4096])
+def test_gpu_vocab_152064(n_rows):
+    a, b = _pair((n_rows, 152064), torch.bfloat16)
+    tgt = torch.randint(0, 152064, (n_rows,))
+    st = token_stats(a.cuda(), b.cuda(), tgt.cuda())
+    rows = torch.arange(0, n_rows, max(1, n_rows // 16))
+    for got, ref in zip(st, _refs(a[rows], b[rows], tgt[rows], 1.0)):
+        torch.testing.assert_close(got[rows].cpu().double(), ref, atol=1e-4, rtol=1e-4)
+    _assert_ranges(st, 152064)
