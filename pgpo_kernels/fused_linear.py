@@ -4,7 +4,7 @@ At Qwen2.5-VL scale (V = 152064) the logits are the memory problem: 8192 tokens 
 trainers that fuse the lm_head (Liger, cut-cross-entropy) never build them. This kernel computes logit tiles on chip
 and folds them into the online log-sum-exp stats of token_stats.py right away:
 
-    for each (row block of BLOCK_N rows, vocab chunk):               grid = (cdiv(N, BLOCK_N), C)
+    for each (row block of BLOCK_N rows, vocab chunk of CHUNK_TILES tiles):   grid = cdiv(N, BLOCK_N) x C, grouped
         for each vocab tile of BLOCK_V columns in the chunk:
             A = h_vis[rows] @ W[cols]^T,  B = h_txt[rows] @ W[cols]^T    tl.dot over H in BLOCK_H steps, fp32 acc
             (+ bias), then fold A, B into (m_a, s_a, m_b, s_b, t[, u, a_x, b_x]) of each row
@@ -12,9 +12,9 @@ and folds them into the online log-sum-exp stats of token_stats.py right away:
     combine the C chunks per row                                         (token_stats' combine kernel)
 
 Both passes share each W tile: it is loaded once for two dots. Memory: [N, C, 8] fp32 stats, nothing V-sized.
-Traffic: W is read once per row block from the kernel's point of view; row blocks of one vocab chunk run side by side
-(program id 0 is the row block, the fastest-varying one), so concurrent programs read the same W tiles and share them
-in L2. Hidden rows ([BLOCK_N, H] x 2) are re-read for every vocab tile, from L2.
+Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row blocks
+fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2 while the
+chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the numbers).
 
 The torch fallback (torch_fused_ops.py) builds logits for `chunk_size` rows at a time: O(chunk x V) extra memory.
 """
