@@ -14,6 +14,7 @@ from pgpo_kernels import reshape_weights
 from pgpo_kernels.utils import check_float
 from pgpo_kernels.utils import check_mask
 from pgpo_kernels.utils import check_reshape_params
+from pgpo_train.core_algos import k3_token_kl
 
 ESTIMATORS = ("full", "k3")
 
@@ -27,7 +28,8 @@ def check_estimator(estimator: str) -> None:
 def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's appendix estimator of KL(vis || txt) from the sampled token only (SPEC section 1).
 
-    r = pi_txt(x_t) / pi_vis(x_t),  S_t = (r - 1) - log r  (>= 0; same formula as `reference.k3_kl_ref`).
+    r = pi_txt(x_t) / pi_vis(x_t),  S_t = (r - 1) - log r  (>= 0), via `pgpo_train.core_algos.k3_token_kl` (which
+    clamps log r to [-20, 20] before exp), plus shape checks and padding zeroed.
 
     Args:
         logp_vis: [B, T] log pi_vis(x_t) of the sampled tokens (visual pass).
@@ -35,8 +37,7 @@ def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor
         mask: bool [B, T], True = valid response token; padding gets score 0 (None = all valid).
 
     Returns:
-        [B, T] float32 scores, 0 at padding. A token the text-only pass finds far likelier gives +inf, which the
-        reshape treats as the sequence maximum (SPEC section 2).
+        [B, T] float32 scores, 0 at padding.
     """
     check_float("logp_vis", logp_vis)
     check_float("logp_txt", logp_txt)
@@ -44,8 +45,7 @@ def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"logp_txt must have the shape of logp_vis [B, T] = {tuple(logp_vis.shape)}, "
                          f"got {tuple(logp_txt.shape)}")
     check_mask(mask, logp_vis.shape)
-    log_r = logp_txt.float() - logp_vis.float()  # [B, T]
-    scores = (torch.expm1(log_r) - log_r).clamp_min(0.0)  # expm1: no cancellation near r = 1
+    scores = k3_token_kl(logp_vis, logp_txt)  # [B, T] float32
     if mask is not None:
         scores = torch.where(mask.bool(), scores, torch.zeros_like(scores))  # padding may hold garbage log-probs
     return scores
