@@ -7,6 +7,7 @@ import torch
 from pgpo_kernels.reference import k3_kl_ref
 from pgpo_kernels.reference import pgpo_token_weights_ref
 from pgpo_kernels.reference import reshape_weights_ref
+from pgpo_train.integrations import PGPOVerlTrainerMixin
 from pgpo_train.integrations import pgpo_reshape_advantages_
 from pgpo_train.integrations import pgpo_text_only_batch
 
@@ -181,3 +182,71 @@ def test_text_only_batch_through_verl_padding_free_path():
     for i in range(B):
         keep = text.batch["attention_mask"][i].bool()
         assert torch.equal(pos[i], data.batch["position_ids"][i][:, keep])
+
+
+# ---------------------------------------------------------------- the trainer mixin (no verl needed)
+
+
+class _Proto:
+    """The parts of verl.DataProto the mixin touches."""
+
+    def __init__(self, batch, non_tensor_batch=None, meta_info=None):
+        self.batch, self.non_tensor_batch, self.meta_info = batch, non_tensor_batch or {}, meta_info or {}
+
+
+class _Cfg(dict):
+    __getattr__ = dict.__getitem__
+
+
+class _FakeRayPPOTrainer:
+    """Stands in for RayPPOTrainer: an actor whose log-prob call and update are recorded."""
+
+    def __init__(self, pgpo_cfg, text_logp):
+        self.config = _Cfg(algorithm=_Cfg(pgpo=pgpo_cfg) if pgpo_cfg is not None else _Cfg())
+        self.tokenizer = type("Tok", (), {"get_vocab": lambda self: {"<|image_pad|>": IMAGE_PAD, "a": 5}})()
+        self.text_logp, self.log_prob_calls, self.updated_with = text_logp, [], None
+
+    def _compute_old_log_prob(self, batch):
+        self.log_prob_calls.append(batch)
+        return _Proto({"old_log_probs": self.text_logp}), 0.0
+
+    def _update_actor(self, batch):
+        self.updated_with = batch.batch["advantages"].clone()
+        return _Proto({}, meta_info={"metrics": {"actor/pg_loss": 0.1}})
+
+
+class _PGPOTrainer(PGPOVerlTrainerMixin, _FakeRayPPOTrainer):
+    pass
+
+
+def _proto_batch():
+    tensors, seq_adv = _verl_like_batch()
+    text_logp = tensors.pop("pgpo_text_log_probs")
+    prompts = torch.tensor([[0, 11, IMAGE_PAD, IMAGE_PAD, 12]] * B)
+    input_ids = torch.cat([prompts, torch.full((B, T_RESP), 21)], 1)
+    attention_mask = torch.cat([(prompts != 0).long(), tensors["response_mask"]], 1)
+    tensors.update(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=torch.arange(input_ids.shape[1]).expand(B, 3, -1))
+    mm = np.array([{"pixel_values": torch.rand(4, 3)} for _ in range(B)], dtype=object)
+    return _Proto(tensors, {"multi_modal_inputs": mm}), seq_adv, text_logp
+
+
+def test_trainer_mixin_reshapes_before_the_update():
+    data, seq_adv, text_logp = _proto_batch()
+    trainer = _PGPOTrainer({"enable": True, "tau": 0.6, "beta": 1.0}, text_logp)
+    out = trainer._update_actor(data)
+    (text_batch,) = trainer.log_prob_calls  # exactly one extra actor pass, on the text-only twin
+    assert bool((text_batch.batch["attention_mask"][data.batch["input_ids"] == IMAGE_PAD] == 0).all())
+    assert all(m == {} for m in text_batch.non_tensor_batch["multi_modal_inputs"])
+    expected, _ = _expected_k3({**data.batch, "pgpo_text_log_probs": text_logp}, seq_adv, tau=0.6, beta=1.0)
+    torch.testing.assert_close(trainer.updated_with.double(), expected, atol=1e-5, rtol=1e-5)
+    assert out.meta_info["metrics"]["actor/pg_loss"] == 0.1 and "pgpo/kl_mean" in out.meta_info["metrics"]
+
+
+def test_trainer_mixin_off_unless_enabled():
+    for cfg in (None, {"enable": False, "tau": 0.4}):
+        data, _, text_logp = _proto_batch()
+        before = data.batch["advantages"].clone()
+        trainer = _PGPOTrainer(cfg, text_logp)
+        trainer._update_actor(data)
+        assert trainer.log_prob_calls == [] and torch.equal(trainer.updated_with, before)

@@ -147,3 +147,40 @@ def pgpo_text_only_batch(
         if key in text.non_tensor_batch:
             text.non_tensor_batch[key] = np.array([{} for _ in range(len(input_ids))], dtype=object)
     return text
+
+
+class PGPOVerlTrainerMixin:
+    """PGPO for verl's `RayPPOTrainer` (0.9.x): `class PGPORayPPOTrainer(PGPOVerlTrainerMixin, RayPPOTrainer): pass`.
+
+    Overrides `_update_actor`, which verl's `fit` calls right after `compute_advantage`: one text-only log-prob
+    pass through the actor (`_compute_old_log_prob` on `pgpo_text_only_batch`), then `pgpo_reshape_advantages_`
+    (k3 against `old_log_probs`), then verl's own update. The PGPO metrics join the actor's.
+
+    Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `visual_token_ids` (default: the tokenizer's
+    `<|image_pad|>` and `<|video_pad|>`).
+    """
+
+    def _update_actor(self, batch):
+        cfg = self.config.algorithm.get("pgpo", None) or {}
+        if not cfg.get("enable", False):
+            return super()._update_actor(batch)
+        text_batch = pgpo_text_only_batch(batch, self._pgpo_visual_token_ids(cfg))
+        text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
+        _, metrics = pgpo_reshape_advantages_(
+            batch, logp_txt=text_logp.batch["old_log_probs"], tau=cfg.get("tau", 0.4), beta=cfg.get("beta", 2.0),
+            eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True), weights_key=None)
+        out = super()._update_actor(batch)
+        out.meta_info.setdefault("metrics", {}).update(metrics)
+        return out
+
+    def _pgpo_visual_token_ids(self, cfg) -> list[int]:
+        ids = cfg.get("visual_token_ids", None)
+        if ids:
+            return [int(i) for i in ids]
+        vocab = self.tokenizer.get_vocab()
+        ids = [vocab[t] for t in ("<|image_pad|>", "<|video_pad|>") if t in vocab]
+        if not ids:
+            raise ValueError("PGPO found no <|image_pad|> / <|video_pad|> token in the tokenizer; set "
+                             "+algorithm.pgpo.visual_token_ids=[...] to the model's visual placeholder ids")
+        return ids
