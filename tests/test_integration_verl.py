@@ -250,3 +250,24 @@ def test_trainer_mixin_off_unless_enabled():
         trainer = _PGPOTrainer(cfg, text_logp)
         trainer._update_actor(data)
         assert trainer.log_prob_calls == [] and torch.equal(trainer.updated_with, before)
+
+
+def test_integrations_import_without_trl_or_verl():
+    """The adapters are optional: with trl and verl unimportable the package still imports and the verl path works."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['trl'] = None; sys.modules['verl'] = None\n"
+        "import torch\n"
+        "import pgpo_train.integrations as I\n"
+        "b = {'advantages': torch.ones(2, 3), 'response_mask': torch.ones(2, 3, dtype=torch.long)}\n"
+        "I.pgpo_reshape_advantages_(b, scores=torch.rand(2, 3), backend='torch')\n"
+        "try:\n"
+        "    I.PGPOGRPOTrainer\n"
+        "except ImportError as e:\n"
+        "    assert 'pgpo[trl]' in str(e), e\n"
+        "    print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
