@@ -181,10 +181,11 @@ class PGPOGRPOTrainer(GRPOTrainer):
         return torch.cat(weights), torch.cat(scores)
 
     def _pgpo_completion_logits(self, model, kwargs: dict, T: int) -> torch.Tensor:
-        """Logits predicting the last T tokens: [b, T, V] (position j predicts token j + 1)."""
+        """Logits predicting the last T tokens: [b, T, V] (position j predicts token j + 1), contiguous."""
+        L = kwargs["input_ids"].shape[1]
+        keep = torch.arange(L - T - 1, L - 1, device=kwargs["input_ids"].device)  # only these rows hit the LM head
         with self.accelerator.autocast():
-            logits = model(**kwargs, use_cache=False, logits_to_keep=T + 1).logits  # [b, T + 1, V]
-        return logits[:, :-1]
+            return model(**kwargs, use_cache=False, logits_to_keep=keep).logits  # [b, T, V]
 
     def _pgpo_completion_logps(self, model, kwargs: dict, labels: torch.Tensor, T: int) -> torch.Tensor:
         """Log-probs of the completion tokens at the sampling temperature, through TRL's fused head: [b, T]."""
