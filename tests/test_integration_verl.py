@@ -163,11 +163,15 @@ def test_text_only_batch_masks_visual_tokens_keeps_positions():
 
 def test_text_only_batch_through_verl_padding_free_path():
     """verl's own unpad/re-pad helpers keep the response slice aligned when the visual tokens are masked out."""
+    from verl.utils.model import extract_multi_modal_inputs
     from verl.workers.utils.padding import left_right_2_no_padding
     from verl.workers.utils.padding import no_padding_2_padding
 
     data, _, _ = _dataproto()
     text = pgpo_text_only_batch(data, IMAGE_PAD)
+    # verl's engines build the model's image kwargs with this: none for the text-only twin, so no vision tower
+    assert extract_multi_modal_inputs(list(text.non_tensor_batch["multi_modal_inputs"])) == {}
+    assert "pixel_values" in extract_multi_modal_inputs(list(data.non_tensor_batch["multi_modal_inputs"]))
     td = left_right_2_no_padding(text.to_tensordict())
     ids = td["input_ids"]  # nested [B, (kept tokens)]
     kept = ids.values()
