@@ -4,7 +4,7 @@ Where it hooks in (trl >= 1.x): `GRPOTrainer._generate_and_score_completions` re
 group-normalized advantage per completion, [B]. We run the two PGPO passes over that batch (visual, and text-only as
 SPEC section 1 builds it, both under no_grad with explicit 3-D position ids), turn them into token weights with
 pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compute_loss` accepts 2-D advantages as
-they are; its Liger loss path does not, so `use_liger_kernel=True` is refused rather than silently dropping them.
+they are. `use_liger_kernel=True` is refused (see LIGER_ERROR): TRL's Liger loss path took [B] advantages only.
 
 Only Qwen2-VL / Qwen2.5-VL style models (3-D mrope positions, image placeholder tokens) are supported: the
 text-only pass builder is `pgpo_train.text_only`.
@@ -36,9 +36,11 @@ from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
 
 LIGER_ERROR = (
-    "PGPOGRPOTrainer does not support use_liger_kernel=True: PGPO hands the loss per-token advantages [B, T], and "
-    "TRL's Liger GRPO loss takes one advantage per sequence [B], so the PGPO weights would be dropped silently. "
-    "Set use_liger_kernel=False (PGPO's own fused kernels compute the weights)."
+    "PGPOGRPOTrainer does not support use_liger_kernel=True. PGPO hands the loss per-token advantages [B, T]; TRL's "
+    "Liger GRPO loss (TRL < 1.0) takes one advantage per sequence [B] and would drop the PGPO weights silently, and in "
+    "TRL 1.x the flag patches the model's layers with Liger kernels, a stack of fused patches on Qwen2.5-VL that "
+    "PGPO's extra passes are not tested with (SPEC section 4). Set use_liger_kernel=False (PGPO's own fused kernels "
+    "compute the weights)."
 )
 
 
