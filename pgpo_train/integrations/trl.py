@@ -36,11 +36,11 @@ from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
 
 LIGER_ERROR = (
-    "PGPOGRPOTrainer does not support use_liger_kernel=True. PGPO hands the loss per-token advantages [B, T]; TRL's "
-    "Liger GRPO loss (older TRL releases) takes one advantage per sequence [B] and would drop the PGPO weights silently, and in "
-    "TRL 1.16 the flag patches the model's layers with Liger kernels, a stack of fused patches on Qwen2.5-VL that "
-    "PGPO's extra passes are not tested with (SPEC section 4). Set use_liger_kernel=False (PGPO's own fused kernels "
-    "compute the weights)."
+    "PGPOGRPOTrainer does not support use_liger_kernel=True. PGPO hands the loss per-token advantages [B, T]; "
+    "TRL's Liger GRPO loss (older TRL releases) takes one advantage per sequence [B] and would drop the PGPO "
+    "weights silently, and in TRL 1.16 the flag patches the model's layers with Liger kernels, a stack of fused "
+    "patches on Qwen2.5-VL that PGPO's extra passes are not tested with (SPEC section 4). Set "
+    "use_liger_kernel=False (PGPO's own fused kernels compute the weights)."
 )
 
 
