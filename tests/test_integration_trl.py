@@ -162,4 +162,5 @@ def test_refuses_liger_and_bad_options(tmp_path):
     with pytest.raises(ValueError, match="use_liger_kernel"):
         PGPOGRPOTrainer(model="unused", reward_funcs=_reward, args=args)
     with pytest.raises(TypeError, match="PGPOConfig"):
-        PGPOGRPOTrainer(model="unused", reward_funcs=_reward, args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
+        PGPOGRPOTrainer(model="unused", reward_funcs=_reward,
+                        args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
