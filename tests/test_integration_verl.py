@@ -128,6 +128,7 @@ def _dataproto():
 
 
 def test_real_dataproto_with_verl_grpo_advantages():
+    pytest.importorskip("verl")
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
     data, _, _ = _dataproto()
@@ -163,6 +164,7 @@ def test_text_only_batch_masks_visual_tokens_keeps_positions():
 
 def test_text_only_batch_through_verl_padding_free_path():
     """verl's own unpad/re-pad helpers keep the response slice aligned when the visual tokens are masked out."""
+    pytest.importorskip("verl")
     from verl.utils.model import extract_multi_modal_inputs
     from verl.workers.utils.padding import left_right_2_no_padding
     from verl.workers.utils.padding import no_padding_2_padding
