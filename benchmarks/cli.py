@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     timing = CUDA_TIMING if device.type == "cuda" else CPU_TIMING
     warmup_ms = timing["warmup_ms"] if args.warmup_ms is None else args.warmup_ms
     rep_ms = timing["rep_ms"] if args.rep_ms is None else args.rep_ms
-    vocab = args.vocab or defaults["vocab"]
-    hidden = args.hidden or defaults["hidden"]
-    seq_len = args.seq_len or defaults["seq_len"]
+    vocab = defaults["vocab"] if args.vocab is None else args.vocab
+    hidden = defaults["hidden"] if args.hidden is None else args.hidden
+    seq_len = defaults["seq_len"] if args.seq_len is None else args.seq_len
     for name, value in (("--vocab", vocab), ("--hidden", hidden), ("--seq-len", seq_len), ("--check-rows",
                                                                                            args.check_rows)):
         if value < 1:

@@ -15,6 +15,13 @@ import sys
 from typing import Any
 
 SCHEMA = "pgpo-bench/1"
+# Keys of the JSON document and of each result record (documented in benchmarks/README.md; the tests check them).
+REPORT_KEYS = ("schema", "created_utc", "command", "argv", "device", "copy_bandwidth", "versions", "config",
+               "peak_memory_method", "results", "targets")
+RECORD_KEYS = ("op", "tokens", "shape", "dtype", "backend", "bytes", "flops", "status", "reason", "time_ms",
+               "first_call_ms", "GBps", "copy_fraction", "TFLOPs", "peak_extra_bytes", "max_abs_err", "errors",
+               "err_rows")
+STATUSES = ("ok", "unavailable", "error")
 
 # issue 3's targets, checked when our Triton kernels ran (on CUDA)
 KL_COPY_FRACTION_TARGET = 0.90
