@@ -168,7 +168,7 @@ def max_abs_errors(case: Case, out) -> dict[str, float]:
     """Max abs error of each output of `out` against the float64 oracle, on the case's check rows/sequences."""
     x = {k: t for k, t in case.inputs.items()}
     idx = case.check_index
-    cpu = lambda t: t[idx].detach().cpu()  # noqa: E731 - only the checked rows go to the host, as float64 later
+    cpu = lambda t: t[idx].detach().cpu()
     if case.op == "kl":
         return {"kl": _max_abs(out[idx], token_kl_ref(cpu(x["logits_vis"]), cpu(x["logits_txt"])))}
     if case.op == "reshape":

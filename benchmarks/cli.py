@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per measurement")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement")
     p.add_argument("--check-rows", type=int, default=32, help="rows checked against the float64 reference")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU only: torch intra-op threads (default: torch's choice); 1 is steadier on a shared host")
     p.add_argument("--no-copy-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
     p.add_argument("--quiet", action="store_true", help="no per-measurement progress lines")
     return p
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in args.backends or [] if b not in known]
     if unknown:
         parser.error(f"--backends: unknown {unknown}; choose from {sorted(known)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     ops = list(OPS) if args.op == "all" else [args.op]
     dtype = DTYPES[args.dtype]
 
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgpo-bench on {info['name']} ({'CPU: not GPU kernel speed' if device.type == 'cpu' else 'CUDA'})",
               file=sys.stderr)
     copy = None if args.no_copy_bandwidth else measure_copy_bandwidth(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy's 2 GiB go back before the cases are built
     records: list[dict] = []
     for op in ops:
         backends = _backends(op, args.backends)

@@ -14,8 +14,8 @@ The fused ops (fused_linear_token_kl, token_stats) are imported lazily: a build 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
-from typing import Callable
 
 import torch
 
@@ -109,7 +109,7 @@ _COMPILE_TARGETS = {
     "linear": _lm_head_eager_kl,
     "stats": eager_token_stats,
 }
-_compiled: dict[str, Callable] = {}  # one compiled function per op, reused across a sweep (dynamic after a resize)
+_compiled: dict[str, Callable] = {}  # one compiled function per op, reused across a sweep
 
 
 # %% lazily imported pieces -----------------------------------------------------------------------------------------
@@ -150,6 +150,12 @@ def liger_token_kl(logits_vis: torch.Tensor, logits_txt: torch.Tensor) -> torch.
     return fn.apply(logq, logp, "none", True, 1e-10).sum(-1).reshape(shape)
 
 
+def _liger_weights(logits_vis, logits_txt, mask):
+    # Liger has no reshape: its KL, then our reshape on the same device (a small share of the time)
+    kl = liger_token_kl(logits_vis, logits_txt)  # [B, T]
+    return reshape_weights(kl, mask, tau=TAU, beta=BETA, eps=EPS), kl
+
+
 # %% building a backend's callable for a case -----------------------------------------------------------------------
 def _pgpo(case: Case, backend: str) -> Callable[[], Any]:
     x = case.inputs
@@ -185,6 +191,9 @@ def _compile(case: Case) -> Callable[[], Any]:
         _compiled[case.op] = torch.compile(_COMPILE_TARGETS[case.op])
     f = _compiled[case.op]
     args = tuple(case.inputs.values())  # every target takes the case's inputs in their build order
+    for t in args:
+        # our choice: the row (or sequence) count is dynamic, so a token sweep compiles once, not once per size
+        torch._dynamo.maybe_mark_dynamic(t, 0)
     return lambda: f(*args)
 
 
@@ -197,9 +206,7 @@ def _liger(case: Case) -> Callable[[], Any]:
         return lambda: liger_token_kl(x["logits_vis"], x["logits_txt"])
     if case.op == "weights":
         liger_kl_function()
-        # Liger has no reshape: its KL, then our reshape on the same device (the reshape is ~1% of the time)
-        return lambda: (lambda kl: (reshape_weights(kl, x["mask"], tau=TAU, beta=BETA, eps=EPS), kl))(
-            liger_token_kl(x["logits_vis"], x["logits_txt"]))
+        return lambda: _liger_weights(x["logits_vis"], x["logits_txt"], x["mask"])
     if case.op == "reshape":
         raise Unavailable("Liger-Kernel has no PGPO reshape op")
     if case.op == "linear":

@@ -48,8 +48,17 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         "triton": _version("triton"),
         "liger_kernel": _version("liger-kernel"),
-        "pgpo": _version("pgpo"),
+        "pgpo": _version("pgpo") or _pgpo_version(),
     }
+
+
+def _pgpo_version() -> str | None:
+    try:  # run from a checkout without `pip install`: the package's own version
+        import pgpo_kernels
+
+        return pgpo_kernels.__version__
+    except ImportError:
+        return None
 
 
 def build_report(*, argv: list[str], device: dict, copy: dict | None, config: dict, records: list[dict],
@@ -102,6 +111,26 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
             out.append({"target": "reshape_over_kl_time", "tokens": n, "value": ratio,
                         "threshold": RESHAPE_OVER_KL_TARGET, "met": ratio < RESHAPE_OVER_KL_TARGET})
     return out
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Several runs on one device (e.g. one per op from gpu_sweep.sh) as one report; targets judged on the union.
+
+    Each record keeps the copy fraction of its own run; the merged copy_bandwidth is the first run's, "command" joins
+    the commands with " ; ", "argv" is None and "config" is {"merged": [each run's config]}.
+    """
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    names = {r["device"]["name"] for r in reports}
+    if len(names) > 1:
+        raise ValueError(f"refusing to merge runs from different devices: {sorted(names)}")
+    merged = dict(reports[0])
+    merged["command"] = " ; ".join(r["command"] for r in reports)
+    merged["argv"] = None
+    merged["config"] = {"merged": [r["config"] for r in reports]}
+    merged["results"] = [rec for r in reports for rec in r["results"]]
+    merged["targets"] = evaluate_targets(merged["results"])
+    return merged
 
 
 def write_json(report: dict, path: str) -> None:
@@ -192,10 +221,10 @@ def target_lines(report: dict) -> list[str]:
 
 def markdown_table(report: dict) -> str:
     """The results as a markdown table with the device and command on top (for benchmarks/README.md)."""
-    lines = [f"**{title(report)}**", "", f"`{report['command']}` ({report['created_utc']}, "
-             f"torch {report['versions']['torch']}, triton {report['versions']['triton']}, "
-             f"liger-kernel {report['versions']['liger_kernel']})", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    v = report["versions"]
+    run = (f"`{report['command']}` ({report['created_utc']}, torch {v['torch']}, triton {v['triton']}, "
+           f"liger-kernel {v['liger_kernel']})")
+    lines = [f"**{title(report)}**", "", run, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in report["results"]:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row_cells(r)) + " |")
     lines += ["", *[f"- {x}" for x in target_lines(report)]]
@@ -234,15 +263,32 @@ def plot(report: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m benchmarks.report RESULT.json [...]: print the markdown table of saved runs."""
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m benchmarks.report RESULT.json [...]", file=sys.stderr)
-        return 2
-    for p in paths:
-        with open(p) as f:
-            print(markdown_table(json.load(f)))
-            print()
+    """python -m benchmarks.report RESULT.json [...] [--merge OUT.json] [--plot OUT.png] [--markdown OUT.md].
+
+    Prints the markdown table of saved runs; with --merge, writes them as one report (same device only).
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+", help="pgpo-bench JSON results")
+    p.add_argument("--merge", metavar="OUT.json", default=None, help="write the runs merged into one JSON")
+    p.add_argument("--plot", metavar="OUT.png", default=None, help="plot of the merged runs")
+    p.add_argument("--markdown", metavar="OUT.md", default=None, help="write the markdown table here too")
+    args = p.parse_args(argv)
+    reports = []
+    for path in args.paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    report = merge_reports(reports) if len(reports) > 1 else reports[0]
+    text = markdown_table(report)
+    print(text)
+    if args.merge:
+        write_json(report, args.merge)
+    if args.plot:
+        plot(report, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
     return 0
 
 

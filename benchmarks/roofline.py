@@ -28,9 +28,6 @@ def measure_copy_bandwidth(device: torch.device, *, n_bytes: int | None = None, 
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     stats = time_fn(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    del src, dst
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {
         "GBps": 2 * n_bytes / (stats.median_ms * 1e-3) / 1e9,
         "bytes": n_bytes,

@@ -9,9 +9,9 @@ cache, so on the CPU it is reported as not measured (None) rather than guessed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from typing import Callable
 
 import torch
 

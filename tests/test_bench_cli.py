@@ -89,7 +89,7 @@ def test_every_op_runs_on_cpu(tmp_path, op):
 
 
 def test_failing_backend_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
-    import benchmarks.runner as runner
+    from benchmarks import runner
 
     def broken(backend, case):
         if backend == "torch-eager":

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from benchmarks import cli
+from benchmarks.cases import build_case
 from benchmarks.report import evaluate_targets
 from benchmarks.report import markdown_table
 from benchmarks.report import plot
 from benchmarks.report import write_json
 from benchmarks.runner import run_backend
-from benchmarks.cases import build_case
 
 
 def _rec(op, tokens, backend, median_ms, copy_fraction=None, peak=None, status="ok"):
