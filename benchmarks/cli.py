@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement")
     p.add_argument("--check-rows", type=int, default=32, help="rows checked against the float64 reference")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU only: torch intra-op threads (default: torch's choice); 1 is steadier on a shared host")
+                   help="CPU only: torch intra-op threads (default 1: steady on a shared host; 0 = torch's choice)")
     p.add_argument("--no-copy-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
     p.add_argument("--quiet", action="store_true", help="no per-measurement progress lines")
     return p
@@ -104,6 +104,35 @@ def _backends(op: str, requested: list[str] | None) -> list[str]:
     if requested is None:
         return list(allowed)
     return [b for b in requested if b in allowed]
+
+
+def measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, warmup_ms, rep_ms, info):
+    """Copy bandwidth, then every (op, tokens) case on its backends -> (copy dict or None, records)."""
+
+    def progress(rec: dict) -> None:
+        if args.quiet:
+            return
+        what = f"{rec['time_ms']['median']:.4g} ms" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}"
+        print(f"  {rec['op']:>8} N={rec['tokens']:<6} {rec['backend']:<14} {what}", file=sys.stderr, flush=True)
+
+    if not args.quiet:
+        print(f"pgpo-bench on {info['name']} ({'CPU: not GPU kernel speed' if device.type == 'cpu' else 'CUDA'})",
+              file=sys.stderr)
+    copy = None if args.no_copy_bandwidth else measure_copy_bandwidth(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy's 2 GiB go back before the cases are built
+    records: list[dict] = []
+    for op in ops:
+        backends = _backends(op, args.backends)
+        for n in tokens or [defaults["tokens"][op]]:
+            case = build_case(op, n, vocab=vocab, hidden=hidden, seq_len=seq_len, dtype=dtype, device=device,
+                              check_rows=args.check_rows)
+            records += run_case(case, backends, copy_gbps=copy and copy["GBps"], warmup_ms=warmup_ms, rep_ms=rep_ms,
+                                on_record=progress)
+            del case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return copy, records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,38 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in args.backends or [] if b not in known]
     if unknown:
         parser.error(f"--backends: unknown {unknown}; choose from {sorted(known)}")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     ops = list(OPS) if args.op == "all" else [args.op]
     dtype = DTYPES[args.dtype]
 
-    def progress(rec: dict) -> None:
-        if args.quiet:
-            return
-        what = f"{rec['time_ms']['median']:.4g} ms" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}"
-        print(f"  {rec['op']:>8} N={rec['tokens']:<6} {rec['backend']:<14} {what}", file=sys.stderr, flush=True)
-
     # -- measure --------------------------------------------------------------------------------------------------
-    info = device_info(device)
-    if not args.quiet:
-        print(f"pgpo-bench on {info['name']} ({'CPU: not GPU kernel speed' if device.type == 'cpu' else 'CUDA'})",
-              file=sys.stderr)
-    copy = None if args.no_copy_bandwidth else measure_copy_bandwidth(device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the copy's 2 GiB go back before the cases are built
-    records: list[dict] = []
-    for op in ops:
-        backends = _backends(op, args.backends)
-        for n in tokens or [defaults["tokens"][op]]:
-            case = build_case(op, n, vocab=vocab, hidden=hidden, seq_len=seq_len, dtype=dtype, device=device,
-                              check_rows=args.check_rows)
-            records += run_case(case, backends, copy_gbps=copy and copy["GBps"], warmup_ms=warmup_ms, rep_ms=rep_ms,
-                                on_record=progress)
-            del case
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    prev_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # our choice: one thread by default; on a loaded host OpenMP threads wait on each other and the timings
+        # swing by 100x (seen on the 2-core CI-like host). The count is recorded in the JSON's device entry.
+        threads = 1 if args.threads is None else args.threads
+        if threads > 0:
+            torch.set_num_threads(threads)
+    try:
+        info = device_info(device)
+        copy, records = measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, warmup_ms, rep_ms,
+                                info)
+    finally:
+        torch.set_num_threads(prev_threads)  # in-process callers (tests) get their thread count back
 
     # -- report ---------------------------------------------------------------------------------------------------
     config = {"ops": ops, "tokens": tokens, "vocab": vocab, "hidden": hidden, "seq_len": seq_len,

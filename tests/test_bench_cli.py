@@ -26,8 +26,12 @@ NO_COMPILE = ["pgpo-triton", "pgpo-torch", "torch-eager", "liger", "lm_head+pgpo
 
 def run_cli(tmp_path, *args) -> dict:
     out = tmp_path / "r.json"
+    threads = torch.get_num_threads()
     assert cli.main([*args, "--device", "cpu", "--json", str(out), *FAST]) == 0
-    return json.loads(out.read_text())
+    assert torch.get_num_threads() == threads  # the CLI's one-thread default does not leak into the caller
+    rep = json.loads(out.read_text())
+    assert rep["device"]["threads"] == 1
+    return rep
 
 
 def test_kl_cli_schema_and_finite_numbers(tmp_path, capsys):
