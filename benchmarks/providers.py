@@ -20,6 +20,9 @@ from typing import Any
 import torch
 
 import pgpo_kernels
+from benchmarks.cases import BETA
+from benchmarks.cases import EPS
+from benchmarks.cases import TAU
 from benchmarks.cases import Case
 from pgpo_kernels import pgpo_token_weights
 from pgpo_kernels import reshape_weights
@@ -35,7 +38,6 @@ OP_BACKENDS = {
     "stats": BACKENDS[:5],
     "linear": BACKENDS,
 }
-TAU, BETA, EPS = 0.4, 2.0, 1e-6  # paper defaults (SPEC 2)
 
 TRITON_CPU_REASON = ("Triton kernels need a CUDA device; on the CPU they run only in Triton's interpreter "
                      "(TRITON_INTERPRET=1), whose timings say nothing about kernel speed")

@@ -165,7 +165,7 @@ def row_cells(r: dict) -> list[str]:
         return [r["op"], str(r["tokens"]), r["backend"], "-", "-", "-", "-", "-", "-", f"{r['status']}: {r['reason']}"]
     t = r["time_ms"]
     peak = None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20
-    note = "incl. compile: first call {:.0f} ms".format(r["first_call_ms"]) if r["backend"] == "torch-compile" else ""
+    note = "first call {:.0f} ms (any compile)".format(r["first_call_ms"]) if r["backend"] == "torch-compile" else ""
     return [
         r["op"], str(r["tokens"]), r["backend"],
         f"{t['median']:.4g} [{t['p20']:.4g}, {t['p80']:.4g}]",
@@ -274,13 +274,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", metavar="OUT.json", default=None, help="write the runs merged into one JSON")
     p.add_argument("--plot", metavar="OUT.png", default=None, help="plot of the merged runs")
     p.add_argument("--markdown", metavar="OUT.md", default=None, help="write the markdown table here too")
+    p.add_argument("--largest", action="store_true",
+                   help="table only: keep each op's largest token count (the README's compact table)")
     args = p.parse_args(argv)
     reports = []
     for path in args.paths:
         with open(path) as f:
             reports.append(json.load(f))
     report = merge_reports(reports) if len(reports) > 1 else reports[0]
-    text = markdown_table(report)
+    shown = report
+    if args.largest:
+        top = {}
+        for r in report["results"]:
+            top[r["op"]] = max(top.get(r["op"], 0), r["tokens"])
+        shown = {**report, "results": [r for r in report["results"] if r["tokens"] == top[r["op"]]]}
+        shown["targets"] = evaluate_targets(shown["results"])
+    text = markdown_table(shown)
     print(text)
     if args.merge:
         write_json(report, args.merge)
