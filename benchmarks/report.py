@@ -240,13 +240,19 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     ops = list(dict.fromkeys(r["op"] for r in report["results"]))
-    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops), 4.2), squeeze=False)
+    ncols = min(3, len(ops))
+    nrows = -(-len(ops) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
+    colors = {b: f"C{i}" for i, b in enumerate(backends)}  # one color per backend in every panel
     copy = report["copy_bandwidth"]
-    for ax, op in zip(axes[0], ops):
+    for ax in axes.flat[len(ops):]:
+        ax.axis("off")
+    for ax, op in zip(axes.flat, ops):
         recs = [r for r in report["results"] if r["op"] == op and r["status"] == "ok"]
         for backend in dict.fromkeys(r["backend"] for r in recs):
             pts = sorted((r["tokens"], r["GBps"]) for r in recs if r["backend"] == backend)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend, color=colors[backend])
         if copy:
             ax.axhline(copy["GBps"], linestyle="--", color="gray", label=f"copy {copy['GBps']:.0f} GB/s")
         ax.set_xscale("log", base=2)
