@@ -106,8 +106,12 @@ def _backends(op: str, requested: list[str] | None) -> list[str]:
     return [b for b in requested if b in allowed]
 
 
-def measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, warmup_ms, rep_ms, info):
-    """Copy bandwidth, then every (op, tokens) case on its backends -> (copy dict or None, records)."""
+def measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, warmup_ms, rep_ms, info,
+            checkpoint=None):
+    """Copy bandwidth, then every (op, tokens) case on its backends -> (copy dict or None, records).
+
+    checkpoint(copy, records), if given, is called after each case (the CLI saves a partial JSON there).
+    """
 
     def progress(rec: dict) -> None:
         if args.quiet:
@@ -132,6 +136,8 @@ def measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, 
             del case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if checkpoint is not None:
+                checkpoint(copy, records)
     return copy, records
 
 
@@ -178,17 +184,24 @@ def main(argv: list[str] | None = None) -> int:
         threads = 1 if args.threads is None else args.threads
         if threads > 0:
             torch.set_num_threads(threads)
+    config = {"ops": ops, "tokens": tokens, "vocab": vocab, "hidden": hidden, "seq_len": seq_len,
+              "dtype": str(dtype).removeprefix("torch."), "warmup_ms": warmup_ms, "rep_ms": rep_ms,
+              "check_rows": args.check_rows, "backends": args.backends, "complete": False}
+
+    def save_partial(copy, records):
+        # a run cut short (a time limit, a crash) still leaves every finished case in the JSON, marked incomplete
+        write_json(build_report(argv=argv, device=info, copy=copy, config=config, records=records,
+                                peak_memory_method=peak_memory_note(device)), args.json)
+
     try:
         info = device_info(device)
         copy, records = measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, warmup_ms, rep_ms,
-                                info)
+                                info, checkpoint=save_partial if args.json else None)
     finally:
         torch.set_num_threads(prev_threads)  # in-process callers (tests) get their thread count back
 
     # -- report ---------------------------------------------------------------------------------------------------
-    config = {"ops": ops, "tokens": tokens, "vocab": vocab, "hidden": hidden, "seq_len": seq_len,
-              "dtype": str(dtype).removeprefix("torch."), "warmup_ms": warmup_ms, "rep_ms": rep_ms,
-              "check_rows": args.check_rows, "backends": args.backends}
+    config["complete"] = True
     report = build_report(argv=argv, device=info, copy=copy, config=config, records=records,
                           peak_memory_method=peak_memory_note(device))
     print_table(report)

@@ -41,6 +41,7 @@ def test_kl_cli_schema_and_finite_numbers(tmp_path, capsys):
     assert rep["device"]["type"] == "cpu" and rep["device"]["name"].startswith("CPU: ")
     assert rep["command"].startswith("pgpo-bench kl --tokens 1,7")
     assert rep["versions"]["torch"] == torch.__version__ and rep["versions"]["triton"]
+    assert rep["config"]["complete"] is True
     assert rep["copy_bandwidth"]["GBps"] > 0 and math.isfinite(rep["copy_bandwidth"]["GBps"])
     # lm_head+pgpo applies to the linear op only: not a row of kl
     assert [(r["tokens"], r["backend"]) for r in rep["results"]] == [(n, b) for n in (1, 7) for b in NO_COMPILE[:4]]
@@ -106,6 +107,25 @@ def test_failing_backend_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
     assert [(r["backend"], r["status"]) for r in rep["results"]] == [
         ("torch-eager", "error"), ("pgpo-torch", "ok")] * 2
     assert rep["results"][0]["reason"] == "RuntimeError: boom"
+
+
+def test_partial_json_survives_a_cut_short_run(tmp_path, monkeypatch):
+    real, calls = cli.run_case, []
+
+    def run_then_die(case, *args, **kwargs):
+        calls.append(case.tokens)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a time limit hitting the second case
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_case", run_then_die)
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["kl", "--tokens", "2", "4", "--vocab", "16", "--device", "cpu", "--backends", "torch-eager",
+                  "--no-copy-bandwidth", "--json", str(out), *FAST])
+    rep = json.loads(out.read_text())
+    assert rep["config"]["complete"] is False
+    assert [(r["tokens"], r["status"]) for r in rep["results"]] == [(2, "ok")]
 
 
 def test_error_check_catches_a_wrong_result():

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +19,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _bench(tmp_path, *args) -> dict:
     out = tmp_path / "r.json"
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "benchmarks.cli", *args, "--device", "cuda", "--json", str(out), "--quiet",
            "--rep-ms", "20", "--warmup-ms", "5"]
-    subprocess.run(cmd, check=True, env=env, timeout=300)
+    subprocess.run(cmd, check=True, env=env, cwd=root, timeout=300)
     return json.loads(out.read_text())
 
 
