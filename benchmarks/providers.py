@@ -136,6 +136,8 @@ def liger_kl_function():
         from liger_kernel.ops.kl_div import LigerKLDivLossFunction
     except ImportError as exc:
         raise Unavailable(f"liger-kernel not installed (pip install 'pgpo[bench]'): {exc}") from exc
+    except Exception as exc:  # e.g. a liger release that does not import beside this torch/triton
+        raise Unavailable(f"liger-kernel failed to import: {type(exc).__name__}: {exc}") from exc
     return LigerKLDivLossFunction
 
 

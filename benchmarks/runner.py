@@ -65,6 +65,9 @@ def run_backend(case: Case, backend: str, *, copy_gbps: float | None, warmup_ms:
     except Unavailable as exc:
         rec.update(status="unavailable", reason=str(exc))
         return rec
+    except Exception as exc:  # noqa: BLE001 - a backend that breaks while being set up is a result too
+        rec.update(status="error", reason=_reason(exc))
+        return rec
     try:
         t0 = time.perf_counter()
         out = fn()

@@ -97,16 +97,19 @@ def test_failing_backend_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
     from benchmarks import runner
 
     def broken(backend, case):
-        if backend == "torch-eager":
+        if backend == "torch-eager":  # fails when called
             return lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        if backend == "torch-compile":  # fails while being set up
+            raise AttributeError("no such thing")
         return build(backend, case)
 
     monkeypatch.setattr(runner, "build", broken)
     rep = run_cli(tmp_path, "kl", "--tokens", "2", "4", "--vocab", "32", "--no-copy-bandwidth",
-                  "--backends", "torch-eager", "pgpo-torch")
+                  "--backends", "torch-eager", "torch-compile", "pgpo-torch")
     assert [(r["backend"], r["status"]) for r in rep["results"]] == [
-        ("torch-eager", "error"), ("pgpo-torch", "ok")] * 2
+        ("torch-eager", "error"), ("torch-compile", "error"), ("pgpo-torch", "ok")] * 2
     assert rep["results"][0]["reason"] == "RuntimeError: boom"
+    assert rep["results"][1]["reason"] == "AttributeError: no such thing"
 
 
 def test_partial_json_survives_a_cut_short_run(tmp_path, monkeypatch):
