@@ -81,3 +81,26 @@ def test_torch_compile_backend_on_cpu():
         pytest.skip(f"no C++ compiler for Inductor here: {rec['reason']}")
     assert rec["status"] == "ok", rec["reason"]
     assert rec["max_abs_err"] < 1e-5 and rec["first_call_ms"] > rec["time_ms"]["median"]
+
+
+def test_plain_table_without_rich(report, monkeypatch, capsys):
+    import sys
+
+    from benchmarks.report import print_table
+
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # as in CI, where the bench extra is not installed
+    print_table(report)
+    out = capsys.readouterr().out
+    assert out.startswith("pgpo-bench on CPU:") and "CPU run" in out
+    assert "weights | 16 | pgpo-torch |" in out and "peak extra memory: not measured on CPU" in out
+
+
+def test_liger_missing_is_unavailable(monkeypatch):
+    import sys
+
+    from benchmarks.providers import Unavailable
+    from benchmarks.providers import liger_kl_function
+
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.kl_div", None)
+    with pytest.raises(Unavailable, match="liger-kernel not installed"):
+        liger_kl_function()
