@@ -46,10 +46,14 @@ from pgpo_kernels.utils import resolve_backend
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # our choice: tile sizes for sm_80 / sm_90 (not tuned on hardware yet; see csrc_notes/fused_ops.md)
-GPU_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
-GPU_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
+# CHUNK_TILES: vocab tiles per chunk (one program's sweep); GROUP_N: row blocks scheduled side by side (L2 reuse)
+GPU_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "CHUNK_TILES": 16,
+              "GROUP_N": 16}
+GPU_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2, "CHUNK_TILES": 32,
+                   "GROUP_N": 16}
 # the interpreter runs on numpy: small tiles (tl.dot needs every dim >= 16)
-INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1}
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "CHUNK_TILES": 4,
+                      "GROUP_N": 2}
 
 
 # %% kernel --------------------------------------------------------------------------------------------------------
@@ -77,11 +81,20 @@ def _fused_linear_stats_partial_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software-pipeline depth of the loads feeding tl.dot
+    GROUP_N: tl.constexpr,  # row blocks per launch group
 ):
-    # -- map the program to its rows and vocab chunk; int64 ids: N * H and V * H can pass 2**31 ---------------------
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # -- map the program to (row block, vocab chunk), grouped as in the matmul tutorial: consecutive programs take
+    # -- GROUP_N row blocks x a few chunks, so the programs in flight share their hidden blocks and W tiles in L2 ---
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP_N * n_chunks
+    first_block = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_row_blocks - first_block, GROUP_N)
+    row_block = first_block + (pid % per_group) % group_rows
+    chunk = (pid % per_group) // group_rows
+    # int64 ids: N * H and V * H can pass 2**31
+    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    chunk = tl.program_id(1)
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
     if WITH_TARGET:
@@ -186,18 +199,22 @@ def fused_linear_forward(
         hi = min(lo + step, n_rows)
         rows = hi - lo
         n_blocks = triton.cdiv(rows, block_n)
-        c = n_chunks if n_chunks is not None else split_chunks(n_blocks, n_cols, block_v, device_sm_count(device))
+        # our choice: chunks of CHUNK_TILES vocab tiles (partial stats stay small: [rows, V / (CHUNK_TILES BLOCK_V), 8]
+        # fp32, 19 MiB at 8192 x 152064) and never fewer chunks than it takes to fill the SMs
+        c = n_chunks if n_chunks is not None else max(triton.cdiv(n_cols, cfg["CHUNK_TILES"] * block_v),
+                                                      split_chunks(n_blocks, n_cols, block_v,
+                                                                   device_sm_count(device)))
         c = max(1, min(int(c), triton.cdiv(n_cols, block_v)))
         cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, c), block_v) * block_v
         c = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
         part = torch.empty((rows, c, N_PART), dtype=torch.float32, device=device)
         hv, ht = hidden_vis[lo:hi], hidden_txt[lo:hi]
         tgt = target[lo:hi] if with_target else None
-        _fused_linear_stats_partial_kernel[(n_blocks, c)](
+        _fused_linear_stats_partial_kernel[(n_blocks * c,)](
             hv, ht, weight, bias if bias is not None else part, tgt if with_target else part, part,
             rows, n_cols, n_hidden, hv.stride(0), ht.stride(0), weight.stride(0), cols_per_chunk, c, scale,
             HAS_BIAS=bias is not None, WITH_TARGET=with_target, DOT_FP32=dot_fp32,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, NUM_STAGES=cfg["num_stages"],
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, NUM_STAGES=cfg["num_stages"], GROUP_N=cfg["GROUP_N"],
             num_warps=cfg["num_warps"],
         )
         for out, val in zip(outs, combine_stats(part, tgt, cols_per_chunk, scale)):

@@ -22,6 +22,8 @@ again to write both gradients: bytes per row 2 * V * 2 * itemsize read, V * 2 * 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +38,8 @@ from pgpo_kernels.utils import next_power_of_2
 from pgpo_kernels.utils import resolve_backend
 
 LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)  # constexpr: @triton.jit code may not read plain float globals
+LN2 = 0.6931471805599453
+_LN2_C = tl.constexpr(LN2)  # globals read inside @triton.jit must be constexpr
 MAX_BLOCK_V = 4096
 N_STATS = 5  # per-chunk partial stats: m_a, s_a, m_b, s_b, t
 
@@ -92,7 +95,7 @@ def _kl_stream(a_row_ptr, b_row_ptr, col_start, col_end, scale, BLOCK_V: tl.cons
 @triton.jit
 def _kl_finish(s_a, s_b, t):
     """KL in nats from base-2 stats; an all -inf row of a has no distribution (0), s_b = 0 < s_a means +inf."""
-    kl = LN2 * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
+    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
     kl = tl.where(s_b == 0.0, float("inf"), kl)
     kl = tl.where(s_a == 0.0, 0.0, kl)
     return tl.maximum(kl, 0.0)  # clamp tiny negative rounding
@@ -171,6 +174,19 @@ def _token_kl_combine_kernel(
     tl.store(out_ptr + row, _kl_finish(tl.sum(alpha * s_a, axis=0), tl.sum(gamma * s_b, axis=0), t_all))
 
 
+# On a GPU the one-row-per-program kernel is autotuned over these (block, warps) pairs, keyed by V (the autotuner
+# also keys on the input dtype); the heuristic below is one of them and is what the interpreter and the split path use.
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+]
+_token_kl_fwd_kernel_autotuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["n_cols"])(_token_kl_fwd_kernel)
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """Autotune only on a real GPU (never in the interpreter); PGPO_AUTOTUNE=0 turns it off."""
+    return device.type == "cuda" and os.environ.get("PGPO_AUTOTUNE", "1") != "0"
+
+
 @triton.jit
 def _token_kl_bwd_kernel(
     a_ptr,  # [N, V] logits of the visual pass, last dim contiguous
@@ -193,7 +209,7 @@ def _token_kl_bwd_kernel(
     a_row = a_ptr + row * stride_a_row
     b_row = b_ptr + row * stride_b_row
     m_a, s_a, m_b, s_b, t = _kl_stream(a_row, b_row, 0, n_cols, scale, BLOCK_V)
-    kl = LN2 * (t / s_a - tl.log2(s_a) + tl.log2(s_b))  # unclamped: the clamp only hides rounding
+    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))  # unclamped: the clamp only hides rounding
     ma, log_sa = _safe_max(m_a), tl.log2(s_a)
     mb, log_sb = _safe_max(m_b), tl.log2(s_b)
     g = tl.load(grad_out_ptr + row).to(tl.float32) * inv_temp
@@ -208,9 +224,9 @@ def _token_kl_bwd_kernel(
         y = tl.load(b_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
         lp = (x - ma) * scale - log_sa  # log2 p_j; the max is subtracted before scaling, as in the forward
         lq = (y - mb) * scale - log_sb
-        p = tl.exp2(lp)
-        ga = tl.where(x == float("-inf"), 0.0, g * p * (LN2 * (lp - lq) - kl))
-        gb = g * (tl.exp2(lq) - p)
+        p = tl.where(x == float("-inf"), 0.0, tl.exp2(lp))  # also covers lp = -inf - (-inf) on an all -inf row
+        ga = tl.where(x == float("-inf"), 0.0, g * p * (_LN2_C * (lp - lq) - kl))
+        gb = tl.where(s_a == 0.0, 0.0, g * (tl.exp2(lq) - p))
         tl.store(grad_a_ptr + row * n_cols + cols, ga.to(grad_a_ptr.dtype.element_ty), mask=in_row)
         tl.store(grad_b_ptr + row * n_cols + cols, gb.to(grad_b_ptr.dtype.element_ty), mask=in_row)
 
@@ -249,6 +265,9 @@ def token_kl_forward(
     if n_chunks is None:
         n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
     n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
+    if n_chunks == 1 and autotune_enabled(a.device) and n_cols >= 1024:
+        _token_kl_fwd_kernel_autotuned[(n_rows,)](a, b, out, n_cols, a.stride(0), b.stride(0), scale)
+        return out.reshape(lead)
     if n_chunks == 1:
         _token_kl_fwd_kernel[(n_rows,)](
             a, b, out, n_cols, a.stride(0), b.stride(0), scale, BLOCK_V=block_v, num_warps=num_warps

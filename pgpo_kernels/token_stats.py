@@ -29,7 +29,7 @@ import triton.language as tl
 
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.k3 import k3_kl
-from pgpo_kernels.token_kl import LN2
+from pgpo_kernels.token_kl import _LN2_C
 from pgpo_kernels.token_kl import LOG2E
 from pgpo_kernels.token_kl import _kl_finish
 from pgpo_kernels.token_kl import _safe_max
@@ -102,7 +102,7 @@ def _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, 
 @triton.jit
 def _target_logp(x_t, m, s, scale):
     """log softmax at the target in nats from base-2 stats; no distribution (s = 0) -> -inf (our choice)."""
-    lp = LN2 * ((x_t - _safe_max(m)) * scale - tl.log2(s))
+    lp = _LN2_C * ((x_t - _safe_max(m)) * scale - tl.log2(s))
     lp = tl.where(s == 0.0, float("-inf"), lp)
     return tl.minimum(lp, 0.0)  # clamp tiny positive rounding when p(target) ~ 1
 
@@ -200,7 +200,7 @@ def _token_stats_combine_kernel(
     if WITH_TARGET:
         u = tl.load(base + 5, mask=ok, other=0.0)
         u_all = tl.sum(tl.where(m_a == float("-inf"), 0.0, alpha * (u + s_a * shift_a)), axis=0)
-        ent = LN2 * (tl.log2(S_a) - u_all / S_a)
+        ent = _LN2_C * (tl.log2(S_a) - u_all / S_a)
         ent = tl.where(S_a == 0.0, 0.0, ent)
         tl.store(ent_ptr + row, tl.maximum(ent, 0.0))
         # the target's logits come from the chunk that holds the target column

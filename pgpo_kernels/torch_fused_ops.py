@@ -16,6 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pgpo_kernels.torch_ops import token_kl_torch
+
 # our choice: a fallback chunk may use up to this share of the free memory, and never more than this many rows
 FREE_MEMORY_SHARE = 0.25
 MAX_CHUNK_ROWS = 8192
@@ -150,13 +152,11 @@ def fused_linear_token_stats_torch(
 
 # %% token KL: forward in the input's precision, and the gradient ---------------------------------------------------
 def token_kl_rows_torch(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL per row of [N, V] inputs, row chunks of ~64 MiB; float64 in -> float64 out, else float32.
-
-    Unlike torch_ops.token_kl_torch, never scales its inputs in place (that one mutates fp32 logits when
-    temperature != 1: `.float()` of an fp32 tensor is the tensor itself).
-    """
+    """KL per row of [N, V] inputs: float64 in -> float64 out (gradcheck needs it), else torch_ops' fp32 fallback."""
+    if a.dtype != torch.float64:
+        return token_kl_torch(a, b, temperature)
     n_rows, n_cols = a.shape
-    out = torch.empty(n_rows, dtype=_compute_dtype(a.dtype), device=a.device)
+    out = torch.empty(n_rows, dtype=torch.float64, device=a.device)
     step = max(1, _CHUNK_ELEMS // max(n_cols, 1))
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)

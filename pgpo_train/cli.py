@@ -1,7 +1,94 @@
-"""pgpo-train command line (placeholder until the training issue lands)."""
+"""`pgpo-train` command line: train (default), `plot RUN_DIR...`, `inspect`.
+
+    pgpo-train                                  # embedded default: tiny Qwen2.5-VL, synthetic count task, PGPO
+    pgpo-train --algo dapo --steps 200          # the baseline
+    pgpo-train --model Qwen/Qwen2.5-VL-3B-Instruct --dataset PATH --pgpo.estimator k3
+    pgpo-train plot runs/pgpo-tiny [runs/dapo-tiny ...]
+    pgpo-train inspect --run runs/pgpo-tiny --out inspect.html
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from pgpo_train.config import add_train_args
+
+    p = argparse.ArgumentParser(
+        prog="pgpo-train",
+        description="Train a Qwen2.5-VL policy with PGPO / DAPO / GRPO. Subcommands: plot RUN_DIR..., inspect.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_train_args(p)
+    return p
+
+
+def _plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgpo-train plot", description="Draw a run's curves (metrics.jsonl) to PNG.")
+    p.add_argument("run_dirs", nargs="+", help="one or more run directories (overlaid)")
+    p.add_argument("--out", default="", help="PNG path (default: RUN_DIR/curves.png of the first run)")
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window in steps")
+    return p
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgpo-train inspect", description="Render one sample's response tokens coloured by visual dependency."
+    )
+    p.add_argument("--run", default="", help="run directory (uses its latest checkpoint and config)")
+    p.add_argument("--model", default="", help="model path/name instead of a run (empty + no run: fresh tiny model)")
+    p.add_argument("--dataset", default="", help="dataset (default: the run's, or the tiny task)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--index", type=int, default=0, help="record index in the split")
+    p.add_argument("--estimator", default="full", choices=["full", "k3"])
+    p.add_argument("--tau", type=float, default=0.4)
+    p.add_argument("--beta", type=float, default=2.0)
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the run's")
+    p.add_argument("--out", default="inspect.html", help="output .html or .png")
+    return p
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("pgpo-train: the training loop has not landed yet")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plot":
+        from pgpo_train.plot import plot_runs
+
+        a = _plot_parser().parse_args(argv[1:])
+        out = plot_runs(a.run_dirs, a.out or None, smooth=a.smooth)
+        print(f"pgpo-train: wrote {out}")
+        return 0
+    if argv and argv[0] == "inspect":
+        from pgpo_train.inspect_run import inspect_main
+
+        a = _inspect_parser().parse_args(argv[1:])
+        out = inspect_main(a)
+        print(f"pgpo-train: wrote {out}")
+        return 0
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    from pgpo_train.config import config_from_args
+    from pgpo_train.train import train
+
+    ns = _train_parser().parse_args(argv)
+    cfg = config_from_args(ns)
+    if cfg.resume and not any(x == "--out-dir" or x.startswith("--out-dir=") for x in argv):
+        print(f"pgpo-train: resuming {cfg.out_dir}")
+    t0 = time.perf_counter()
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pgpo-train: error: {e}", file=sys.stderr)
+        return 2
+    keys = [k for k in ("eval/acc", "eval/reward") if k in summary]
+    res = ", ".join(f"{k} {summary[k]:.3f}" for k in keys)
+    print(f"pgpo-train: done in {time.perf_counter() - t0:.0f}s, {summary['steps']} steps; {res}")
+    print(f"pgpo-train: run dir {summary['out_dir']} (curves: pgpo-train plot {summary['out_dir']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

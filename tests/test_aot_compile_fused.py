@@ -62,11 +62,12 @@ def _cases():
                "part_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "n_hidden": "i32", "stride_hv_row": "i32",
                "stride_ht_row": "i32", "stride_w_row": "i32", "cols_per_chunk": "i32", "n_chunks": "i32",
                "scale": "fp32", "HAS_BIAS": "constexpr", "WITH_TARGET": "constexpr", "DOT_FP32": "constexpr",
-               "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr", "NUM_STAGES": "constexpr"}
+               "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr", "NUM_STAGES": "constexpr",
+               "GROUP_N": "constexpr"}
         for has_bias, with_target in ((False, False), (True, True)):
             consts = {"HAS_BIAS": has_bias, "WITH_TARGET": with_target, "DOT_FP32": dot_fp32,
                       "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"],
-                      "NUM_STAGES": cfg["num_stages"]}
+                      "NUM_STAGES": cfg["num_stages"], "GROUP_N": cfg["GROUP_N"]}
             cases.append((f"fused_linear_{dt}_bias{int(has_bias)}_target{int(with_target)}",
                           _fused_linear_stats_partial_kernel, sig, consts, {"num_warps": cfg["num_warps"]}))
     return cases
@@ -97,7 +98,7 @@ def _compile_all() -> None:
                            num_warps=ck.metadata.num_warps, mma="mma.sync" in ptx, wgmma="wgmma" in ptx,
                            pipelined="cp.async" in ptx)
             except Exception as e:  # noqa: BLE001 - reported to the test, which fails with the message
-                rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+                rec.update(ok=False, error=f"{type(e).__name__}: {e!s:.3000}")
             print(json.dumps(rec), flush=True)
 
 
@@ -105,7 +106,7 @@ def _compile_all() -> None:
 def compiled() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {(r["name"], r["arch"]): r for r in recs}

@@ -1,0 +1,150 @@
+"""Run configuration: dataclasses with commented defaults, and their argparse flags (`--pgpo.tau 0.4` style).
+
+Defaults are the embedded tiny run (no model or dataset given): a few minutes on 2 CPU cores. Paper values for real
+runs are noted beside each field (SPEC section 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from dataclasses import field
+
+PAPER_PROMPT_TEMPLATE = (
+    "{question} You FIRST think about the reasoning process as an internal monologue and then provide the final "
+    "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in "
+    "\\boxed{{}}."
+)
+
+
+@dataclass
+class PGPOConfig:
+    """PGPO token weighting (SPEC sections 1-2)."""
+
+    estimator: str = "full"  # "full": exact token KL over the vocab; "k3": (r-1)-log r on the sampled token
+    tau: float = 0.4  # gate threshold on the min-max normalized score (paper best: 0.4)
+    beta: float = 2.0  # amplification of tokens above tau (paper best: 2.0)
+    eps: float = 1e-6
+    renormalize: bool = True  # keep each sequence's advantage mass (paper ablates False)
+    backend: str = "auto"  # pgpo_kernels backend: triton on CUDA, torch otherwise
+
+
+@dataclass
+class TrainConfig:
+    # --- I/O
+    out_dir: str = "runs/pgpo-tiny"  # run directory: metrics.jsonl, checkpoints/, config.json
+    resume: bool = False  # continue from out_dir's latest checkpoint (exactly: model, optimizer, RNG, data position)
+    save_every: int = 25  # RL steps between atomic checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 1
+    tensorboard: bool = True  # also write tensorboard events when tensorboard is installed
+    progress: bool = True  # tqdm progress bar
+    # --- model
+    model: str = ""  # hub name or local path of a Qwen2.5-VL; empty = the embedded tiny model (random init)
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False  # paper trains the vision tower too
+    # --- data
+    dataset: str = ""  # hub name or local path for datasets.load_dataset; empty = the generated tiny count task
+    split: str = "train"
+    eval_split: str = "test"
+    image_column: str = "image"
+    problem_column: str = "problem"
+    answer_column: str = "answer"
+    solution_column: str = "solution"  # reference responses for the SFT warm-up (only needed when sft_steps > 0)
+    prompt_template: str = ""  # "{question}" is replaced; empty = tiny template for the tiny task, paper's otherwise
+    max_samples: int = 0  # 0 = whole split
+    # --- algorithm
+    algo: str = "pgpo"  # grpo | dapo | pgpo (pgpo = dapo + perception-grounded token weights)
+    pgpo: PGPOConfig = field(default_factory=PGPOConfig)
+    steps: int = 60  # RL steps (rollout + update); paper ~200
+    prompts_per_step: int = 8  # paper: 384
+    group_size: int = 4  # G responses per prompt; paper: 5
+    mini_batch_size: int = 16  # responses per optimizer step; paper: 128 prompts x G
+    micro_batch_size: int = 16  # responses per forward (memory knob; never changes the math)
+    ppo_epochs: int = 1
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.0  # 0 = by algo: 0.28 for dapo/pgpo, 0.2 for grpo
+    loss_agg_mode: str = ""  # empty = by algo: token-mean for dapo/pgpo, seq-mean-token-mean for grpo
+    dynamic_sampling: str = "auto"  # auto (on for dapo/pgpo) | on | off: drop groups whose rewards are all equal
+    lr: float = 1e-4  # paper: 1e-6 on 3B/7B; the tiny random model needs far more
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    acc_weight: float = 0.9
+    format_weight: float = 0.1
+    # --- rollout
+    max_new_tokens: int = 24  # paper: 2048
+    temperature: float = 1.0
+    top_p: float = 1.0  # paper: 0.99
+    # --- SFT warm-up (gives the random tiny model a start)
+    sft_steps: int = 150
+    sft_batch_size: int = 32
+    sft_lr: float = 2e-3
+    # --- eval
+    eval_every: int = 20  # RL steps between greedy evals on eval_split (0: off)
+    eval_size: int = 128
+    # --- system
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with algo-dependent 'auto' fields filled in, validated."""
+        c = dataclasses.replace(self, pgpo=dataclasses.replace(self.pgpo))
+        if c.algo not in ("grpo", "dapo", "pgpo"):
+            raise ValueError(f"--algo must be grpo, dapo or pgpo, got {c.algo!r}")
+        if c.pgpo.estimator not in ("full", "k3"):
+            raise ValueError(f"--pgpo.estimator must be full or k3, got {c.pgpo.estimator!r}")
+        if not 0.0 <= c.pgpo.tau <= 1.0 or c.pgpo.beta < 0:
+            raise ValueError(f"--pgpo.tau must be in [0, 1] and --pgpo.beta >= 0, got {c.pgpo.tau}, {c.pgpo.beta}")
+        if c.clip_ratio_high == 0.0:
+            c.clip_ratio_high = 0.2 if c.algo == "grpo" else 0.28
+        if not c.loss_agg_mode:
+            c.loss_agg_mode = "seq-mean-token-mean" if c.algo == "grpo" else "token-mean"
+        if c.dynamic_sampling not in ("auto", "on", "off"):
+            raise ValueError(f"--dynamic-sampling must be auto, on or off, got {c.dynamic_sampling!r}")
+        if c.dynamic_sampling == "auto":
+            c.dynamic_sampling = "off" if c.algo == "grpo" else "on"
+        for name in ("prompts_per_step", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens"):
+            if getattr(c, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
+        if c.steps < 0 or c.sft_steps < 0:
+            raise ValueError("--steps and --sft-steps must be >= 0")
+        if not c.prompt_template:
+            c.prompt_template = "" if (c.dataset or c.model) else "tiny"
+        return c
+
+
+# %% argparse from the dataclasses
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            _add_fields(parser, type(default), prefix=f"{prefix}{f.name}.")
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = (prefix + f.name).replace(".", "__")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, dest=dest, type=type(default), default=default, metavar=type(default).__name__.upper())
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    _add_fields(parser, TrainConfig)
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    pgpo_kw = {f.name: getattr(ns, f"pgpo__{f.name}") for f in dataclasses.fields(PGPOConfig)}
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "pgpo"}
+    return TrainConfig(pgpo=PGPOConfig(**pgpo_kw), **kw)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    d = dict(d)
+    pgpo = PGPOConfig(**d.pop("pgpo", {}))
+    return TrainConfig(pgpo=pgpo, **d)

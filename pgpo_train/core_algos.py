@@ -1,0 +1,225 @@
+"""RL math as registered pure functions (verl's core_algos style): advantages, token weights, policy losses, agg_loss.
+
+Shapes: B = sequences (prompts x G), T = response tokens, G = group size. `response_mask` is [B, T], 1 on valid
+response tokens. Every loss is reduced by `agg_loss`. Functions return `(tensor, metrics)` where relevant, with
+namespaced metric keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+
+# %% registries
+
+ADV_ESTIMATOR_REGISTRY: dict[str, Callable] = {}
+POLICY_LOSS_REGISTRY: dict[str, Callable] = {}
+TOKEN_WEIGHT_REGISTRY: dict[str, Callable] = {}
+
+
+def _register(registry: dict, kind: str, name: str):
+    def decorator(fn):
+        if name in registry and registry[name] is not fn:
+            raise ValueError(f"{kind} {name!r} is already registered to {registry[name].__name__}")
+        registry[name] = fn
+        return fn
+
+    return decorator
+
+
+def _get(registry: dict, kind: str, name: str) -> Callable:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {sorted(registry)}")
+    return registry[name]
+
+
+def register_adv_est(name: str):
+    return _register(ADV_ESTIMATOR_REGISTRY, "advantage estimator", name)
+
+
+def get_adv_estimator_fn(name: str) -> Callable:
+    return _get(ADV_ESTIMATOR_REGISTRY, "advantage estimator", name)
+
+
+def register_policy_loss(name: str):
+    return _register(POLICY_LOSS_REGISTRY, "policy loss", name)
+
+
+def get_policy_loss_fn(name: str) -> Callable:
+    return _get(POLICY_LOSS_REGISTRY, "policy loss", name)
+
+
+def register_token_weight(name: str):
+    return _register(TOKEN_WEIGHT_REGISTRY, "token weighting", name)
+
+
+def get_token_weight_fn(name: str) -> Callable:
+    return _get(TOKEN_WEIGHT_REGISTRY, "token weighting", name)
+
+
+class AdvantageEstimator(str, Enum):
+    GRPO = "grpo"
+
+
+class KLEstimator(str, Enum):
+    FULL = "full"
+    K3 = "k3"
+
+
+# %% advantages
+
+
+@register_adv_est(AdvantageEstimator.GRPO.value)
+@torch.no_grad()
+def compute_grpo_outcome_advantage(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-6, norm_by_std: bool = True
+) -> tuple[torch.Tensor, dict]:
+    """Group-normalized sequence advantages (GRPO, Shao et al. 2024, eq. 3): A_i = (r_i - mean_g) / (std_g + eps).
+
+    Args:
+        rewards: [B] scalar reward per response, B = n_prompts * G with each prompt's G responses adjacent.
+        group_size: G.
+        eps: added to std so all-equal groups give A = 0, not NaN.
+        norm_by_std: False gives Dr. GRPO's mean-centering only.
+
+    Returns:
+        ([B] advantages, metrics).
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be [n_prompts * G] with G = {group_size}, got {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, group_size)  # [P, G]
+    adv = r - r.mean(-1, keepdim=True)
+    if norm_by_std:
+        adv = adv / (r.std(-1, unbiased=True, keepdim=True) + eps) if group_size > 1 else adv
+    return adv.view(-1), {"adv/mean_abs": adv.abs().mean()}
+
+
+@torch.no_grad()
+def dynamic_sampling_keep(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DAPO's dynamic sampling filter (Yu et al. 2025, sec. 3.2): keep groups whose rewards are not all equal.
+
+    Args:
+        rewards: [B] with each prompt's G responses adjacent.
+
+    Returns:
+        [B] bool, True on responses of kept groups.
+    """
+    r = rewards.view(-1, group_size)  # [P, G]
+    keep = (r.max(-1).values - r.min(-1).values) > 1e-8  # [P]
+    return keep.repeat_interleave(group_size)
+
+
+# %% token weights (PGPO)
+
+
+@register_token_weight("none")
+@torch.no_grad()
+def uniform_token_weights(scores: torch.Tensor | None, response_mask: torch.Tensor, **_) -> torch.Tensor:
+    """[B, T] weights 1 on valid tokens (plain GRPO/DAPO)."""
+    return response_mask.float()
+
+
+@register_token_weight("pgpo")
+@torch.no_grad()
+def pgpo_token_weights_from_scores(
+    scores: torch.Tensor, response_mask: torch.Tensor, *, tau: float = 0.4, beta: float = 2.0, eps: float = 1e-6,
+    renormalize: bool = True, backend: str = "auto",
+) -> torch.Tensor:
+    """PGPO advantage weights (arXiv 2604.01840, SPEC section 2) from token visual-dependency scores.
+
+    Args:
+        scores: [B, T] S_t >= 0 (token KL, full or k3).
+        response_mask: [B, T] 1 on valid tokens.
+
+    Returns:
+        [B, T] float32 weights, summing to each sequence's valid-token count, 0 on padding.
+    """
+    from pgpo_kernels import reshape_weights
+
+    return reshape_weights(scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
+
+
+@torch.no_grad()
+def k3_token_kl(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3; PGPO appendix).
+
+    r = pi_txt(x) / pi_vis(x), S = (r - 1) - log r >= 0.
+
+    Args:
+        logp_vis, logp_txt: [B, T] log-probs of the sampled tokens with and without the image.
+
+    Returns:
+        [B, T] float32.
+    """
+    # clamp the log-ratio before exp, as verl does for its kl estimators: exp(20) is already far beyond any weight
+    log_r = (logp_txt.float() - logp_vis.float()).clamp(-20.0, 20.0)
+    return (torch.expm1(log_r) - log_r).clamp_min(0.0)
+
+
+# %% losses
+
+
+def agg_loss(
+    loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> torch.Tensor:
+    """Reduces a [B, T] loss matrix to a scalar.
+
+    Args:
+        loss_mat: [B, T] per-token loss.
+        loss_mask: [B, T] 1 on tokens that count.
+        loss_agg_mode: "token-mean" (DAPO: every token of the mini-batch weighs the same), "seq-mean-token-mean"
+            (GRPO: mean over each sequence's tokens, then over sequences) or "seq-mean-token-sum".
+        global_tokens, global_seqs: the mini-batch's total token / sequence count, so micro-batches accumulate to
+            the mini-batch's mean; None uses this micro-batch's own counts.
+    """
+    mask = loss_mask.to(loss_mat.dtype)
+    if loss_agg_mode == "token-mean":
+        denom = global_tokens if global_tokens is not None else mask.sum().clamp_min(1.0)
+        return (loss_mat * mask).sum() / denom
+    seq_sums = (loss_mat * mask).sum(-1)  # [B]
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_vals = seq_sums / mask.sum(-1).clamp_min(1.0)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        seq_vals = seq_sums
+    else:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid: token-mean, seq-mean-token-mean, seq-mean-token-sum")
+    denom = global_seqs if global_seqs is not None else float(loss_mat.shape[0])
+    return seq_vals.sum() / denom
+
+
+@register_policy_loss("vanilla")
+def compute_policy_loss_vanilla(
+    old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+    clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, loss_agg_mode: str = "token-mean",
+    global_tokens: float | None = None, global_seqs: float | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (PPO, Schulman et al. 2017) with DAPO's decoupled clip range (clip-higher).
+
+    L_t = max(-A_t * r_t, -A_t * clip(r_t, 1 - eps_low, 1 + eps_high)),  r_t = pi(o_t) / pi_old(o_t).
+
+    Args:
+        old_log_prob, log_prob: [B, T] log-probs of the sampled tokens (old: no grad).
+        advantages: [B, T] token advantages (PGPO: A * w~_t; GRPO/DAPO: A broadcast).
+        response_mask: [B, T].
+
+    Returns:
+        (scalar loss, metrics with clip fraction and approximate KL to the old policy, detached).
+    """
+    # clamp the log-ratio before exp so one far-off token cannot overflow
+    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    loss = agg_loss(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs)
+    with torch.no_grad():
+        m = response_mask.bool()
+        n = m.sum().clamp_min(1)
+        metrics = {
+            "actor/clip_frac": ((pg_losses2 > pg_losses1) & m).sum() / n,
+            "actor/ppo_kl": (-log_ratio * m).sum() / n,
+        }
+    return loss, metrics

@@ -1,0 +1,151 @@
+"""The text-only pass of PGPO for Qwen2.5-VL (SPEC section 1), and explicit 3-D (mrope) position ids.
+
+The text-only pass reuses the visual pass's tensors: the same input ids and the same 3-D position ids, computed
+from the full visual inputs, with the attention mask set to False on every visual placeholder token. Since those
+tokens are never attended, the vision tower is skipped: no pixel_values are passed and the placeholders keep their
+plain token embeddings (whatever they hold cannot reach any other token).
+
+Two traps this module exists for (SPEC section 1 and 4):
+- without explicit position ids the model recomputes positions from the holed attention mask (wrong positions);
+- transformers 5.x builds 3-D mrope positions only when `mm_token_type_ids` is given, else silently 1-D;
+- `generate()` leaves `rope_deltas` on the model; a later forward must not rely on them. We build position ids
+  explicitly for every forward of the training step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _inner_model(model):
+    """The module that owns `get_rope_index` (Qwen2_5_VLModel inside ...ForConditionalGeneration)."""
+    for m in (model, getattr(model, "model", None)):
+        if m is not None and hasattr(m, "get_rope_index"):
+            return m
+    raise ValueError(
+        f"{type(model).__name__} has no get_rope_index: the text-only pass needs a Qwen2-VL/Qwen2.5-VL style model "
+        "with 3-D (mrope) positions and image placeholder tokens"
+    )
+
+
+def image_token_ids(config) -> list[int]:
+    """Ids of the visual placeholder tokens (image, and video when defined) of a VLM config."""
+    ids = [getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)]
+    ids = [i for i in ids if i is not None]
+    if not ids:
+        raise ValueError(f"model config {type(config).__name__} defines no image_token_id: not a vision-language model")
+    return ids
+
+
+def visual_token_mask(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """[B, L] bool, True on visual placeholder tokens (the ones the vision tower's outputs replace)."""
+    return torch.isin(input_ids, torch.tensor(image_token_ids(config), device=input_ids.device))
+
+
+def mm_token_type_ids_for(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """[B, L] int64: 0 text, 1 image, 2 video, as Qwen2.5-VL's processor writes them (needed for 3-D positions)."""
+    out = torch.zeros_like(input_ids)
+    out[input_ids == config.image_token_id] = 1
+    video_id = getattr(config, "video_token_id", None)
+    if video_id is not None:
+        out[input_ids == video_id] = 2
+    return out
+
+
+def mrope_position_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """3-D (temporal, height, width) rope position ids of a full (prompt + response) batch, built explicitly.
+
+    Call this for every forward of the training step rather than letting the model infer positions (SPEC section 4:
+    stale rope_deltas from generate(), holed masks in the text-only pass).
+
+    Args:
+        model: a Qwen2.5-VL ...ForConditionalGeneration (or its inner model).
+        input_ids: [B, L] with the image placeholders expanded, left or right padded.
+        attention_mask: [B, L] 1 on real tokens, 0 on padding (the visual pass's mask, not the text-only one).
+        image_grid_thw: [n_images, 3], images in batch order.
+        mm_token_type_ids: [B, L] 0/1/2; derived from input_ids when None.
+        video_grid_thw: [n_videos, 3] or None.
+
+    Returns:
+        [3, B, L] int64 position ids (padding positions hold 0 and are masked anyway).
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, L], got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    inner = _inner_model(model)
+    if mm_token_type_ids is None:
+        mm_token_type_ids = mm_token_type_ids_for(input_ids, inner.config)
+    if image_grid_thw is None and video_grid_thw is None:
+        # Text-only prompt: positions are 0..n over the real tokens, the same on all three axes.
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, L]
+        return pos.unsqueeze(0).expand(3, -1, -1).contiguous()
+    position_ids, _ = inner.get_rope_index(
+        input_ids,
+        mm_token_type_ids=mm_token_type_ids,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        attention_mask=attention_mask,
+    )
+    return position_ids  # [3, B, L]
+
+
+def text_only_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, config) -> torch.Tensor:
+    """[B, L] the visual pass's attention mask with every visual placeholder token switched off."""
+    return attention_mask * (~visual_token_mask(input_ids, config)).to(attention_mask.dtype)
+
+
+def text_only_inputs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+) -> dict:
+    """Forward kwargs of the text-only pass (SPEC section 1): same ids, same 3-D positions, visual tokens unattended.
+
+    No pixel_values: the vision tower does not run and the placeholders keep their plain token embeddings, which no
+    other token can attend to.
+
+    Args:
+        model: the policy (its config gives the visual token ids).
+        input_ids: [B, L] full sequences as in the visual pass.
+        attention_mask: [B, L] the visual pass's mask.
+        position_ids: [3, B, L] from `mrope_position_ids` on the full visual inputs.
+
+    Returns:
+        dict(input_ids, attention_mask, position_ids) for `model(**kwargs)`.
+    """
+    if position_ids.dim() != 3 or position_ids.shape[0] != 3 or position_ids.shape[1:] != input_ids.shape:
+        raise ValueError(
+            f"position_ids must be [3, B, L] = [3, {input_ids.shape[0]}, {input_ids.shape[1]}] (3-D mrope positions "
+            f"from the full visual inputs), got {tuple(position_ids.shape)}"
+        )
+    config = _inner_model(model).config
+    return {
+        "input_ids": input_ids,
+        "attention_mask": text_only_attention_mask(input_ids, attention_mask, config),
+        "position_ids": position_ids,
+    }
+
+
+def visual_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
+) -> dict:
+    """Forward kwargs of the visual pass, with the same explicit 3-D position ids."""
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    if pixel_values is not None:
+        out["pixel_values"] = pixel_values
+        out["image_grid_thw"] = image_grid_thw
+    return out

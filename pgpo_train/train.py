@@ -1,0 +1,577 @@
+"""The PGPO training loop on transformers' Qwen2.5-VL, nanoGPT-style: setup on top, one linear step, helpers.
+
+One RL step (SPEC section 3):
+  1. rollout: G sampled responses per prompt (HF generate), scored by the verifiable reward;
+  2. group-normalized advantages; dynamic sampling drops all-equal groups (dapo/pgpo);
+  3. old log-probs with the image and (pgpo) the text-only pass, under no_grad, micro-batch by micro-batch;
+  4. token KL -> PGPO weights -> token advantages A_t = A * w~_t;
+  5. clipped policy-gradient loss (DAPO: clip 0.2/0.28, token-mean), AdamW.
+Position ids are built explicitly (3-D mrope) for every forward of the step (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from pgpo_train import core_algos
+from pgpo_train.checkpoint import latest_checkpoint
+from pgpo_train.checkpoint import load_checkpoint
+from pgpo_train.checkpoint import save_checkpoint
+from pgpo_train.config import PAPER_PROMPT_TEMPLATE
+from pgpo_train.config import TrainConfig
+from pgpo_train.data import RecordStream
+from pgpo_train.data import Sampler
+from pgpo_train.data import build_prompt
+from pgpo_train.data import load_split
+from pgpo_train.data import tiny_dataset_path
+from pgpo_train.rewards import compute_score
+from pgpo_train.text_only import mrope_position_ids
+from pgpo_train.text_only import text_only_inputs
+from pgpo_train.text_only import visual_inputs
+
+# %% setup helpers
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_policy(cfg: TrainConfig, device: torch.device):
+    """(model, processor): the embedded tiny model when cfg.model is empty, else from_pretrained(cfg.model)."""
+    from pgpo_train.tiny import build_tiny
+    from pgpo_train.tiny import load_processor
+
+    if not cfg.model:
+        model, processor = build_tiny(seed=cfg.seed)
+    else:
+        from transformers import AutoModelForImageTextToText
+
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+        attn = cfg.attn_implementation
+        if attn == "auto":
+            attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=getattr(torch, dtype), attn_implementation=attn)
+        processor = load_processor(cfg.model)
+    check_vlm(model, processor)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    return model.to(device), processor
+
+
+def check_vlm(model, processor) -> None:
+    """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
+    image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is None or not hasattr(getattr(model, "model", model), "get_rope_index"):
+        raise ValueError(
+            f"model {type(model).__name__} has no image tokens / 3-D rope index: PGPO needs a Qwen2-VL-style "
+            "vision-language model (e.g. Qwen/Qwen2.5-VL-3B-Instruct)"
+        )
+    tok = processor.tokenizer
+    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    if tok.convert_tokens_to_ids(image_token) != image_token_id:
+        raise ValueError(
+            f"tokenizer's {image_token!r} id {tok.convert_tokens_to_ids(image_token)} != model image_token_id "
+            f"{image_token_id}: model and processor do not match"
+        )
+
+
+def eos_ids(model, processor) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
+    for t in (processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id):
+        if t is not None and t not in ids:
+            ids.append(t)
+    return ids
+
+
+def visual_special_ids(model) -> list[int]:
+    """Vision placeholder/delimiter ids: never sampled in a response (a sampled <|image_pad|> would need an image)."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [i for i in (getattr(model.config, n, None) for n in names) if i is not None]
+
+
+@contextmanager
+def timed(times: dict, key: str):
+    t0 = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
+
+# %% batches
+
+
+def encode_prompts(processor, records: list[dict], template: str, repeat: int, device) -> dict:
+    """Processor outputs for the prompts, each repeated `repeat` times (adjacent), left-padded, on device."""
+    texts, images = [], []
+    for r in records:
+        text = processor.apply_chat_template(build_prompt(r["problem"], template), add_generation_prompt=True, tokenize=False)
+        texts += [text] * repeat
+        images += [r["image"]] * repeat
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def response_mask_from(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """[B, T] 1 up to and including the first stop token, 0 after (generate pads finished rows)."""
+    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
+    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop
+    return (~after_stop).long()
+
+
+def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask: torch.Tensor, pad_id: int) -> dict:
+    """Full (prompt + response) batch with explicit 3-D position ids.
+
+    Args:
+        prompt: encode_prompts output ([B, Lp] left-padded, pixel_values, image_grid_thw).
+        responses: [B, T] token ids; response_mask: [B, T].
+
+    Returns:
+        dict with input_ids/attention_mask [B, L], position_ids [3, B, L], pixel_values, image_grid_thw,
+        responses/response_mask [B, T].
+    """
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
+    input_ids = torch.cat([prompt["input_ids"], responses], dim=1)  # [B, L]
+    attention_mask = torch.cat([prompt["attention_mask"], response_mask.to(prompt["attention_mask"].dtype)], dim=1)
+    mm_types = prompt.get("mm_token_type_ids")
+    if mm_types is not None:  # the response is text: only the prompt's placeholders are visual
+        mm_types = torch.cat([mm_types, torch.zeros_like(responses)], dim=1)
+    position_ids = mrope_position_ids(model, input_ids, attention_mask, prompt.get("image_grid_thw"), mm_types)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "pixel_values": prompt.get("pixel_values"),
+        "image_grid_thw": prompt.get("image_grid_thw"),
+        "responses": responses,
+        "response_mask": response_mask,
+    }
+
+
+def select_rows(batch: dict, idx: torch.Tensor) -> dict:
+    """Rows idx of a batch; pixel_values are split per sample by image_grid_thw.prod(-1), not evenly (SPEC sec. 4)."""
+    out = {}
+    for k, v in batch.items():
+        if v is None or k == "pixel_values":
+            continue
+        out[k] = v[:, idx] if k == "position_ids" else v[idx]
+    if batch.get("pixel_values") is not None:
+        sizes = batch["image_grid_thw"].prod(-1).tolist()
+        chunks = torch.split(batch["pixel_values"], sizes)
+        out["pixel_values"] = torch.cat([chunks[i] for i in idx.tolist()])
+    else:
+        out["pixel_values"] = None
+    return out
+
+
+def response_logits(model, inputs: dict, n_resp: int, temperature: float) -> torch.Tensor:
+    """[mb, T, V] temperature-scaled logits predicting the response tokens (only those positions are computed)."""
+    logits = model(**inputs, logits_to_keep=n_resp + 1, use_cache=False).logits[:, :-1]  # [mb, T, V]
+    return logits.float() / temperature
+
+
+def logp_entropy(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True):
+    """Log-prob of targets [mb, T] and (no-grad) entropy [mb, T] from logits [mb, T, V]."""
+    logz = torch.logsumexp(logits, dim=-1)  # [mb, T]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = logz - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logp, ent
+
+
+# %% step phases
+
+
+@torch.no_grad()
+def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) -> tuple[dict, dict]:
+    """Samples G responses per prompt and scores them. Returns (batch, rollout metrics)."""
+    G = cfg.group_size
+    with timed(times, "timing/rollout"):
+        prompt = encode_prompts(processor, records, cfg.prompt_template, G, device)
+        model.eval()
+        stop = eos_ids(model, processor)
+        out = model.generate(
+            **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+            max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=processor.tokenizer.pad_token_id,
+            suppress_tokens=visual_special_ids(model),
+        )
+        responses = out[:, prompt["input_ids"].shape[1]:]  # [B, T]
+        response_mask = response_mask_from(responses, stop)
+        batch = build_sequences(model, prompt, responses, response_mask, processor.tokenizer.pad_token_id)
+        texts = processor.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+        answers = [r["answer"] for r in records for _ in range(G)]
+        scores = [compute_score(t, a, cfg.acc_weight, cfg.format_weight) for t, a in zip(texts, answers)]
+    batch["rewards"] = torch.tensor([s["score"] for s in scores], dtype=torch.float32, device=device)
+    batch["texts"] = texts
+    metrics = {
+        "reward/mean": float(np.mean([s["score"] for s in scores])),
+        "reward/acc": float(np.mean([s["acc"] for s in scores])),
+        "reward/format": float(np.mean([s["format"] for s in scores])),
+        "response/length_mean": float(response_mask.sum(-1).float().mean()),
+        "response/length_max": float(response_mask.sum(-1).max()),
+    }
+    return batch, metrics
+
+
+@torch.no_grad()
+def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict) -> dict:
+    """Old log-probs with the image and, for pgpo, token visual-dependency scores from the text-only pass.
+
+    Works micro-batch by micro-batch: at most one micro-batch's [mb, T, V] logits of each pass are alive, and only
+    at response positions.
+
+    Returns:
+        dict with old_logp [B, T], entropy [B, T] and (pgpo) scores [B, T].
+    """
+    model.eval()
+    B, T = batch["responses"].shape
+    old_logp, entropy, scores = [], [], []
+    pgpo = cfg.algo == "pgpo"
+    for start in range(0, B, cfg.micro_batch_size):
+        mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
+        with timed(times, "timing/old_logp"):
+            kw = visual_inputs(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"])
+            logits_vis = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
+            lp, ent = logp_entropy(logits_vis, mb["responses"])
+        old_logp.append(lp)
+        entropy.append(ent)
+        if not pgpo:
+            del logits_vis
+            continue
+        with timed(times, "timing/text_only"):
+            kw = text_only_inputs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+            logits_txt = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
+        with timed(times, "timing/kl_reshape"):
+            if cfg.pgpo.estimator == "full":
+                from pgpo_kernels import token_kl
+
+                s = token_kl(logits_vis, logits_txt, backend=cfg.pgpo.backend)  # [mb, T] (logits already / temp)
+            else:
+                lp_txt, _ = logp_entropy(logits_txt, mb["responses"], with_entropy=False)
+                s = core_algos.k3_token_kl(lp, lp_txt)  # [mb, T]
+            scores.append(s)
+        del logits_vis, logits_txt  # free both passes' logits before the next micro-batch
+    out = {"old_logp": torch.cat(old_logp), "entropy": torch.cat(entropy)}
+    if pgpo:
+        out["scores"] = torch.cat(scores)
+    return out
+
+
+def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
+    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and weight/KL metrics."""
+    mask = batch["response_mask"]
+    adv = batch["advantages"][:, None]  # [B, 1]
+    if cfg.algo != "pgpo":
+        return adv * mask.float(), {}
+    with timed(times, "timing/kl_reshape"):
+        w = core_algos.get_token_weight_fn("pgpo")(
+            batch["scores"], mask, tau=cfg.pgpo.tau, beta=cfg.pgpo.beta, eps=cfg.pgpo.eps,
+            renormalize=cfg.pgpo.renormalize, backend=cfg.pgpo.backend,
+        )  # [B, T]
+    batch["weights"] = w
+    return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau)
+
+
+@torch.no_grad()
+def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float) -> dict:
+    """KL statistics (mean, max, fraction of tokens whose normalized score I_t is >= tau) and weight statistics."""
+    m = mask.bool()
+    s = scores[m]
+    if s.numel() == 0:
+        return {}
+    # I_t exactly as the reshape defines it (SPEC section 2), per sequence over valid tokens
+    ls = torch.log1p(scores.clamp_min(0))
+    lo = torch.where(m, ls, torch.full_like(ls, float("inf"))).min(-1, keepdim=True).values
+    hi = torch.where(m, ls, torch.full_like(ls, -float("inf"))).max(-1, keepdim=True).values
+    I = (ls - lo) / (hi - lo + 1e-6)
+    w = weights[m]
+    return {
+        "pgpo/kl_mean": float(s.mean()),
+        "pgpo/kl_max": float(s.max()),
+        "pgpo/frac_above_tau": float((I[m] >= tau).float().mean()),
+        "pgpo/weight_mean": float(w.mean()),
+        "pgpo/weight_std": float(w.std()) if w.numel() > 1 else 0.0,
+        "pgpo/weight_max": float(w.max()),
+        "pgpo/weight_min": float(w.min()),
+    }
+
+
+def policy_update(model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict) -> dict:
+    """ppo_epochs x mini-batches of the clipped loss; micro-batches accumulate to each mini-batch's mean."""
+    model.train()
+    policy_loss = core_algos.get_policy_loss_fn("vanilla")
+    B, T = batch["responses"].shape
+    sums = {"actor/loss": 0.0, "actor/clip_frac": 0.0, "actor/ppo_kl": 0.0, "actor/grad_norm": 0.0}
+    n_mb = 0
+    with timed(times, "timing/update"):
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B)
+            for mstart in range(0, B, cfg.mini_batch_size):
+                mini = perm[mstart : mstart + cfg.mini_batch_size]
+                n_tok = float(batch["response_mask"][mini].sum())
+                n_seq = float(len(mini))
+                for ustart in range(0, len(mini), cfg.micro_batch_size):
+                    idx = mini[ustart : ustart + cfg.micro_batch_size]
+                    mb = select_rows(batch, idx)
+                    kw = visual_inputs(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"])
+                    logits = response_logits(model, kw, T, cfg.temperature)
+                    logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
+                    loss, m = policy_loss(
+                        batch["old_logp"][idx], logp, tok_adv[idx], mb["response_mask"],
+                        clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
+                        loss_agg_mode=cfg.loss_agg_mode, global_tokens=max(n_tok, 1.0), global_seqs=n_seq,
+                    )
+                    loss.backward()
+                    frac = len(idx) / len(mini)
+                    sums["actor/loss"] += loss.item()  # host sync: fine at this scale, one per micro-batch
+                    sums["actor/clip_frac"] += float(m["actor/clip_frac"]) * frac
+                    sums["actor/ppo_kl"] += float(m["actor/ppo_kl"]) * frac
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                sums["actor/grad_norm"] += float(gn)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_mb += 1
+    return {k: v / max(n_mb, 1) for k, v in sums.items()}
+
+
+def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device) -> dict:
+    """One supervised step on the reference responses (the warm-up): mean token NLL with the image."""
+    model.train()
+    tok = processor.tokenizer
+    prompt = encode_prompts(processor, records, cfg.prompt_template, 1, device)
+    sols = [r["solution"] + tok.eos_token for r in records]
+    enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
+    responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
+    T = responses.shape[1]
+    kw = visual_inputs(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    logits = response_logits(model, kw, T, 1.0)
+    logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
+    loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"sft/loss": loss.item(), "sft/grad_norm": float(gn)}
+
+
+@torch.no_grad()
+def evaluate(model, processor, records: list[dict], cfg: TrainConfig, device, batch_size: int = 64) -> dict:
+    """Greedy accuracy / reward on fixed eval records."""
+    model.eval()
+    accs, scores, fmts = [], [], []
+    stop = eos_ids(model, processor)
+    for i in range(0, len(records), batch_size):
+        recs = records[i : i + batch_size]
+        prompt = encode_prompts(processor, recs, cfg.prompt_template, 1, device)
+        out = model.generate(
+            **prompt, do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop,
+            pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=visual_special_ids(model),
+        )
+        texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        for t, r in zip(texts, recs):
+            s = compute_score(t, r["answer"], cfg.acc_weight, cfg.format_weight)
+            accs.append(s["acc"])
+            scores.append(s["score"])
+            fmts.append(s["format"])
+    return {"eval/acc": float(np.mean(accs)), "eval/reward": float(np.mean(scores)), "eval/format": float(np.mean(fmts))}
+
+
+# %% logging
+
+
+class Logger:
+    """metrics.jsonl (one line per step) and tensorboard when installed."""
+
+    def __init__(self, out_dir: str, tensorboard: bool, truncate_after: int | None):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if truncate_after is not None and os.path.exists(self.path):
+            # resume: drop lines written after the checkpoint, so the log matches an uninterrupted run
+            with open(self.path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= truncate_after]
+            with open(self.path, "w") as f:
+                f.writelines(lines)
+        elif truncate_after is None and os.path.exists(self.path):
+            os.remove(self.path)
+        self.tb = None
+        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        metrics = {k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v) for k, v in metrics.items()}
+        rec = {"step": step, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+# %% the loop
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs SFT warm-up (if any) then RL; returns a summary dict. Resumable from cfg.out_dir."""
+    cfg = cfg.resolved()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
+    seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    # data: the generated tiny task unless a dataset is given
+    data_path = cfg.dataset or tiny_dataset_path(seed=0)
+    if cfg.prompt_template == "":
+        cfg.prompt_template = PAPER_PROMPT_TEMPLATE
+    columns = {"image": cfg.image_column, "problem": cfg.problem_column, "answer": cfg.answer_column}
+    if cfg.sft_steps > 0:
+        columns["solution"] = cfg.solution_column
+    train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
+
+    model, processor = load_policy(cfg, device)
+    eval_records = []
+    if cfg.eval_every > 0:
+        try:
+            eval_ds = load_split(data_path, cfg.eval_split, {k: v for k, v in columns.items() if k != "solution"}, cfg.eval_size)
+            eval_records = RecordStream(eval_ds, columns | {"solution": None}, Sampler(len(eval_ds), 0)).next_batch(len(eval_ds))
+        except ValueError as e:
+            print(f"pgpo-train: no eval ({e})")
+
+    # state; resume restores all of it
+    step, data_pos, phase = 0, 0, "sft" if cfg.sft_steps > 0 else "rl"
+    optimizer = make_optimizer(model, cfg.sft_lr if phase == "sft" else cfg.lr, cfg.weight_decay)
+    skipped = 0
+    resumed_from = None
+    if cfg.resume:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            phase = json.load(f)["phase"]
+        if phase == "rl":  # the optimizer saved is the RL one (fresh at the SFT -> RL switch)
+            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        st = load_checkpoint(path, model, optimizer)
+        step, data_pos, skipped = st["step"], st["data_pos"], st["skipped_images"]
+        resumed_from = path
+    sampler = Sampler(len(train_ds), cfg.seed, data_pos)
+    stream = RecordStream(train_ds, columns, sampler)
+    stream.skipped_images = skipped
+    logger = Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None)
+
+    def state(phase_now):
+        return {"step": step, "phase": phase_now, "data_pos": sampler.position, "skipped_images": stream.skipped_images, "config": dataclasses.asdict(cfg)}
+
+    total = cfg.sft_steps + cfg.steps
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.algo}", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    last_eval = {}
+    while step < total:
+        # --- SFT warm-up
+        if step < cfg.sft_steps:
+            m = sft_step(model, optimizer, processor, stream.next_batch(cfg.sft_batch_size), cfg, device)
+            step += 1
+            if step == cfg.sft_steps:
+                phase = "rl"
+                if eval_records:
+                    last_eval = evaluate(model, processor, eval_records, cfg, device)
+                    m.update(last_eval)
+                optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
+                save_checkpoint(ckpt_dir, step, model, optimizer, state("rl"), cfg.keep_checkpoints)
+            logger.log(step, {"phase": "sft", **m})
+            if bar:
+                bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
+                bar.update(1)
+            continue
+
+        # --- RL step
+        times: dict = {}
+        t0 = time.perf_counter()
+        records = stream.next_batch(cfg.prompts_per_step)
+        batch, metrics = rollout(model, processor, records, cfg, device, times)
+        adv, adv_m = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], cfg.group_size)
+        batch["advantages"] = adv
+        metrics.update(adv_m)
+        keep = torch.ones_like(batch["rewards"], dtype=torch.bool)
+        if cfg.dynamic_sampling == "on":
+            keep = core_algos.dynamic_sampling_keep(batch["rewards"], cfg.group_size)
+        metrics["data/kept_frac"] = float(keep.float().mean())
+        if keep.any():
+            texts = batch.pop("texts")
+            batch = select_rows(batch, keep.nonzero().squeeze(-1)) if not keep.all() else batch
+            batch.update(old_logp_and_scores(model, batch, cfg, times))
+            tok_adv, w_m = token_advantages(batch, cfg, times)
+            metrics.update(w_m)
+            metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
+            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times))
+            del texts
+        # else: every group had equal rewards -> no gradient signal this step (our choice: no resampling)
+        step += 1
+        metrics.update(times)
+        metrics["timing/step"] = time.perf_counter() - t0
+        metrics["data/skipped_images"] = stream.skipped_images
+        metrics["data/epoch"] = sampler.position / sampler.n
+        rl_step = step - cfg.sft_steps
+        if eval_records and cfg.eval_every > 0 and (rl_step % cfg.eval_every == 0 or step == total):
+            last_eval = evaluate(model, processor, eval_records, cfg, device)
+            metrics.update(last_eval)
+        logger.log(step, {"phase": "rl", **metrics})
+        if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or step == total:
+            save_checkpoint(ckpt_dir, step, model, optimizer, state("rl"), cfg.keep_checkpoints)
+        if bar:
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/acc']:.2f}")
+            bar.update(1)
+    if bar:
+        bar.close()
+    logger.close()
+    summary = {
+        "out_dir": cfg.out_dir,
+        "steps": step,
+        "wall_s": time.perf_counter() - t_start,
+        "skipped_images": stream.skipped_images,
+        "resumed_from": resumed_from,
+        **last_eval,
+    }
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return {**summary, "model": model, "processor": processor}

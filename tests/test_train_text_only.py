@@ -1,0 +1,117 @@
+"""The text-only pass (SPEC section 1): attends to no visual token, keeps the original 3-D positions."""
+
+import pytest
+import torch
+
+from pgpo_train.text_only import mrope_position_ids
+from pgpo_train.text_only import text_only_inputs
+from pgpo_train.text_only import visual_inputs
+from pgpo_train.text_only import visual_token_mask
+from pgpo_train.tiny import TINY_PROMPT_TEMPLATE
+from pgpo_train.tiny import build_tiny
+from pgpo_train.tiny import make_count_records
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    model, processor = build_tiny(seed=0)
+    model.eval()
+    recs = make_count_records(3, seed=5)
+    texts = []
+    for i, r in enumerate(recs):
+        msgs = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": TINY_PROMPT_TEMPLATE.format(question=r["problem"])},
+                ],
+            }
+        ]
+        # different response lengths so left padding differs per row
+        texts.append(
+            processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            + r["solution"][: 10 + 7 * i]
+        )
+    batch = processor(text=texts, images=[r["image"] for r in recs], return_tensors="pt", padding=True)
+    return model, batch
+
+
+def test_positions_are_3d_and_match_processor_route(tiny_batch):
+    model, b = tiny_batch
+    pos = mrope_position_ids(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    assert pos.shape == (3, *b["input_ids"].shape)
+    vis = visual_token_mask(b["input_ids"], model.config)
+    # image tokens of a 2x2 grid share the temporal position and vary in height/width: truly 3-D
+    assert not torch.equal(pos[1][vis], pos[2][vis])
+    # the model's own route (mm_token_type_ids from the processor) gives the same positions
+    ref, _ = model.model.get_rope_index(
+        b["input_ids"],
+        mm_token_type_ids=b["mm_token_type_ids"],
+        image_grid_thw=b["image_grid_thw"],
+        attention_mask=b["attention_mask"],
+    )
+    assert torch.equal(pos, ref)
+    # and the visual pass with explicit positions equals the model's default forward
+    with torch.no_grad():
+        a = model(
+            **visual_inputs(b["input_ids"], b["attention_mask"], pos, b["pixel_values"], b["image_grid_thw"])
+        ).logits
+        model.model.rope_deltas = None
+        c = model(**b).logits
+    m = b["attention_mask"].bool()
+    assert (a - c)[m].abs().max() < 1e-5
+
+
+def test_text_only_equals_deleting_visual_tokens_keeping_positions(tiny_batch):
+    model, b = tiny_batch
+    pos = mrope_position_ids(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    kw = text_only_inputs(model, b["input_ids"], b["attention_mask"], pos)
+    assert "pixel_values" not in kw
+    vis = visual_token_mask(b["input_ids"], model.config)
+    assert not kw["attention_mask"].bool()[vis].any()
+    with torch.no_grad():
+        txt = model(**kw).logits  # [B, L, V]
+        assert torch.isfinite(txt[b["attention_mask"].bool()]).all()
+        for i in range(b["input_ids"].shape[0]):
+            keep = b["attention_mask"][i].bool() & ~vis[i]
+            ids = b["input_ids"][i][keep][None]
+            ref = model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos[:, i : i + 1, keep]
+            ).logits[0]
+            diff = (txt[i][keep] - ref).abs().max().item()
+            assert diff < 1e-5, diff
+        # the reference with positions recomputed (shifted) differs clearly: the test can tell the two apart
+        ids = b["input_ids"][0][b["attention_mask"][0].bool() & ~vis[0]][None]
+        shifted = model(input_ids=ids).logits[0]
+        assert (txt[0][b["attention_mask"][0].bool() & ~vis[0]] - shifted).abs().max() > 1e-4
+
+
+def test_text_only_ignores_visual_content(tiny_batch):
+    """Zeroed (or random) embeddings on the visual tokens change nothing: they are not attended."""
+    model, b = tiny_batch
+    pos = mrope_position_ids(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    kw = text_only_inputs(model, b["input_ids"], b["attention_mask"], pos)
+    vis = visual_token_mask(b["input_ids"], model.config)
+    with torch.no_grad():
+        txt = model(**kw).logits
+        emb = model.get_input_embeddings()(b["input_ids"])
+        for fill in (torch.zeros_like(emb), torch.randn_like(emb) * 3):
+            e = torch.where(vis[..., None], fill, emb)
+            alt = model(inputs_embeds=e, attention_mask=kw["attention_mask"], position_ids=pos).logits
+            keep = kw["attention_mask"].bool()
+            assert (txt - alt)[keep].abs().max() < 1e-6
+        # while the visual pass does depend on the image
+        vis_logits = model(
+            **visual_inputs(b["input_ids"], b["attention_mask"], pos, b["pixel_values"], b["image_grid_thw"])
+        ).logits
+    after = b["attention_mask"].bool() & ~vis & (vis.long().cumsum(-1) > 0)
+    assert (txt - vis_logits)[after].abs().max() > 1e-4
+
+
+def test_bad_inputs_are_refused(tiny_batch):
+    model, b = tiny_batch
+    with pytest.raises(ValueError, match=r"position_ids must be \[3, B, L\]"):
+        text_only_inputs(model, b["input_ids"], b["attention_mask"], b["input_ids"])
+    with pytest.raises(ValueError, match="get_rope_index"):
+        mrope_position_ids(torch.nn.Linear(2, 2), b["input_ids"], b["attention_mask"], b["image_grid_thw"])
