@@ -41,7 +41,7 @@ def test_kl_on_cuda(tmp_path):
         eager = recs[(n, "torch-eager")]
         assert eager["status"] == "ok" and eager["peak_extra_bytes"] > r["peak_extra_bytes"]
         liger = recs[(n, "liger")]
-        assert liger["status"] == "ok" or liger["reason"].startswith("liger-kernel not installed")
+        assert liger["status"] == "ok" or liger["reason"].startswith("liger-kernel")  # not installed / no import
     assert {t["target"] for t in rep["targets"]} >= {"kl_copy_fraction", "kl_extra_memory_bytes"}
 
 
