@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="logits / hidden dtype (default bf16)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="subset of backends, in table order (default: all that apply to the op)")
+                   help="subset of backends, shown in the order given (default: all that apply to the op)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON here")
     p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of GB/s vs tokens per backend here")
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per measurement")
