@@ -1,10 +1,10 @@
 """`pgpo-train` command line: train (default), `plot RUN_DIR...`, `inspect`.
 
-    pgpo-train                                  # embedded default: tiny Qwen2.5-VL, synthetic count task, PGPO
-    pgpo-train --algo dapo --steps 200          # the baseline
-    pgpo-train --model Qwen/Qwen2.5-VL-3B-Instruct --dataset PATH --pgpo.estimator k3
-    pgpo-train plot runs/pgpo-tiny [runs/dapo-tiny ...]
-    pgpo-train inspect --run runs/pgpo-tiny --out inspect.html
+pgpo-train                                  # embedded default: tiny Qwen2.5-VL, synthetic count task, PGPO
+pgpo-train --algo dapo --steps 200          # the baseline
+pgpo-train --model Qwen/Qwen2.5-VL-3B-Instruct --dataset PATH --pgpo.estimator k3
+pgpo-train plot runs/pgpo-tiny [runs/dapo-tiny ...]
+pgpo-train inspect --run runs/pgpo-tiny --out inspect.html
 """
 
 from __future__ import annotations

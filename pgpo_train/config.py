@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -33,18 +34,18 @@ class PGPOConfig:
 @dataclass
 class TrainConfig:
     # --- I/O
-    out_dir: str = "runs/pgpo-tiny"  # run directory: metrics.jsonl, checkpoints/, config.json
+    out_dir: str = ""  # run directory (metrics.jsonl, checkpoints/, config.json); empty = runs/{algo}-{time}
     resume: bool = False  # continue from out_dir's latest checkpoint (exactly: model, optimizer, RNG, data position)
+    overwrite: bool = False  # start over in an out_dir that already holds checkpoints
     save_every: int = 25  # RL steps between atomic checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    log_every: int = 1
     tensorboard: bool = True  # also write tensorboard events when tensorboard is installed
     progress: bool = True  # tqdm progress bar
     # --- model
     model: str = ""  # hub name or local path of a Qwen2.5-VL; empty = the embedded tiny model (random init)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # trade compute for activation memory (real models)
     freeze_vision: bool = False  # paper trains the vision tower too
     # --- data
     dataset: str = ""  # hub name or local path for datasets.load_dataset; empty = the generated tiny count task
@@ -79,7 +80,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0  # paper: 0.99
     # --- SFT warm-up (gives the random tiny model a start)
-    sft_steps: int = 150
+    sft_steps: int = 300
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # --- eval
@@ -88,7 +89,9 @@ class TrainConfig:
     # --- system
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    threads: int = (
+        0  # torch CPU threads; 0 = auto: 1 for the tiny model on CPU (tiny matmuls thrash with more), else torch's
+    )
 
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated."""
@@ -107,11 +110,24 @@ class TrainConfig:
             raise ValueError(f"--dynamic-sampling must be auto, on or off, got {c.dynamic_sampling!r}")
         if c.dynamic_sampling == "auto":
             c.dynamic_sampling = "off" if c.algo == "grpo" else "on"
-        for name in ("prompts_per_step", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens"):
+        for name in (
+            "prompts_per_step",
+            "group_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+        ):
             if getattr(c, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
         if c.steps < 0 or c.sft_steps < 0:
             raise ValueError("--steps and --sft-steps must be >= 0")
+        if not c.out_dir:
+            if c.resume:
+                raise ValueError("--resume needs --out-dir (the run directory to continue)")
+            import time
+
+            c.out_dir = os.path.join("runs", f"{c.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not c.prompt_template:
             c.prompt_template = "" if (c.dataset or c.model) else "tiny"
         return c
@@ -120,7 +136,29 @@ class TrainConfig:
 # %% argparse from the dataclasses
 
 
+CHOICES = {
+    "algo": ["grpo", "dapo", "pgpo"],
+    "estimator": ["full", "k3"],
+    "dynamic_sampling": ["auto", "on", "off"],
+    "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
+}
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing `# ...` comment of each field in cls's source: the flag's --help text (one place to document)."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    helps = _field_comments(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
@@ -128,10 +166,19 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
         dest = (prefix + f.name).replace(".", "__")
+        help_text = helps.get(f.name, "").replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, dest=dest, type=type(default), default=default, metavar=type(default).__name__.upper())
+            parser.add_argument(
+                flag,
+                dest=dest,
+                type=type(default),
+                default=default,
+                choices=CHOICES.get(f.name),
+                help=help_text,
+                metavar=None if f.name in CHOICES else type(default).__name__.upper(),
+            )
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +192,8 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 
 def config_from_dict(d: dict) -> TrainConfig:
-    d = dict(d)
-    pgpo = PGPOConfig(**d.pop("pgpo", {}))
-    return TrainConfig(pgpo=pgpo, **d)
+    """TrainConfig from a run's config.json; keys this version does not know are ignored (older runs)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"pgpo"}
+    known_pgpo = {f.name for f in dataclasses.fields(PGPOConfig)}
+    pgpo = PGPOConfig(**{k: v for k, v in d.get("pgpo", {}).items() if k in known_pgpo})
+    return TrainConfig(pgpo=pgpo, **{k: v for k, v in d.items() if k in known})

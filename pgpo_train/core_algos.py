@@ -124,8 +124,14 @@ def uniform_token_weights(scores: torch.Tensor | None, response_mask: torch.Tens
 @register_token_weight("pgpo")
 @torch.no_grad()
 def pgpo_token_weights_from_scores(
-    scores: torch.Tensor, response_mask: torch.Tensor, *, tau: float = 0.4, beta: float = 2.0, eps: float = 1e-6,
-    renormalize: bool = True, backend: str = "auto",
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+    renormalize: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """PGPO advantage weights (arXiv 2604.01840, SPEC section 2) from token visual-dependency scores.
 
@@ -138,7 +144,9 @@ def pgpo_token_weights_from_scores(
     """
     from pgpo_kernels import reshape_weights
 
-    return reshape_weights(scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
+    return reshape_weights(
+        scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
+    )
 
 
 @torch.no_grad()
@@ -162,7 +170,10 @@ def k3_token_kl(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
 
 
 def agg_loss(
-    loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, global_tokens: float | None = None,
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str,
+    global_tokens: float | None = None,
     global_seqs: float | None = None,
 ) -> torch.Tensor:
     """Reduces a [B, T] loss matrix to a scalar.
@@ -185,16 +196,24 @@ def agg_loss(
     elif loss_agg_mode == "seq-mean-token-sum":
         seq_vals = seq_sums
     else:
-        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid: token-mean, seq-mean-token-mean, seq-mean-token-sum")
+        raise ValueError(
+            f"unknown loss_agg_mode {loss_agg_mode!r}; valid: token-mean, seq-mean-token-mean, seq-mean-token-sum"
+        )
     denom = global_seqs if global_seqs is not None else float(loss_mat.shape[0])
     return seq_vals.sum() / denom
 
 
 @register_policy_loss("vanilla")
 def compute_policy_loss_vanilla(
-    old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
-    clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, loss_agg_mode: str = "token-mean",
-    global_tokens: float | None = None, global_seqs: float | None = None,
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    loss_agg_mode: str = "token-mean",
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (PPO, Schulman et al. 2017) with DAPO's decoupled clip range (clip-higher).
 

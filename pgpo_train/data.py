@@ -14,7 +14,7 @@ from PIL import Image
 from pgpo_train.tiny import TINY_PROMPT_TEMPLATE
 from pgpo_train.tiny import save_count_dataset
 
-TINY_DATASET_VERSION = "count-v1"
+TINY_DATASET_VERSION = "count-v2"
 
 
 def tiny_dataset_path(cache_dir: str | None = None, seed: int = 0) -> str:
@@ -126,7 +126,11 @@ class RecordStream:
             if img is None:
                 self.skipped_images += 1
                 continue
-            rec = {"image": img, "problem": str(row[self.columns["problem"]]), "answer": str(row[self.columns["answer"]])}
+            rec = {
+                "image": img,
+                "problem": str(row[self.columns["problem"]]),
+                "answer": str(row[self.columns["answer"]]),
+            }
             sol_col = self.columns.get("solution")
             if sol_col:
                 rec["solution"] = str(row[sol_col])

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import contextmanager
 
@@ -62,7 +63,9 @@ def load_policy(cfg: TrainConfig, device: torch.device):
         attn = cfg.attn_implementation
         if attn == "auto":
             attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=getattr(torch, dtype), attn_implementation=attn)
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model, dtype=getattr(torch, dtype), attn_implementation=attn
+        )
         processor = load_processor(cfg.model)
     check_vlm(model, processor)
     if cfg.gradient_checkpointing:
@@ -120,7 +123,9 @@ def encode_prompts(processor, records: list[dict], template: str, repeat: int, d
     """Processor outputs for the prompts, each repeated `repeat` times (adjacent), left-padded, on device."""
     texts, images = [], []
     for r in records:
-        text = processor.apply_chat_template(build_prompt(r["problem"], template), add_generation_prompt=True, tokenize=False)
+        text = processor.apply_chat_template(
+            build_prompt(r["problem"], template), add_generation_prompt=True, tokenize=False
+        )
         texts += [text] * repeat
         images += [r["image"]] * repeat
     enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
@@ -208,11 +213,17 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) ->
         model.eval()
         stop = eos_ids(model, processor)
         out = model.generate(
-            **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-            max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=processor.tokenizer.pad_token_id,
+            **prompt,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=0,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=processor.tokenizer.pad_token_id,
             suppress_tokens=visual_special_ids(model),
         )
-        responses = out[:, prompt["input_ids"].shape[1]:]  # [B, T]
+        responses = out[:, prompt["input_ids"].shape[1] :]  # [B, T]
         response_mask = response_mask_from(responses, stop)
         batch = build_sequences(model, prompt, responses, response_mask, processor.tokenizer.pad_token_id)
         texts = processor.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
@@ -244,34 +255,60 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict) -> di
     B, T = batch["responses"].shape
     old_logp, entropy, scores = [], [], []
     pgpo = cfg.algo == "pgpo"
+    fused_stats = _token_stats_op() if pgpo else None
     for start in range(0, B, cfg.micro_batch_size):
         mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
-            kw = visual_inputs(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"])
+            kw = visual_inputs(
+                mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"]
+            )
             logits_vis = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
-            lp, ent = logp_entropy(logits_vis, mb["responses"])
-        old_logp.append(lp)
-        entropy.append(ent)
+            if fused_stats is None:
+                lp, ent = logp_entropy(logits_vis, mb["responses"])
         if not pgpo:
+            old_logp.append(lp)
+            entropy.append(ent)
             del logits_vis
             continue
         with timed(times, "timing/text_only"):
             kw = text_only_inputs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
             logits_txt = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
         with timed(times, "timing/kl_reshape"):
-            if cfg.pgpo.estimator == "full":
+            if fused_stats is not None:
+                # one read of each logit tensor gives log-prob, entropy and S_t (logits are already / temperature)
+                st = fused_stats(
+                    logits_vis, logits_txt, mb["responses"], estimator=cfg.pgpo.estimator, backend=cfg.pgpo.backend
+                )
+                lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
+            elif cfg.pgpo.estimator == "full":
                 from pgpo_kernels import token_kl
 
-                s = token_kl(logits_vis, logits_txt, backend=cfg.pgpo.backend)  # [mb, T] (logits already / temp)
+                s = token_kl(logits_vis, logits_txt, backend=cfg.pgpo.backend)  # [mb, T]
             else:
                 lp_txt, _ = logp_entropy(logits_txt, mb["responses"], with_entropy=False)
                 s = core_algos.k3_token_kl(lp, lp_txt)  # [mb, T]
-            scores.append(s)
+        old_logp.append(lp)
+        entropy.append(ent)
+        scores.append(s)
         del logits_vis, logits_txt  # free both passes' logits before the next micro-batch
     out = {"old_logp": torch.cat(old_logp), "entropy": torch.cat(entropy)}
     if pgpo:
         out["scores"] = torch.cat(scores)
     return out
+
+
+def _token_stats_op():
+    """pgpo_kernels.token_stats (log-prob, entropy, KL in one pass) when this pgpo_kernels has it, else None.
+
+    PGPO_NO_TOKEN_STATS=1 forces the unfused path (torch log-softmax + token_kl), e.g. to compare the two.
+    """
+    if os.environ.get("PGPO_NO_TOKEN_STATS") == "1":
+        return None
+    try:
+        from pgpo_kernels import token_stats
+    except ImportError:
+        return None
+    return token_stats
 
 
 def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
@@ -282,8 +319,13 @@ def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.
         return adv * mask.float(), {}
     with timed(times, "timing/kl_reshape"):
         w = core_algos.get_token_weight_fn("pgpo")(
-            batch["scores"], mask, tau=cfg.pgpo.tau, beta=cfg.pgpo.beta, eps=cfg.pgpo.eps,
-            renormalize=cfg.pgpo.renormalize, backend=cfg.pgpo.backend,
+            batch["scores"],
+            mask,
+            tau=cfg.pgpo.tau,
+            beta=cfg.pgpo.beta,
+            eps=cfg.pgpo.eps,
+            renormalize=cfg.pgpo.renormalize,
+            backend=cfg.pgpo.backend,
         )  # [B, T]
     batch["weights"] = w
     return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau)
@@ -330,13 +372,25 @@ def policy_update(model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: Tra
                 for ustart in range(0, len(mini), cfg.micro_batch_size):
                     idx = mini[ustart : ustart + cfg.micro_batch_size]
                     mb = select_rows(batch, idx)
-                    kw = visual_inputs(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"])
+                    kw = visual_inputs(
+                        mb["input_ids"],
+                        mb["attention_mask"],
+                        mb["position_ids"],
+                        mb["pixel_values"],
+                        mb["image_grid_thw"],
+                    )
                     logits = response_logits(model, kw, T, cfg.temperature)
                     logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
                     loss, m = policy_loss(
-                        batch["old_logp"][idx], logp, tok_adv[idx], mb["response_mask"],
-                        clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
-                        loss_agg_mode=cfg.loss_agg_mode, global_tokens=max(n_tok, 1.0), global_seqs=n_seq,
+                        batch["old_logp"][idx],
+                        logp,
+                        tok_adv[idx],
+                        mb["response_mask"],
+                        clip_ratio_low=cfg.clip_ratio_low,
+                        clip_ratio_high=cfg.clip_ratio_high,
+                        loss_agg_mode=cfg.loss_agg_mode,
+                        global_tokens=max(n_tok, 1.0),
+                        global_seqs=n_seq,
                     )
                     loss.backward()
                     frac = len(idx) / len(mini)
@@ -361,7 +415,13 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device) -> 
     responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
     T = responses.shape[1]
-    kw = visual_inputs(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["pixel_values"], batch["image_grid_thw"])
+    kw = visual_inputs(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["position_ids"],
+        batch["pixel_values"],
+        batch["image_grid_thw"],
+    )
     logits = response_logits(model, kw, T, 1.0)
     logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
@@ -382,16 +442,24 @@ def evaluate(model, processor, records: list[dict], cfg: TrainConfig, device, ba
         recs = records[i : i + batch_size]
         prompt = encode_prompts(processor, recs, cfg.prompt_template, 1, device)
         out = model.generate(
-            **prompt, do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop,
-            pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=visual_special_ids(model),
+            **prompt,
+            do_sample=False,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            suppress_tokens=visual_special_ids(model),
         )
-        texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         for t, r in zip(texts, recs):
             s = compute_score(t, r["answer"], cfg.acc_weight, cfg.format_weight)
             accs.append(s["acc"])
             scores.append(s["score"])
             fmts.append(s["format"])
-    return {"eval/acc": float(np.mean(accs)), "eval/reward": float(np.mean(scores)), "eval/format": float(np.mean(fmts))}
+    return {
+        "eval/acc": float(np.mean(accs)),
+        "eval/reward": float(np.mean(scores)),
+        "eval/format": float(np.mean(fmts)),
+    }
 
 
 # %% logging
@@ -417,7 +485,9 @@ class Logger:
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
 
     def log(self, step: int, metrics: dict) -> None:
-        metrics = {k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v) for k, v in metrics.items()}
+        metrics = {
+            k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v) for k, v in metrics.items()
+        }
         rec = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -447,12 +517,18 @@ def make_optimizer(model, lr: float, weight_decay: float):
 def train(cfg: TrainConfig) -> dict:
     """Runs SFT warm-up (if any) then RL; returns a summary dict. Resumable from cfg.out_dir."""
     cfg = cfg.resolved()
+    device = resolve_device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg)
     seed_everything(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    if not cfg.resume and latest_checkpoint(ckpt_dir) is not None:
+        if not cfg.overwrite:
+            raise ValueError(
+                f"{cfg.out_dir} already holds checkpoints: pass --resume to continue or --overwrite to start over"
+            )
+        shutil.rmtree(ckpt_dir)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
 
@@ -466,11 +542,19 @@ def train(cfg: TrainConfig) -> dict:
     train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
 
     model, processor = load_policy(cfg, device)
+    if not cfg.threads and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 50_000_000:
+        torch.set_num_threads(
+            1
+        )  # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy box)
     eval_records = []
     if cfg.eval_every > 0:
         try:
-            eval_ds = load_split(data_path, cfg.eval_split, {k: v for k, v in columns.items() if k != "solution"}, cfg.eval_size)
-            eval_records = RecordStream(eval_ds, columns | {"solution": None}, Sampler(len(eval_ds), 0)).next_batch(len(eval_ds))
+            eval_ds = load_split(
+                data_path, cfg.eval_split, {k: v for k, v in columns.items() if k != "solution"}, cfg.eval_size
+            )
+            eval_records = RecordStream(eval_ds, columns | {"solution": None}, Sampler(len(eval_ds), 0)).next_batch(
+                len(eval_ds)
+            )
         except ValueError as e:
             print(f"pgpo-train: no eval ({e})")
 
@@ -496,7 +580,13 @@ def train(cfg: TrainConfig) -> dict:
     logger = Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None)
 
     def state(phase_now):
-        return {"step": step, "phase": phase_now, "data_pos": sampler.position, "skipped_images": stream.skipped_images, "config": dataclasses.asdict(cfg)}
+        return {
+            "step": step,
+            "phase": phase_now,
+            "data_pos": sampler.position,
+            "skipped_images": stream.skipped_images,
+            "config": dataclasses.asdict(cfg),
+        }
 
     total = cfg.sft_steps + cfg.steps
     bar = None

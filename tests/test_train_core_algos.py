@@ -1,0 +1,74 @@
+"""RL math: group advantages, dynamic sampling, k3, agg_loss, and PGPO with tau = 0, beta = 0 == DAPO."""
+
+import pytest
+import torch
+
+from pgpo_kernels.reference import k3_kl_ref
+from pgpo_train import core_algos
+
+
+def test_grpo_advantages_group_normalized():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv, _ = core_algos.get_adv_estimator_fn("grpo")(r, group_size=4)
+    g = adv.view(2, 4)
+    assert torch.allclose(g[0].mean(), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(g[0], (r[:4] - 0.5) / (r[:4].std() + 1e-6))
+    assert torch.equal(g[1], torch.zeros(4))  # all-equal group: 0, not NaN
+    keep = core_algos.dynamic_sampling_keep(r, 4)
+    assert keep.tolist() == [True] * 4 + [False] * 4
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        core_algos.get_adv_estimator_fn("nope")
+
+
+def test_k3_matches_float64_reference():
+    lv = -torch.rand(3, 7) * 5
+    lt = -torch.rand(3, 7) * 5
+    assert torch.allclose(core_algos.k3_token_kl(lv, lt), k3_kl_ref(lv, lt).float(), atol=1e-5, rtol=1e-5)
+    assert (core_algos.k3_token_kl(lv, lv) == 0).all()
+
+
+def test_agg_loss_modes():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert core_algos.agg_loss(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert core_algos.agg_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    # micro-batches with global counts add up to the whole mini-batch's mean
+    parts = sum(
+        core_algos.agg_loss(loss[i : i + 1], mask[i : i + 1], "token-mean", global_tokens=4.0) for i in range(2)
+    )
+    assert parts.item() == pytest.approx(10 / 4)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        core_algos.agg_loss(loss, mask, "nope")
+
+
+def _loss(adv_tok, old, new, mask):
+    return core_algos.get_policy_loss_fn("vanilla")(old, new, adv_tok, mask, clip_ratio_low=0.2, clip_ratio_high=0.28)[
+        0
+    ]
+
+
+def test_pgpo_tau0_beta0_is_dapo():
+    torch.manual_seed(1)
+    B, T = 6, 9
+    mask = (torch.arange(T)[None] < torch.tensor([9, 3, 1, 7, 5, 9])[:, None]).long()
+    scores = torch.rand(B, T) * 3
+    w = core_algos.get_token_weight_fn("pgpo")(scores, mask, tau=0.0, beta=0.0, backend="torch")
+    assert torch.allclose(w, mask.float(), atol=1e-6)
+    adv = torch.randn(B)
+    old = -torch.rand(B, T)
+    new = (old + 0.3 * torch.randn(B, T)).requires_grad_()
+    l_pgpo = _loss(adv[:, None] * w, old, new, mask)
+    l_dapo = _loss(adv[:, None] * mask.float(), old, new, mask)
+    assert torch.allclose(l_pgpo, l_dapo, atol=1e-6)
+    # and with the default tau/beta the loss differs (the test can fail)
+    w2 = core_algos.get_token_weight_fn("pgpo")(scores, mask, backend="torch")
+    assert not torch.allclose(_loss(adv[:, None] * w2, old, new, mask), l_dapo, atol=1e-4)
+
+
+def test_clip_higher():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.25, 1.35]]))  # ratios 1.25 (inside 1.28) and 1.35 (clipped)
+    adv = torch.ones(1, 2)
+    loss, m = core_algos.get_policy_loss_fn("vanilla")(old, new, adv, torch.ones(1, 2), clip_ratio_high=0.28)
+    assert loss.item() == pytest.approx(-(1.25 + 1.28) / 2, rel=1e-5)
+    assert m["actor/clip_frac"].item() == pytest.approx(0.5)

@@ -1,0 +1,35 @@
+"""The verifiable reward: 0.9 x accuracy (math-verify) + 0.1 x format."""
+
+import pytest
+
+from pgpo_train.rewards import compute_score
+from pgpo_train.rewards import format_reward
+from pgpo_train.rewards import last_boxed
+
+
+@pytest.mark.parametrize(
+    "response, answer, acc, fmt",
+    [
+        ("<think>red none red blue</think>\\boxed{2}", "2", 1.0, 1.0),  # well-formed, right
+        ("<think>two halves</think> so \\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0),  # equivalent forms (math-verify)
+        ("<think>x</think>\\boxed{3}", "2", 0.0, 1.0),  # well-formed, wrong
+        ("\\boxed{2}", "2", 1.0, 0.0),  # right but no <think>
+        ("<think>2</think> the answer is 2", "2", 0.0, 0.0),  # no box: no answer
+        ("<think>a</think>\\boxed{}", "2", 0.0, 1.0),  # empty box
+        ("<think><think>x</think>\\boxed{2}", "2", 1.0, 0.0),  # malformed: two <think>
+        ("</think><think>\\boxed{2}", "2", 1.0, 0.0),  # malformed order
+        ("<think>a</think>\\boxed{1} then \\boxed{2}", "2", 1.0, 1.0),  # last box counts
+        ("<think>a</think>\\boxed{{2}", "2", 0.0, 1.0),  # unbalanced braces: no parsable answer
+        ("", "2", 0.0, 0.0),
+    ],
+)
+def test_reward_cases(response, answer, acc, fmt):
+    s = compute_score(response, answer)
+    assert s["acc"] == acc and s["format"] == fmt
+    assert s["score"] == pytest.approx(0.9 * acc + 0.1 * fmt)
+
+
+def test_last_boxed_nested():
+    assert last_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("no box") is None
+    assert format_reward("  <think>\nmulti\nline</think>\n\\boxed{x}\n") == 1.0
