@@ -128,3 +128,32 @@ def pgpo_token_weights_ref(
     """Token KL of [B, T, V] logits then the padded reshape: -> (weights [B, T], kl [B, T]), float64."""
     kl = token_kl_ref(logits_vis, logits_txt, temperature)
     return reshape_weights_ref(kl, mask, tau=tau, beta=beta, eps=eps), kl
+
+
+def linear_logits_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The lm_head in float64: [..., H] x [V, H] (+ [V]) -> [..., V] logits, never rounded to the input dtype."""
+    out = hidden.double() @ weight.double().T
+    return out if bias is None else out + bias.double()
+
+
+def token_kl_grad_ref(
+    logits_vis: torch.Tensor, logits_txt: torch.Tensor, grad_out: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of sum(grad_out * KL(softmax(a / T) || softmax(b / T))) w.r.t. a and b, float64, written out:
+
+        dKL/da_j = p_j ((log p_j - log q_j) - KL) / T,    dKL/db_j = (q_j - p_j) / T
+
+    Entries with a_j = -inf get 0 in dL/da (p_j = 0). [..., V] x2, [...] -> [..., V] x2.
+    """
+    a = logits_vis.double() / temperature
+    b = logits_txt.double() / temperature
+    logp = torch.log_softmax(a, -1)
+    logq = torch.log_softmax(b, -1)
+    p = logp.exp()
+    support = a != float("-inf")
+    diff = torch.where(support, logp - logq, torch.zeros_like(logp))
+    kl = (p * diff).sum(-1, keepdim=True)
+    g = grad_out.double().unsqueeze(-1) / temperature
+    grad_a = torch.where(support, g * p * (diff - kl), torch.zeros_like(p))
+    grad_b = g * (logq.exp() - p)
+    return grad_a, grad_b

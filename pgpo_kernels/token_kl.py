@@ -14,15 +14,22 @@ each element costs two exp2; maxes are subtracted before scaling. Bytes per row:
 
 Two launch shapes: one program per row (many rows), or a split over vocab chunks (few rows: 1..64 rows of 152064
 would leave most of an H100's 132 SMs idle) whose per-chunk stats a tiny kernel combines.
+
+Backward (TokenKLFunction): dKL/da_j = p_j ((log p_j - log q_j) - KL) / T and dKL/db_j = (q_j - p_j) / T. Nothing
+[N, V] is saved in forward; one program per row recomputes the stats (one read of both rows) and streams the row
+again to write both gradients: bytes per row 2 * V * 2 * itemsize read, V * 2 * itemsize written.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from pgpo_kernels.torch_ops import token_kl_torch
+from pgpo_kernels.torch_fused_ops import token_kl_backward_torch
+from pgpo_kernels.torch_fused_ops import token_kl_rows_torch
 from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_logits_pair
 from pgpo_kernels.utils import check_temperature
@@ -32,6 +39,7 @@ from pgpo_kernels.utils import resolve_backend
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_LN2_C = tl.constexpr(LN2)  # globals read inside @triton.jit must be constexpr
 MAX_BLOCK_V = 4096
 N_STATS = 5  # per-chunk partial stats: m_a, s_a, m_b, s_b, t
 
@@ -87,7 +95,7 @@ def _kl_stream(a_row_ptr, b_row_ptr, col_start, col_end, scale, BLOCK_V: tl.cons
 @triton.jit
 def _kl_finish(s_a, s_b, t):
     """KL in nats from base-2 stats; an all -inf row of a has no distribution (0), s_b = 0 < s_a means +inf."""
-    kl = LN2 * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
+    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
     kl = tl.where(s_b == 0.0, float("inf"), kl)
     kl = tl.where(s_a == 0.0, 0.0, kl)
     return tl.maximum(kl, 0.0)  # clamp tiny negative rounding
@@ -166,6 +174,63 @@ def _token_kl_combine_kernel(
     tl.store(out_ptr + row, _kl_finish(tl.sum(alpha * s_a, axis=0), tl.sum(gamma * s_b, axis=0), t_all))
 
 
+# On a GPU the one-row-per-program kernel is autotuned over these (block, warps) pairs, keyed by V (the autotuner
+# also keys on the input dtype); the heuristic below is one of them and is what the interpreter and the split path use.
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+]
+_token_kl_fwd_kernel_autotuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["n_cols"])(_token_kl_fwd_kernel)
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """Autotune only on a real GPU (never in the interpreter); PGPO_AUTOTUNE=0 turns it off."""
+    return device.type == "cuda" and os.environ.get("PGPO_AUTOTUNE", "1") != "0"
+
+
+@triton.jit
+def _token_kl_bwd_kernel(
+    a_ptr,  # [N, V] logits of the visual pass, last dim contiguous
+    b_ptr,  # [N, V] logits of the text-only pass
+    grad_out_ptr,  # [N] upstream gradient dL/dKL
+    grad_a_ptr,  # [N, V] dL/da, contiguous, the logits' dtype
+    grad_b_ptr,  # [N, V] dL/db
+    n_cols,  # V
+    stride_a_row,
+    stride_b_row,
+    scale,  # log2(e) / temperature
+    inv_temp,  # 1 / temperature
+    BLOCK_V: tl.constexpr,
+):
+    # With p = softmax(a / T), q = softmax(b / T):
+    #     dKL/da_j = p_j ((log p_j - log q_j) - KL) / T,     dKL/db_j = (q_j - p_j) / T
+    # 1. recompute the row's log-sum-exps and KL (one read of both rows: nothing [N, V] was saved in forward);
+    # 2. stream the row again and write both gradients.
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * stride_a_row
+    b_row = b_ptr + row * stride_b_row
+    m_a, s_a, m_b, s_b, t = _kl_stream(a_row, b_row, 0, n_cols, scale, BLOCK_V)
+    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))  # unclamped: the clamp only hides rounding
+    ma, log_sa = _safe_max(m_a), tl.log2(s_a)
+    mb, log_sb = _safe_max(m_b), tl.log2(s_b)
+    g = tl.load(grad_out_ptr + row).to(tl.float32) * inv_temp
+    # an all -inf row of a has no distribution (KL is the constant 0): zero gradient; infinite KL: no derivative
+    g = tl.where(s_a == 0.0, 0.0, g)
+    g = tl.where((s_a > 0.0) & ((s_b == 0.0) | (kl == float("inf"))), float("nan"), g)
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        in_row = cols < n_cols
+        x = tl.load(a_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        y = tl.load(b_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        lp = (x - ma) * scale - log_sa  # log2 p_j; the max is subtracted before scaling, as in the forward
+        lq = (y - mb) * scale - log_sb
+        p = tl.where(x == float("-inf"), 0.0, tl.exp2(lp))  # also covers lp = -inf - (-inf) on an all -inf row
+        ga = tl.where(x == float("-inf"), 0.0, g * p * (_LN2_C * (lp - lq) - kl))
+        gb = tl.where(s_a == 0.0, 0.0, g * (tl.exp2(lq) - p))
+        tl.store(grad_a_ptr + row * n_cols + cols, ga.to(grad_a_ptr.dtype.element_ty), mask=in_row)
+        tl.store(grad_b_ptr + row * n_cols + cols, gb.to(grad_b_ptr.dtype.element_ty), mask=in_row)
+
+
 # %% launchers -----------------------------------------------------------------------------------------------------
 def kl_launch_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) by vocab size: wide blocks for long rows, enough warps to keep the loads in flight."""
@@ -200,6 +265,9 @@ def token_kl_forward(
     if n_chunks is None:
         n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
     n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
+    if n_chunks == 1 and autotune_enabled(a.device) and n_cols >= 1024:
+        _token_kl_fwd_kernel_autotuned[(n_rows,)](a, b, out, n_cols, a.stride(0), b.stride(0), scale)
+        return out.reshape(lead)
     if n_chunks == 1:
         _token_kl_fwd_kernel[(n_rows,)](
             a, b, out, n_cols, a.stride(0), b.stride(0), scale, BLOCK_V=block_v, num_warps=num_warps
@@ -216,6 +284,55 @@ def token_kl_forward(
     return out.reshape(lead)
 
 
+def token_kl_backward(
+    logits_vis: torch.Tensor, logits_txt: torch.Tensor, grad_out: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: [..., V] logits x2 and [...] dL/dKL -> (dL/dlogits_vis, dL/dlogits_txt).
+
+    One program per row; each reads its two rows twice (stats, then gradients) and writes two gradient rows.
+    """
+    a, b = as_rows(logits_vis), as_rows(logits_txt)
+    n_rows, n_cols = a.shape
+    grad_a = torch.empty((n_rows, n_cols), dtype=a.dtype, device=a.device)
+    grad_b = torch.empty((n_rows, n_cols), dtype=b.dtype, device=b.device)
+    if n_rows > 0:
+        g = grad_out.reshape(-1).contiguous()
+        block_v, num_warps = kl_launch_config(n_cols)
+        _token_kl_bwd_kernel[(n_rows,)](
+            a, b, g, grad_a, grad_b, n_cols, a.stride(0), b.stride(0), LOG2E / float(temperature),
+            1.0 / float(temperature), BLOCK_V=block_v, num_warps=num_warps,
+        )
+    return grad_a.reshape(logits_vis.shape), grad_b.reshape(logits_txt.shape)
+
+
+# %% autograd ------------------------------------------------------------------------------------------------------
+class TokenKLFunction(torch.autograd.Function):
+    """token_kl with gradients to both logit tensors (for PAPO-style perception losses).
+
+    Forward saves only references to the two inputs; backward recomputes both softmaxes from them. The torch
+    backend keeps float64 inputs in float64 (out and grads), so torch.autograd.gradcheck can check it; every other
+    dtype gives a float32 KL, as the forward kernels do.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_vis, logits_txt, temperature: float, backend: str):
+        ctx.temperature = float(temperature)
+        ctx.backend = backend
+        ctx.save_for_backward(logits_vis, logits_txt)
+        if backend == "torch":
+            lead = logits_vis.shape[:-1]
+            return token_kl_rows_torch(as_rows(logits_vis), as_rows(logits_txt), temperature).reshape(lead)
+        return token_kl_forward(logits_vis, logits_txt, temperature)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b = ctx.saved_tensors
+        if ctx.backend == "torch":
+            ga, gb = token_kl_backward_torch(as_rows(a), as_rows(b), grad_out.reshape(-1), ctx.temperature)
+            ga, gb = ga.reshape(a.shape), gb.reshape(b.shape)
+        else:
+            ga, gb = token_kl_backward(a, b, grad_out, ctx.temperature)
+        return (ga if ctx.needs_input_grad[0] else None), (gb if ctx.needs_input_grad[1] else None), None, None
 
 
 # %% public functional ---------------------------------------------------------------------------------------------
@@ -231,12 +348,11 @@ def token_kl(
         backend: "triton", "torch" or "auto" (triton on CUDA tensors, torch otherwise).
 
     Returns:
-        [...] float32 KL in nats, >= 0 (+inf where vis puts mass on a token txt rules out with -inf).
+        [...] float32 KL in nats, >= 0 (+inf where vis puts mass on a token txt rules out with -inf). Differentiable
+        in both inputs: backward recomputes the softmaxes from the logits (fused kernel on the triton backend).
     """
     check_logits_pair(logits_vis, logits_txt)
     check_temperature(temperature)
     backend = resolve_backend(backend, logits_vis, logits_txt)
-    if backend == "torch":
-        lead = logits_vis.shape[:-1]
-        return token_kl_torch(as_rows(logits_vis), as_rows(logits_txt), temperature).reshape(lead)
-    return token_kl_forward(logits_vis, logits_txt, temperature)
+    # differentiable in both inputs (TokenKLFunction); .float() keeps the float32 contract and passes gradients
+    return TokenKLFunction.apply(logits_vis, logits_txt, float(temperature), backend).float()

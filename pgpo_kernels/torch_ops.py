@@ -28,16 +28,21 @@ def token_kl_torch(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0) -
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
         # fp32 accumulation whatever the input dtype (SPEC 1)
-        logp = a[lo:hi].float().mul_(inv_t)  # [c, V]
+        # out of place: .float() of an fp32 input is the input itself, which must never be scaled in place
+        logp = a[lo:hi].float() * inv_t  # [c, V]
         support = logp != float("-inf")
         logp = logp.log_softmax(-1)  # in fp32, centred: no cancellation of large logits
-        logq = b[lo:hi].float().mul_(inv_t).log_softmax(-1)  # [c, V]
+        logq = b[lo:hi].float() * inv_t  # [c, V]
+        b_support = (logq != float("-inf")).any(-1)  # [c]
+        logq = logq.log_softmax(-1)
         # p * (log p - log q), with p_i = 0 contributing nothing (never 0 * inf)
         logq.neg_().add_(logp)  # log p - log q; +inf where b = -inf and a finite
         term = logp.exp_().mul_(logq)
         term = torch.where(support, term, torch.zeros((), dtype=term.dtype, device=term.device))
         kl = term.sum(-1)
         # a row of a that is all -inf has no distribution: KL 0 (our choice, SPEC 1 is silent)
+        # b with no support at all (log_softmax gives nan there) while a has some: +inf, as SPEC 1 says
+        kl = torch.where(b_support, kl, torch.full_like(kl, float("inf")))
         kl = torch.where(support.any(-1), kl, torch.zeros_like(kl))
         out[lo:hi] = kl.clamp_min_(0.0)
     return out

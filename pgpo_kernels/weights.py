@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.reshape import check_reshape_args
 from pgpo_kernels.reshape import reshape_weights
 from pgpo_kernels.token_kl import token_kl
+from pgpo_kernels.token_stats import token_stats
 from pgpo_kernels.utils import check_logits_pair
 from pgpo_kernels.utils import check_temperature
 
@@ -22,6 +24,8 @@ def pgpo_token_weights(
     beta: float = 2.0,
     eps: float = 1e-6,
     renormalize: bool = True,
+    estimator: str = "full",
+    target_ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGPO token weights from the two passes' logits (arXiv 2604.01840: S_t = KL(vis || txt), then reshape).
@@ -32,6 +36,9 @@ def pgpo_token_weights(
         mask: padded layout, bool [B, T] of valid response tokens (None = all valid).
         cu_seqlens: packed layout, int32 [B + 1] offsets (validated on the host: one small sync).
         temperature, tau, beta, eps, renormalize, backend: as in token_kl and reshape_weights.
+        estimator: "full" (exact KL over the vocabulary, the default) or "k3" (the paper's appendix estimate from
+            the sampled token, r = pi_txt(x) / pi_vis(x), S = r - 1 - log r; needs target_ids).
+        target_ids: [B, T] (or [total]) integer ids of the sampled response tokens; required by estimator="k3".
 
     Returns:
         (weights, kl): float32, both [B, T] (or [total]); weights are 0 at padding, kl is computed for every row.
@@ -39,14 +46,23 @@ def pgpo_token_weights(
     """
     check_logits_pair(logits_vis, logits_txt)
     check_temperature(temperature)
+    check_estimator(estimator)
     score_shape = logits_vis.shape[:-1]
+    if estimator == "k3" and target_ids is None:
+        raise ValueError("estimator='k3' needs target_ids (the sampled token ids, shape [B, T] or [total])")
+    if estimator == "full" and target_ids is not None:
+        raise ValueError("target_ids is only used by estimator='k3'; pass estimator='k3' or drop target_ids")
     if cu_seqlens is None and len(score_shape) != 2:
         raise ValueError(f"logits_vis must have shape [B, T, V] (or [total, V] with cu_seqlens), got "
                          f"{tuple(logits_vis.shape)}")
     # every reshape check runs here, before the KL launch: a bad mask must not cost a pass over [N, V]
     check_reshape_args(torch.empty(score_shape, device="meta"), mask, cu_seqlens, tau, beta, eps,
                        device=logits_vis.device)
-    kl = token_kl(logits_vis, logits_txt, temperature=temperature, backend=backend)  # [B, T] float32
+    if estimator == "k3":  # token_stats checks target_ids (shape, dtype, range) before reading the logits
+        kl = token_stats(logits_vis, logits_txt, target_ids, temperature=temperature, estimator="k3",
+                         backend=backend).kl  # [B, T] float32
+    else:
+        kl = token_kl(logits_vis, logits_txt, temperature=temperature, backend=backend)  # [B, T] float32
     weights = reshape_weights(kl, mask, cu_seqlens=cu_seqlens, tau=tau, beta=beta, eps=eps,
                               renormalize=renormalize, backend=backend)
     return weights, kl

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-shot GPU run of pgpo-bench, sized to finish inside ~8 minutes on one H100 (the device tool allows 10 per
+# command). Runs the GPU tests, then the sweeps (bf16, vocab 152064, every op and backend), and leaves in $OUT:
+#   gpu_tests.log, sweep.log, <device>.json (all ops merged), <device>.png (GB/s vs tokens), <device>.md (table).
+# Each step has its own time limit, so a hang or an OOM in one op still leaves the others' results.
+#
+# Use (from the repository root, on the device machine):
+#   bash benchmarks/gpu_sweep.sh
+# Liger-Kernel is not in the device image and nothing can be downloaded there: carry its wheel in .whl/ (see
+# benchmarks/README.md, "GPU sweep"); without it the liger rows say "liger-kernel not installed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_sweep}
+rm -rf /tmp/pgpo_sweep; mkdir -p "$OUT" /tmp/pgpo_sweep
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# conftest turns the Triton interpreter on unless told otherwise: here the kernels must compile for the GPU
+export TRITON_INTERPRET=0
+PY=${PY:-python3}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  "$PY" -c "import liger_kernel.ops.kl_div; print('liger-kernel importable')" 2>&1 | tail -1
+} | tee "$OUT/sweep.log"
+
+# -- 1. GPU tests (pytest -m gpu), at most 75 s ------------------------------------------------------------------
+timeout 75 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+
+# -- 2. sweeps, one process per op ---------------------------------------------------------------------------------
+# overridable for a dry run of the plumbing on a CPU, e.g. DEVICE=cpu VOCAB=512 SWEEP=1,8 LINEAR_TOKENS=8 HIDDEN=32
+DEVICE=${DEVICE:-cuda}
+SWEEP=${SWEEP:-1,4,16,64,256,1024,2048,4096,8192,16384}
+LINEAR_TOKENS=${LINEAR_TOKENS:-1024..16384}
+RESHAPE_EXTRA=${RESHAPE_EXTRA:-524288}  # the issue's 256 sequences x 2048 tokens
+VOCAB=${VOCAB:-152064}
+HIDDEN=${HIDDEN:-3584}
+SEQ_LEN=${SEQ_LEN:-2048}
+COMMON=(--vocab "$VOCAB" --dtype bf16 --device "$DEVICE" --warmup-ms 10 --rep-ms 50 --check-rows 16)
+bench() {  # bench LIMIT_S NAME ARGS...: one op's sweep into /tmp/pgpo_sweep/NAME.json
+  local limit=$1 name=$2; shift 2
+  echo "== $name: pgpo-bench $*" | tee -a "$OUT/sweep.log"
+  timeout "$limit" "$PY" -m benchmarks.cli "$@" "${COMMON[@]}" --json "/tmp/pgpo_sweep/$name.json" \
+    >>"$OUT/sweep.log" 2>&1 || echo "!! $name exited with $? (timeout 124)" | tee -a "$OUT/sweep.log"
+}
+bench 100 kl kl --tokens "$SWEEP"
+bench 60 reshape reshape --tokens "$SWEEP,$RESHAPE_EXTRA" --seq-len "$SEQ_LEN"
+bench 90 weights weights --tokens "$SWEEP" --seq-len "$SEQ_LEN"
+bench 90 stats stats --tokens "$SWEEP"
+bench 90 linear linear --tokens "$LINEAR_TOKENS" --hidden "$HIDDEN"
+
+# -- 3. one merged report: JSON + plot + markdown table, named by device ------------------------------------------
+SLUG=$("$PY" -c "import torch; from benchmarks.roofline import device_info, device_slug; \
+print(device_slug(device_info(torch.device('$DEVICE'))))")
+"$PY" -m benchmarks.report /tmp/pgpo_sweep/*.json --merge "$OUT/$SLUG.json" --plot "$OUT/$SLUG.png" \
+  --markdown "$OUT/$SLUG.md" >/dev/null 2>>"$OUT/sweep.log"
+grep -h "^- target\|^- targets" "$OUT/$SLUG.md"
+grep -h "^!!" "$OUT/sweep.log"
+ls -la "$OUT"

@@ -1,0 +1,354 @@
+"""Token KL (and log-prob / entropy) straight from last hidden states and the lm_head, never building [N, V] logits.
+
+At Qwen2.5-VL scale (V = 152064) the logits are the memory problem: 8192 tokens x V is 2.5 GB per pass in bf16, and
+trainers that fuse the lm_head (Liger, cut-cross-entropy) never build them. This kernel computes logit tiles on chip
+and folds them into the online log-sum-exp stats of token_stats.py right away:
+
+    for each (row block of BLOCK_N rows, vocab chunk of CHUNK_TILES tiles):   grid = cdiv(N, BLOCK_N) x C, grouped
+        for each vocab tile of BLOCK_V columns in the chunk:
+            A = h_vis[rows] @ W[cols]^T,  B = h_txt[rows] @ W[cols]^T    tl.dot over H in BLOCK_H steps, fp32 acc
+            (+ bias), then fold A, B into (m_a, s_a, m_b, s_b, t[, u, a_x, b_x]) of each row
+        write the row block's 8 stats for this chunk                     [N, C, 8] fp32
+    combine the C chunks per row                                         (token_stats' combine kernel)
+
+Both passes share each W tile: it is loaded once for two dots. Memory: [N, C, 8] fp32 stats, nothing V-sized.
+Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row blocks
+fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2 while the
+chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the numbers).
+
+The torch fallback (torch_fused_ops.py) builds logits for `chunk_size` rows at a time: O(chunk x V) extra memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pgpo_kernels.k3 import check_estimator
+from pgpo_kernels.token_kl import LOG2E
+from pgpo_kernels.token_kl import split_chunks
+from pgpo_kernels.token_stats import N_PART
+from pgpo_kernels.token_stats import TokenStats
+from pgpo_kernels.token_stats import _stats_update
+from pgpo_kernels.token_stats import _store_partial
+from pgpo_kernels.token_stats import check_target_ids
+from pgpo_kernels.token_stats import combine_stats
+from pgpo_kernels.token_stats import finish_stats
+from pgpo_kernels.torch_fused_ops import default_chunk_rows
+from pgpo_kernels.torch_fused_ops import fused_linear_token_kl_torch
+from pgpo_kernels.torch_fused_ops import fused_linear_token_stats_torch
+from pgpo_kernels.utils import check_float
+from pgpo_kernels.utils import check_temperature
+from pgpo_kernels.utils import device_sm_count
+from pgpo_kernels.utils import interpreter_enabled
+from pgpo_kernels.utils import resolve_backend
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# our choice: tile sizes for sm_80 / sm_90 (not tuned on hardware yet; see csrc_notes/fused_ops.md)
+# CHUNK_TILES: vocab tiles per chunk (one program's sweep); GROUP_N: row blocks scheduled side by side (L2 reuse)
+GPU_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "CHUNK_TILES": 16,
+              "GROUP_N": 16}
+GPU_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2, "CHUNK_TILES": 32,
+                   "GROUP_N": 16}
+# the interpreter runs on numpy: small tiles (tl.dot needs every dim >= 16)
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "CHUNK_TILES": 4,
+                      "GROUP_N": 2}
+
+
+# %% kernel --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fused_linear_stats_partial_kernel(
+    hv_ptr,  # [N, H] last hidden states of the visual pass, last dim contiguous
+    ht_ptr,  # [N, H] last hidden states of the text-only pass
+    w_ptr,  # [V, H] lm_head weight, last dim contiguous
+    bias_ptr,  # [V] lm_head bias (unused without HAS_BIAS)
+    target_ptr,  # [N] int target ids in [0, V) (unused without WITH_TARGET)
+    part_ptr,  # [N, C, 8] float32 partial stats (layout of token_stats.py)
+    n_rows,  # N
+    n_cols,  # V
+    n_hidden,  # H
+    stride_hv_row,
+    stride_ht_row,
+    stride_w_row,
+    cols_per_chunk,  # a multiple of BLOCK_V
+    n_chunks,  # C
+    scale,  # log2(e) / temperature
+    HAS_BIAS: tl.constexpr,
+    WITH_TARGET: tl.constexpr,  # also entropy and the target logits
+    DOT_FP32: tl.constexpr,  # upcast tiles and dot in exact fp32 (fp32 inputs; bf16 under the interpreter)
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software-pipeline depth of the loads feeding tl.dot
+    GROUP_N: tl.constexpr,  # row blocks per launch group
+):
+    # -- map the program to (row block, vocab chunk), grouped as in the matmul tutorial: consecutive programs take
+    # -- GROUP_N row blocks x a few chunks, so the programs in flight share their hidden blocks and W tiles in L2 ---
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP_N * n_chunks
+    first_block = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_row_blocks - first_block, GROUP_N)
+    row_block = first_block + (pid % per_group) % group_rows
+    chunk = (pid % per_group) // group_rows
+    # int64 ids: N * H and V * H can pass 2**31
+    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_start = chunk * cols_per_chunk
+    col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
+    if WITH_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        tgt = tl.zeros((BLOCK_N,), tl.int64)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_h = tl.arange(0, BLOCK_H)
+    hv_rows = hv_ptr + rows[:, None] * stride_hv_row  # [BLOCK_N, 1]
+    ht_rows = ht_ptr + rows[:, None] * stride_ht_row
+
+    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_a = tl.zeros((BLOCK_N,), tl.float32)
+    s_b = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    u = tl.zeros((BLOCK_N,), tl.float32)
+    x_a = tl.zeros((BLOCK_N,), tl.float32)
+    x_b = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + offs_v.to(tl.int64)
+        col_ok = cols < col_end
+        w_cols = w_ptr + cols[None, :] * stride_w_row  # [1, BLOCK_V]
+
+        # -- logit tiles of both passes: one W tile feeds two dots, fp32 accumulators -------------------------------
+        acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for k in tl.range(0, n_hidden, BLOCK_H, num_stages=NUM_STAGES):
+            ks = k + offs_h
+            k_ok = ks < n_hidden
+            h_ok = row_ok[:, None] & k_ok[None, :]
+            ha = tl.load(hv_rows + ks[None, :], mask=h_ok, other=0.0)  # [BLOCK_N, BLOCK_H]
+            hb = tl.load(ht_rows + ks[None, :], mask=h_ok, other=0.0)
+            w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
+            if DOT_FP32:
+                w = w.to(tl.float32)
+                acc_a = tl.dot(ha.to(tl.float32), w, acc_a, input_precision="ieee")
+                acc_b = tl.dot(hb.to(tl.float32), w, acc_b, input_precision="ieee")
+            else:
+                acc_a = tl.dot(ha, w, acc_a)
+                acc_b = tl.dot(hb, w, acc_b)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc_a += bias[None, :]
+            acc_b += bias[None, :]
+        # columns past the chunk are -inf: they contribute nothing to any sum
+        x = tl.where(col_ok[None, :], acc_a, float("-inf"))
+        y = tl.where(col_ok[None, :], acc_b, float("-inf"))
+
+        # -- fold the tiles into each row's online stats -------------------------------------------------------------
+        m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
+        if WITH_TARGET:
+            hit = cols[None, :] == tgt[:, None]  # the target column sits in exactly one tile
+            x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
+            x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
+    _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b)
+
+
+# %% launchers -----------------------------------------------------------------------------------------------------
+def fused_linear_launch_config(dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes, warps and pipeline stages by where the kernel runs and the input dtype."""
+    if device.type != "cuda":
+        return dict(INTERPRETER_BLOCKS)
+    return dict(GPU_BLOCKS_FP32 if dtype == torch.float32 else GPU_BLOCKS)
+
+
+def fused_linear_forward(
+    hidden_vis: torch.Tensor,
+    hidden_txt: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+    n_chunks: int | None = None,
+    config: dict | None = None,
+):
+    """Launch the fused-linear kernels on [N, H] x2, [V, H] (checked by the caller).
+
+    Args:
+        target: [N] ids for log-probs and entropy, or None for the KL alone.
+        chunk_rows: rows per launch (None = all): bounds the [rows, C, 8] partial buffer.
+        n_chunks: vocab split per row block, None = from the shape and the SM count.
+        config: override of fused_linear_launch_config (tests use it to force several tiles and chunks).
+
+    Returns:
+        (kl, logp, logp_txt, entropy), [N] float32 each; the last three are None without target.
+    """
+    n_rows, n_hidden = hidden_vis.shape
+    n_cols = weight.shape[0]
+    device = hidden_vis.device
+    cfg = config or fused_linear_launch_config(hidden_vis.dtype, device)
+    block_n, block_v, block_h = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_H"]
+    with_target = target is not None
+    # exact fp32 dots for fp32 inputs; the interpreter's tl.dot misreads bf16 (multiplies the raw bits), so there
+    # bf16 tiles are upcast first, which is exact too: a bf16 x bf16 product fits an fp32 mantissa
+    dot_fp32 = hidden_vis.dtype == torch.float32 or (interpreter_enabled() and device.type != "cuda")
+    scale = LOG2E / float(temperature)
+    outs = [torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4 if with_target else 1)]
+    step = n_rows if chunk_rows is None else max(1, int(chunk_rows))
+    for lo in range(0, n_rows, max(step, 1)):
+        hi = min(lo + step, n_rows)
+        rows = hi - lo
+        n_blocks = triton.cdiv(rows, block_n)
+        # our choice: chunks of CHUNK_TILES vocab tiles (partial stats stay small: [rows, V / (CHUNK_TILES BLOCK_V), 8]
+        # fp32, 19 MiB at 8192 x 152064) and never fewer chunks than it takes to fill the SMs
+        c = n_chunks if n_chunks is not None else max(triton.cdiv(n_cols, cfg["CHUNK_TILES"] * block_v),
+                                                      split_chunks(n_blocks, n_cols, block_v,
+                                                                   device_sm_count(device)))
+        c = max(1, min(int(c), triton.cdiv(n_cols, block_v)))
+        cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, c), block_v) * block_v
+        c = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
+        part = torch.empty((rows, c, N_PART), dtype=torch.float32, device=device)
+        hv, ht = hidden_vis[lo:hi], hidden_txt[lo:hi]
+        tgt = target[lo:hi] if with_target else None
+        _fused_linear_stats_partial_kernel[(n_blocks * c,)](
+            hv, ht, weight, bias if bias is not None else part, tgt if with_target else part, part,
+            rows, n_cols, n_hidden, hv.stride(0), ht.stride(0), weight.stride(0), cols_per_chunk, c, scale,
+            HAS_BIAS=bias is not None, WITH_TARGET=with_target, DOT_FP32=dot_fp32,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, NUM_STAGES=cfg["num_stages"], GROUP_N=cfg["GROUP_N"],
+            num_warps=cfg["num_warps"],
+        )
+        for out, val in zip(outs, combine_stats(part, tgt, cols_per_chunk, scale)):
+            out[lo:hi] = val
+    if not with_target:
+        return outs[0], None, None, None
+    return tuple(outs)
+
+
+# %% public functional ---------------------------------------------------------------------------------------------
+def check_fused_linear_args(hidden_vis, hidden_txt, weight, bias, chunk_size) -> None:
+    """[..., H] hidden states x2, [V, H] weight, optional [V] bias, one dtype and device; chunk_size None or > 0."""
+    check_float("hidden_vis", hidden_vis)
+    check_float("hidden_txt", hidden_txt)
+    check_float("lm_head_weight", weight)
+    if hidden_vis.dim() < 1 or hidden_vis.shape[-1] == 0:
+        raise ValueError(f"hidden_vis must have shape [..., H] with H >= 1, got {tuple(hidden_vis.shape)}")
+    if hidden_txt.shape != hidden_vis.shape:
+        raise ValueError(f"hidden_txt must have the shape of hidden_vis [..., H] = {tuple(hidden_vis.shape)}, "
+                         f"got {tuple(hidden_txt.shape)}")
+    n_hidden = hidden_vis.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != n_hidden or weight.shape[0] == 0:
+        raise ValueError(f"lm_head_weight must have shape [V, H] = [V, {n_hidden}] with V >= 1, got "
+                         f"{tuple(weight.shape)}")
+    for name, t in (("hidden_txt", hidden_txt), ("lm_head_weight", weight)):
+        if t.dtype != hidden_vis.dtype:
+            raise TypeError(f"{name} must have hidden_vis's dtype {hidden_vis.dtype}, got {t.dtype}")
+        if t.device != hidden_vis.device:
+            raise ValueError(f"{name} must be on hidden_vis's device {hidden_vis.device}, got {t.device}")
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.dtype != hidden_vis.dtype:
+            raise TypeError(f"bias must have hidden_vis's dtype {hidden_vis.dtype}, got {bias.dtype}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.device != hidden_vis.device:
+            raise ValueError(f"bias must be on hidden_vis's device {hidden_vis.device}, got {bias.device}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+
+
+def _prepare(hidden_vis, hidden_txt, weight, bias, backend, extra=()):
+    """Resolve the backend, refuse what Triton cannot do, flatten to rows."""
+    backend = resolve_backend(backend, hidden_vis, hidden_txt, weight, *extra)
+    if backend == "triton" and hidden_vis.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 hidden states, got "
+                        f"{hidden_vis.dtype}; use backend='torch' for float64")
+    n_hidden = hidden_vis.shape[-1]
+    hv = hidden_vis.reshape(-1, n_hidden)
+    ht = hidden_txt.reshape(-1, n_hidden)
+    if backend == "triton":
+        hv = hv if hv.stride(-1) == 1 or hv.shape[0] == 0 else hv.contiguous()
+        ht = ht if ht.stride(-1) == 1 or ht.shape[0] == 0 else ht.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+    return backend, hv, ht, weight, bias
+
+
+def fused_linear_token_kl(
+    hidden_vis: torch.Tensor,
+    hidden_txt: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """PGPO's S_t = KL(softmax(h_vis W^T / T) || softmax(h_txt W^T / T)) without building the [N, V] logits.
+
+    (arXiv 2604.01840, S_t; the tiling follows cut-cross-entropy's online log-sum-exp over vocab tiles.) A weight,
+    not a loss: no gradient flows (SPEC 1).
+
+    Args:
+        hidden_vis: [..., H] last hidden states of the visual pass (bf16, fp16, fp32; fp64 on the torch backend).
+        hidden_txt: [..., H] last hidden states of the text-only pass, same shape and dtype.
+        lm_head_weight: [V, H] output projection, same dtype.
+        bias: optional [V] lm_head bias.
+        temperature: softmax temperature T > 0.
+        chunk_size: rows per chunk. torch backend: logits are built for this many rows at a time (peak extra memory
+            ~ chunk x V x (2 itemsize + 16) bytes); None picks it from free memory. triton backend: rows per launch
+            (the kernel never builds logits; None = all rows).
+        backend: "triton", "torch" or "auto" (triton on CUDA tensors, torch otherwise).
+
+    Returns:
+        [...] float32 KL in nats, >= 0.
+    """
+    check_fused_linear_args(hidden_vis, hidden_txt, lm_head_weight, bias, chunk_size)
+    check_temperature(temperature)
+    lead = hidden_vis.shape[:-1]
+    backend, hv, ht, weight, bias = _prepare(hidden_vis, hidden_txt, lm_head_weight, bias, backend)
+    with torch.no_grad():
+        if backend == "torch":
+            chunk = chunk_size or default_chunk_rows(weight.shape[0], weight.element_size(), weight.device)
+            kl = fused_linear_token_kl_torch(hv, ht, weight, bias, temperature, chunk)
+        else:
+            kl = fused_linear_forward(hv, ht, weight, bias, None, temperature, chunk_size)[0]
+    return kl.reshape(lead)
+
+
+def fused_linear_token_stats(
+    hidden_vis: torch.Tensor,
+    hidden_txt: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    estimator: str = "full",
+    backend: str = "auto",
+) -> TokenStats:
+    """token_stats from hidden states: (log pi_vis(target), entropy of pi_vis, S_t) without the [N, V] logits.
+
+    Args:
+        hidden_vis, hidden_txt, lm_head_weight, bias, temperature, chunk_size, backend: as in fused_linear_token_kl.
+        target_ids: [...] integer ids of the sampled tokens in [0, V), the hidden states' leading shape.
+        estimator: "full" (exact KL) or "k3" (the paper's sampled-token estimate).
+
+    Returns:
+        TokenStats(logp, entropy, kl), each [...] float32 (no gradient).
+    """
+    check_fused_linear_args(hidden_vis, hidden_txt, lm_head_weight, bias, chunk_size)
+    check_temperature(temperature)
+    check_estimator(estimator)
+    lead = hidden_vis.shape[:-1]
+    check_target_ids(target_ids, lead, lm_head_weight.shape[0], hidden_vis.device)
+    backend, hv, ht, weight, bias = _prepare(hidden_vis, hidden_txt, lm_head_weight, bias, backend, (target_ids,))
+    target = target_ids.reshape(-1).contiguous()
+    with torch.no_grad():
+        if backend == "torch":
+            chunk = chunk_size or default_chunk_rows(weight.shape[0], weight.element_size(), weight.device)
+            logp, logq, ent, kl = fused_linear_token_stats_torch(hv, ht, weight, target, bias, temperature, chunk)
+        else:
+            kl, logp, logq, ent = fused_linear_forward(hv, ht, weight, bias, target, temperature, chunk_size)
+    return finish_stats(logp, logq, ent, kl, estimator, lead)

@@ -1,0 +1,209 @@
+"""PGPO for TRL: `PGPOGRPOTrainer`, a `trl.GRPOTrainer` whose loss sees per-token advantages A x w~ [B, T].
+
+Where it hooks in (trl >= 1.x): `GRPOTrainer._generate_and_score_completions` returns the rollout batch with one
+group-normalized advantage per completion, [B]. We run the two PGPO passes over that batch (visual, and text-only as
+SPEC section 1 builds it, both under no_grad with explicit 3-D position ids), turn them into token weights with
+pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compute_loss` accepts 2-D advantages as
+they are. `use_liger_kernel=True` is refused (see LIGER_ERROR): TRL's Liger loss path took [B] advantages only.
+
+Only Qwen2-VL / Qwen2.5-VL style models (3-D mrope positions, image placeholder tokens) are supported: the
+text-only pass builder is `pgpo_train.text_only`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field
+
+import torch
+
+try:
+    from trl import GRPOConfig
+    from trl import GRPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+except ImportError as e:  # pragma: no cover - exercised only without trl
+    raise ImportError('PGPOGRPOTrainer needs TRL: pip install "pgpo[trl]" (or pip install trl)') from e
+
+from pgpo_kernels.utils import BACKENDS
+from pgpo_kernels.utils import check_reshape_params
+from pgpo_kernels.utils import check_temperature
+from pgpo_train.integrations.token_scores import ESTIMATORS
+from pgpo_train.integrations.token_scores import check_estimator
+from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
+from pgpo_train.integrations.token_scores import weight_metrics
+from pgpo_train.text_only import mrope_position_ids
+from pgpo_train.text_only import text_only_inputs
+from pgpo_train.text_only import visual_inputs
+
+LIGER_ERROR = (
+    "PGPOGRPOTrainer does not support use_liger_kernel=True. PGPO hands the loss per-token advantages [B, T]; "
+    "TRL's Liger GRPO loss (older TRL releases) takes one advantage per sequence [B] and would drop the PGPO "
+    "weights silently, and in TRL 1.16 the flag patches the model's layers with Liger kernels, a stack of fused "
+    "patches on Qwen2.5-VL that PGPO's extra passes are not tested with (SPEC section 4). Set "
+    "use_liger_kernel=False (PGPO's own fused kernels compute the weights)."
+)
+
+
+# GRPOConfig already owns `beta` (the KL-penalty coefficient) and `temperature` (sampling): the PGPO symbols
+# therefore carry a `pgpo_` prefix.
+@dataclass
+class PGPOConfig(GRPOConfig):
+    """GRPOConfig plus PGPO's options (arXiv 2604.01840; defaults are the paper's best, SPEC section 2)."""
+
+    pgpo_tau: float = field(default=0.4, metadata={"help": "PGPO gate threshold tau in [0, 1]."})
+    pgpo_beta: float = field(default=2.0, metadata={"help": "PGPO amplification beta >= 0 (not GRPO's KL beta)."})
+    pgpo_eps: float = field(default=1e-6, metadata={"help": "PGPO small constant eps > 0."})
+    pgpo_estimator: str = field(
+        default="full",
+        metadata={"help": "Visual-dependency estimator: 'full' (exact token KL from logits, fused) or 'k3' (the "
+                  "paper's appendix estimate from the sampled token's log-probs)."},
+    )
+    pgpo_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Softmax temperature of the token KL ('full' only); None = the sampling temperature."},
+    )
+    pgpo_renormalize: bool = field(default=True, metadata={"help": "Keep each sequence's weight mass (SPEC 2)."})
+    pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
+    pgpo_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
+                  "train batch size."},
+    )
+
+    def __post_init__(self):
+        if self.use_liger_kernel:  # before GRPOConfig's own checks, so this is the error the user sees
+            raise ValueError(LIGER_ERROR)
+        super().__post_init__()
+        check_pgpo_args(self)
+
+
+def check_pgpo_args(args) -> None:
+    """Clear errors for PGPO options and for combinations the adapter refuses, before any model work."""
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError(LIGER_ERROR)
+    check_estimator(args.pgpo_estimator)
+    check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
+    if args.pgpo_temperature is not None:
+        check_temperature(args.pgpo_temperature)
+        if args.pgpo_estimator == "k3":
+            raise ValueError("pgpo_temperature applies to the 'full' estimator only; 'k3' uses the log-probs of the "
+                             "sampling temperature (GRPOConfig.temperature). Leave pgpo_temperature=None.")
+    if args.pgpo_backend not in BACKENDS:
+        raise ValueError(f"pgpo_backend must be one of {BACKENDS}, got {args.pgpo_backend!r}")
+    if args.pgpo_chunk_size is not None and args.pgpo_chunk_size < 1:
+        raise ValueError(f"pgpo_chunk_size must be a positive number of sequences or None, got {args.pgpo_chunk_size}")
+
+
+class PGPOGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` with PGPO token advantages (arXiv 2604.01840; SPEC section 3, steps 3-5).
+
+    Use it exactly like GRPOTrainer, with a `PGPOConfig`. Per rollout batch it adds one visual and one text-only
+    forward (no_grad) over prompt + completion; the loss is TRL's, unchanged, fed advantages [B, T].
+    """
+
+    _pgpo_metric_names = ("pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified")
+
+    def __init__(self, model, reward_funcs, args: PGPOConfig | None = None, *pos, **kwargs):
+        if not isinstance(args, PGPOConfig):
+            raise TypeError(f"PGPOGRPOTrainer needs args=PGPOConfig(...) (a GRPOConfig with the PGPO options), got "
+                            f"{type(args).__name__}")
+        check_pgpo_args(args)  # again: the config may have been edited after construction
+        super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        owner = self.model if hasattr(self.model, "get_rope_index") else getattr(self.model, "model", None)
+        if getattr(self.model.config, "image_token_id", None) is None or not hasattr(owner, "get_rope_index"):
+            raise ValueError(f"PGPOGRPOTrainer needs a Qwen2-VL/Qwen2.5-VL style model (image placeholder tokens, "
+                             f"get_rope_index for 3-D positions); got {type(self.model).__name__}")
+
+    # ------------------------------------------------------------------ the hook
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]  # the tokens the loss counts
+        mask = mask.bool()  # [B, T]
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            weights, scores = self._pgpo_weights(output, mask)  # [B, T] each
+        output["advantages"] = output["advantages"].unsqueeze(1) * weights  # [B, 1] x [B, T] -> [B, T]
+        self._pgpo_log(weights, scores, mask)
+        return output
+
+    # ------------------------------------------------------------------ the two passes
+
+    def _pgpo_weights(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token weights [B, T] from the visual and text-only passes over prompt + completion."""
+        args = self.args
+        B, T = output["completion_ids"].shape
+        if output.get("pixel_values") is None or output.get("image_grid_thw") is None:
+            # our choice: no image in the batch means no visual dependency to measure: uniform weights
+            ones = mask.float()
+            return ones, torch.zeros_like(ones)
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # [B, L]
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)  # [B, L]
+        model = self.model
+        # SPEC 1/4: explicit 3-D positions from the full visual inputs, for both passes (never generate()'s deltas)
+        position_ids = mrope_position_ids(model, input_ids, attention_mask, output["image_grid_thw"],
+                                          mm_token_type_ids=output.get("mm_token_type_ids"))  # [3, B, L]
+        # pixel_values rows belong to images by image_grid_thw.prod(-1), images to samples by num_images (SPEC 4)
+        num_images = output.get("num_images") or [1] * B
+        rows_per_image = output["image_grid_thw"].prod(-1)
+        image_offsets = [0]
+        for n in num_images:
+            image_offsets.append(image_offsets[-1] + n)
+        row_offsets = torch.cat([rows_per_image.new_zeros(1), rows_per_image.cumsum(0)]).tolist()  # host: tiny
+
+        chunk = args.pgpo_chunk_size or args.per_device_train_batch_size
+        weights, scores = [], []
+        for lo in range(0, B, chunk):
+            hi = min(lo + chunk, B)
+            i0, i1 = image_offsets[lo], image_offsets[hi]
+            ids, am, pos = input_ids[lo:hi], attention_mask[lo:hi], position_ids[:, lo:hi]
+            vis_kw = visual_inputs(ids, am, pos, output["pixel_values"][row_offsets[i0]:row_offsets[i1]],
+                                   output["image_grid_thw"][i0:i1])
+            txt_kw = text_only_inputs(model, ids, am, pos)
+            if args.pgpo_estimator == "full":
+                logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
+                logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
+                temperature = args.pgpo_temperature if args.pgpo_temperature is not None else self.temperature
+                w, s = pgpo_weights_from_passes(
+                    mask[lo:hi], logits_vis=logits_vis, logits_txt=logits_txt, temperature=temperature,
+                    tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
+                    backend=args.pgpo_backend)
+                del logits_vis, logits_txt
+            else:  # k3: sampled-token log-probs from TRL's fused LM head, no [b, T, V] logits
+                labels = ids.masked_fill(am == 0, -100)
+                labels[:, :-T] = -100  # only completion tokens are scored
+                logp_vis = self._pgpo_completion_logps(model, vis_kw, labels, T)  # [b, T]
+                logp_txt = self._pgpo_completion_logps(model, txt_kw, labels, T)
+                w, s = pgpo_weights_from_passes(
+                    mask[lo:hi], logp_vis=logp_vis, logp_txt=logp_txt, tau=args.pgpo_tau, beta=args.pgpo_beta,
+                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+            weights.append(w)
+            scores.append(s)
+        return torch.cat(weights), torch.cat(scores)
+
+    def _pgpo_completion_logits(self, model, kwargs: dict, T: int) -> torch.Tensor:
+        """Logits predicting the last T tokens: [b, T, V] (position j predicts token j + 1), contiguous."""
+        L = kwargs["input_ids"].shape[1]
+        keep = torch.arange(L - T - 1, L - 1, device=kwargs["input_ids"].device)  # only these rows hit the LM head
+        with self.accelerator.autocast():
+            return model(**kwargs, use_cache=False, logits_to_keep=keep).logits  # [b, T, V]
+
+    def _pgpo_completion_logps(self, model, kwargs: dict, labels: torch.Tensor, T: int) -> torch.Tensor:
+        """Log-probs of the completion tokens at the sampling temperature, through TRL's fused head: [b, T]."""
+        with self.accelerator.autocast():
+            out = model(**kwargs, labels=labels, fused_lm_head=True)
+        return out.log_probs[:, -T:].float()
+
+    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> None:
+        mode = "train" if self.model.training else "eval"
+        stats = weight_metrics(weights, scores, mask)
+        values = self.accelerator.gather(torch.stack([stats[k].float() for k in self._pgpo_metric_names])[None])
+        kl_mean, _, _, frac = values.mean(0).tolist()  # host sync, once per rollout batch
+        self._metrics[mode]["pgpo/kl_mean"].append(kl_mean)
+        self._metrics[mode]["pgpo/weight_max"].append(values[:, 1].max().item())
+        self._metrics[mode]["pgpo/weight_min"].append(values[:, 2].min().item())
+        self._metrics[mode]["pgpo/frac_amplified"].append(frac)
+
+
+__all__ = ["ESTIMATORS", "LIGER_ERROR", "PGPOConfig", "PGPOGRPOTrainer"]

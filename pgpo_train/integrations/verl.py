@@ -1,0 +1,186 @@
+"""PGPO for verl and EasyR1: reshape the advantages of a rollout batch in place, after `compute_advantage`.
+
+verl (and EasyR1, its fork) keeps a rollout batch as a `DataProto`: `batch.batch` is a TensorDict with
+`advantages` [B, T_resp] (GRPO/DAPO: the group-normalized score broadcast over `response_mask`), `response_mask`
+[B, T_resp], `old_log_probs` [B, T_resp] (the visual pass, at the rollout temperature), `input_ids` /
+`attention_mask` [B, L] and `position_ids` ([B, L], or [B, 3 | 4, L] for Qwen2.5-VL's mrope); the processed images
+sit in `batch.non_tensor_batch["multi_modal_inputs"]`, one dict per sample.
+
+Neither verl nor EasyR1 is imported here: the functions work on a DataProto, a TensorDict or a plain dict of
+tensors laid out as above. See pgpo_train/integrations/README.md for the trainer-subclass recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
+from pgpo_train.integrations.token_scores import weight_metrics
+
+TEXT_LOGP_KEY = "pgpo_text_log_probs"  # where the recipe stores the text-only pass's log-probs
+WEIGHTS_KEY = "pgpo_weights"
+
+
+def _tensors(data: Any):
+    """The tensor dict of a DataProto (its `.batch`), or `data` itself when it already is a (Tensor)dict."""
+    if hasattr(data, "non_tensor_batch") and hasattr(data, "batch"):
+        return data.batch
+    if hasattr(data, "keys") and hasattr(data, "__getitem__"):
+        return data
+    raise TypeError(f"data must be a verl DataProto, a TensorDict or a dict of tensors, got {type(data).__name__}")
+
+
+def _get(tensors, key: str, what: str) -> torch.Tensor:
+    if key not in tensors.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
+        raise KeyError(f"the batch has no {key!r} ({what}); keys present: {sorted(tensors.keys())}")
+    return tensors[key]
+
+
+@torch.no_grad()
+def pgpo_reshape_advantages_(
+    data: Any,
+    *,
+    logp_txt: torch.Tensor | None = None,
+    logp_vis: torch.Tensor | None = None,
+    logits_vis: torch.Tensor | None = None,
+    logits_txt: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+    temperature: float = 1.0,
+    renormalize: bool = True,
+    backend: str = "auto",
+    advantages_key: str = "advantages",
+    mask_key: str = "response_mask",
+    logp_vis_key: str = "old_log_probs",
+    logp_txt_key: str = TEXT_LOGP_KEY,
+    weights_key: str | None = WEIGHTS_KEY,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840, Eq. for the token advantage; SPEC 2-3).
+
+    The visual-dependency scores come from exactly one source, first match wins:
+      1. `scores` [B, T_resp] (e.g. `pgpo_kernels.token_kl` run inside a worker);
+      2. `logits_vis`, `logits_txt` [B, T_resp, V] (exact KL; only sensible for small batches on the driver);
+      3. the sampled tokens' log-probs (the paper's k3 estimate): `logp_txt` [B, T_resp], or else
+         `batch[logp_txt_key]`; the visual side is `logp_vis`, or else `batch[logp_vis_key]` (verl's
+         `old_log_probs`, which is the visual pass anyway).
+
+    Args:
+        data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
+        tau, beta, eps, renormalize, backend: the PGPO reshape (SPEC 2); temperature: only for the logits source.
+        *_key: batch keys, verl's names by default.
+        weights_key: if not None, the weights are also stored in the batch under this key (for logging).
+
+    Returns:
+        (weights [B, T_resp] float32, metrics): metrics are floats with "pgpo/" keys (one host sync; this runs
+        on verl's driver, next to its other metric reductions).
+    """
+    tensors = _tensors(data)
+    advantages = _get(tensors, advantages_key, "advantages [B, T_resp], computed by compute_advantage")
+    mask = _get(tensors, mask_key, "response_mask [B, T_resp]")
+    if not advantages.dtype.is_floating_point or advantages.dim() != 2:
+        raise ValueError(f"{advantages_key} must be a float tensor [B, T_resp] (verl's token-level advantages), "
+                         f"got {advantages.dtype} {tuple(advantages.shape)}")
+    if mask.shape != advantages.shape:
+        raise ValueError(f"{mask_key} must have the advantages' shape [B, T_resp] = {tuple(advantages.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    valid = mask.bool()
+    if scores is None and logits_vis is None and logits_txt is None:
+        if logp_txt is None:
+            logp_txt = _get(tensors, logp_txt_key, "text-only pass log-probs [B, T_resp]; pass logp_txt= or store "
+                            "them under this key")
+        if logp_vis is None:
+            logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
+    weights, s = pgpo_weights_from_passes(
+        valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
+        temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
+    advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
+    if weights_key is not None:
+        tensors[weights_key] = weights
+    metrics = {k: float(v) for k, v in weight_metrics(weights, s, valid).items()}  # host sync (driver-side)
+    return weights, metrics
+
+
+def pgpo_text_only_batch(
+    data: Any,
+    visual_token_ids: int | Sequence[int],
+    *,
+    multimodal_keys: Sequence[str] = ("multi_modal_inputs",),
+) -> Any:
+    """The text-only twin of a verl rollout batch: same tokens and positions, the visual tokens masked out.
+
+    SPEC section 1: the attention mask is set to 0 on every visual token while the original (mrope) position ids
+    are kept, and the images are dropped (their embeddings would never be attended). In verl's padding-free path
+    the holed attention mask deletes the visual tokens but keeps the other tokens' positions, which SPEC checks
+    to be the same pass; `no_padding_2_padding` counts prompt tokens from the same mask, so the response slice
+    stays aligned. Feed the result to the actor's log-prob call, e.g. `self._compute_old_log_prob(text_batch)`.
+
+    Args:
+        data: a verl DataProto with `input_ids` [B, L], `attention_mask` [B, L] and `position_ids`.
+        visual_token_ids: the image (and video) placeholder ids, e.g. Qwen2.5-VL's `<|image_pad|>` 151655.
+        multimodal_keys: non-tensor keys whose per-sample dicts are replaced by {} (verl's own text-only form).
+
+    Returns:
+        A new DataProto sharing every tensor with `data` except the new attention mask; `data` is unchanged.
+    """
+    if not (hasattr(data, "non_tensor_batch") and hasattr(data, "batch")):
+        raise TypeError(f"data must be a verl DataProto (with .batch and .non_tensor_batch), got {type(data).__name__}")
+    input_ids = _get(data.batch, "input_ids", "prompt + response token ids [B, L]")
+    attention_mask = _get(data.batch, "attention_mask", "[B, L]")
+    _get(data.batch, "position_ids", "the original position ids; the text-only pass must reuse them")
+    ids = [visual_token_ids] if isinstance(visual_token_ids, int) else list(visual_token_ids)
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"visual_token_ids must be an int or a non-empty sequence of ints, got {visual_token_ids!r}")
+    visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, L]
+
+    text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
+    text.batch = data.batch.copy()
+    text.batch["attention_mask"] = attention_mask.masked_fill(visual, 0)
+    text.non_tensor_batch = dict(data.non_tensor_batch)
+    for key in multimodal_keys:
+        if key in text.non_tensor_batch:
+            text.non_tensor_batch[key] = np.array([{} for _ in range(len(input_ids))], dtype=object)
+    return text
+
+
+class PGPOVerlTrainerMixin:
+    """PGPO for verl's `RayPPOTrainer` (0.9.x): `class PGPORayPPOTrainer(PGPOVerlTrainerMixin, RayPPOTrainer): pass`.
+
+    Overrides `_update_actor`, which verl's `fit` calls right after `compute_advantage`: one text-only log-prob
+    pass through the actor (`_compute_old_log_prob` on `pgpo_text_only_batch`), then `pgpo_reshape_advantages_`
+    (k3 against `old_log_probs`), then verl's own update. The PGPO metrics join the actor's.
+
+    Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `visual_token_ids` (default: the tokenizer's
+    `<|image_pad|>` and `<|video_pad|>`).
+    """
+
+    def _update_actor(self, batch):
+        cfg = self.config.algorithm.get("pgpo", None) or {}
+        if not cfg.get("enable", False):
+            return super()._update_actor(batch)
+        text_batch = pgpo_text_only_batch(batch, self._pgpo_visual_token_ids(cfg))
+        text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
+        _, metrics = pgpo_reshape_advantages_(
+            batch, logp_txt=text_logp.batch["old_log_probs"], tau=cfg.get("tau", 0.4), beta=cfg.get("beta", 2.0),
+            eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True), weights_key=None)
+        out = super()._update_actor(batch)
+        out.meta_info.setdefault("metrics", {}).update(metrics)
+        return out
+
+    def _pgpo_visual_token_ids(self, cfg) -> list[int]:
+        ids = cfg.get("visual_token_ids", None)
+        if ids:
+            return [int(i) for i in ids]
+        vocab = self.tokenizer.get_vocab()
+        ids = [vocab[t] for t in ("<|image_pad|>", "<|video_pad|>") if t in vocab]
+        if not ids:
+            raise ValueError("PGPO found no <|image_pad|> / <|video_pad|> token in the tokenizer; set "
+                             "+algorithm.pgpo.visual_token_ids=[...] to the model's visual placeholder ids")
+        return ids

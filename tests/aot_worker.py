@@ -1,0 +1,54 @@
+"""Compile the AOT cases for one GPU arch and print {case id: "ok" | error} as JSON (run without the interpreter).
+
+Usage: python tests/aot_worker.py ARCH. It runs in its own process because TRITON_INTERPRET=1 (set for the rest of
+the suite) turns @triton.jit functions into interpreted ones that cannot be compiled.
+"""
+
+import glob
+import importlib
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+
+def all_cases():
+    cases = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_cases*.py"))):
+        cases += importlib.import_module(os.path.basename(path)[:-3]).CASES
+    return cases
+
+
+def compile_case(arch, module, name, signature, constexprs, num_warps):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(module), name)
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    if not kernel.asm.get("cubin") or ".entry" not in kernel.asm.get("ptx", ""):
+        raise RuntimeError("no cubin/ptx entry produced")
+
+
+def main():
+    os.environ["TRITON_INTERPRET"] = "0"  # before anything imports triton in this process
+    arch = int(sys.argv[1])
+    results = {}
+    for case_id, module, name, signature, constexprs, num_warps in all_cases():
+        try:
+            compile_case(arch, module, name, signature, constexprs, num_warps)
+            results[case_id] = "ok"
+        except Exception:
+            results[case_id] = traceback.format_exc(limit=3)[-2000:]
+    print("AOT-RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

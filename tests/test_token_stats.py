@@ -1,0 +1,196 @@
+"""token_stats (log pi(target), entropy, KL in one read) and the k3 estimator against the float64 oracles.
+
+Triton runs in the interpreter on CPU (conftest), so shapes stay small; one odd shape exercises the padded lanes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pgpo_kernels import TokenStats
+from pgpo_kernels import k3_kl
+from pgpo_kernels import pgpo_token_weights
+from pgpo_kernels import token_stats
+from pgpo_kernels.reference import k3_kl_ref
+from pgpo_kernels.reference import pgpo_token_weights_ref
+from pgpo_kernels.reference import reshape_weights_ref
+from pgpo_kernels.reference import token_entropy_ref
+from pgpo_kernels.reference import token_kl_ref
+from pgpo_kernels.reference import token_logprob_ref
+from pgpo_kernels.token_stats import token_stats_forward
+
+BACKENDS = ["torch", "triton"]
+_SHAPE_PARAMS = [(1, 1, 7), (2, 3, 64), (2, 5, 1271)]  # B, T, V; 1271 is odd: a ragged last block
+_DTYPE_PARAMS = [(torch.float32, 2e-5), (torch.bfloat16, 2e-5), (torch.float16, 2e-5)]  # dtype, atol (+ rtol 1e-5)
+
+
+def _pair(shape, dtype, scale=3.0):
+    a = torch.randn(shape) * scale
+    b = a + torch.randn(shape)
+    return a.to(dtype), b.to(dtype)
+
+
+def _refs(a, b, tgt, temperature):
+    return (token_logprob_ref(a, tgt, temperature), token_entropy_ref(a, temperature),
+            token_kl_ref(a, b, temperature))
+
+
+def _assert_ranges(st: TokenStats, n_cols: int):
+    """SPEC section 4: a fused log-prob kernel returning positive log-probs collapsed a verl run."""
+    assert bool((st.logp <= 0).all()), "log-probs must be <= 0"
+    assert bool((st.kl >= 0).all()), "KL must be >= 0"
+    assert bool((st.entropy >= 0).all()), "entropy must be >= 0"
+    assert bool((st.entropy <= math.log(n_cols) * (1 + 1e-6)).all()), "entropy must be <= log V"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol", _DTYPE_PARAMS)
+@pytest.mark.parametrize("B, T, V", _SHAPE_PARAMS)
+def test_matches_reference(B, T, V, dtype, atol, backend):
+    a, b = _pair((B, T, V), dtype)
+    tgt = torch.randint(0, V, (B, T))
+    st = token_stats(a, b, tgt, temperature=0.7, backend=backend)
+    assert isinstance(st, TokenStats)
+    for got, ref in zip(st, _refs(a, b, tgt, 0.7)):
+        assert got.shape == (B, T) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=1e-5)
+    _assert_ranges(st, V)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 3])
+def test_triton_split_vocab_matches_one_pass(n_chunks):
+    # several vocab chunks per row (the few-rows launch shape); the target lands in different chunks
+    V = 5000  # > MAX_BLOCK_V: two blocks per row, so both the in-chunk loop and the combine run
+    a, b = _pair((3, V), torch.float32)
+    tgt = torch.tensor([0, 2500, V - 1])
+    logp, logq, ent, kl = token_stats_forward(a, b, tgt, 1.0, n_chunks=n_chunks)
+    ref = _refs(a, b, tgt, 1.0)
+    for got, r in zip((logp, ent, kl), ref):
+        torch.testing.assert_close(got.double(), r, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(logq.double(), token_logprob_ref(b, tgt), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nasty_rows(backend):
+    V = 300
+    a, b = _pair((6, V), torch.float32)
+    a[0, :100] = float("-inf")  # masked vocab entries in a: contribute nothing
+    b[0, :50] = float("-inf")  # ... and in b where a is -inf too: still finite KL
+    a[1] = float("-inf")  # no distribution: KL 0, entropy 0, logp -inf (our choice)
+    b[2, 7] = float("-inf")  # a finite where b = -inf: KL = +inf
+    a[3] += 1e4  # huge logits: shift invariance must hold in fp32
+    b[3] += 1e4
+    a[4] = 0.0  # uniform: entropy = log V exactly
+    a[5, 11] = 60.0  # one-hot-like: entropy ~ 0, logp(11) ~ 0 (clamped <= 0)
+    tgt = torch.tensor([150, 3, 7, 10, 0, 11])
+    st = token_stats(a, b, tgt, backend=backend)
+    ref = _refs(a, b, tgt, 1.0)
+    for got, r in zip(st, ref):
+        ok = torch.isfinite(r)
+        torch.testing.assert_close(got.double()[ok], r[ok], atol=5e-5, rtol=1e-5)
+    assert st.kl[1] == 0 and st.entropy[1] == 0 and st.logp[1] == float("-inf")
+    assert st.kl[2] == float("inf")
+    assert abs(float(st.entropy[4]) - math.log(V)) < 1e-5
+    target_on_masked = token_stats(a[:1], b[:1], torch.tensor([5]), backend=backend)
+    assert target_on_masked.logp[0] == float("-inf")  # pi(target) = 0
+    _assert_ranges(st, V)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranges_bf16_peaked(backend):
+    # bf16 logits with large magnitudes: the regime where a sloppy kernel returns logp > 0 or KL < 0
+    a, b = _pair((4, 8, 512), torch.bfloat16, scale=30.0)
+    tgt = a.float().argmax(-1)  # the most likely token: logp ~ 0, the place rounding pushes it positive
+    st = token_stats(a, b, tgt, backend=backend)
+    _assert_ranges(st, 512)
+    torch.testing.assert_close(st.logp.double(), token_logprob_ref(a, tgt), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_estimator(backend):
+    a, b = _pair((3, 9, 100), torch.float32)
+    tgt = torch.randint(0, 100, (3, 9))
+    st = token_stats(a, b, tgt, estimator="k3", backend=backend)
+    ref = k3_kl_ref(token_logprob_ref(a, tgt), token_logprob_ref(b, tgt))
+    torch.testing.assert_close(st.kl.double(), ref, atol=1e-5, rtol=1e-4)
+    full = token_stats(a, b, tgt, backend=backend)
+    torch.testing.assert_close(st.logp, full.logp)
+    assert bool((st.kl >= 0).all())
+
+
+def test_k3_small_ratio_keeps_digits():
+    # (r - 1) - log r ~ (log r)^2 / 2 for r near 1: naive fp32 would cancel to 0 or garbage
+    lv = torch.tensor([-1.0, -2.0])
+    lt = lv + torch.tensor([1e-4, -3e-3])
+    torch.testing.assert_close(k3_kl(lv, lt).double(), k3_kl_ref(lv, lt), atol=0, rtol=1e-5)
+    assert float(k3_kl(torch.tensor([-1.0]), torch.tensor([float("-inf")]))) == float("inf")
+
+
+def test_k3_is_unbiased_for_the_full_kl():
+    # the estimator's defining property: E_{x ~ pi_vis}[k3(x)] = KL(pi_vis || pi_txt); 200k draws, 5-sigma band
+    a, b = _pair((1, 50), torch.float64, scale=1.5)
+    lp, lq = a.log_softmax(-1)[0], b.log_softmax(-1)[0]
+    x = torch.multinomial(lp.exp(), 200_000, replacement=True, generator=torch.Generator().manual_seed(1))
+    est = k3_kl(lp[x], lq[x]).double()
+    kl = float(token_kl_ref(a, b)[0])
+    assert abs(float(est.mean()) - kl) < 5 * float(est.std()) / math.sqrt(est.numel())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pgpo_token_weights_k3(backend):
+    a, b = _pair((2, 6, 40), torch.float32)
+    tgt = torch.randint(0, 40, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    w, s = pgpo_token_weights(a, b, mask, estimator="k3", target_ids=tgt, backend=backend)
+    s_ref = k3_kl_ref(token_logprob_ref(a, tgt), token_logprob_ref(b, tgt))
+    torch.testing.assert_close(s.double(), s_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.double(), reshape_weights_ref(s_ref, mask), atol=1e-4, rtol=1e-4)
+    w_full, s_full = pgpo_token_weights(a, b, mask, backend=backend)
+    w_ref, s_full_ref = pgpo_token_weights_ref(a, b, mask)
+    torch.testing.assert_close(s_full.double(), s_full_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(w_full.double(), w_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_errors_name_the_argument():
+    a, b = _pair((2, 3, 10), torch.float32)
+    tgt = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="target_ids must have the logits' leading shape"):
+        token_stats(a, b, tgt[:, :2], backend="torch")
+    with pytest.raises(TypeError, match="target_ids must be an integer"):
+        token_stats(a, b, tgt.float(), backend="torch")
+    with pytest.raises(ValueError, match=r"target_ids must lie in \[0, V\)"):
+        token_stats(a, b, tgt - 100, backend="torch")
+    with pytest.raises(ValueError, match=r"target_ids must lie in \[0, V\)"):
+        token_stats(a, b, tgt + 10, backend="triton")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        token_stats(a, b, tgt, estimator="k2", backend="torch")
+    with pytest.raises(ValueError, match="logits_txt must have the shape"):
+        token_stats(a, b[..., :5], tgt, backend="torch")
+    with pytest.raises(ValueError, match="needs target_ids"):
+        pgpo_token_weights(a, b, estimator="k3", backend="torch")
+    with pytest.raises(ValueError, match="only used by estimator='k3'"):
+        pgpo_token_weights(a, b, target_ids=tgt, backend="torch")
+
+
+def test_torch_fallback_leaves_inputs_alone():
+    a, b = _pair((2, 3, 10), torch.float32)
+    a0, b0 = a.clone(), b.clone()
+    token_stats(a, b, torch.zeros(2, 3, dtype=torch.long), temperature=0.5, backend="torch")
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_rows", [1, 64, 4096])
+def test_gpu_vocab_152064(n_rows):
+    a, b = _pair((n_rows, 152064), torch.bfloat16)
+    tgt = torch.randint(0, 152064, (n_rows,))
+    st = token_stats(a.cuda(), b.cuda(), tgt.cuda())
+    rows = torch.arange(0, n_rows, max(1, n_rows // 16))
+    for got, ref in zip(st, _refs(a[rows], b[rows], tgt[rows], 1.0)):
+        torch.testing.assert_close(got[rows].cpu().double(), ref, atol=1e-4, rtol=1e-4)
+    _assert_ranges(st, 152064)
