@@ -81,6 +81,9 @@ def decode_image(value) -> Image.Image | None:
 
 def build_prompt(question: str, template: str) -> list[dict]:
     """Chat messages (one user turn: the image, then the templated question) for processor.apply_chat_template."""
+    # our choice: datasets such as geometry3k write an "<image>" placeholder in the question; the image already
+    # comes first in the user turn, so the literal placeholder is dropped
+    question = question.replace("<image>", "").strip()
     text = (TINY_PROMPT_TEMPLATE if template == "tiny" else template).format(question=question)
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 

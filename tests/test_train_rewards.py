@@ -33,3 +33,14 @@ def test_last_boxed_nested():
     assert last_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
     assert last_boxed("no box") is None
     assert format_reward("  <think>\nmulti\nline</think>\n\\boxed{x}\n") == 1.0
+
+
+def test_prompt_drops_image_placeholder_and_uses_paper_template():
+    from pgpo_train.config import PAPER_PROMPT_TEMPLATE
+    from pgpo_train.data import build_prompt
+
+    msgs = build_prompt("<image>Find x.", PAPER_PROMPT_TEMPLATE)
+    content = msgs[0]["content"]
+    assert content[0] == {"type": "image"}
+    assert content[1]["text"].startswith("Find x. You FIRST think") and "<image>" not in content[1]["text"]
+    assert "\\boxed{}" in content[1]["text"]
