@@ -543,10 +543,10 @@ def train(cfg: TrainConfig) -> dict:
     train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
 
     model, processor = load_policy(cfg, device)
-    if not cfg.threads and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 50_000_000:
-        torch.set_num_threads(
-            1
-        )  # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy box)
+    small = sum(p.numel() for p in model.parameters()) < 50_000_000
+    if not cfg.threads and device.type == "cpu" and small:
+        # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
+        torch.set_num_threads(1)
     eval_records = []
     if cfg.eval_every > 0:
         try:
@@ -627,15 +627,14 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.dynamic_sampling == "on":
             keep = core_algos.dynamic_sampling_keep(batch["rewards"], cfg.group_size)
         metrics["data/kept_frac"] = float(keep.float().mean())
+        texts = batch.pop("texts")
         if keep.any():
-            texts = batch.pop("texts")
             batch = select_rows(batch, keep.nonzero().squeeze(-1)) if not keep.all() else batch
             batch.update(old_logp_and_scores(model, batch, cfg, times))
             tok_adv, w_m = token_advantages(batch, cfg, times)
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
             metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times))
-            del texts
         # else: every group had equal rewards -> no gradient signal this step (our choice: no resampling)
         step += 1
         metrics.update(times)
@@ -646,6 +645,7 @@ def train(cfg: TrainConfig) -> dict:
         if eval_records and cfg.eval_every > 0 and (rl_step % cfg.eval_every == 0 or step == total):
             last_eval = evaluate(model, processor, eval_records, cfg, device)
             metrics.update(last_eval)
+            metrics["sample/response"] = texts[0]  # one rollout response per eval, to eyeball what the policy writes
         logger.log(step, {"phase": "rl", **metrics})
         if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or step == total:
             save_checkpoint(ckpt_dir, step, model, optimizer, state("rl"), cfg.keep_checkpoints)
