@@ -21,10 +21,8 @@ ESTIMATORS = ("full", "k3")
 
 def check_estimator(estimator: str) -> None:
     if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"estimator must be one of {ESTIMATORS} ('full' = exact KL from logits, 'k3' = the paper's "
-            f"sampled-token estimate from log-probs), got {estimator!r}"
-        )
+        raise ValueError(f"estimator must be one of {ESTIMATORS} ('full' = exact KL from logits, 'k3' = the paper's "
+                         f"sampled-token estimate from log-probs), got {estimator!r}")
 
 
 def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,9 +42,8 @@ def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor
     check_float("logp_vis", logp_vis)
     check_float("logp_txt", logp_txt)
     if logp_vis.shape != logp_txt.shape:
-        raise ValueError(
-            f"logp_txt must have the shape of logp_vis [B, T] = {tuple(logp_vis.shape)}, got {tuple(logp_txt.shape)}"
-        )
+        raise ValueError(f"logp_txt must have the shape of logp_vis [B, T] = {tuple(logp_vis.shape)}, "
+                         f"got {tuple(logp_txt.shape)}")
     check_mask(mask, logp_vis.shape)
     scores = k3_token_kl(logp_vis, logp_txt)  # [B, T] float32
     if mask is not None:
@@ -88,35 +85,23 @@ def pgpo_weights_from_passes(
         "scores": scores is not None,
     }
     if sum(given.values()) != 1:
-        raise ValueError(
-            "pass exactly one source of visual-dependency scores: (logits_vis, logits_txt) [B, T, V], "
-            f"(logp_vis, logp_txt) [B, T], or scores [B, T]; got {[k for k, v in given.items() if v]}"
-        )
+        raise ValueError("pass exactly one source of visual-dependency scores: (logits_vis, logits_txt) [B, T, V], "
+                         f"(logp_vis, logp_txt) [B, T], or scores [B, T]; got {[k for k, v in given.items() if v]}")
     check_reshape_params(tau, beta, eps)
     if given["logits"]:
         if logits_vis is None or logits_txt is None:
             raise ValueError("the 'full' estimator needs both logits_vis and logits_txt [B, T, V]")
         check_mask(mask, logits_vis.shape[:-1])
-        return pgpo_token_weights(
-            logits_vis,
-            logits_txt,
-            mask.bool(),
-            temperature=temperature,
-            tau=tau,
-            beta=beta,
-            eps=eps,
-            renormalize=renormalize,
-            backend=backend,
-        )
+        return pgpo_token_weights(logits_vis, logits_txt, mask.bool(), temperature=temperature, tau=tau, beta=beta,
+                                  eps=eps, renormalize=renormalize, backend=backend)
     if given["logp"]:
         if logp_vis is None or logp_txt is None:
             raise ValueError("the 'k3' estimator needs both logp_vis and logp_txt [B, T]")
         scores = k3_scores(logp_vis, logp_txt, mask)
     check_float("scores", scores)
     check_mask(mask, scores.shape)
-    weights = reshape_weights(
-        scores, mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
-    )
+    weights = reshape_weights(scores, mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize,
+                              backend=backend)
     return weights, scores.float()
 
 

@@ -55,10 +55,8 @@ class PGPOConfig(GRPOConfig):
     pgpo_eps: float = field(default=1e-6, metadata={"help": "PGPO small constant eps > 0."})
     pgpo_estimator: str = field(
         default="full",
-        metadata={
-            "help": "Visual-dependency estimator: 'full' (exact token KL from logits, fused) or 'k3' (the "
-            "paper's appendix estimate from the sampled token's log-probs)."
-        },
+        metadata={"help": "Visual-dependency estimator: 'full' (exact token KL from logits, fused) or 'k3' (the "
+                  "paper's appendix estimate from the sampled token's log-probs)."},
     )
     pgpo_temperature: float | None = field(
         default=None,
@@ -68,10 +66,8 @@ class PGPOConfig(GRPOConfig):
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
     pgpo_chunk_size: int | None = field(
         default=None,
-        metadata={
-            "help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
-            "train batch size."
-        },
+        metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
+                  "train batch size."},
     )
 
     def __post_init__(self):
@@ -90,10 +86,8 @@ def check_pgpo_args(args) -> None:
     if args.pgpo_temperature is not None:
         check_temperature(args.pgpo_temperature)
         if args.pgpo_estimator == "k3":
-            raise ValueError(
-                "pgpo_temperature applies to the 'full' estimator only; 'k3' uses the log-probs of the "
-                "sampling temperature (GRPOConfig.temperature). Leave pgpo_temperature=None."
-            )
+            raise ValueError("pgpo_temperature applies to the 'full' estimator only; 'k3' uses the log-probs of the "
+                             "sampling temperature (GRPOConfig.temperature). Leave pgpo_temperature=None.")
     if args.pgpo_backend not in BACKENDS:
         raise ValueError(f"pgpo_backend must be one of {BACKENDS}, got {args.pgpo_backend!r}")
     if args.pgpo_chunk_size is not None and args.pgpo_chunk_size < 1:
@@ -111,18 +105,14 @@ class PGPOGRPOTrainer(GRPOTrainer):
 
     def __init__(self, model, reward_funcs, args: PGPOConfig | None = None, *pos, **kwargs):
         if not isinstance(args, PGPOConfig):
-            raise TypeError(
-                f"PGPOGRPOTrainer needs args=PGPOConfig(...) (a GRPOConfig with the PGPO options), got "
-                f"{type(args).__name__}"
-            )
+            raise TypeError(f"PGPOGRPOTrainer needs args=PGPOConfig(...) (a GRPOConfig with the PGPO options), got "
+                            f"{type(args).__name__}")
         check_pgpo_args(args)  # again: the config may have been edited after construction
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         owner = self.model if hasattr(self.model, "get_rope_index") else getattr(self.model, "model", None)
         if getattr(self.model.config, "image_token_id", None) is None or not hasattr(owner, "get_rope_index"):
-            raise ValueError(
-                f"PGPOGRPOTrainer needs a Qwen2-VL/Qwen2.5-VL style model (image placeholder tokens, "
-                f"get_rope_index for 3-D positions); got {type(self.model).__name__}"
-            )
+            raise ValueError(f"PGPOGRPOTrainer needs a Qwen2-VL/Qwen2.5-VL style model (image placeholder tokens, "
+                             f"get_rope_index for 3-D positions); got {type(self.model).__name__}")
 
     # ------------------------------------------------------------------ the hook
 
@@ -152,13 +142,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)  # [B, L]
         model = self.model
         # SPEC 1/4: explicit 3-D positions from the full visual inputs, for both passes (never generate()'s deltas)
-        position_ids = mrope_position_ids(
-            model,
-            input_ids,
-            attention_mask,
-            output["image_grid_thw"],
-            mm_token_type_ids=output.get("mm_token_type_ids"),
-        )  # [3, B, L]
+        position_ids = mrope_position_ids(model, input_ids, attention_mask, output["image_grid_thw"],
+                                          mm_token_type_ids=output.get("mm_token_type_ids"))  # [3, B, L]
         # pixel_values rows belong to images by image_grid_thw.prod(-1), images to samples by num_images (SPEC 4)
         num_images = output.get("num_images") or [1] * B
         rows_per_image = output["image_grid_thw"].prod(-1)
@@ -173,25 +158,17 @@ class PGPOGRPOTrainer(GRPOTrainer):
             hi = min(lo + chunk, B)
             i0, i1 = image_offsets[lo], image_offsets[hi]
             ids, am, pos = input_ids[lo:hi], attention_mask[lo:hi], position_ids[:, lo:hi]
-            vis_kw = visual_inputs(
-                ids, am, pos, output["pixel_values"][row_offsets[i0] : row_offsets[i1]], output["image_grid_thw"][i0:i1]
-            )
+            vis_kw = visual_inputs(ids, am, pos, output["pixel_values"][row_offsets[i0]:row_offsets[i1]],
+                                   output["image_grid_thw"][i0:i1])
             txt_kw = text_only_inputs(model, ids, am, pos)
             if args.pgpo_estimator == "full":
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
                 logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
                 temperature = args.pgpo_temperature if args.pgpo_temperature is not None else self.temperature
                 w, s = pgpo_weights_from_passes(
-                    mask[lo:hi],
-                    logits_vis=logits_vis,
-                    logits_txt=logits_txt,
-                    temperature=temperature,
-                    tau=args.pgpo_tau,
-                    beta=args.pgpo_beta,
-                    eps=args.pgpo_eps,
-                    renormalize=args.pgpo_renormalize,
-                    backend=args.pgpo_backend,
-                )
+                    mask[lo:hi], logits_vis=logits_vis, logits_txt=logits_txt, temperature=temperature,
+                    tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
+                    backend=args.pgpo_backend)
                 del logits_vis, logits_txt
             else:  # k3: sampled-token log-probs from TRL's fused LM head, no [b, T, V] logits
                 labels = ids.masked_fill(am == 0, -100)
@@ -199,15 +176,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 logp_vis = self._pgpo_completion_logps(model, vis_kw, labels, T)  # [b, T]
                 logp_txt = self._pgpo_completion_logps(model, txt_kw, labels, T)
                 w, s = pgpo_weights_from_passes(
-                    mask[lo:hi],
-                    logp_vis=logp_vis,
-                    logp_txt=logp_txt,
-                    tau=args.pgpo_tau,
-                    beta=args.pgpo_beta,
-                    eps=args.pgpo_eps,
-                    renormalize=args.pgpo_renormalize,
-                    backend=args.pgpo_backend,
-                )
+                    mask[lo:hi], logp_vis=logp_vis, logp_txt=logp_txt, tau=args.pgpo_tau, beta=args.pgpo_beta,
+                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
             weights.append(w)
             scores.append(s)
         return torch.cat(weights), torch.cat(scores)

@@ -85,39 +85,21 @@ def pgpo_reshape_advantages_(
     advantages = _get(tensors, advantages_key, "advantages [B, T_resp], computed by compute_advantage")
     mask = _get(tensors, mask_key, "response_mask [B, T_resp]")
     if not advantages.dtype.is_floating_point or advantages.dim() != 2:
-        raise ValueError(
-            f"{advantages_key} must be a float tensor [B, T_resp] (verl's token-level advantages), "
-            f"got {advantages.dtype} {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"{advantages_key} must be a float tensor [B, T_resp] (verl's token-level advantages), "
+                         f"got {advantages.dtype} {tuple(advantages.shape)}")
     if mask.shape != advantages.shape:
-        raise ValueError(
-            f"{mask_key} must have the advantages' shape [B, T_resp] = {tuple(advantages.shape)}, "
-            f"got {tuple(mask.shape)}"
-        )
+        raise ValueError(f"{mask_key} must have the advantages' shape [B, T_resp] = {tuple(advantages.shape)}, "
+                         f"got {tuple(mask.shape)}")
     valid = mask.bool()
     if scores is None and logits_vis is None and logits_txt is None:
         if logp_txt is None:
-            logp_txt = _get(
-                tensors,
-                logp_txt_key,
-                "text-only pass log-probs [B, T_resp]; pass logp_txt= or store them under this key",
-            )
+            logp_txt = _get(tensors, logp_txt_key, "text-only pass log-probs [B, T_resp]; pass logp_txt= or store "
+                            "them under this key")
         if logp_vis is None:
             logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
     weights, s = pgpo_weights_from_passes(
-        valid,
-        logits_vis=logits_vis,
-        logits_txt=logits_txt,
-        logp_vis=logp_vis,
-        logp_txt=logp_txt,
-        scores=scores,
-        temperature=temperature,
-        tau=tau,
-        beta=beta,
-        eps=eps,
-        renormalize=renormalize,
-        backend=backend,
-    )
+        valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
+        temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
@@ -186,14 +168,8 @@ class PGPOVerlTrainerMixin:
         text_batch = pgpo_text_only_batch(batch, self._pgpo_visual_token_ids(cfg))
         text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
         _, metrics = pgpo_reshape_advantages_(
-            batch,
-            logp_txt=text_logp.batch["old_log_probs"],
-            tau=cfg.get("tau", 0.4),
-            beta=cfg.get("beta", 2.0),
-            eps=cfg.get("eps", 1e-6),
-            renormalize=cfg.get("renormalize", True),
-            weights_key=None,
-        )
+            batch, logp_txt=text_logp.batch["old_log_probs"], tau=cfg.get("tau", 0.4), beta=cfg.get("beta", 2.0),
+            eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True), weights_key=None)
         out = super()._update_actor(batch)
         out.meta_info.setdefault("metrics", {}).update(metrics)
         return out
@@ -205,8 +181,6 @@ class PGPOVerlTrainerMixin:
         vocab = self.tokenizer.get_vocab()
         ids = [vocab[t] for t in ("<|image_pad|>", "<|video_pad|>") if t in vocab]
         if not ids:
-            raise ValueError(
-                "PGPO found no <|image_pad|> / <|video_pad|> token in the tokenizer; set "
-                "+algorithm.pgpo.visual_token_ids=[...] to the model's visual placeholder ids"
-            )
+            raise ValueError("PGPO found no <|image_pad|> / <|video_pad|> token in the tokenizer; set "
+                             "+algorithm.pgpo.visual_token_ids=[...] to the model's visual placeholder ids")
         return ids
