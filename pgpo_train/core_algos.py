@@ -12,6 +12,8 @@ from enum import Enum
 
 import torch
 
+from pgpo_kernels.k3 import k3_kl
+
 # %% registries
 
 ADV_ESTIMATOR_REGISTRY: dict[str, Callable] = {}
@@ -153,7 +155,8 @@ def pgpo_token_weights_from_scores(
 def k3_token_kl(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
     """k3 estimate of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3; PGPO appendix).
 
-    r = pi_txt(x) / pi_vis(x), S = (r - 1) - log r >= 0.
+    r = pi_txt(x) / pi_vis(x), S = (r - 1) - log r >= 0. One formula for the whole project: pgpo_kernels.k3_kl
+    (+inf where pi_txt(x) = 0, which the reshape treats as the sequence maximum).
 
     Args:
         logp_vis, logp_txt: [B, T] log-probs of the sampled tokens with and without the image.
@@ -161,9 +164,7 @@ def k3_token_kl(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
     Returns:
         [B, T] float32.
     """
-    # clamp the log-ratio before exp, as verl does for its kl estimators: exp(20) is already far beyond any weight
-    log_r = (logp_txt.float() - logp_vis.float()).clamp(-20.0, 20.0)
-    return (torch.expm1(log_r) - log_r).clamp_min(0.0)
+    return k3_kl(logp_vis, logp_txt)
 
 
 # %% losses
