@@ -40,6 +40,23 @@ def _log1p(x):
 
 
 @triton.jit
+def _load_chunk(s_ptr, m_ptr, idx, n, HAS_MASK: tl.constexpr):
+    """(in_seq, valid, s = log1p(S)) of one chunk of token indices; padding loads nothing."""
+    in_seq = idx < n
+    valid = in_seq
+    if HAS_MASK:
+        valid = valid & (tl.load(m_ptr + idx, mask=in_seq, other=0) != 0)
+    s = _log1p(tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32))
+    return in_seq, valid, s
+
+
+@triton.jit
+def _normalized(s, m, denom, m_inf):
+    # min-max normalize; when the maximum is +inf, +inf scores sit at I = 1 and finite ones at I = 0
+    return tl.where(m_inf, tl.where(s == float("inf"), 1.0, 0.0), (s - m) / denom)
+
+
+@triton.jit
 def _gate(I, tau, beta, eps):
     return tl.where(I < tau, I / (tau + eps), 1.0 + beta * (I - tau) / (1.0 - tau + eps))
 
@@ -80,30 +97,21 @@ def _reshape_weights_fwd_kernel(
     hi = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     cnt = tl.zeros((BLOCK_T,), tl.float32)
     for off in range(0, n, BLOCK_T):
-        idx = off + offs
-        valid = idx < n
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + idx, mask=valid, other=0) != 0)
-        s = _log1p(tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32))
+        _, valid, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
         lo = tl.minimum(lo, tl.where(valid, s, float("inf")))
         hi = tl.maximum(hi, tl.where(valid, s, float("-inf")))
         cnt += valid.to(tl.float32)
     m = tl.min(lo, axis=0)
     M = tl.max(hi, axis=0)
     n_valid = tl.sum(cnt, axis=0)
-    m_inf = M == float("inf")  # +inf is the maximum: I = 1 there, finite scores sit at I = 0
+    m_inf = M == float("inf")
     denom = tl.where(m_inf, 1.0, M - m + eps)
 
     # -- 2. gated weights and their mass -----------------------------------------------------------------------
     acc = tl.zeros((BLOCK_T,), tl.float32)
     for off in range(0, n, BLOCK_T):
-        idx = off + offs
-        valid = idx < n
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + idx, mask=valid, other=0) != 0)
-        s = _log1p(tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32))
-        I = tl.where(m_inf, tl.where(s == float("inf"), 1.0, 0.0), (s - m) / denom)
-        acc += tl.where(valid, _gate(I, tau, beta, eps), 0.0)
+        _, valid, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
+        acc += tl.where(valid, _gate(_normalized(s, m, denom, m_inf), tau, beta, eps), 0.0)
     total = tl.sum(acc, axis=0)
     # our choice (SPEC 2): all-equal, single token or zero mass -> uniform weights 1, never NaN
     degenerate = (n_valid <= 1.0) | (M == m) | (total <= 0.0)
@@ -115,13 +123,8 @@ def _reshape_weights_fwd_kernel(
     # -- 3. write renormalized weights; 0 at padding ------------------------------------------------------------
     for off in range(0, n, BLOCK_T):
         idx = off + offs
-        in_seq = idx < n
-        valid = in_seq
-        if HAS_MASK:
-            valid = valid & (tl.load(m_ptr + idx, mask=in_seq, other=0) != 0)
-        s = _log1p(tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32))
-        I = tl.where(m_inf, tl.where(s == float("inf"), 1.0, 0.0), (s - m) / denom)
-        w = tl.where(degenerate, 1.0, _gate(I, tau, beta, eps) * scale)
+        in_seq, valid, s = _load_chunk(s_ptr, m_ptr, idx, n, HAS_MASK)
+        w = tl.where(degenerate, 1.0, _gate(_normalized(s, m, denom, m_inf), tau, beta, eps) * scale)
         tl.store(o_ptr + idx, tl.where(valid, w, 0.0), mask=in_seq)
 
 
