@@ -29,6 +29,7 @@ class PGPOConfig:
     eps: float = 1e-6
     renormalize: bool = True  # keep each sequence's advantage mass (paper ablates False)
     backend: str = "auto"  # pgpo_kernels backend: triton on CUDA, torch otherwise
+    fused_lm_head: str = "auto"  # auto (on with CUDA) | on | off: hidden states + fused lm_head, no [B, T, V] logits
 
 
 @dataclass
@@ -100,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"--algo must be grpo, dapo or pgpo, got {c.algo!r}")
         if c.pgpo.estimator not in ("full", "k3"):
             raise ValueError(f"--pgpo.estimator must be full or k3, got {c.pgpo.estimator!r}")
+        if c.pgpo.fused_lm_head not in ("auto", "on", "off"):
+            raise ValueError(f"--pgpo.fused-lm-head must be auto, on or off, got {c.pgpo.fused_lm_head!r}")
         if not 0.0 <= c.pgpo.tau <= 1.0 or c.pgpo.beta < 0:
             raise ValueError(f"--pgpo.tau must be in [0, 1] and --pgpo.beta >= 0, got {c.pgpo.tau}, {c.pgpo.beta}")
         if c.clip_ratio_high == 0.0:
@@ -146,6 +149,7 @@ class TrainConfig:
 CHOICES = {
     "algo": ["grpo", "dapo", "pgpo"],
     "estimator": ["full", "k3"],
+    "fused_lm_head": ["auto", "on", "off"],
     "dynamic_sampling": ["auto", "on", "off"],
     "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
 }

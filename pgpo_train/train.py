@@ -24,6 +24,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from pgpo_kernels import fused_linear_token_stats
+from pgpo_kernels import token_kl
+from pgpo_kernels import token_stats
 from pgpo_train import core_algos
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import load_checkpoint
@@ -35,6 +38,9 @@ from pgpo_train.data import Sampler
 from pgpo_train.data import build_prompt
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
+from pgpo_train.lm_head import lm_head_params
+from pgpo_train.lm_head import response_hidden
+from pgpo_train.lm_head import use_fused_lm_head
 from pgpo_train.rewards import compute_score
 from pgpo_train.text_only import mrope_position_ids
 from pgpo_train.text_only import text_only_inputs
@@ -243,11 +249,12 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) ->
 
 
 @torch.no_grad()
-def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict) -> dict:
+def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused_lm_head: bool = False) -> dict:
     """Old log-probs with the image and, for pgpo, token visual-dependency scores from the text-only pass.
 
-    Works micro-batch by micro-batch: at most one micro-batch's [mb, T, V] logits of each pass are alive, and only
-    at response positions.
+    Works micro-batch by micro-batch. With `fused_lm_head` (pgpo only) both passes stop at the last hidden states
+    [mb, T, H] and pgpo_kernels.fused_linear_token_stats applies the lm_head tile by tile: no [mb, T, V] logits
+    exist. Otherwise at most one micro-batch's [mb, T, V] logits of each pass are alive, at response positions only.
 
     Returns:
         dict with old_logp [B, T], entropy [B, T] and (pgpo) scores [B, T].
@@ -256,60 +263,60 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict) -> di
     B, T = batch["responses"].shape
     old_logp, entropy, scores = [], [], []
     pgpo = cfg.algo == "pgpo"
-    fused_stats = _token_stats_op() if pgpo else None
+    fused = pgpo and fused_lm_head
+    # PGPO_NO_TOKEN_STATS=1: the logits path's unfused ops (torch log-softmax + token_kl / k3), to compare with
+    unfused = os.environ.get("PGPO_NO_TOKEN_STATS") == "1"
     for start in range(0, B, cfg.micro_batch_size):
         mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
             kw = visual_inputs(
                 mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"]
             )
-            logits_vis = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
-            if fused_stats is None:
-                lp, ent = logp_entropy(logits_vis, mb["responses"])
+            if fused:
+                vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
+            else:
+                vis = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
+                if not pgpo or unfused:
+                    lp, ent = logp_entropy(vis, mb["responses"])
         if not pgpo:
             old_logp.append(lp)
             entropy.append(ent)
-            del logits_vis
+            del vis
             continue
         with timed(times, "timing/text_only"):
             kw = text_only_inputs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
-            logits_txt = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
+            txt = response_hidden(model, kw, T) if fused else response_logits(model, kw, T, cfg.temperature)
         with timed(times, "timing/kl_reshape"):
-            if fused_stats is not None:
-                # one read of each logit tensor gives log-prob, entropy and S_t (logits are already / temperature)
-                st = fused_stats(
-                    logits_vis, logits_txt, mb["responses"], estimator=cfg.pgpo.estimator, backend=cfg.pgpo.backend
+            if fused:
+                weight, bias = lm_head_params(model)
+                st = fused_linear_token_stats(
+                    vis,
+                    txt,
+                    weight,
+                    mb["responses"],
+                    bias,
+                    temperature=cfg.temperature,
+                    estimator=cfg.pgpo.estimator,
+                    backend=cfg.pgpo.backend,
                 )
                 lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
+            elif not unfused:
+                # one read of each logit tensor gives log-prob, entropy and S_t (logits are already / temperature)
+                st = token_stats(vis, txt, mb["responses"], estimator=cfg.pgpo.estimator, backend=cfg.pgpo.backend)
+                lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
             elif cfg.pgpo.estimator == "full":
-                from pgpo_kernels import token_kl
-
-                s = token_kl(logits_vis, logits_txt, backend=cfg.pgpo.backend)  # [mb, T]
+                s = token_kl(vis, txt, backend=cfg.pgpo.backend)  # [mb, T]
             else:
-                lp_txt, _ = logp_entropy(logits_txt, mb["responses"], with_entropy=False)
+                lp_txt, _ = logp_entropy(txt, mb["responses"], with_entropy=False)
                 s = core_algos.k3_token_kl(lp, lp_txt)  # [mb, T]
         old_logp.append(lp)
         entropy.append(ent)
         scores.append(s)
-        del logits_vis, logits_txt  # free both passes' logits before the next micro-batch
+        del vis, txt  # free both passes' logits / hidden states before the next micro-batch
     out = {"old_logp": torch.cat(old_logp), "entropy": torch.cat(entropy)}
     if pgpo:
         out["scores"] = torch.cat(scores)
     return out
-
-
-def _token_stats_op():
-    """pgpo_kernels.token_stats (log-prob, entropy, KL in one pass) when this pgpo_kernels has it, else None.
-
-    PGPO_NO_TOKEN_STATS=1 forces the unfused path (torch log-softmax + token_kl), e.g. to compare the two.
-    """
-    if os.environ.get("PGPO_NO_TOKEN_STATS") == "1":
-        return None
-    try:
-        from pgpo_kernels import token_stats
-    except ImportError:
-        return None
-    return token_stats
 
 
 def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
@@ -543,6 +550,8 @@ def train(cfg: TrainConfig) -> dict:
     train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
 
     model, processor = load_policy(cfg, device)
+    # resolved once, before any step: "on" with an unsupported lm_head fails here, not mid-run
+    fused_lm_head = cfg.algo == "pgpo" and use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)
     small = sum(p.numel() for p in model.parameters()) < 50_000_000
     if not cfg.threads and device.type == "cpu" and small:
         # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
@@ -627,10 +636,12 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.dynamic_sampling == "on":
             keep = core_algos.dynamic_sampling_keep(batch["rewards"], cfg.group_size)
         metrics["data/kept_frac"] = float(keep.float().mean())
+        if cfg.algo == "pgpo":
+            metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which old-log-prob path ran (1: hidden states)
         texts = batch.pop("texts")
         if keep.any():
             batch = select_rows(batch, keep.nonzero().squeeze(-1)) if not keep.all() else batch
-            batch.update(old_logp_and_scores(model, batch, cfg, times))
+            batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
             tok_adv, w_m = token_advantages(batch, cfg, times)
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
