@@ -73,7 +73,8 @@ def check_fused_lm_head(model) -> None:
 
 
 def use_fused_lm_head(mode: str, model, device: torch.device) -> bool:
-    """Resolves --pgpo.fused-lm-head: on (checked, raises if unsupported), off, auto (on for CUDA when supported).
+    """Resolves --pgpo.fused-lm-head: off (the default), on (checked, raises if unsupported), auto (on for CUDA when
+    supported).
 
     our choice: auto stays off on CPU, where logits of a small model are small and the kernels' torch fallback would
     build them chunk by chunk anyway; auto falls back to the logits path (with a note) for an unsupported model.
