@@ -32,6 +32,8 @@ from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.token_kl import _LN2_C
 from pgpo_kernels.token_kl import LOG2E
 from pgpo_kernels.token_kl import _kl_finish
+from pgpo_kernels.token_kl import _merge_chunks
+from pgpo_kernels.token_kl import _rescale_t
 from pgpo_kernels.token_kl import _safe_max
 from pgpo_kernels.token_kl import kl_launch_config
 from pgpo_kernels.token_kl import split_chunks
@@ -78,7 +80,7 @@ def _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_ENTROPY: tl.conste
     # p_i = 0 contributes nothing (never 0 * inf); finite a_i where b_i = -inf gives +inf even if 2^xa underflows
     term_t = tl.where(a_in, tl.where(y == float("-inf"), float("inf"), ea * (xa - yb)), 0.0)
     shift_a = (ma_old - ma_new) * scale
-    t = alpha * (t + s_a * (shift_a - (mb_old - mb_new) * scale)) + tl.sum(term_t, axis=1)
+    t = _rescale_t(t, alpha, s_a, shift_a - (mb_old - mb_new) * scale) + tl.sum(term_t, axis=1)
     if WITH_ENTROPY:
         u = alpha * (u + s_a * shift_a) + tl.sum(tl.where(a_in, ea * xa, 0.0), axis=1)
     s_a = alpha * s_a + tl.sum(ea, axis=1)
@@ -186,17 +188,8 @@ def _token_stats_combine_kernel(
     m_b = tl.load(base + 2, mask=ok, other=float("-inf"))
     s_b = tl.load(base + 3, mask=ok, other=0.0)
     t = tl.load(base + 4, mask=ok, other=0.0)
-    M_a = tl.max(m_a, axis=0)
-    M_b = tl.max(m_b, axis=0)
-    alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - _safe_max(M_a)) * scale))
-    gamma = tl.where(m_b == float("-inf"), 0.0, tl.exp2((m_b - _safe_max(M_b)) * scale))
-    shift_a = (_safe_max(m_a) - _safe_max(M_a)) * scale
-    shift = shift_a - (_safe_max(m_b) - _safe_max(M_b)) * scale
-    # a chunk with no mass of a adds nothing; an infinite t stays infinite even if alpha underflows
-    t_c = tl.where(m_a == float("-inf"), 0.0, tl.where(t == float("inf"), float("inf"), alpha * (t + s_a * shift)))
-    S_a = tl.sum(alpha * s_a, axis=0)
-    S_b = tl.sum(gamma * s_b, axis=0)
-    tl.store(kl_ptr + row, _kl_finish(S_a, S_b, tl.sum(t_c, axis=0)))
+    M_a, M_b, S_a, S_b, t_all, alpha, shift_a = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
+    tl.store(kl_ptr + row, _kl_finish(S_a, S_b, t_all))
     if WITH_TARGET:
         u = tl.load(base + 5, mask=ok, other=0.0)
         u_all = tl.sum(tl.where(m_a == float("-inf"), 0.0, alpha * (u + s_a * shift_a)), axis=0)

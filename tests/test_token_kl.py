@@ -69,6 +69,30 @@ def test_neg_inf_entries(backend, n_chunks):
     _close(out, ref, 1e-5, 1e-5)
 
 
+def _infinite_kl_rows():
+    """Rows whose KL is +inf although the p-weighted term underflows or is rescaled away in fp32."""
+    a, b = _logits((3, 9000), torch.float32)
+    b[0, 10] = NEG_INF  # infinite term in the first block, then the max of a jumps: the rescale factor underflows
+    a[0, 5000] = 500.0
+    a[1, 10] = -300.0  # p underflows to 0 where q = 0: still +inf, never 0 * inf
+    b[1, 10] = NEG_INF
+    a[2, 4096:8192] -= 300.0  # a whole vocab chunk far below the max holds the infinite term
+    b[2, 5000] = NEG_INF
+    return a, b
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_infinite_kl_survives_underflow(backend, n_chunks):
+    a, b = _infinite_kl_rows()
+    if backend == "triton":
+        out = token_kl_forward(a, b, 1.0, n_chunks=n_chunks)
+    else:
+        out = token_kl(a, b, backend=backend)
+    assert torch.isinf(token_kl_ref(a, b)).all()
+    assert torch.isinf(out).all() and (out > 0).all(), out
+
+
 @pytest.mark.parametrize("backend", _BACKENDS)
 @pytest.mark.parametrize("offset_a, offset_b, scale", [(1e4, -3e3, 3.0), (0.0, 0.0, 1e20), (1e30, -1e30, 1e29)])
 def test_huge_magnitudes(backend, offset_a, offset_b, scale):
