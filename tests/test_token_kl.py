@@ -218,10 +218,11 @@ def test_gpu_vocab_152064(n_rows):
 
 @pytest.mark.parametrize("backend", _BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inputs_untouched(backend, dtype):
+@pytest.mark.parametrize("temperature", [0.5, 1.0])  # at 1.0 the fp32 fallback skips the scaling copy
+def test_inputs_untouched(backend, dtype, temperature):
     a, b = _logits((3, 100), dtype)
     a0, b0 = a.clone(), b.clone()
-    token_kl(a, b, temperature=0.5, backend=backend)
+    token_kl(a, b, temperature=temperature, backend=backend)
     assert torch.equal(a, a0) and torch.equal(b, b0)
 
 
