@@ -27,6 +27,7 @@ import triton.language as tl
 
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.token_kl import LOG2E
+from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.token_stats import N_PART
 from pgpo_kernels.token_stats import TokenStats
@@ -204,9 +205,7 @@ def fused_linear_forward(
         c = n_chunks if n_chunks is not None else max(triton.cdiv(n_cols, cfg["CHUNK_TILES"] * block_v),
                                                       split_chunks(n_blocks, n_cols, block_v,
                                                                    device_sm_count(device)))
-        c = max(1, min(int(c), triton.cdiv(n_cols, block_v)))
-        cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, c), block_v) * block_v
-        c = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
+        cols_per_chunk, c = chunk_layout(n_cols, c, block_v)
         part = torch.empty((rows, c, N_PART), dtype=torch.float32, device=device)
         hv, ht = hidden_vis[lo:hi], hidden_txt[lo:hi]
         tgt = target[lo:hi] if with_target else None

@@ -270,6 +270,13 @@ def split_chunks(n_rows: int, n_cols: int, block_v: int, n_sm: int) -> int:
     return max(1, min(max_chunks, triton.cdiv(4 * n_sm, max(n_rows, 1))))
 
 
+def chunk_layout(n_cols: int, n_chunks: int, block_v: int) -> tuple[int, int]:
+    """(cols_per_chunk, n_chunks): the vocab split into about n_chunks chunks of whole BLOCK_V tiles, none empty."""
+    n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
+    cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, n_chunks), block_v) * block_v
+    return cols_per_chunk, triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
+
+
 def token_kl_forward(
     logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = 1.0, n_chunks: int | None = None
 ) -> torch.Tensor:
@@ -287,7 +294,7 @@ def token_kl_forward(
     block_v, num_warps = kl_launch_config(n_cols)
     if n_chunks is None:
         n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
-    n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
+    cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, block_v)
     if n_chunks == 1 and autotune_enabled(a.device) and n_cols >= 1024:
         _token_kl_fwd_kernel_autotuned[(n_rows,)](a, b, out, n_cols, a.stride(0), b.stride(0), scale)
         return out.reshape(lead)
@@ -296,8 +303,6 @@ def token_kl_forward(
             a, b, out, n_cols, a.stride(0), b.stride(0), scale, BLOCK_V=block_v, num_warps=num_warps
         )
         return out.reshape(lead)
-    cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, n_chunks), block_v) * block_v
-    n_chunks = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
     part = torch.empty((n_rows, n_chunks, N_STATS), dtype=torch.float32, device=a.device)
     _token_kl_partial_kernel[(n_rows, n_chunks)](
         a, b, part, n_cols, a.stride(0), b.stride(0), cols_per_chunk, n_chunks, scale,

@@ -35,6 +35,7 @@ from pgpo_kernels.token_kl import _kl_finish
 from pgpo_kernels.token_kl import _merge_chunks
 from pgpo_kernels.token_kl import _rescale_t
 from pgpo_kernels.token_kl import _safe_max
+from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import kl_launch_config
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.torch_fused_ops import token_stats_torch
@@ -242,9 +243,7 @@ def token_stats_forward(
     block_v, num_warps = kl_launch_config(n_cols)
     if n_chunks is None:
         n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
-    n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
-    cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, n_chunks), block_v) * block_v
-    n_chunks = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
+    cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, block_v)
     part = torch.empty((n_rows, n_chunks, N_PART), dtype=torch.float32, device=a.device)
     _token_stats_partial_kernel[(n_rows, n_chunks)](
         a, b, target, part, n_rows, n_cols, a.stride(0), b.stride(0), cols_per_chunk, n_chunks, scale,
