@@ -31,7 +31,9 @@ from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.token_stats import N_PART
 from pgpo_kernels.token_stats import TokenStats
-from pgpo_kernels.token_stats import _stats_update
+from pgpo_kernels.token_stats import _fold_tile
+from pgpo_kernels.token_stats import _init_stats
+from pgpo_kernels.token_stats import _load_targets
 from pgpo_kernels.token_stats import _store_partial
 from pgpo_kernels.token_stats import check_target_ids
 from pgpo_kernels.token_stats import combine_stats
@@ -98,23 +100,13 @@ def _fused_linear_stats_partial_kernel(
     row_ok = rows < n_rows
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
-    if WITH_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tgt = tl.zeros((BLOCK_N,), tl.int64)
+    tgt = _load_targets(target_ptr, rows, row_ok, WITH_TARGET, BLOCK_N)
     offs_v = tl.arange(0, BLOCK_V)
     offs_h = tl.arange(0, BLOCK_H)
     hv_rows = hv_ptr + rows[:, None] * stride_hv_row  # [BLOCK_N, 1]
     ht_rows = ht_ptr + rows[:, None] * stride_ht_row
 
-    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_a = tl.zeros((BLOCK_N,), tl.float32)
-    s_b = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    u = tl.zeros((BLOCK_N,), tl.float32)
-    x_a = tl.zeros((BLOCK_N,), tl.float32)
-    x_b = tl.zeros((BLOCK_N,), tl.float32)
+    m_a, s_a, m_b, s_b, t, u, x_a, x_b = _init_stats(BLOCK_N)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + offs_v.to(tl.int64)
         col_ok = cols < col_end
@@ -146,11 +138,8 @@ def _fused_linear_stats_partial_kernel(
         y = tl.where(col_ok[None, :], acc_b, float("-inf"))
 
         # -- fold the tiles into each row's online stats -------------------------------------------------------------
-        m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
-        if WITH_TARGET:
-            hit = cols[None, :] == tgt[:, None]  # the target column sits in exactly one tile
-            x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
-            x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
+        m_a, s_a, m_b, s_b, t, u, x_a, x_b = _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale,
+                                                        WITH_TARGET)
     _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b)
 
 

@@ -63,8 +63,45 @@ class TokenStats(NamedTuple):
 
 # %% shared device helpers -----------------------------------------------------------------------------------------
 @triton.jit
+def _init_stats(BLOCK_N: tl.constexpr):
+    """Running stats of BLOCK_N rows before any column: (m_a, s_a, m_b, s_b, t, u, x_a, x_b), maxes -inf, rest 0."""
+    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_a = tl.zeros((BLOCK_N,), tl.float32)
+    s_b = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    u = tl.zeros((BLOCK_N,), tl.float32)
+    x_a = tl.zeros((BLOCK_N,), tl.float32)
+    x_b = tl.zeros((BLOCK_N,), tl.float32)
+    return m_a, s_a, m_b, s_b, t, u, x_a, x_b
+
+
+@triton.jit
+def _load_targets(target_ptr, rows, row_ok, WITH_TARGET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N] int64 target ids of the rows (0 where out of range, or all 0 without WITH_TARGET)."""
+    if WITH_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        tgt = tl.zeros((BLOCK_N,), tl.int64)
+    return tgt
+
+
+@triton.jit
+def _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale, WITH_TARGET: tl.constexpr):
+    """Fold a tile of logits x, y [R, BLOCK_V] (fp32, -inf on padded lanes) at columns cols [BLOCK_V] into the
+    running stats [R] of its rows; with WITH_TARGET also the entropy sum u and the target logits x_a, x_b."""
+    m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
+    if WITH_TARGET:
+        # the target's logit sits in exactly one tile of one chunk; the combine reads that chunk's value
+        hit = cols[None, :] == tgt[:, None]
+        x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
+        x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
+    return m_a, s_a, m_b, s_b, t, u, x_a, x_b
+
+
+@triton.jit
 def _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_ENTROPY: tl.constexpr):
-    """Fold a tile of logits x, y [R, BLOCK_V] (fp32, -inf on padded lanes) into the running stats [R] of its rows."""
+    """Online log-sum-exp update of (m_a, s_a, m_b, s_b, t[, u]) [R] by a tile x, y [R, BLOCK_V]."""
     new_m_a = tl.maximum(m_a, tl.max(x, axis=1))
     new_m_b = tl.maximum(m_b, tl.max(y, axis=1))
     ma_old, ma_new = _safe_max(m_a), _safe_max(new_m_a)
@@ -134,21 +171,11 @@ def _token_stats_partial_kernel(
     chunk = tl.program_id(1)
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
-    if WITH_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tgt = tl.zeros((BLOCK_N,), tl.int64)
+    tgt = _load_targets(target_ptr, rows, row_ok, WITH_TARGET, BLOCK_N)
     a_rows = a_ptr + rows[:, None] * stride_a_row
     b_rows = b_ptr + rows[:, None] * stride_b_row
 
-    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_a = tl.zeros((BLOCK_N,), tl.float32)
-    s_b = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    u = tl.zeros((BLOCK_N,), tl.float32)
-    x_a = tl.zeros((BLOCK_N,), tl.float32)
-    x_b = tl.zeros((BLOCK_N,), tl.float32)
+    m_a, s_a, m_b, s_b, t, u, x_a, x_b = _init_stats(BLOCK_N)
     offs = tl.arange(0, BLOCK_V)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + offs
@@ -156,12 +183,8 @@ def _token_stats_partial_kernel(
         # fp32 whatever the input dtype; padded lanes are -inf, which contribute nothing
         x = tl.load(a_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
         y = tl.load(b_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
-        if WITH_TARGET:
-            # the target's logit sits in exactly one tile of one chunk; the combine reads that chunk's value
-            hit = cols[None, :] == tgt[:, None]
-            x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
-            x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
+        m_a, s_a, m_b, s_b, t, u, x_a, x_b = _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale,
+                                                        WITH_TARGET)
     _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b)
 
 
