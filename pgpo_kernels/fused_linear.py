@@ -41,6 +41,7 @@ from pgpo_kernels.token_stats import finish_stats
 from pgpo_kernels.torch_fused_ops import default_chunk_rows
 from pgpo_kernels.torch_fused_ops import fused_linear_token_kl_torch
 from pgpo_kernels.torch_fused_ops import fused_linear_token_stats_torch
+from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_float
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
@@ -251,15 +252,12 @@ def _prepare(hidden_vis, hidden_txt, weight, bias, backend, extra=()):
     if backend == "triton" and hidden_vis.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 hidden states, got "
                         f"{hidden_vis.dtype}; use backend='torch' for float64")
-    n_hidden = hidden_vis.shape[-1]
-    hv = hidden_vis.reshape(-1, n_hidden)
-    ht = hidden_txt.reshape(-1, n_hidden)
-    if backend == "triton":
-        hv = hv if hv.stride(-1) == 1 or hv.shape[0] == 0 else hv.contiguous()
-        ht = ht if ht.stride(-1) == 1 or ht.shape[0] == 0 else ht.contiguous()
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-    return backend, hv, ht, weight, bias
+    if backend == "torch":  # F.linear takes any strides
+        n_hidden = hidden_vis.shape[-1]
+        return backend, hidden_vis.reshape(-1, n_hidden), hidden_txt.reshape(-1, n_hidden), weight, bias
+    # the kernel needs unit last strides
+    bias = None if bias is None else bias.contiguous()
+    return backend, as_rows(hidden_vis), as_rows(hidden_txt), as_rows(weight), bias
 
 
 def fused_linear_token_kl(
