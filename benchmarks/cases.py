@@ -21,6 +21,7 @@ from dataclasses import field
 
 import torch
 
+from pgpo_kernels.reference import linear_logits_ref
 from pgpo_kernels.reference import reshape_weights_ref
 from pgpo_kernels.reference import token_entropy_ref
 from pgpo_kernels.reference import token_kl_ref
@@ -193,8 +194,8 @@ def _references(case: Case) -> dict[str, torch.Tensor]:
                         for lo in range(0, a.shape[0] * a.shape[1], REF_CHUNK_ROWS)]).reshape(a.shape[:2]).cpu()
         refs = {"weights": reshape_weights_ref(kl, rows("mask").cpu(), tau=TAU, beta=BETA, eps=EPS), "kl": kl}
     elif case.op == "linear":
-        w = x["lm_head_weight"].detach().double()  # [V, H] float64, once per case
-        refs = {"kl": token_kl_ref(rows("hidden_vis").double() @ w.T, rows("hidden_txt").double() @ w.T)}
+        w = x["lm_head_weight"].detach().double()  # [V, H] float64 once per case (.double() of it is a no-op)
+        refs = {"kl": token_kl_ref(linear_logits_ref(rows("hidden_vis"), w), linear_logits_ref(rows("hidden_txt"), w))}
         del w
     else:
         a, b, tgt = rows("logits_vis"), rows("logits_txt"), rows("target_ids")
