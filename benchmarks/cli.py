@@ -3,8 +3,8 @@
     pgpo-bench kl --vocab 152064                      token KL, 4096 tokens (CUDA) / small sizes on the CPU
     pgpo-bench reshape                                PGPO reshape, 256 x 2048 tokens (CUDA)
     pgpo-bench weights                                token KL + reshape
-    pgpo-bench linear                                 fused lm_head + KL (when this build has it)
-    pgpo-bench stats                                  fused log p / entropy / KL (when this build has it)
+    pgpo-bench linear                                 fused lm_head + KL (fused_linear_token_kl)
+    pgpo-bench stats                                  fused log p / entropy / KL (token_stats)
     pgpo-bench all --tokens 1..16384 --json r.json --plot r.png
 
 --tokens takes one value, a list (space or comma separated) or A..B for the powers of two from A to B. On the CPU
