@@ -178,7 +178,8 @@ def _compile(case: Case) -> Callable[[], Any]:
     f = _compiled[case.op]
     args = tuple(case.inputs.values())  # every target takes the case's inputs in their build order
     for t in args:
-        # our choice: the row (or sequence) count is dynamic, so a token sweep compiles once, not once per size
+        # our choice: the row (or sequence) count is dynamic, so a token sweep does not compile once per size; it still
+        # compiles a few times (torch specializes a size of 1, and reshape/weights change T too while N < seq_len)
         torch._dynamo.maybe_mark_dynamic(t, 0)
     return lambda: f(*args)
 
