@@ -105,7 +105,7 @@ def test_plain_table_without_rich(report, monkeypatch, capsys):
 
     from benchmarks.report import print_table
 
-    monkeypatch.setitem(sys.modules, "rich.console", None)  # as in CI, where the bench extra is not installed
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # as where the bench extra is not installed
     print_table(report)
     out = capsys.readouterr().out
     assert out.startswith("pgpo-bench on CPU:") and "CPU run" in out
