@@ -167,3 +167,44 @@ def test_cuda_refused_without_gpu(capsys):
     with pytest.raises(SystemExit):
         cli.main(["kl", "--device", "cuda"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bandwidth_accounting_copy_and_op_counted_alike(monkeypatch):
+    # a copy of n bytes moves 2n (read + write); an op's GB/s is its least bytes (reads + writes) over the same
+    # kind of median, so the copy fraction compares like with like
+    from benchmarks import roofline
+    from benchmarks import runner
+    from benchmarks.timing import TimeStats
+
+    fixed = TimeStats(2.0, 1.5, 2.5, 5, "fake")  # every call "takes" 2 ms
+    monkeypatch.setattr(roofline, "time_fn", lambda *a, **k: fixed)
+    monkeypatch.setattr(runner, "time_fn", lambda *a, **k: fixed)
+    copy = roofline.measure_copy_bandwidth(torch.device("cpu"), n_bytes=1 << 20)
+    assert copy["GBps"] == pytest.approx(2 * (1 << 20) / 2e-3 / 1e9)
+    case = build_case("kl", 3, vocab=10, hidden=1, seq_len=1, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert case.bytes_moved == 2 * 3 * 10 * 2 + 3 * 4  # both bf16 [N, V] inputs read once, fp32 [N] written once
+    rec = runner.run_backend(case, "pgpo-torch", copy_gbps=copy["GBps"], warmup_ms=1, rep_ms=1)
+    assert rec["GBps"] == pytest.approx(case.bytes_moved / 2e-3 / 1e9)
+    assert rec["copy_fraction"] == pytest.approx(case.bytes_moved / (2 * (1 << 20)))
+
+
+def test_peak_memory_counts_only_what_the_call_adds(monkeypatch):
+    # a fake CUDA allocator: the inputs (1000 B) are live before the call, and an earlier peak (5000 B) must not count
+    from benchmarks import timing
+
+    state = {"cur": 1000, "peak": 5000}
+
+    def reset(device=None):
+        state["peak"] = state["cur"]
+
+    def fn():
+        state["cur"] += 300  # output + a temporary
+        state["peak"] = max(state["peak"], state["cur"])
+        state["cur"] -= 200  # the temporary is freed, the output stays
+        return "out"
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["cur"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    assert timing.call_with_peak_memory(fn, torch.device("cuda")) == ("out", 300)
