@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU run of pgpo-bench, sized to finish inside ~8 minutes on one H100 (the device tool allows 10 per
-# command). Runs the GPU tests, then the sweeps (bf16, vocab 152064, every op and backend), and leaves in $OUT:
+# One-shot GPU run of pgpo-bench: its steps' time limits add up to 505 s, inside the device tool's 10 minutes per
+# command (not yet run on a GPU). Runs the GPU tests, then the sweeps (bf16, vocab 152064, every op and backend),
+# and leaves in $OUT:
 #   gpu_tests.log, sweep.log, <device>.json (all ops merged), <device>.png (GB/s vs tokens), <device>.md (table).
 # Each step has its own time limit, so a hang or an OOM in one op still leaves the others' results.
 #

@@ -7,8 +7,9 @@ far apart the two are where it matters, on real rollouts of the default run's po
 1. build the embedded default policy (pgpo_train.train.load_policy with TrainConfig() defaults: random tiny model),
    optionally run the default SFT warm-up (sft_steps, sft_batch_size, sft_lr of TrainConfig) on the generated task;
 2. roll out G responses per prompt with the default sampling (pgpo_train.train.rollout);
-3. run the visual and text-only passes on those responses and compute, for every valid response token,
-   the full KL and k3 with pgpo_kernels.token_stats (one read of each logit tensor, both estimators);
+3. score those responses with the training step's own old-log-prob phase (pgpo_train.train.old_logp_and_scores:
+   visual and text-only passes, then pgpo_kernels.token_stats), once per estimator, so every valid response token
+   gets both the full KL and k3;
 4. report mean and spread of both, of their difference, their correlation (Pearson, Spearman), and what the
    difference does to PGPO's weights (the reshape of SPEC section 2 with the paper's tau, beta);
 5. check that generate() sampled from the very distribution the scoring pass computes (k3 is unbiased only then).
@@ -19,6 +20,7 @@ Run: python -m benchmarks.k3_variance --sft-steps 0 150 --seeds 0 1 2 --prompts 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,7 +28,6 @@ import time
 import torch
 
 from pgpo_kernels import reshape_weights
-from pgpo_kernels import token_stats
 
 
 def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -98,18 +99,16 @@ def sampling_gap(model, processor, cfg, records) -> float:
 
 def measure(sft_steps: int, prompts: int, group: int, seed: int, micro_batch: int) -> dict:
     from pgpo_train.config import TrainConfig
-    from pgpo_train.text_only import text_only_inputs
-    from pgpo_train.text_only import visual_inputs
     from pgpo_train.tiny import make_count_records
     from pgpo_train.train import load_policy
     from pgpo_train.train import make_optimizer
-    from pgpo_train.train import response_logits
+    from pgpo_train.train import old_logp_and_scores
     from pgpo_train.train import rollout
     from pgpo_train.train import seed_everything
-    from pgpo_train.train import select_rows
     from pgpo_train.train import sft_step
 
-    cfg = TrainConfig(seed=seed, sft_steps=sft_steps, group_size=group, progress=False).resolved()
+    cfg = TrainConfig(seed=seed, sft_steps=sft_steps, group_size=group, micro_batch_size=micro_batch,
+                      progress=False).resolved()
     seed_everything(seed)
     device = torch.device("cpu")
     model, processor = load_policy(cfg, device)
@@ -124,20 +123,11 @@ def measure(sft_steps: int, prompts: int, group: int, seed: int, micro_batch: in
     eval_records = make_count_records(prompts, seed=seed + 10_000)  # prompts the warm-up never saw
     batch, roll = rollout(model, processor, eval_records, cfg, device, {})
     batch.pop("texts")  # strings: select_rows slices tensors only
-    B, T = batch["responses"].shape
-    full, k3 = [], []
-    with torch.no_grad():
-        for start in range(0, B, micro_batch):
-            mb = select_rows(batch, torch.arange(start, min(B, start + micro_batch)))
-            kw = visual_inputs(mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"],
-                               mb["image_grid_thw"])
-            lv = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V], already / temperature
-            lt = response_logits(model, text_only_inputs(model, mb["input_ids"], mb["attention_mask"],
-                                                         mb["position_ids"]), T, cfg.temperature)
-            tgt = mb["responses"]
-            full.append(token_stats(lv, lt, tgt, estimator="full", backend="torch").kl)
-            k3.append(token_stats(lv, lt, tgt, estimator="k3", backend="torch").kl)
-    stats = summarize(torch.cat(full), torch.cat(k3), batch["response_mask"], cfg.pgpo.tau, cfg.pgpo.beta)
+    scores = {}
+    for est in ("full", "k3"):  # the passes run once per estimator (a step computes one); cheap at this size
+        cfg_est = dataclasses.replace(cfg, pgpo=dataclasses.replace(cfg.pgpo, estimator=est))
+        scores[est] = old_logp_and_scores(model, batch, cfg_est, {})["scores"]  # [B, T]
+    stats = summarize(scores["full"], scores["k3"], batch["response_mask"], cfg.pgpo.tau, cfg.pgpo.beta)
     stats["sampling_logit_gap"] = sampling_gap(model, processor, cfg, eval_records[:8])
     stats.update(sft_steps=sft_steps, prompts=prompts, group_size=group, seed=seed,
                  reward_mean=roll["reward/mean"], response_length_mean=roll["response/length_mean"],
@@ -151,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts", type=int, default=64, help="rollout prompts (x group responses)")
     p.add_argument("--group", type=int, default=4, help="responses per prompt (TrainConfig default 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one policy + rollout per seed")
-    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=32, help="responses per forward (never changes the math)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     a = p.parse_args(argv)

@@ -8,8 +8,6 @@
     lm_head+pgpo   linear op only: lm_head matmul of both passes, then our token_kl
 
 A backend that cannot run raises Unavailable with the reason; the report lists it instead of dropping it.
-The fused ops (fused_linear_token_kl, token_stats) are imported lazily: a build without them reports the op as
-"not available in this build" rather than failing.
 """
 
 from __future__ import annotations
@@ -19,14 +17,15 @@ from typing import Any
 
 import torch
 
-import pgpo_kernels
 from benchmarks.cases import BETA
 from benchmarks.cases import EPS
 from benchmarks.cases import TAU
 from benchmarks.cases import Case
+from pgpo_kernels import fused_linear_token_kl
 from pgpo_kernels import pgpo_token_weights
 from pgpo_kernels import reshape_weights
 from pgpo_kernels import token_kl
+from pgpo_kernels import token_stats
 from pgpo_kernels.torch_ops import reshape_weights_torch
 from pgpo_kernels.utils import interpreter_enabled
 
@@ -114,22 +113,7 @@ _COMPILE_TARGETS = {
 _compiled: dict[str, Callable] = {}  # one compiled function per op, reused across a sweep
 
 
-# %% lazily imported pieces -----------------------------------------------------------------------------------------
-def fused_op(name: str) -> Callable:
-    """pgpo_kernels.<name> (a fused op added on another branch), or Unavailable if this build lacks it."""
-    fn = getattr(pgpo_kernels, name, None)
-    if fn is None:
-        try:
-            import importlib
-
-            fn = getattr(importlib.import_module("pgpo_kernels.fused"), name, None)
-        except ImportError:
-            fn = None
-    if fn is None:
-        raise Unavailable(f"not available in this build: pgpo_kernels has no {name}")
-    return fn
-
-
+# %% Liger, imported lazily (the bench extra) ------------------------------------------------------------------------
 def liger_kl_function():
     """Liger's autograd KL-div Function, or Unavailable with the reason."""
     try:
@@ -171,10 +155,8 @@ def _pgpo(case: Case, backend: str) -> Callable[[], Any]:
         return lambda: pgpo_token_weights(x["logits_vis"], x["logits_txt"], x["mask"], tau=TAU, beta=BETA, eps=EPS,
                                           backend=backend)
     if case.op == "linear":
-        f = fused_op("fused_linear_token_kl")
-        return lambda: f(x["hidden_vis"], x["hidden_txt"], x["lm_head_weight"], backend=backend)
-    f = fused_op("token_stats")
-    return lambda: f(x["logits_vis"], x["logits_txt"], x["target_ids"], backend=backend)
+        return lambda: fused_linear_token_kl(x["hidden_vis"], x["hidden_txt"], x["lm_head_weight"], backend=backend)
+    return lambda: token_stats(x["logits_vis"], x["logits_txt"], x["target_ids"], backend=backend)
 
 
 def _eager(case: Case) -> Callable[[], Any]:
@@ -196,7 +178,8 @@ def _compile(case: Case) -> Callable[[], Any]:
     f = _compiled[case.op]
     args = tuple(case.inputs.values())  # every target takes the case's inputs in their build order
     for t in args:
-        # our choice: the row (or sequence) count is dynamic, so a token sweep compiles once, not once per size
+        # our choice: the row (or sequence) count is dynamic, so a token sweep does not compile once per size; it still
+        # compiles a few times (torch specializes a size of 1, and reshape/weights change T too while N < seq_len)
         torch._dynamo.maybe_mark_dynamic(t, 0)
     return lambda: f(*args)
 

@@ -10,6 +10,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import sys
 from typing import Any
@@ -143,9 +144,12 @@ def write_json(report: dict, path: str) -> None:
             return [finite(v) for v in x]
         return x
 
-    with open(path, "w") as f:
+    # write then rename: a run killed mid-write (gpu_sweep.sh's per-step time limits) keeps its last complete file
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(finite(report), f, indent=1, allow_nan=False)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 # %% tables ---------------------------------------------------------------------------------------------------------

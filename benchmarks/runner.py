@@ -83,9 +83,6 @@ def run_backend(case: Case, backend: str, *, copy_gbps: float | None, warmup_ms:
         rec["errors"] = errs
         rec["max_abs_err"] = max(errs.values())
         stats = time_fn(fn, case.device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    except Unavailable as exc:  # a lazily imported piece missing at call time
-        rec.update(status="unavailable", reason=str(exc))
-        return rec
     except torch.OutOfMemoryError as exc:
         rec.update(status="error", reason="out of memory: " + _reason(exc))
         _free(case.device)

@@ -8,6 +8,7 @@ cache, so on the CPU it is reported as not measured (None) rather than guessed.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,14 +35,6 @@ class TimeStats:
         return {"median": self.median_ms, "p20": self.p20_ms, "p80": self.p80_ms, "n": self.n, "timer": self.timer}
 
 
-def _quantile(sorted_xs: list[float], q: float) -> float:
-    """Linear-interpolation quantile of a sorted, non-empty list (numpy's default method)."""
-    pos = q * (len(sorted_xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -60,9 +53,8 @@ def time_cpu(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float, min_reps
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    return TimeStats(_quantile(samples, 0.5), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples),
-                     "time.perf_counter")
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")  # numpy's default linear interpolation
+    return TimeStats(deciles[4], deciles[1], deciles[7], len(samples), "time.perf_counter")
 
 
 def time_cuda(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> TimeStats:

@@ -66,6 +66,23 @@ def test_json_has_no_invalid_tokens_and_markdown_reads_it(report, tmp_path):
     assert "CPU run" in md and "unavailable: Liger-Kernel" in md
 
 
+def test_json_write_cut_short_keeps_the_previous_file(report, tmp_path, monkeypatch):
+    from benchmarks import report as report_mod
+
+    path = tmp_path / "r.json"
+    write_json(report, str(path))
+    before = path.read_text()
+
+    def dump_half_then_die(obj, f, **kwargs):
+        f.write(json.dumps(obj)[:100])
+        raise KeyboardInterrupt  # stands in for a time limit killing the process mid-write
+
+    monkeypatch.setattr(report_mod.json, "dump", dump_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        write_json({**report, "results": []}, str(path))
+    assert path.read_text() == before and json.loads(before)["results"]
+
+
 def test_plot_writes_png(report, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "r.png"
@@ -88,7 +105,7 @@ def test_plain_table_without_rich(report, monkeypatch, capsys):
 
     from benchmarks.report import print_table
 
-    monkeypatch.setitem(sys.modules, "rich.console", None)  # as in CI, where the bench extra is not installed
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # as where the bench extra is not installed
     print_table(report)
     out = capsys.readouterr().out
     assert out.startswith("pgpo-bench on CPU:") and "CPU run" in out

@@ -89,9 +89,9 @@ def plot_seed_means(runs: list[str], out: str) -> None:
         for algo in sorted({os.path.basename(r).split("-")[1] for r in runs}):
             curves = []
             for r in [r for r in runs if os.path.basename(r).split("-")[1] == algo]:
-                pts = [(x["step"], x[key]) for x in read_metrics(r) if key in x and x.get("phase") == "rl"]
-                if key == "eval/acc":
-                    pts = [(x["step"], x[key]) for x in read_metrics(r) if key in x]
+                # eval/acc includes the eval at the end of the SFT warm-up; the other panels are RL steps only
+                pts = [(x["step"], x[key]) for x in read_metrics(r) if key in x
+                       and (key == "eval/acc" or x.get("phase") == "rl")]
                 xs = [p[0] for p in pts]
                 ys = [statistics.fmean([q[1] for q in pts[max(0, i - k + 1) : i + 1]]) for i in range(len(pts))]
                 ax.plot(xs, ys, color=colors.get(algo), alpha=0.3, lw=1)
