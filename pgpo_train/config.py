@@ -58,7 +58,7 @@ class TrainConfig:
     problem_column: str = "problem"
     answer_column: str = "answer"
     solution_column: str = "solution"  # reference responses for the SFT warm-up (only needed when sft_steps > 0)
-    prompt_template: str = ""  # "{question}" is replaced; empty = tiny template for the tiny task, paper's otherwise
+    prompt_template: str = ""  # "{question}" is replaced; empty = "tiny" for the tiny task, the paper's otherwise
     max_samples: int = 0  # 0 = whole split
     # --- algorithm
     algo: str = "pgpo"  # grpo | dapo | pgpo (pgpo = dapo + perception-grounded token weights)
@@ -141,7 +141,7 @@ class TrainConfig:
 
             c.out_dir = os.path.join("runs", f"{c.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not c.prompt_template:
-            c.prompt_template = "" if (c.dataset or c.model) else "tiny"
+            c.prompt_template = "tiny" if embedded else PAPER_PROMPT_TEMPLATE
         return c
 
 

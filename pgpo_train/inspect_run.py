@@ -146,10 +146,6 @@ def inspect_main(args) -> str:
     cfg = dataclasses.replace(cfg, algo="pgpo", max_new_tokens=args.max_new_tokens or cfg.max_new_tokens)
     cfg.pgpo = dataclasses.replace(cfg.pgpo, estimator=args.estimator, tau=args.tau, beta=args.beta)
     cfg = cfg.resolved()
-    if cfg.prompt_template == "":
-        from pgpo_train.config import PAPER_PROMPT_TEMPLATE
-
-        cfg.prompt_template = PAPER_PROMPT_TEMPLATE
     device = resolve_device(cfg)
     model, processor = load_policy(cfg, device)
     if ckpt is not None:

@@ -31,7 +31,6 @@ from pgpo_train import core_algos
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import load_checkpoint
 from pgpo_train.checkpoint import save_checkpoint
-from pgpo_train.config import PAPER_PROMPT_TEMPLATE
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
@@ -542,8 +541,6 @@ def train(cfg: TrainConfig) -> dict:
 
     # data: the generated tiny task unless a dataset is given
     data_path = cfg.dataset or tiny_dataset_path(seed=0)
-    if cfg.prompt_template == "":
-        cfg.prompt_template = PAPER_PROMPT_TEMPLATE
     columns = {"image": cfg.image_column, "problem": cfg.problem_column, "answer": cfg.answer_column}
     if cfg.sft_steps > 0:
         columns["solution"] = cfg.solution_column
