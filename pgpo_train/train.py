@@ -189,6 +189,12 @@ def select_rows(batch: dict, idx: torch.Tensor) -> dict:
     return out
 
 
+def visual_kwargs(batch: dict) -> dict:
+    """Forward kwargs of the visual pass for a build_sequences / select_rows batch (explicit 3-D positions)."""
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")
+    return visual_inputs(*(batch[k] for k in keys))
+
+
 def response_logits(model, inputs: dict, n_resp: int, temperature: float) -> torch.Tensor:
     """[mb, T, V] temperature-scaled logits predicting the response tokens (only those positions are computed)."""
     logits = model(**inputs, logits_to_keep=n_resp + 1, use_cache=False).logits[:, :-1]  # [mb, T, V]
@@ -268,9 +274,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     for start in range(0, B, cfg.micro_batch_size):
         mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
-            kw = visual_inputs(
-                mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"]
-            )
+            kw = visual_kwargs(mb)
             if fused:
                 vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
             else:
@@ -379,14 +383,7 @@ def policy_update(model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: Tra
                 for ustart in range(0, len(mini), cfg.micro_batch_size):
                     idx = mini[ustart : ustart + cfg.micro_batch_size]
                     mb = select_rows(batch, idx)
-                    kw = visual_inputs(
-                        mb["input_ids"],
-                        mb["attention_mask"],
-                        mb["position_ids"],
-                        mb["pixel_values"],
-                        mb["image_grid_thw"],
-                    )
-                    logits = response_logits(model, kw, T, cfg.temperature)
+                    logits = response_logits(model, visual_kwargs(mb), T, cfg.temperature)
                     logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
                     loss, m = policy_loss(
                         batch["old_logp"][idx],
@@ -421,15 +418,7 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device) -> 
     enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
     responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
-    T = responses.shape[1]
-    kw = visual_inputs(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["position_ids"],
-        batch["pixel_values"],
-        batch["image_grid_thw"],
-    )
-    logits = response_logits(model, kw, T, 1.0)
+    logits = response_logits(model, visual_kwargs(batch), responses.shape[1], 1.0)
     logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
     loss.backward()

@@ -125,6 +125,7 @@ def test_training_forward_matches_generate(tiny_batch):
     from pgpo_train.train import eos_ids
     from pgpo_train.train import response_logits
     from pgpo_train.train import response_mask_from
+    from pgpo_train.train import visual_kwargs
 
     model, _ = tiny_batch
     from pgpo_train.tiny import build_processor
@@ -147,14 +148,7 @@ def test_training_forward_matches_generate(tiny_batch):
     mask = response_mask_from(resp, stop)
     batch = build_sequences(model, prompt, resp, mask, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        kw = visual_inputs(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["position_ids"],
-            batch["pixel_values"],
-            batch["image_grid_thw"],
-        )
-        logits = response_logits(model, kw, resp.shape[1], 1.0)
+        logits = response_logits(model, visual_kwargs(batch), resp.shape[1], 1.0)
     lp_fwd = torch.log_softmax(logits, -1).gather(-1, batch["responses"][..., None]).squeeze(-1)
     lp_gen = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, resp[..., None]).squeeze(-1)
     assert ((lp_fwd - lp_gen).abs() * mask).max() < 1e-4
