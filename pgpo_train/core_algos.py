@@ -152,6 +152,29 @@ def pgpo_token_weights_from_scores(
 
 
 @torch.no_grad()
+def normalized_scores(scores: torch.Tensor, response_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """I_t of SPEC section 2, for metrics and pictures: min-max normalized log(1 + S_t) per sequence.
+
+    As in the reshape, min and max run over each sequence's valid tokens and +inf scores are the sequence maximum
+    (I = 1, its finite scores then sit at I = 0).
+
+    Args:
+        scores: [B, T] S_t >= 0.
+        response_mask: [B, T] 1 on valid tokens.
+
+    Returns:
+        [B, T] float32 in [0, 1], 0 on padding.
+    """
+    m = response_mask.bool()
+    s = torch.log1p(scores.float().clamp_min(0))
+    inf = torch.tensor(float("inf"), device=s.device)
+    lo = torch.where(m, s, inf).amin(-1, keepdim=True)  # [B, 1]
+    hi = torch.where(m, s, -inf).amax(-1, keepdim=True)  # [B, 1]
+    I = torch.where(hi == inf, (s == inf).float(), (s - lo) / (hi - lo + eps))
+    return torch.where(m, I, torch.zeros_like(I))
+
+
+@torch.no_grad()
 def k3_token_kl(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
     """k3 estimate of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3; PGPO appendix).
 

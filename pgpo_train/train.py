@@ -339,21 +339,17 @@ def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.
             backend=cfg.pgpo.backend,
         )  # [B, T]
     batch["weights"] = w
-    return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau)
+    return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
 
 
 @torch.no_grad()
-def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float) -> dict:
+def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float, eps: float) -> dict:
     """KL statistics (mean, max, fraction of tokens whose normalized score I_t is >= tau) and weight statistics."""
     m = mask.bool()
     s = scores[m]
     if s.numel() == 0:
         return {}
-    # I_t exactly as the reshape defines it (SPEC section 2), per sequence over valid tokens
-    ls = torch.log1p(scores.clamp_min(0))
-    lo = torch.where(m, ls, torch.full_like(ls, float("inf"))).min(-1, keepdim=True).values
-    hi = torch.where(m, ls, torch.full_like(ls, -float("inf"))).max(-1, keepdim=True).values
-    I = (ls - lo) / (hi - lo + 1e-6)
+    I = core_algos.normalized_scores(scores, m, eps)  # [B, T], as the reshape defines it (SPEC section 2)
     w = weights[m]
     return {
         "pgpo/kl_mean": float(s.mean()),
