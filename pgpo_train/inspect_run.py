@@ -50,7 +50,13 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     batch = build_sequences(model, prompt, responses, mask, processor.tokenizer.pad_token_id)
     stats = old_logp_and_scores(model, batch, cfg, {})
     w = core_algos.get_token_weight_fn("pgpo")(
-        stats["scores"], mask, tau=cfg.pgpo.tau, beta=cfg.pgpo.beta, eps=cfg.pgpo.eps, backend=cfg.pgpo.backend
+        stats["scores"],
+        mask,
+        tau=cfg.pgpo.tau,
+        beta=cfg.pgpo.beta,
+        eps=cfg.pgpo.eps,
+        renormalize=cfg.pgpo.renormalize,
+        backend=cfg.pgpo.backend,
     )
     intensity = core_algos.normalized_scores(stats["scores"], mask, cfg.pgpo.eps)  # [1, T], PGPO's I_t
     n = int(mask.sum())
