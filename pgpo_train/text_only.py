@@ -149,3 +149,31 @@ def visual_inputs(
         out["pixel_values"] = pixel_values
         out["image_grid_thw"] = image_grid_thw
     return out
+
+
+def select_images(
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    samples,
+    num_images: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values and image_grid_thw of some samples of a batch (SPEC section 4: split by image, not evenly).
+
+    Args:
+        pixel_values: [n_patches, C] all images' patches, images in batch order.
+        image_grid_thw: [n_images, 3]; image i owns image_grid_thw[i].prod() rows of pixel_values.
+        samples: sample indices (ints, in the order wanted).
+        num_images: images per sample; None = one each.
+
+    Returns:
+        (pixel_values [n_patches', C], image_grid_thw [n_images', 3]) of those samples' images, in that order.
+    """
+    per_image = torch.split(pixel_values, image_grid_thw.prod(-1).tolist())
+    counts = num_images if num_images is not None else [1] * len(per_image)
+    first = [0]
+    for n in counts:
+        first.append(first[-1] + n)
+    images = [j for i in samples for j in range(first[i], first[i + 1])]
+    if not images:  # samples without images (TRL allows them): empty, as a slice would be
+        return pixel_values[:0], image_grid_thw[:0]
+    return torch.cat([per_image[j] for j in images]), image_grid_thw[images]

@@ -42,6 +42,7 @@ from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
 from pgpo_train.rewards import compute_score
 from pgpo_train.text_only import mrope_position_ids
+from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
 
@@ -177,15 +178,14 @@ def select_rows(batch: dict, idx: torch.Tensor) -> dict:
     """Rows idx of a batch; pixel_values are split per sample by image_grid_thw.prod(-1), not evenly (SPEC sec. 4)."""
     out = {}
     for k, v in batch.items():
-        if v is None or k == "pixel_values":
+        if v is None or k in ("pixel_values", "image_grid_thw"):
             continue
         out[k] = v[:, idx] if k == "position_ids" else v[idx]
-    if batch.get("pixel_values") is not None:
-        sizes = batch["image_grid_thw"].prod(-1).tolist()
-        chunks = torch.split(batch["pixel_values"], sizes)
-        out["pixel_values"] = torch.cat([chunks[i] for i in idx.tolist()])
-    else:
-        out["pixel_values"] = None
+    out["pixel_values"], out["image_grid_thw"] = None, None
+    if batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
+        out["pixel_values"], out["image_grid_thw"] = select_images(
+            batch["pixel_values"], batch["image_grid_thw"], idx.tolist()
+        )
     return out
 
 

@@ -152,3 +152,18 @@ def test_training_forward_matches_generate(tiny_batch):
     lp_fwd = torch.log_softmax(logits, -1).gather(-1, batch["responses"][..., None]).squeeze(-1)
     lp_gen = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, resp[..., None]).squeeze(-1)
     assert ((lp_fwd - lp_gen).abs() * mask).max() < 1e-4
+
+
+def test_select_images_splits_by_image_not_evenly():
+    """Samples with 2, 0 and 1 images of different patch counts: each keeps exactly its own rows (SPEC section 4)."""
+    from pgpo_train.text_only import select_images
+
+    grid = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 4, 4]])  # 4, 8 and 16 patch rows
+    pixels = torch.arange(28.0)[:, None].expand(28, 3)  # row r holds r
+    px, g = select_images(pixels, grid, [2, 0], num_images=[2, 0, 1])
+    assert g.tolist() == [[1, 4, 4], [1, 2, 2], [1, 2, 4]]
+    assert px[:, 0].tolist() == list(range(12, 28)) + list(range(12))
+    px, g = select_images(pixels, grid, [1], num_images=[2, 0, 1])
+    assert px.shape == (0, 3) and g.shape == (0, 3)
+    px, g = select_images(pixels[:12], grid[:2], [1])  # one image per sample by default
+    assert g.tolist() == [[1, 2, 4]] and px[:, 0].tolist() == list(range(4, 12))
