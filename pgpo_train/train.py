@@ -550,19 +550,15 @@ def train(cfg: TrainConfig) -> dict:
         except ValueError as e:
             print(f"pgpo-train: no eval ({e})")
 
-    # state; resume restores all of it
-    step, data_pos, phase = 0, 0, "sft" if cfg.sft_steps > 0 else "rl"
-    optimizer = make_optimizer(model, cfg.sft_lr if phase == "sft" else cfg.lr, cfg.weight_decay)
-    skipped = 0
-    resumed_from = None
+    # state; resume restores all of it. Checkpoints are written in the RL phase only (the first at the SFT -> RL
+    # switch), so the optimizer a checkpoint holds is always the RL one.
+    step, data_pos, skipped, resumed_from = 0, 0, 0, None
+    optimizer = make_optimizer(model, cfg.sft_lr if cfg.sft_steps > 0 else cfg.lr, cfg.weight_decay)
     if cfg.resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            phase = json.load(f)["phase"]
-        if phase == "rl":  # the optimizer saved is the RL one (fresh at the SFT -> RL switch)
-            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         st = load_checkpoint(path, model, optimizer)
         step, data_pos, skipped = st["step"], st["data_pos"], st["skipped_images"]
         resumed_from = path
@@ -571,10 +567,10 @@ def train(cfg: TrainConfig) -> dict:
     stream.skipped_images = skipped
     logger = Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None)
 
-    def state(phase_now):
+    def state():
         return {
             "step": step,
-            "phase": phase_now,
+            "phase": "rl",
             "data_pos": sampler.position,
             "skipped_images": stream.skipped_images,
             "config": dataclasses.asdict(cfg),
@@ -594,12 +590,11 @@ def train(cfg: TrainConfig) -> dict:
             m = sft_step(model, optimizer, processor, stream.next_batch(cfg.sft_batch_size), cfg, device)
             step += 1
             if step == cfg.sft_steps:
-                phase = "rl"
                 if eval_records:
                     last_eval = evaluate(model, processor, eval_records, cfg, device)
                     m.update(last_eval)
                 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
-                save_checkpoint(ckpt_dir, step, model, optimizer, state("rl"), cfg.keep_checkpoints)
+                save_checkpoint(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
             logger.log(step, {"phase": "sft", **m})
             if bar:
                 bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
@@ -641,7 +636,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics["sample/response"] = texts[0]  # one rollout response per eval, to eyeball what the policy writes
         logger.log(step, {"phase": "rl", **metrics})
         if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or step == total:
-            save_checkpoint(ckpt_dir, step, model, optimizer, state("rl"), cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
         if bar:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/acc']:.2f}")
             bar.update(1)
