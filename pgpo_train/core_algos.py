@@ -65,11 +65,6 @@ class AdvantageEstimator(str, Enum):
     GRPO = "grpo"
 
 
-class KLEstimator(str, Enum):
-    FULL = "full"
-    K3 = "k3"
-
-
 # %% advantages
 
 
