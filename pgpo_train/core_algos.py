@@ -12,6 +12,7 @@ from enum import Enum
 
 import torch
 
+from pgpo_kernels import reshape_weights
 from pgpo_kernels.k3 import k3_kl
 
 # %% registries
@@ -139,8 +140,6 @@ def pgpo_token_weights_from_scores(
     Returns:
         [B, T] float32 weights, summing to each sequence's valid-token count, 0 on padding.
     """
-    from pgpo_kernels import reshape_weights
-
     return reshape_weights(
         scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
     )
