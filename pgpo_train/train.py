@@ -338,7 +338,6 @@ def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.
             renormalize=cfg.pgpo.renormalize,
             backend=cfg.pgpo.backend,
         )  # [B, T]
-    batch["weights"] = w
     return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
 
 
