@@ -5,7 +5,7 @@ from the full visual inputs, with the attention mask set to False on every visua
 tokens are never attended, the vision tower is skipped: no pixel_values are passed and the placeholders keep their
 plain token embeddings (whatever they hold cannot reach any other token).
 
-Two traps this module exists for (SPEC section 1 and 4):
+Three traps this module exists for (SPEC sections 1 and 4):
 - without explicit position ids the model recomputes positions from the holed attention mask (wrong positions);
 - transformers 5.x builds 3-D mrope positions only when `mm_token_type_ids` is given, else silently 1-D;
 - `generate()` leaves `rope_deltas` on the model; a later forward must not rely on them. We build position ids
