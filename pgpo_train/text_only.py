@@ -1,4 +1,5 @@
-"""The text-only pass of PGPO for Qwen2.5-VL (SPEC section 1), and explicit 3-D (mrope) position ids.
+"""The text-only pass of PGPO for Qwen2.5-VL (SPEC section 1), explicit 3-D (mrope) position ids, and the
+per-sample split of pixel_values (SPEC section 4).
 
 The text-only pass reuses the visual pass's tensors: the same input ids and the same 3-D position ids, computed
 from the full visual inputs, with the attention mask set to False on every visual placeholder token. Since those
