@@ -29,6 +29,17 @@ def _inner_model(model):
     )
 
 
+def check_mrope_vlm(model, who: str = "PGPO") -> None:
+    """Refuses a model without image placeholder tokens or get_rope_index (the text-only pass needs both)."""
+    owner = next((m for m in (model, getattr(model, "model", None)) if hasattr(m, "get_rope_index")), None)
+    if getattr(model.config, "image_token_id", None) is None or owner is None:
+        raise ValueError(
+            f"{who}: model {type(model).__name__} has no image tokens / 3-D rope index: PGPO needs a Qwen2-VL/"
+            "Qwen2.5-VL style vision-language model (image placeholder tokens, get_rope_index), e.g. "
+            "Qwen/Qwen2.5-VL-3B-Instruct"
+        )
+
+
 def image_token_ids(config) -> list[int]:
     """Ids of the visual placeholder tokens (image, and video when defined) of a VLM config."""
     ids = [getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)]

@@ -41,6 +41,7 @@ from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
 from pgpo_train.rewards import compute_score
+from pgpo_train.text_only import check_mrope_vlm
 from pgpo_train.text_only import mrope_position_ids
 from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
@@ -85,12 +86,8 @@ def load_policy(cfg: TrainConfig, device: torch.device):
 
 def check_vlm(model, processor) -> None:
     """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
-    image_token_id = getattr(model.config, "image_token_id", None)
-    if image_token_id is None or not hasattr(getattr(model, "model", model), "get_rope_index"):
-        raise ValueError(
-            f"model {type(model).__name__} has no image tokens / 3-D rope index: PGPO needs a Qwen2-VL-style "
-            "vision-language model (e.g. Qwen/Qwen2.5-VL-3B-Instruct)"
-        )
+    check_mrope_vlm(model, "pgpo-train")
+    image_token_id = model.config.image_token_id
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", "<|image_pad|>")
     if tok.convert_tokens_to_ids(image_token) != image_token_id:

@@ -31,6 +31,7 @@ from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.integrations.token_scores import weight_metrics
+from pgpo_train.text_only import check_mrope_vlm
 from pgpo_train.text_only import mrope_position_ids
 from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
@@ -110,10 +111,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                             f"{type(args).__name__}")
         check_pgpo_args(args)  # again: the config may have been edited after construction
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
-        owner = self.model if hasattr(self.model, "get_rope_index") else getattr(self.model, "model", None)
-        if getattr(self.model.config, "image_token_id", None) is None or not hasattr(owner, "get_rope_index"):
-            raise ValueError(f"PGPOGRPOTrainer needs a Qwen2-VL/Qwen2.5-VL style model (image placeholder tokens, "
-                             f"get_rope_index for 3-D positions); got {type(self.model).__name__}")
+        check_mrope_vlm(self.model, "PGPOGRPOTrainer")
 
     # ------------------------------------------------------------------ the hook
 
