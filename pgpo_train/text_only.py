@@ -18,11 +18,16 @@ from __future__ import annotations
 import torch
 
 
+def _rope_index_owner(model):
+    """The model itself or its inner `.model` when it has `get_rope_index`, else None."""
+    return next((m for m in (model, getattr(model, "model", None)) if hasattr(m, "get_rope_index")), None)
+
+
 def _inner_model(model):
     """The module that owns `get_rope_index` (Qwen2_5_VLModel inside ...ForConditionalGeneration)."""
-    for m in (model, getattr(model, "model", None)):
-        if m is not None and hasattr(m, "get_rope_index"):
-            return m
+    owner = _rope_index_owner(model)
+    if owner is not None:
+        return owner
     raise ValueError(
         f"{type(model).__name__} has no get_rope_index: the text-only pass needs a Qwen2-VL/Qwen2.5-VL style model "
         "with 3-D (mrope) positions and image placeholder tokens"
@@ -31,8 +36,7 @@ def _inner_model(model):
 
 def check_mrope_vlm(model, who: str = "PGPO") -> None:
     """Refuses a model without image placeholder tokens or get_rope_index (the text-only pass needs both)."""
-    owner = next((m for m in (model, getattr(model, "model", None)) if hasattr(m, "get_rope_index")), None)
-    if getattr(model.config, "image_token_id", None) is None or owner is None:
+    if getattr(model.config, "image_token_id", None) is None or _rope_index_owner(model) is None:
         raise ValueError(
             f"{who}: model {type(model).__name__} has no image tokens / 3-D rope index: PGPO needs a Qwen2-VL/"
             "Qwen2.5-VL style vision-language model (image placeholder tokens, get_rope_index), e.g. "
