@@ -27,10 +27,13 @@ import triton.language as tl
 
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.token_kl import LOG2E
+from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.token_stats import N_PART
 from pgpo_kernels.token_stats import TokenStats
-from pgpo_kernels.token_stats import _stats_update
+from pgpo_kernels.token_stats import _fold_tile
+from pgpo_kernels.token_stats import _init_stats
+from pgpo_kernels.token_stats import _load_targets
 from pgpo_kernels.token_stats import _store_partial
 from pgpo_kernels.token_stats import check_target_ids
 from pgpo_kernels.token_stats import combine_stats
@@ -38,6 +41,7 @@ from pgpo_kernels.token_stats import finish_stats
 from pgpo_kernels.torch_fused_ops import default_chunk_rows
 from pgpo_kernels.torch_fused_ops import fused_linear_token_kl_torch
 from pgpo_kernels.torch_fused_ops import fused_linear_token_stats_torch
+from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_float
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
@@ -97,23 +101,13 @@ def _fused_linear_stats_partial_kernel(
     row_ok = rows < n_rows
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
-    if WITH_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tgt = tl.zeros((BLOCK_N,), tl.int64)
+    tgt = _load_targets(target_ptr, rows, row_ok, WITH_TARGET, BLOCK_N)
     offs_v = tl.arange(0, BLOCK_V)
     offs_h = tl.arange(0, BLOCK_H)
     hv_rows = hv_ptr + rows[:, None] * stride_hv_row  # [BLOCK_N, 1]
     ht_rows = ht_ptr + rows[:, None] * stride_ht_row
 
-    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_a = tl.zeros((BLOCK_N,), tl.float32)
-    s_b = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    u = tl.zeros((BLOCK_N,), tl.float32)
-    x_a = tl.zeros((BLOCK_N,), tl.float32)
-    x_b = tl.zeros((BLOCK_N,), tl.float32)
+    m_a, s_a, m_b, s_b, t, u, x_a, x_b = _init_stats(BLOCK_N)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + offs_v.to(tl.int64)
         col_ok = cols < col_end
@@ -145,11 +139,8 @@ def _fused_linear_stats_partial_kernel(
         y = tl.where(col_ok[None, :], acc_b, float("-inf"))
 
         # -- fold the tiles into each row's online stats -------------------------------------------------------------
-        m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
-        if WITH_TARGET:
-            hit = cols[None, :] == tgt[:, None]  # the target column sits in exactly one tile
-            x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
-            x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
+        m_a, s_a, m_b, s_b, t, u, x_a, x_b = _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale,
+                                                        WITH_TARGET)
     _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b)
 
 
@@ -204,9 +195,7 @@ def fused_linear_forward(
         c = n_chunks if n_chunks is not None else max(triton.cdiv(n_cols, cfg["CHUNK_TILES"] * block_v),
                                                       split_chunks(n_blocks, n_cols, block_v,
                                                                    device_sm_count(device)))
-        c = max(1, min(int(c), triton.cdiv(n_cols, block_v)))
-        cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, c), block_v) * block_v
-        c = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
+        cols_per_chunk, c = chunk_layout(n_cols, c, block_v)
         part = torch.empty((rows, c, N_PART), dtype=torch.float32, device=device)
         hv, ht = hidden_vis[lo:hi], hidden_txt[lo:hi]
         tgt = target[lo:hi] if with_target else None
@@ -263,15 +252,12 @@ def _prepare(hidden_vis, hidden_txt, weight, bias, backend, extra=()):
     if backend == "triton" and hidden_vis.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 hidden states, got "
                         f"{hidden_vis.dtype}; use backend='torch' for float64")
-    n_hidden = hidden_vis.shape[-1]
-    hv = hidden_vis.reshape(-1, n_hidden)
-    ht = hidden_txt.reshape(-1, n_hidden)
-    if backend == "triton":
-        hv = hv if hv.stride(-1) == 1 or hv.shape[0] == 0 else hv.contiguous()
-        ht = ht if ht.stride(-1) == 1 or ht.shape[0] == 0 else ht.contiguous()
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-    return backend, hv, ht, weight, bias
+    if backend == "torch":  # F.linear takes any strides
+        n_hidden = hidden_vis.shape[-1]
+        return backend, hidden_vis.reshape(-1, n_hidden), hidden_txt.reshape(-1, n_hidden), weight, bias
+    # the kernel needs unit last strides
+    bias = None if bias is None else bias.contiguous()
+    return backend, as_rows(hidden_vis), as_rows(hidden_txt), as_rows(weight), bias
 
 
 def fused_linear_token_kl(

@@ -225,6 +225,12 @@ def reshape_weights(
         float32 weights in the scores' layout, 0 at padding; sequences with no spread in their scores get 1.
     """
     check_reshape_args(scores, mask, cu_seqlens, tau, beta, eps)
+    return reshape_weights_checked(scores, mask, cu_seqlens, tau, beta, eps, renormalize, backend)
+
+
+def reshape_weights_checked(scores, mask, cu_seqlens, tau, beta, eps, renormalize, backend) -> torch.Tensor:
+    """reshape_weights after check_reshape_args has passed (pgpo_token_weights checks before its KL launch, and
+    checking again would read cu_seqlens on the host a second time)."""
     backend = resolve_backend(backend, scores)
     if backend == "torch":
         return reshape_weights_torch(scores, mask, cu_seqlens, tau, beta, eps, renormalize)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from pgpo_kernels.torch_fused_ops import token_kl_backward_torch
-from pgpo_kernels.torch_fused_ops import token_kl_rows_torch
+from pgpo_kernels.torch_ops import token_kl_torch
 from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_logits_pair
 from pgpo_kernels.utils import check_temperature
@@ -49,6 +49,16 @@ N_STATS = 5  # per-chunk partial stats: m_a, s_a, m_b, s_b, t
 def _safe_max(m):
     # a max of -inf (nothing seen yet, or an all -inf row) is replaced by 0 wherever it offsets an exponent
     return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _rescale_t(t, alpha, s_a, shift):
+    """Carry the p-weighted log-ratio t over to a new max: alpha (t + s_a shift).
+
+    An infinite t (a finite a_i where b_i = -inf) stays infinite even when alpha underflows to 0, and a finite t whose
+    alpha is 0 (nothing seen yet, or mass far below the new max) adds nothing: never 0 * inf.
+    """
+    return tl.where(t == float("inf"), float("inf"), tl.where(alpha == 0.0, 0.0, alpha * (t + s_a * shift)))
 
 
 @triton.jit
@@ -81,10 +91,11 @@ def _kl_stream(a_row_ptr, b_row_ptr, col_start, col_end, scale, BLOCK_V: tl.cons
         yb = (y - mb_new) * scale
         ea = tl.exp2(xa)  # x = -inf -> 0
         eb = tl.exp2(yb)
-        # p_i = 0 (a_i = -inf) contributes nothing, never 0 * inf; a finite where b = -inf gives +inf (true KL)
-        term = tl.where(x == float("-inf"), 0.0, ea * (xa - yb))
+        # p_i = 0 (a_i = -inf) contributes nothing, never 0 * inf; a finite a_i where b_i = -inf gives +inf (true KL)
+        # even if 2^xa underflows
+        term = tl.where(x == float("-inf"), 0.0, tl.where(y == float("-inf"), float("inf"), ea * (xa - yb)))
         shift = ((ma_old - ma_new) - (mb_old - mb_new)) * scale
-        t = alpha * (t + s_a * shift) + tl.sum(term, axis=0)
+        t = _rescale_t(t, alpha, s_a, shift) + tl.sum(term, axis=0)
         s_a = alpha * s_a + tl.sum(ea, axis=0)
         s_b = gamma * s_b + tl.sum(eb, axis=0)
         m_a = new_m_a
@@ -99,6 +110,23 @@ def _kl_finish(s_a, s_b, t):
     kl = tl.where(s_b == 0.0, float("inf"), kl)
     kl = tl.where(s_a == 0.0, 0.0, kl)
     return tl.maximum(kl, 0.0)  # clamp tiny negative rounding
+
+
+@triton.jit
+def _merge_chunks(m_a, s_a, m_b, s_b, t, scale):
+    """Merge per-chunk stats [C] with the streaming update's rescale-and-shift rule.
+
+    Returns (M_a, M_b, S_a, S_b, t_all, alpha, shift_a): the overall maxes (-inf replaced by 0), the merged sums and
+    t, and each chunk's rescale factor and shift of a, for callers that merge more a-sums with the same rule.
+    """
+    M_a = _safe_max(tl.max(m_a, axis=0))
+    M_b = _safe_max(tl.max(m_b, axis=0))
+    alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - M_a) * scale))
+    gamma = tl.where(m_b == float("-inf"), 0.0, tl.exp2((m_b - M_b) * scale))
+    shift_a = (_safe_max(m_a) - M_a) * scale
+    shift = shift_a - (_safe_max(m_b) - M_b) * scale
+    t_all = tl.sum(_rescale_t(t, alpha, s_a, shift), axis=0)
+    return M_a, M_b, tl.sum(alpha * s_a, axis=0), tl.sum(gamma * s_b, axis=0), t_all, alpha, shift_a
 
 
 # %% kernels -------------------------------------------------------------------------------------------------------
@@ -165,13 +193,8 @@ def _token_kl_combine_kernel(
     m_b = tl.load(base + 2, mask=ok, other=float("-inf"))
     s_b = tl.load(base + 3, mask=ok, other=0.0)
     t = tl.load(base + 4, mask=ok, other=0.0)
-    M_a = _safe_max(tl.max(m_a, axis=0))
-    M_b = _safe_max(tl.max(m_b, axis=0))
-    alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - M_a) * scale))
-    gamma = tl.where(m_b == float("-inf"), 0.0, tl.exp2((m_b - M_b) * scale))
-    shift = ((_safe_max(m_a) - M_a) - (_safe_max(m_b) - M_b)) * scale
-    t_all = tl.sum(tl.where(alpha == 0.0, 0.0, alpha * (t + s_a * shift)), axis=0)
-    tl.store(out_ptr + row, _kl_finish(tl.sum(alpha * s_a, axis=0), tl.sum(gamma * s_b, axis=0), t_all))
+    _, _, S_a, S_b, t_all, _, _ = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
+    tl.store(out_ptr + row, _kl_finish(S_a, S_b, t_all))
 
 
 # On a GPU the one-row-per-program kernel is autotuned over these (block, warps) pairs, keyed by V (the autotuner
@@ -247,6 +270,13 @@ def split_chunks(n_rows: int, n_cols: int, block_v: int, n_sm: int) -> int:
     return max(1, min(max_chunks, triton.cdiv(4 * n_sm, max(n_rows, 1))))
 
 
+def chunk_layout(n_cols: int, n_chunks: int, block_v: int) -> tuple[int, int]:
+    """(cols_per_chunk, n_chunks): the vocab split into about n_chunks chunks of whole BLOCK_V tiles, none empty."""
+    n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
+    cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, n_chunks), block_v) * block_v
+    return cols_per_chunk, triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
+
+
 def token_kl_forward(
     logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = 1.0, n_chunks: int | None = None
 ) -> torch.Tensor:
@@ -264,7 +294,7 @@ def token_kl_forward(
     block_v, num_warps = kl_launch_config(n_cols)
     if n_chunks is None:
         n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
-    n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
+    cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, block_v)
     if n_chunks == 1 and autotune_enabled(a.device) and n_cols >= 1024:
         _token_kl_fwd_kernel_autotuned[(n_rows,)](a, b, out, n_cols, a.stride(0), b.stride(0), scale)
         return out.reshape(lead)
@@ -273,8 +303,6 @@ def token_kl_forward(
             a, b, out, n_cols, a.stride(0), b.stride(0), scale, BLOCK_V=block_v, num_warps=num_warps
         )
         return out.reshape(lead)
-    cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, n_chunks), block_v) * block_v
-    n_chunks = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
     part = torch.empty((n_rows, n_chunks, N_STATS), dtype=torch.float32, device=a.device)
     _token_kl_partial_kernel[(n_rows, n_chunks)](
         a, b, part, n_cols, a.stride(0), b.stride(0), cols_per_chunk, n_chunks, scale,
@@ -321,7 +349,7 @@ class TokenKLFunction(torch.autograd.Function):
         ctx.save_for_backward(logits_vis, logits_txt)
         if backend == "torch":
             lead = logits_vis.shape[:-1]
-            return token_kl_rows_torch(as_rows(logits_vis), as_rows(logits_txt), temperature).reshape(lead)
+            return token_kl_torch(as_rows(logits_vis), as_rows(logits_txt), temperature).reshape(lead)
         return token_kl_forward(logits_vis, logits_txt, temperature)
 
     @staticmethod

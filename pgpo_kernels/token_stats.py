@@ -32,7 +32,10 @@ from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.token_kl import _LN2_C
 from pgpo_kernels.token_kl import LOG2E
 from pgpo_kernels.token_kl import _kl_finish
+from pgpo_kernels.token_kl import _merge_chunks
+from pgpo_kernels.token_kl import _rescale_t
 from pgpo_kernels.token_kl import _safe_max
+from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import kl_launch_config
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.torch_fused_ops import token_stats_torch
@@ -60,8 +63,45 @@ class TokenStats(NamedTuple):
 
 # %% shared device helpers -----------------------------------------------------------------------------------------
 @triton.jit
+def _init_stats(BLOCK_N: tl.constexpr):
+    """Running stats of BLOCK_N rows before any column: (m_a, s_a, m_b, s_b, t, u, x_a, x_b), maxes -inf, rest 0."""
+    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_a = tl.zeros((BLOCK_N,), tl.float32)
+    s_b = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    u = tl.zeros((BLOCK_N,), tl.float32)
+    x_a = tl.zeros((BLOCK_N,), tl.float32)
+    x_b = tl.zeros((BLOCK_N,), tl.float32)
+    return m_a, s_a, m_b, s_b, t, u, x_a, x_b
+
+
+@triton.jit
+def _load_targets(target_ptr, rows, row_ok, WITH_TARGET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N] int64 target ids of the rows (0 where out of range, or all 0 without WITH_TARGET)."""
+    if WITH_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        tgt = tl.zeros((BLOCK_N,), tl.int64)
+    return tgt
+
+
+@triton.jit
+def _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale, WITH_TARGET: tl.constexpr):
+    """Fold a tile of logits x, y [R, BLOCK_V] (fp32, -inf on padded lanes) at columns cols [BLOCK_V] into the
+    running stats [R] of its rows; with WITH_TARGET also the entropy sum u and the target logits x_a, x_b."""
+    m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
+    if WITH_TARGET:
+        # the target's logit sits in exactly one tile of one chunk; the combine reads that chunk's value
+        hit = cols[None, :] == tgt[:, None]
+        x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
+        x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
+    return m_a, s_a, m_b, s_b, t, u, x_a, x_b
+
+
+@triton.jit
 def _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_ENTROPY: tl.constexpr):
-    """Fold a tile of logits x, y [R, BLOCK_V] (fp32, -inf on padded lanes) into the running stats [R] of its rows."""
+    """Online log-sum-exp update of (m_a, s_a, m_b, s_b, t[, u]) [R] by a tile x, y [R, BLOCK_V]."""
     new_m_a = tl.maximum(m_a, tl.max(x, axis=1))
     new_m_b = tl.maximum(m_b, tl.max(y, axis=1))
     ma_old, ma_new = _safe_max(m_a), _safe_max(new_m_a)
@@ -78,7 +118,7 @@ def _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_ENTROPY: tl.conste
     # p_i = 0 contributes nothing (never 0 * inf); finite a_i where b_i = -inf gives +inf even if 2^xa underflows
     term_t = tl.where(a_in, tl.where(y == float("-inf"), float("inf"), ea * (xa - yb)), 0.0)
     shift_a = (ma_old - ma_new) * scale
-    t = alpha * (t + s_a * (shift_a - (mb_old - mb_new) * scale)) + tl.sum(term_t, axis=1)
+    t = _rescale_t(t, alpha, s_a, shift_a - (mb_old - mb_new) * scale) + tl.sum(term_t, axis=1)
     if WITH_ENTROPY:
         u = alpha * (u + s_a * shift_a) + tl.sum(tl.where(a_in, ea * xa, 0.0), axis=1)
     s_a = alpha * s_a + tl.sum(ea, axis=1)
@@ -131,21 +171,11 @@ def _token_stats_partial_kernel(
     chunk = tl.program_id(1)
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
-    if WITH_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tgt = tl.zeros((BLOCK_N,), tl.int64)
+    tgt = _load_targets(target_ptr, rows, row_ok, WITH_TARGET, BLOCK_N)
     a_rows = a_ptr + rows[:, None] * stride_a_row
     b_rows = b_ptr + rows[:, None] * stride_b_row
 
-    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_a = tl.zeros((BLOCK_N,), tl.float32)
-    s_b = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    u = tl.zeros((BLOCK_N,), tl.float32)
-    x_a = tl.zeros((BLOCK_N,), tl.float32)
-    x_b = tl.zeros((BLOCK_N,), tl.float32)
+    m_a, s_a, m_b, s_b, t, u, x_a, x_b = _init_stats(BLOCK_N)
     offs = tl.arange(0, BLOCK_V)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + offs
@@ -153,12 +183,8 @@ def _token_stats_partial_kernel(
         # fp32 whatever the input dtype; padded lanes are -inf, which contribute nothing
         x = tl.load(a_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
         y = tl.load(b_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
-        if WITH_TARGET:
-            # the target's logit sits in exactly one tile of one chunk; the combine reads that chunk's value
-            hit = cols[None, :] == tgt[:, None]
-            x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
-            x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
+        m_a, s_a, m_b, s_b, t, u, x_a, x_b = _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale,
+                                                        WITH_TARGET)
     _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b)
 
 
@@ -186,17 +212,8 @@ def _token_stats_combine_kernel(
     m_b = tl.load(base + 2, mask=ok, other=float("-inf"))
     s_b = tl.load(base + 3, mask=ok, other=0.0)
     t = tl.load(base + 4, mask=ok, other=0.0)
-    M_a = tl.max(m_a, axis=0)
-    M_b = tl.max(m_b, axis=0)
-    alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - _safe_max(M_a)) * scale))
-    gamma = tl.where(m_b == float("-inf"), 0.0, tl.exp2((m_b - _safe_max(M_b)) * scale))
-    shift_a = (_safe_max(m_a) - _safe_max(M_a)) * scale
-    shift = shift_a - (_safe_max(m_b) - _safe_max(M_b)) * scale
-    # a chunk with no mass of a adds nothing; an infinite t stays infinite even if alpha underflows
-    t_c = tl.where(m_a == float("-inf"), 0.0, tl.where(t == float("inf"), float("inf"), alpha * (t + s_a * shift)))
-    S_a = tl.sum(alpha * s_a, axis=0)
-    S_b = tl.sum(gamma * s_b, axis=0)
-    tl.store(kl_ptr + row, _kl_finish(S_a, S_b, tl.sum(t_c, axis=0)))
+    M_a, M_b, S_a, S_b, t_all, alpha, shift_a = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
+    tl.store(kl_ptr + row, _kl_finish(S_a, S_b, t_all))
     if WITH_TARGET:
         u = tl.load(base + 5, mask=ok, other=0.0)
         u_all = tl.sum(tl.where(m_a == float("-inf"), 0.0, alpha * (u + s_a * shift_a)), axis=0)
@@ -249,9 +266,7 @@ def token_stats_forward(
     block_v, num_warps = kl_launch_config(n_cols)
     if n_chunks is None:
         n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
-    n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
-    cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, n_chunks), block_v) * block_v
-    n_chunks = triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
+    cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, block_v)
     part = torch.empty((n_rows, n_chunks, N_PART), dtype=torch.float32, device=a.device)
     _token_stats_partial_kernel[(n_rows, n_chunks)](
         a, b, target, part, n_rows, n_cols, a.stride(0), b.stride(0), cols_per_chunk, n_chunks, scale,

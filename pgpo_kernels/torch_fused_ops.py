@@ -16,18 +16,14 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pgpo_kernels.torch_ops import _rows_per_chunk
+from pgpo_kernels.torch_ops import compute_dtype
+from pgpo_kernels.torch_ops import kl_terms
 from pgpo_kernels.torch_ops import token_kl_torch
 
 # our choice: a fallback chunk may use up to this share of the free memory, and never more than this many rows
 FREE_MEMORY_SHARE = 0.25
 MAX_CHUNK_ROWS = 8192
-# Rows per chunk of the logits-only fallbacks: one fp32 [chunk, V] buffer near this many elements (64 MiB).
-_CHUNK_ELEMS = 1 << 24
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation whatever the input dtype (SPEC 1), fp64 kept for float64 inputs (gradcheck needs it)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -52,30 +48,9 @@ def default_chunk_rows(n_cols: int, itemsize: int, device: torch.device) -> int:
 
 
 # %% token stats from logits ---------------------------------------------------------------------------------------
-def _kl_terms(logp: torch.Tensor, logq: torch.Tensor, support: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """KL per row from log-softmaxes [c, V]; support = a != -inf; b the raw logits of the second pass."""
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    inf = torch.full((), float("inf"), dtype=logp.dtype, device=logp.device)
-    # p_i = 0 (a_i = -inf) contributes nothing; a finite a_i where b_i = -inf gives +inf even if p_i underflows
-    kl = torch.where(support, torch.where(logq == float("-inf"), inf, logp.exp() * (logp - logq)), zero).sum(-1)
-    has_mass = support.any(-1)
-    kl = torch.where(has_mass & (b == float("-inf")).all(-1), inf, kl)  # q has no mass at all
-    # our choice (SPEC 1 is silent): an all -inf row of a has no distribution -> KL 0
-    return torch.where(has_mass, kl, zero).clamp_min(0.0)
-
-
-def _kl_rows(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One chunk: [c, V] logits x2 -> [c] KL in the compute dtype. Never writes into its inputs."""
-    dt = _compute_dtype(a.dtype)
-    x = a.to(dt) / temperature  # a new tensor even for fp32 inputs
-    logp = x.log_softmax(-1)  # [c, V], centred: no cancellation of large logits
-    logq = (b.to(dt) / temperature).log_softmax(-1)
-    return _kl_terms(logp, logq, x != float("-inf"), b)
-
-
 def _stats_rows(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float):
     """One chunk: [c, V] logits x2 + [c] targets -> (logp, logp_txt, entropy, kl), each [c] in the compute dtype."""
-    dt = _compute_dtype(a.dtype)
+    dt = compute_dtype(a.dtype)
     x = a.to(dt) / temperature  # [c, V]
     support = x != float("-inf")
     logp = x.log_softmax(-1)  # [c, V]
@@ -85,7 +60,7 @@ def _stats_rows(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperat
     lq_t = logq.gather(-1, idx).squeeze(-1)
     zero = torch.zeros((), dtype=dt, device=a.device)
     ent = -torch.where(support, logp.exp() * logp, zero).sum(-1)
-    kl = _kl_terms(logp, logq, support, b)
+    kl = kl_terms(logp, logq, support, b)
     has_mass = support.any(-1)
     # our choice: an all -inf row has no distribution -> entropy 0, log-prob -inf
     ent = torch.where(has_mass, ent, zero).clamp_min(0.0)
@@ -99,7 +74,7 @@ def token_stats_torch(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, te
     """[N, V] x2 + [N] int targets -> (logp, logp_txt, entropy, kl), each [N] float32, row chunks of ~64 MiB."""
     n_rows, n_cols = a.shape
     outs = [torch.empty(n_rows, dtype=torch.float32, device=a.device) for _ in range(4)]
-    step = max(1, _CHUNK_ELEMS // max(n_cols, 1))
+    step = _rows_per_chunk(n_cols)
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
         for out, val in zip(outs, _stats_rows(a[lo:hi], b[lo:hi], target[lo:hi], temperature)):
@@ -123,7 +98,7 @@ def fused_linear_token_kl_torch(
         hi = min(lo + chunk_rows, n_rows)
         la = F.linear(hidden_vis[lo:hi], weight, bias)  # [c, V], the only V-sized buffers alive
         lb = F.linear(hidden_txt[lo:hi], weight, bias)
-        out[lo:hi] = token_kl_rows_torch(la, lb, temperature)  # [c] (fp64 stays exact here, cast on store)
+        out[lo:hi] = token_kl_torch(la, lb, temperature)  # [c] (fp64 stays exact here, cast on store)
         del la, lb
     return out
 
@@ -150,20 +125,7 @@ def fused_linear_token_stats_torch(
     return tuple(outs)
 
 
-# %% token KL: forward in the input's precision, and the gradient ---------------------------------------------------
-def token_kl_rows_torch(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL per row of [N, V] inputs: float64 in -> float64 out (gradcheck needs it), else torch_ops' fp32 fallback."""
-    if a.dtype != torch.float64:
-        return token_kl_torch(a, b, temperature)
-    n_rows, n_cols = a.shape
-    out = torch.empty(n_rows, dtype=torch.float64, device=a.device)
-    step = max(1, _CHUNK_ELEMS // max(n_cols, 1))
-    for lo in range(0, n_rows, step):
-        hi = min(lo + step, n_rows)
-        out[lo:hi] = _kl_rows(a[lo:hi], b[lo:hi], temperature)
-    return out
-
-
+# %% token KL gradient ----------------------------------------------------------------------------------------------
 def token_kl_backward_torch(
     a: torch.Tensor, b: torch.Tensor, grad_out: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +138,8 @@ def token_kl_backward_torch(
     n_rows, n_cols = a.shape
     grad_a = torch.empty_like(a)
     grad_b = torch.empty_like(b)
-    dt = _compute_dtype(a.dtype)
-    step = max(1, _CHUNK_ELEMS // max(n_cols, 1))
+    dt = compute_dtype(a.dtype)
+    step = _rows_per_chunk(n_cols)
     inv_t = 1.0 / temperature
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
@@ -196,7 +158,8 @@ def token_kl_backward_torch(
         # no distribution (all -inf row of a): KL is the constant 0; infinite KL: no derivative
         ga = torch.where(has_mass, ga, zero)
         gb = torch.where(has_mass, gb, zero)
-        bad = torch.isinf(kl)
+        # +inf, or NaN where p_i underflows to 0 against q_i = 0 (the KL is +inf there too); a row without mass is 0
+        bad = has_mass & ~torch.isfinite(kl)
         nan = torch.full((), float("nan"), dtype=dt, device=a.device)
         grad_a[lo:hi] = torch.where(bad, nan, ga).to(a.dtype)
         grad_b[lo:hi] = torch.where(bad, nan, gb).to(b.dtype)

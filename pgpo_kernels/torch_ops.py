@@ -19,32 +19,59 @@ def _rows_per_chunk(n_cols: int) -> int:
     return max(1, _CHUNK_ELEMS // max(n_cols, 1))
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation whatever the input dtype (SPEC 1), fp64 kept for float64 inputs (gradcheck needs it)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kl_terms(logp: torch.Tensor, logq: torch.Tensor, support: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL per row from log-softmaxes [c, V]; support = a != -inf; b the raw logits of the second pass."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    inf = torch.full((), float("inf"), dtype=logp.dtype, device=logp.device)
+    # p_i = 0 (a_i = -inf) contributes nothing; a finite a_i where b_i = -inf gives +inf even if p_i underflows
+    kl = torch.where(support, torch.where(logq == float("-inf"), inf, logp.exp() * (logp - logq)), zero).sum(-1)
+    has_mass = support.any(-1)
+    kl = torch.where(has_mass & (b == float("-inf")).all(-1), inf, kl)  # q has no mass at all
+    # our choice (SPEC 1 is silent): an all -inf row of a has no distribution -> KL 0
+    return torch.where(has_mass, kl, zero).clamp_min(0.0)
+
+
+def _kl_rows_exact(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk: [c, V] logits x2 -> [c] KL in the compute dtype, every -inf case of SPEC 1 masked explicitly."""
+    dt = compute_dtype(a.dtype)
+    x = a.to(dt) / temperature  # a new tensor even for fp32 inputs
+    logp = x.log_softmax(-1)  # [c, V], centred: no cancellation of large logits
+    logq = (b.to(dt) / temperature).log_softmax(-1)
+    return kl_terms(logp, logq, x != float("-inf"), b)
+
+
+def _kl_rows(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk: [c, V] logits x2 -> [c] KL in the compute dtype. Never writes into its inputs.
+
+    The plain sum p * (log p - log q) in two [c, V] buffers. It differs from the masked one only at -inf entries,
+    where it gives NaN (0 * inf) or +inf for the whole row; only such rows are recomputed with every mask.
+    """
+    dt = compute_dtype(a.dtype)
+    x, y = a.to(dt), b.to(dt)
+    if temperature != 1.0:
+        x, y = x / temperature, y / temperature
+    logp = x.log_softmax(-1)  # [c, V] new tensors, centred: no cancellation of large logits
+    diff = y.log_softmax(-1).neg_().add_(logp)  # log p - log q
+    kl = logp.exp_().mul_(diff).sum(-1)
+    special = (~torch.isfinite(kl)).nonzero().squeeze(-1)  # one host sync per chunk (a CPU fallback: cheap)
+    if special.numel():
+        kl[special] = _kl_rows_exact(a[special], b[special], temperature)
+    return kl.clamp_min_(0.0)
+
+
 def token_kl_torch(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(a / temp) || softmax(b / temp)) per row of [N, V] inputs -> [N] float32."""
+    """KL(softmax(a / temp) || softmax(b / temp)) per row of [N, V] inputs -> [N] float32 (float64 for float64 in)."""
     n_rows, n_cols = a.shape
-    out = torch.empty(n_rows, dtype=torch.float32, device=a.device)
+    out = torch.empty(n_rows, dtype=compute_dtype(a.dtype), device=a.device)
     step = _rows_per_chunk(n_cols)
-    inv_t = 1.0 / temperature
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
-        # fp32 accumulation whatever the input dtype (SPEC 1)
-        # out of place: .float() of an fp32 input is the input itself, which must never be scaled in place
-        logp = a[lo:hi].float() * inv_t  # [c, V]
-        support = logp != float("-inf")
-        logp = logp.log_softmax(-1)  # in fp32, centred: no cancellation of large logits
-        logq = b[lo:hi].float() * inv_t  # [c, V]
-        b_support = (logq != float("-inf")).any(-1)  # [c]
-        logq = logq.log_softmax(-1)
-        # p * (log p - log q), with p_i = 0 contributing nothing (never 0 * inf)
-        logq.neg_().add_(logp)  # log p - log q; +inf where b = -inf and a finite
-        term = logp.exp_().mul_(logq)
-        term = torch.where(support, term, torch.zeros((), dtype=term.dtype, device=term.device))
-        kl = term.sum(-1)
-        # a row of a that is all -inf has no distribution: KL 0 (our choice, SPEC 1 is silent)
-        # b with no support at all (log_softmax gives nan there) while a has some: +inf, as SPEC 1 says
-        kl = torch.where(b_support, kl, torch.full_like(kl, float("inf")))
-        kl = torch.where(support.any(-1), kl, torch.zeros_like(kl))
-        out[lo:hi] = kl.clamp_min_(0.0)
+        out[lo:hi] = _kl_rows(a[lo:hi], b[lo:hi], temperature)
     return out
 
 

@@ -1,4 +1,8 @@
-"""pgpo_token_weights: token KL then the PGPO reshape, with no [N, V] intermediate and no host sync."""
+"""pgpo_token_weights: token KL then the PGPO reshape, with no [N, V] intermediate.
+
+No host sync in the padded layout with the full estimator; the packed layout reads cu_seqlens on the host once and
+k3 checks the target ids' range on the host once (both before the pass over the logits).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import torch
 
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.reshape import check_reshape_args
-from pgpo_kernels.reshape import reshape_weights
+from pgpo_kernels.reshape import reshape_weights_checked
 from pgpo_kernels.token_kl import token_kl
 from pgpo_kernels.token_stats import token_stats
 from pgpo_kernels.utils import check_logits_pair
@@ -63,6 +67,5 @@ def pgpo_token_weights(
                          backend=backend).kl  # [B, T] float32
     else:
         kl = token_kl(logits_vis, logits_txt, temperature=temperature, backend=backend)  # [B, T] float32
-    weights = reshape_weights(kl, mask, cu_seqlens=cu_seqlens, tau=tau, beta=beta, eps=eps,
-                              renormalize=renormalize, backend=backend)
+    weights = reshape_weights_checked(kl, mask, cu_seqlens, tau, beta, eps, renormalize, backend)
     return weights, kl

@@ -1,7 +1,8 @@
 """The AOT compile cases of pgpo_kernels: every kernel at its main block sizes, for sm_80 and sm_90.
 
-Each case: (case id, module, kernel name, signature {arg: triton type}, constexprs, num_warps). Other kernel modules
-add their own `tests/aot_cases_*.py` with a CASES list of the same form; the worker compiles them all.
+Each case: (case id, module, kernel name, signature {arg: triton type}, constexprs, num_warps[, hinted args]). Other
+kernel modules add their own `tests/aot_cases_*.py` with a CASES list of the same form (aot_cases_fused.py: the fused
+ops); the worker compiles them all.
 """
 
 from pgpo_kernels.reshape import reshape_launch_config

@@ -1,4 +1,4 @@
-"""Compile the AOT cases for one GPU arch and print {case id: "ok" | error} as JSON (run without the interpreter).
+"""Compile the AOT cases for one GPU arch and print {case id: record} as JSON (run without the interpreter).
 
 Usage: python tests/aot_worker.py ARCH. It runs in its own process because TRITON_INTERPRET=1 (set for the rest of
 the suite) turns @triton.jit functions into interpreted ones that cannot be compiled.
@@ -23,7 +23,9 @@ def all_cases():
     return cases
 
 
-def compile_case(arch, module, name, signature, constexprs, num_warps):
+def compile_case(arch, module, name, signature, constexprs, num_warps, hints=()):
+    """Compile one case -> its record: cubin size, static shared memory, and whether the PTX has tensor-core MMA
+    (mma.sync / wgmma) and software-pipelined loads (cp.async). hints: args given the divisibility-by-16 hint."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -31,22 +33,25 @@ def compile_case(arch, module, name, signature, constexprs, num_warps):
     fn = getattr(importlib.import_module(module), name)
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hints}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    if not kernel.asm.get("cubin") or ".entry" not in kernel.asm.get("ptx", ""):
+    ptx = kernel.asm.get("ptx", "")
+    if not kernel.asm.get("cubin") or ".entry" not in ptx:
         raise RuntimeError("no cubin/ptx entry produced")
+    return {"ok": True, "cubin": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared, "mma": "mma.sync" in ptx,
+            "wgmma": "wgmma" in ptx, "pipelined": "cp.async" in ptx}
 
 
 def main():
     os.environ["TRITON_INTERPRET"] = "0"  # before anything imports triton in this process
     arch = int(sys.argv[1])
     results = {}
-    for case_id, module, name, signature, constexprs, num_warps in all_cases():
+    for case_id, *case in all_cases():
         try:
-            compile_case(arch, module, name, signature, constexprs, num_warps)
-            results[case_id] = "ok"
+            results[case_id] = compile_case(arch, *case)
         except Exception:
-            results[case_id] = traceback.format_exc(limit=3)[-2000:]
+            results[case_id] = {"ok": False, "error": traceback.format_exc(limit=3)[-2000:]}
     print("AOT-RESULTS " + json.dumps(results))
 
 

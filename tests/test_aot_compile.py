@@ -4,6 +4,9 @@ The interpreter runs kernels as numpy and forgives what the GPU compiler does no
 a kernel, a dtype that changes between loop iterations, ...). Compiling ahead of time to PTX and cubin with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` catches those here. The cases live in
 tests/aot_cases*.py; tests/aot_worker.py compiles them in a process of its own, one per arch, both in parallel.
+
+Checks per kernel and arch: it compiles to a cubin, its static shared memory fits the arch, and the fused-linear
+kernel's tl.dot lowers to tensor-core MMA (wgmma on sm_90 for 16-bit inputs) fed by software-pipelined loads.
 """
 
 import json
@@ -18,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot_worker import all_cases  # noqa: E402
 
 _ARCHS = (80, 90)
+# max dynamic shared memory per block (bytes): A100 163 KiB, H100 227 KiB
+_SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_worker.py")
 
 
@@ -37,10 +42,26 @@ def aot_results():
 
 def test_every_kernel_module_has_cases():
     modules = {case[1] for case in all_cases()}
-    assert {"pgpo_kernels.token_kl", "pgpo_kernels.reshape"} <= modules
+    assert {"pgpo_kernels.token_kl", "pgpo_kernels.reshape", "pgpo_kernels.token_stats",
+            "pgpo_kernels.fused_linear"} <= modules
 
 
 @pytest.mark.parametrize("arch", _ARCHS)
 @pytest.mark.parametrize("case_id", [case[0] for case in all_cases()])
 def test_compiles_for_gpu(aot_results, arch, case_id):
-    assert aot_results[arch][case_id] == "ok", f"sm_{arch} {case_id}:\n{aot_results[arch][case_id]}"
+    rec = aot_results[arch][case_id]
+    assert rec["ok"], f"sm_{arch} {case_id}:\n{rec.get('error')}"
+    assert rec["cubin"] > 0
+    assert rec["shared"] <= _SMEM_LIMIT[arch], f"{case_id} needs {rec['shared']} B of shared memory on sm_{arch}"
+
+
+@pytest.mark.parametrize("arch", _ARCHS)
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_fused_linear_dot_uses_tensor_cores(aot_results, dt, arch):
+    rec = aot_results[arch][f"fused_linear_{dt}_bias1_target1"]
+    assert rec["ok"], rec.get("error")
+    if arch == 90:
+        assert rec["wgmma"], "tl.dot should lower to wgmma on sm_90"
+    else:
+        assert rec["mma"], "tl.dot should lower to mma.sync on sm_80"
+    assert rec["pipelined"], "the loads feeding tl.dot should be software-pipelined (cp.async)"

@@ -1,5 +1,6 @@
 """token_kl (Triton kernels under the interpreter, and the torch fallback) against the float64 reference."""
 
+import importlib
 import math
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from pgpo_kernels import token_kl
 from pgpo_kernels.reference import token_kl_ref
+from pgpo_kernels.token_kl import chunk_layout
+from pgpo_kernels.token_kl import kl_launch_config
 from pgpo_kernels.token_kl import token_kl_forward
 
 NEG_INF = float("-inf")
@@ -16,6 +19,8 @@ _SHAPE_PARAMS = [(3, 1271), (2, 5, 301), (4, 5000), (1, 7)]
 # dtype, rtol, atol: the reference sees the same rounded inputs, so only fp32 accumulation error remains
 _DTYPE_PARAMS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-5)]
 _BACKENDS = ["triton", "torch"]
+# the module, not the function of the same name that pgpo_kernels re-exports
+token_kl_module = importlib.import_module("pgpo_kernels.token_kl")
 
 
 def _logits(shape, dtype, scale=3.0):
@@ -49,7 +54,11 @@ def test_split_vocab_path(n_chunks):
 
 @pytest.mark.parametrize("backend", _BACKENDS)
 @pytest.mark.parametrize("n_chunks", [1, 3])
-def test_neg_inf_entries(backend, n_chunks):
+def test_neg_inf_entries(backend, n_chunks, monkeypatch):
+    # 128-wide blocks so that n_chunks=3 really splits V = 1000 (one 1024 block would leave a single chunk): chunk 0
+    # of row 0 is all -inf in a, its last chunk is partial
+    monkeypatch.setattr(token_kl_module, "MAX_BLOCK_V", 128)
+    assert chunk_layout(1000, n_chunks, kl_launch_config(1000)[0])[1] == n_chunks
     a, b = _logits((6, 1000), torch.float32)
     a[0, :500] = NEG_INF  # a = -inf: p = 0, contributes nothing, even where b = -inf too
     b[0, 400:450] = NEG_INF
@@ -67,6 +76,30 @@ def test_neg_inf_entries(backend, n_chunks):
     assert out[1].item() == 0.0
     assert math.isinf(out[2].item()) and math.isinf(out[4].item())
     _close(out, ref, 1e-5, 1e-5)
+
+
+def _infinite_kl_rows():
+    """Rows whose KL is +inf although the p-weighted term underflows or is rescaled away in fp32."""
+    a, b = _logits((3, 9000), torch.float32)
+    b[0, 10] = NEG_INF  # infinite term in the first block, then the max of a jumps: the rescale factor underflows
+    a[0, 5000] = 500.0
+    a[1, 10] = -300.0  # p underflows to 0 where q = 0: still +inf, never 0 * inf
+    b[1, 10] = NEG_INF
+    a[2, 4096:8192] -= 300.0  # a whole vocab chunk far below the max holds the infinite term
+    b[2, 5000] = NEG_INF
+    return a, b
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_infinite_kl_survives_underflow(backend, n_chunks):
+    a, b = _infinite_kl_rows()
+    if backend == "triton":
+        out = token_kl_forward(a, b, 1.0, n_chunks=n_chunks)
+    else:
+        out = token_kl(a, b, backend=backend)
+    assert torch.isinf(token_kl_ref(a, b)).all()
+    assert torch.isinf(out).all() and (out > 0).all(), out
 
 
 @pytest.mark.parametrize("backend", _BACKENDS)
@@ -194,10 +227,11 @@ def test_gpu_vocab_152064(n_rows):
 
 @pytest.mark.parametrize("backend", _BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inputs_untouched(backend, dtype):
+@pytest.mark.parametrize("temperature", [0.5, 1.0])  # at 1.0 the fp32 fallback skips the scaling copy
+def test_inputs_untouched(backend, dtype, temperature):
     a, b = _logits((3, 100), dtype)
     a0, b0 = a.clone(), b.clone()
-    token_kl(a, b, temperature=0.5, backend=backend)
+    token_kl(a, b, temperature=temperature, backend=backend)
     assert torch.equal(a, a0) and torch.equal(b, b0)
 
 

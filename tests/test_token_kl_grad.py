@@ -95,6 +95,21 @@ def test_special_rows(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_infinite_kl_with_underflowing_p_has_nan_gradients(backend):
+    # p_i underflows to 0 where q_i = 0: the KL is still +inf, so both gradients are NaN as for any infinite KL
+    a, b = _pair((2, 40), torch.float32)
+    a[0, 3] = -300.0
+    b[0, 3] = float("-inf")
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    out = token_kl(a, b, backend=backend)
+    assert out[0].item() == float("inf") and bool(torch.isfinite(out[1]))
+    ga, gb = torch.autograd.grad(out[1] + 0 * out[0], (a, b))
+    assert bool(torch.isnan(ga[0]).all()) and bool(torch.isnan(gb[0]).all())
+    assert bool(torch.isfinite(ga[1]).all()) and bool(torch.isfinite(gb[1]).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_one_input_needs_grad_and_nothing_big_is_saved(backend):
     a, b = _pair((3, 50), torch.float32)
     b.requires_grad_(True)

@@ -99,6 +99,22 @@ def test_nasty_rows(backend):
     _assert_ranges(st, V)
 
 
+@pytest.mark.parametrize("backend, n_chunks", [("torch", None), ("triton", 1), ("triton", 3)])
+def test_infinite_kl_survives_underflow(backend, n_chunks):
+    a, b = torch.randn(2, 9000), torch.randn(2, 9000)
+    b[0, 10] = float("-inf")  # infinite term in the first block, then the max of a jumps: the rescale underflows
+    a[0, 5000] = 500.0
+    a[1, 4096:8192] -= 300.0  # a whole vocab chunk far below the max holds the infinite term
+    b[1, 5000] = float("-inf")
+    target = torch.zeros(2, dtype=torch.long)
+    if backend == "triton":
+        kl = token_stats_forward(a, b, target, 1.0, n_chunks=n_chunks)[3]
+    else:
+        kl = token_stats(a, b, target, backend=backend).kl
+    assert torch.isinf(token_kl_ref(a, b)).all()
+    assert torch.isinf(kl).all() and (kl > 0).all(), kl
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranges_bf16_peaked(backend):
     # bf16 logits with large magnitudes: the regime where a sloppy kernel returns logp > 0 or KL < 0

@@ -67,3 +67,18 @@ def test_bad_input_raises_before_kl_launch(monkeypatch, kwargs, err, match):
 def test_needs_batch_layout():
     with pytest.raises(ValueError, match=r"\[B, T, V\]"):
         pgpo_token_weights(torch.randn(5, 64), torch.randn(5, 64), None)
+
+
+def test_packed_reads_cu_seqlens_once(monkeypatch):
+    # the packed layout validates cu_seqlens on the host (a sync); the reshape must not validate it a second time
+    import pgpo_kernels.reshape as reshape_mod
+
+    calls = []
+    real = reshape_mod.check_cu_seqlens
+    monkeypatch.setattr(reshape_mod, "check_cu_seqlens", lambda *args: calls.append(1) or real(*args))
+    a, b = torch.randn(10, 33), torch.randn(10, 33)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    w, _ = pgpo_token_weights(a, b, cu_seqlens=cu, backend="torch")
+    assert len(calls) == 1
+    torch.testing.assert_close(w[:4].sum(), torch.tensor(4.0))
+    torch.testing.assert_close(w[4:].sum(), torch.tensor(6.0))
