@@ -58,9 +58,10 @@ def load_policy(path: str | None):
 
         return build_tiny(seed=0)
     from transformers import AutoModelForImageTextToText
-    from transformers import AutoProcessor
 
-    return AutoModelForImageTextToText.from_pretrained(path, dtype="auto"), AutoProcessor.from_pretrained(path)
+    from pgpo_train.tiny import load_processor  # AutoProcessor, or its parts where the video processor cannot load
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype="auto"), load_processor(path)
 
 
 def load_dataset(args):

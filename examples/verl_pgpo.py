@@ -27,6 +27,7 @@ from pgpo_train.integrations import pgpo_text_only_batch
 from pgpo_train.rewards import compute_score
 from pgpo_train.text_only import mrope_position_ids
 from pgpo_train.tiny import make_count_records
+from pgpo_train.train import response_mask_from
 
 
 def parse_args(argv=None):
@@ -64,9 +65,10 @@ def load_policy(path: str | None):
 
         return build_tiny(seed=0)
     from transformers import AutoModelForImageTextToText
-    from transformers import AutoProcessor
 
-    return AutoModelForImageTextToText.from_pretrained(path, dtype="auto"), AutoProcessor.from_pretrained(path)
+    from pgpo_train.tiny import load_processor  # AutoProcessor, or its parts where the video processor cannot load
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype="auto"), load_processor(path)
 
 
 @torch.no_grad()
@@ -79,9 +81,7 @@ def rollout(model, processor, records, n: int, max_new_tokens: int):
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=n)
     responses = out[:, P:]  # [B, T]
     eos = model.generation_config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else eos)
-    ended = torch.isin(responses, eos).long().cumsum(-1)
-    response_mask = ((ended - torch.isin(responses, eos).long()) == 0).long()  # up to and including the first EOS
+    response_mask = response_mask_from(responses, [eos] if isinstance(eos, int) else list(eos))  # [B, T]
     pad = model.generation_config.pad_token_id
     responses = responses.masked_fill(response_mask == 0, pad)
     rows_per_image = enc["image_grid_thw"].prod(-1).tolist()

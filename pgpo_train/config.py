@@ -18,6 +18,20 @@ PAPER_PROMPT_TEMPLATE = (
     "\\boxed{{}}."
 )
 
+# the values each string option takes: argparse's choices and resolved()'s checks ("" = auto where listed)
+CHOICES = {
+    "algo": ["grpo", "dapo", "pgpo"],
+    "estimator": ["full", "k3"],
+    "fused_lm_head": ["auto", "on", "off"],
+    "dynamic_sampling": ["auto", "on", "off"],
+    "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
+}
+
+
+def _check_choice(flag: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+
 
 @dataclass
 class PGPOConfig:
@@ -58,7 +72,7 @@ class TrainConfig:
     problem_column: str = "problem"
     answer_column: str = "answer"
     solution_column: str = "solution"  # reference responses for the SFT warm-up (only needed when sft_steps > 0)
-    prompt_template: str = ""  # "{question}" is replaced; empty = tiny template for the tiny task, paper's otherwise
+    prompt_template: str = ""  # "{question}" is replaced; empty = "tiny" for the tiny task, the paper's otherwise
     max_samples: int = 0  # 0 = whole split
     # --- algorithm
     algo: str = "pgpo"  # grpo | dapo | pgpo (pgpo = dapo + perception-grounded token weights)
@@ -99,20 +113,17 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated."""
         c = dataclasses.replace(self, pgpo=dataclasses.replace(self.pgpo))
-        if c.algo not in ("grpo", "dapo", "pgpo"):
-            raise ValueError(f"--algo must be grpo, dapo or pgpo, got {c.algo!r}")
-        if c.pgpo.estimator not in ("full", "k3"):
-            raise ValueError(f"--pgpo.estimator must be full or k3, got {c.pgpo.estimator!r}")
-        if c.pgpo.fused_lm_head not in ("auto", "on", "off"):
-            raise ValueError(f"--pgpo.fused-lm-head must be auto, on or off, got {c.pgpo.fused_lm_head!r}")
+        _check_choice("--algo", c.algo, CHOICES["algo"])
+        _check_choice("--pgpo.estimator", c.pgpo.estimator, CHOICES["estimator"])
+        _check_choice("--pgpo.fused-lm-head", c.pgpo.fused_lm_head, CHOICES["fused_lm_head"])
+        _check_choice("--dynamic-sampling", c.dynamic_sampling, CHOICES["dynamic_sampling"])
         if not 0.0 <= c.pgpo.tau <= 1.0 or c.pgpo.beta < 0:
             raise ValueError(f"--pgpo.tau must be in [0, 1] and --pgpo.beta >= 0, got {c.pgpo.tau}, {c.pgpo.beta}")
         if c.clip_ratio_high == 0.0:
             c.clip_ratio_high = 0.2 if c.algo == "grpo" else 0.28
         if not c.loss_agg_mode:
             c.loss_agg_mode = "seq-mean-token-mean" if c.algo == "grpo" else "token-mean"
-        if c.dynamic_sampling not in ("auto", "on", "off"):
-            raise ValueError(f"--dynamic-sampling must be auto, on or off, got {c.dynamic_sampling!r}")
+        _check_choice("--loss-agg-mode", c.loss_agg_mode, [m for m in CHOICES["loss_agg_mode"] if m])
         if c.dynamic_sampling == "auto":
             c.dynamic_sampling = "off" if c.algo == "grpo" else "on"
         embedded = not (c.model or c.dataset)
@@ -141,20 +152,11 @@ class TrainConfig:
 
             c.out_dir = os.path.join("runs", f"{c.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not c.prompt_template:
-            c.prompt_template = "" if (c.dataset or c.model) else "tiny"
+            c.prompt_template = "tiny" if embedded else PAPER_PROMPT_TEMPLATE
         return c
 
 
 # %% argparse from the dataclasses
-
-
-CHOICES = {
-    "algo": ["grpo", "dapo", "pgpo"],
-    "estimator": ["full", "k3"],
-    "fused_lm_head": ["auto", "on", "off"],
-    "dynamic_sampling": ["auto", "on", "off"],
-    "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
-}
 
 
 def _field_comments(cls) -> dict[str, str]:

@@ -12,6 +12,7 @@ from enum import Enum
 
 import torch
 
+from pgpo_kernels import reshape_weights
 from pgpo_kernels.k3 import k3_kl
 
 # %% registries
@@ -63,11 +64,6 @@ def get_token_weight_fn(name: str) -> Callable:
 
 class AdvantageEstimator(str, Enum):
     GRPO = "grpo"
-
-
-class KLEstimator(str, Enum):
-    FULL = "full"
-    K3 = "k3"
 
 
 # %% advantages
@@ -144,11 +140,32 @@ def pgpo_token_weights_from_scores(
     Returns:
         [B, T] float32 weights, summing to each sequence's valid-token count, 0 on padding.
     """
-    from pgpo_kernels import reshape_weights
-
     return reshape_weights(
         scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
     )
+
+
+@torch.no_grad()
+def normalized_scores(scores: torch.Tensor, response_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """I_t of SPEC section 2, for metrics and pictures: min-max normalized log(1 + S_t) per sequence.
+
+    As in the reshape, min and max run over each sequence's valid tokens and +inf scores are the sequence maximum
+    (I = 1, its finite scores then sit at I = 0).
+
+    Args:
+        scores: [B, T] S_t >= 0.
+        response_mask: [B, T] 1 on valid tokens.
+
+    Returns:
+        [B, T] float32 in [0, 1], 0 on padding.
+    """
+    m = response_mask.bool()
+    s = torch.log1p(scores.float().clamp_min(0))
+    inf = torch.tensor(float("inf"), device=s.device)
+    lo = torch.where(m, s, inf).amin(-1, keepdim=True)  # [B, 1]
+    hi = torch.where(m, s, -inf).amax(-1, keepdim=True)  # [B, 1]
+    I = torch.where(hi == inf, (s == inf).float(), (s - lo) / (hi - lo + eps))
+    return torch.where(m, I, torch.zeros_like(I))
 
 
 @torch.no_grad()

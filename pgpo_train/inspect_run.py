@@ -21,7 +21,7 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     """Generates a response for one record and scores each response token.
 
     Returns:
-        {"tokens": [T] strings, "kl": [T] floats, "weights": [T] floats, "text": str, "score": dict}
+        {"tokens": [T] strings, "kl", "intensity" (I_t), "weights": [T] floats, "text": str, "score": dict}
     """
     from pgpo_train import core_algos
     from pgpo_train.rewards import compute_score
@@ -50,27 +50,26 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     batch = build_sequences(model, prompt, responses, mask, processor.tokenizer.pad_token_id)
     stats = old_logp_and_scores(model, batch, cfg, {})
     w = core_algos.get_token_weight_fn("pgpo")(
-        stats["scores"], mask, tau=cfg.pgpo.tau, beta=cfg.pgpo.beta, eps=cfg.pgpo.eps, backend=cfg.pgpo.backend
+        stats["scores"],
+        mask,
+        tau=cfg.pgpo.tau,
+        beta=cfg.pgpo.beta,
+        eps=cfg.pgpo.eps,
+        renormalize=cfg.pgpo.renormalize,
+        backend=cfg.pgpo.backend,
     )
+    intensity = core_algos.normalized_scores(stats["scores"], mask, cfg.pgpo.eps)  # [1, T], PGPO's I_t
     n = int(mask.sum())
     ids = batch["responses"][0, :n].tolist()
     text = processor.tokenizer.decode(ids, skip_special_tokens=True)
     return {
         "tokens": [processor.tokenizer.decode([i]) for i in ids],
         "kl": stats["scores"][0, :n].tolist(),
+        "intensity": intensity[0, :n].tolist(),
         "weights": w[0, :n].tolist(),
         "text": text,
         "score": compute_score(text, record["answer"], cfg.acc_weight, cfg.format_weight),
     }
-
-
-def _intensity(kl: list[float]) -> list[float]:
-    """min-max of log(1 + KL): the same normalization PGPO's reshape uses (I_t, SPEC section 2)."""
-    import math
-
-    s = [math.log1p(max(k, 0.0)) for k in kl]
-    lo, hi = (min(s), max(s)) if s else (0.0, 0.0)
-    return [(x - lo) / (hi - lo + 1e-6) for x in s]
 
 
 def render_html(record: dict, dep: dict, tau: float) -> str:
@@ -78,7 +77,7 @@ def render_html(record: dict, dep: dict, tau: float) -> str:
     record["image"].save(buf, format="PNG")
     img = base64.b64encode(buf.getvalue()).decode()
     spans = []
-    for tok, kl, w, i in zip(dep["tokens"], dep["kl"], dep["weights"], _intensity(dep["kl"])):
+    for tok, kl, w, i in zip(dep["tokens"], dep["kl"], dep["weights"], dep["intensity"]):
         color = f"rgba(220, 40, 40, {0.08 + 0.85 * i:.3f})"
         border = "2px solid #222" if i >= tau else "1px solid #ccc"
         spans.append(
@@ -104,7 +103,7 @@ def render_png(record: dict, dep: dict, tau: float, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inten = _intensity(dep["kl"])
+    inten = dep["intensity"]
     fig, (ax_img, ax_bar) = plt.subplots(1, 2, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 5]})
     ax_img.imshow(record["image"])
     ax_img.set_title(f"{record['problem']} (answer {record['answer']})", fontsize=8)
@@ -146,10 +145,6 @@ def inspect_main(args) -> str:
     cfg = dataclasses.replace(cfg, algo="pgpo", max_new_tokens=args.max_new_tokens or cfg.max_new_tokens)
     cfg.pgpo = dataclasses.replace(cfg.pgpo, estimator=args.estimator, tau=args.tau, beta=args.beta)
     cfg = cfg.resolved()
-    if cfg.prompt_template == "":
-        from pgpo_train.config import PAPER_PROMPT_TEMPLATE
-
-        cfg.prompt_template = PAPER_PROMPT_TEMPLATE
     device = resolve_device(cfg)
     model, processor = load_policy(cfg, device)
     if ckpt is not None:

@@ -1,11 +1,12 @@
-"""The text-only pass of PGPO for Qwen2.5-VL (SPEC section 1), and explicit 3-D (mrope) position ids.
+"""The text-only pass of PGPO for Qwen2.5-VL (SPEC section 1), explicit 3-D (mrope) position ids, and the
+per-sample split of pixel_values (SPEC section 4).
 
 The text-only pass reuses the visual pass's tensors: the same input ids and the same 3-D position ids, computed
 from the full visual inputs, with the attention mask set to False on every visual placeholder token. Since those
 tokens are never attended, the vision tower is skipped: no pixel_values are passed and the placeholders keep their
 plain token embeddings (whatever they hold cannot reach any other token).
 
-Two traps this module exists for (SPEC section 1 and 4):
+Three traps this module exists for (SPEC sections 1 and 4):
 - without explicit position ids the model recomputes positions from the holed attention mask (wrong positions);
 - transformers 5.x builds 3-D mrope positions only when `mm_token_type_ids` is given, else silently 1-D;
 - `generate()` leaves `rope_deltas` on the model; a later forward must not rely on them. We build position ids
@@ -17,15 +18,30 @@ from __future__ import annotations
 import torch
 
 
+def _rope_index_owner(model):
+    """The model itself or its inner `.model` when it has `get_rope_index`, else None."""
+    return next((m for m in (model, getattr(model, "model", None)) if hasattr(m, "get_rope_index")), None)
+
+
 def _inner_model(model):
     """The module that owns `get_rope_index` (Qwen2_5_VLModel inside ...ForConditionalGeneration)."""
-    for m in (model, getattr(model, "model", None)):
-        if m is not None and hasattr(m, "get_rope_index"):
-            return m
+    owner = _rope_index_owner(model)
+    if owner is not None:
+        return owner
     raise ValueError(
         f"{type(model).__name__} has no get_rope_index: the text-only pass needs a Qwen2-VL/Qwen2.5-VL style model "
         "with 3-D (mrope) positions and image placeholder tokens"
     )
+
+
+def check_mrope_vlm(model, who: str = "PGPO") -> None:
+    """Refuses a model without image placeholder tokens or get_rope_index (the text-only pass needs both)."""
+    if getattr(model.config, "image_token_id", None) is None or _rope_index_owner(model) is None:
+        raise ValueError(
+            f"{who}: model {type(model).__name__} has no image tokens / 3-D rope index: PGPO needs a Qwen2-VL/"
+            "Qwen2.5-VL style vision-language model (image placeholder tokens, get_rope_index), e.g. "
+            "Qwen/Qwen2.5-VL-3B-Instruct"
+        )
 
 
 def image_token_ids(config) -> list[int]:
@@ -149,3 +165,31 @@ def visual_inputs(
         out["pixel_values"] = pixel_values
         out["image_grid_thw"] = image_grid_thw
     return out
+
+
+def select_images(
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    samples,
+    num_images: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values and image_grid_thw of some samples of a batch (SPEC section 4: split by image, not evenly).
+
+    Args:
+        pixel_values: [n_patches, C] all images' patches, images in batch order.
+        image_grid_thw: [n_images, 3]; image i owns image_grid_thw[i].prod() rows of pixel_values.
+        samples: sample indices (ints, in the order wanted).
+        num_images: images per sample; None = one each.
+
+    Returns:
+        (pixel_values [n_patches', C], image_grid_thw [n_images', 3]) of those samples' images, in that order.
+    """
+    per_image = torch.split(pixel_values, image_grid_thw.prod(-1).tolist())
+    counts = num_images if num_images is not None else [1] * len(per_image)
+    first = [0]
+    for n in counts:
+        first.append(first[-1] + n)
+    images = [j for i in samples for j in range(first[i], first[i + 1])]
+    if not images:  # samples without images (TRL allows them): empty, as a slice would be
+        return pixel_values[:0], image_grid_thw[:0]
+    return torch.cat([per_image[j] for j in images]), image_grid_thw[images]

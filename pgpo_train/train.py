@@ -31,7 +31,6 @@ from pgpo_train import core_algos
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import load_checkpoint
 from pgpo_train.checkpoint import save_checkpoint
-from pgpo_train.config import PAPER_PROMPT_TEMPLATE
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
@@ -42,7 +41,9 @@ from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
 from pgpo_train.rewards import compute_score
+from pgpo_train.text_only import check_mrope_vlm
 from pgpo_train.text_only import mrope_position_ids
+from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
 
@@ -85,12 +86,8 @@ def load_policy(cfg: TrainConfig, device: torch.device):
 
 def check_vlm(model, processor) -> None:
     """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
-    image_token_id = getattr(model.config, "image_token_id", None)
-    if image_token_id is None or not hasattr(getattr(model, "model", model), "get_rope_index"):
-        raise ValueError(
-            f"model {type(model).__name__} has no image tokens / 3-D rope index: PGPO needs a Qwen2-VL-style "
-            "vision-language model (e.g. Qwen/Qwen2.5-VL-3B-Instruct)"
-        )
+    check_mrope_vlm(model, "pgpo-train")
+    image_token_id = model.config.image_token_id
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", "<|image_pad|>")
     if tok.convert_tokens_to_ids(image_token) != image_token_id:
@@ -178,16 +175,21 @@ def select_rows(batch: dict, idx: torch.Tensor) -> dict:
     """Rows idx of a batch; pixel_values are split per sample by image_grid_thw.prod(-1), not evenly (SPEC sec. 4)."""
     out = {}
     for k, v in batch.items():
-        if v is None or k == "pixel_values":
+        if v is None or k in ("pixel_values", "image_grid_thw"):
             continue
         out[k] = v[:, idx] if k == "position_ids" else v[idx]
-    if batch.get("pixel_values") is not None:
-        sizes = batch["image_grid_thw"].prod(-1).tolist()
-        chunks = torch.split(batch["pixel_values"], sizes)
-        out["pixel_values"] = torch.cat([chunks[i] for i in idx.tolist()])
-    else:
-        out["pixel_values"] = None
+    out["pixel_values"], out["image_grid_thw"] = None, None
+    if batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
+        out["pixel_values"], out["image_grid_thw"] = select_images(
+            batch["pixel_values"], batch["image_grid_thw"], idx.tolist()
+        )
     return out
+
+
+def visual_kwargs(batch: dict) -> dict:
+    """Forward kwargs of the visual pass for a build_sequences / select_rows batch (explicit 3-D positions)."""
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")
+    return visual_inputs(*(batch[k] for k in keys))
 
 
 def response_logits(model, inputs: dict, n_resp: int, temperature: float) -> torch.Tensor:
@@ -269,9 +271,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     for start in range(0, B, cfg.micro_batch_size):
         mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
-            kw = visual_inputs(
-                mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["pixel_values"], mb["image_grid_thw"]
-            )
+            kw = visual_kwargs(mb)
             if fused:
                 vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
             else:
@@ -335,22 +335,17 @@ def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.
             renormalize=cfg.pgpo.renormalize,
             backend=cfg.pgpo.backend,
         )  # [B, T]
-    batch["weights"] = w
-    return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau)
+    return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
 
 
 @torch.no_grad()
-def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float) -> dict:
+def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float, eps: float) -> dict:
     """KL statistics (mean, max, fraction of tokens whose normalized score I_t is >= tau) and weight statistics."""
     m = mask.bool()
     s = scores[m]
     if s.numel() == 0:
         return {}
-    # I_t exactly as the reshape defines it (SPEC section 2), per sequence over valid tokens
-    ls = torch.log1p(scores.clamp_min(0))
-    lo = torch.where(m, ls, torch.full_like(ls, float("inf"))).min(-1, keepdim=True).values
-    hi = torch.where(m, ls, torch.full_like(ls, -float("inf"))).max(-1, keepdim=True).values
-    I = (ls - lo) / (hi - lo + 1e-6)
+    I = core_algos.normalized_scores(scores, m, eps)  # [B, T], as the reshape defines it (SPEC section 2)
     w = weights[m]
     return {
         "pgpo/kl_mean": float(s.mean()),
@@ -380,14 +375,7 @@ def policy_update(model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: Tra
                 for ustart in range(0, len(mini), cfg.micro_batch_size):
                     idx = mini[ustart : ustart + cfg.micro_batch_size]
                     mb = select_rows(batch, idx)
-                    kw = visual_inputs(
-                        mb["input_ids"],
-                        mb["attention_mask"],
-                        mb["position_ids"],
-                        mb["pixel_values"],
-                        mb["image_grid_thw"],
-                    )
-                    logits = response_logits(model, kw, T, cfg.temperature)
+                    logits = response_logits(model, visual_kwargs(mb), T, cfg.temperature)
                     logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
                     loss, m = policy_loss(
                         batch["old_logp"][idx],
@@ -422,15 +410,7 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device) -> 
     enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
     responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
-    T = responses.shape[1]
-    kw = visual_inputs(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["position_ids"],
-        batch["pixel_values"],
-        batch["image_grid_thw"],
-    )
-    logits = response_logits(model, kw, T, 1.0)
+    logits = response_logits(model, visual_kwargs(batch), responses.shape[1], 1.0)
     logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
     loss.backward()
@@ -542,8 +522,6 @@ def train(cfg: TrainConfig) -> dict:
 
     # data: the generated tiny task unless a dataset is given
     data_path = cfg.dataset or tiny_dataset_path(seed=0)
-    if cfg.prompt_template == "":
-        cfg.prompt_template = PAPER_PROMPT_TEMPLATE
     columns = {"image": cfg.image_column, "problem": cfg.problem_column, "answer": cfg.answer_column}
     if cfg.sft_steps > 0:
         columns["solution"] = cfg.solution_column
@@ -568,19 +546,15 @@ def train(cfg: TrainConfig) -> dict:
         except ValueError as e:
             print(f"pgpo-train: no eval ({e})")
 
-    # state; resume restores all of it
-    step, data_pos, phase = 0, 0, "sft" if cfg.sft_steps > 0 else "rl"
-    optimizer = make_optimizer(model, cfg.sft_lr if phase == "sft" else cfg.lr, cfg.weight_decay)
-    skipped = 0
-    resumed_from = None
+    # state; resume restores all of it. Checkpoints are written in the RL phase only (the first at the SFT -> RL
+    # switch), so the optimizer a checkpoint holds is always the RL one.
+    step, data_pos, skipped, resumed_from = 0, 0, 0, None
+    optimizer = make_optimizer(model, cfg.sft_lr if cfg.sft_steps > 0 else cfg.lr, cfg.weight_decay)
     if cfg.resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            phase = json.load(f)["phase"]
-        if phase == "rl":  # the optimizer saved is the RL one (fresh at the SFT -> RL switch)
-            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         st = load_checkpoint(path, model, optimizer)
         step, data_pos, skipped = st["step"], st["data_pos"], st["skipped_images"]
         resumed_from = path
@@ -589,10 +563,10 @@ def train(cfg: TrainConfig) -> dict:
     stream.skipped_images = skipped
     logger = Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None)
 
-    def state(phase_now):
+    def state():
         return {
             "step": step,
-            "phase": phase_now,
+            "phase": "rl",
             "data_pos": sampler.position,
             "skipped_images": stream.skipped_images,
             "config": dataclasses.asdict(cfg),
@@ -612,12 +586,11 @@ def train(cfg: TrainConfig) -> dict:
             m = sft_step(model, optimizer, processor, stream.next_batch(cfg.sft_batch_size), cfg, device)
             step += 1
             if step == cfg.sft_steps:
-                phase = "rl"
                 if eval_records:
                     last_eval = evaluate(model, processor, eval_records, cfg, device)
                     m.update(last_eval)
                 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
-                save_checkpoint(ckpt_dir, step, model, optimizer, state("rl"), cfg.keep_checkpoints)
+                save_checkpoint(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
             logger.log(step, {"phase": "sft", **m})
             if bar:
                 bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
@@ -659,7 +632,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics["sample/response"] = texts[0]  # one rollout response per eval, to eyeball what the policy writes
         logger.log(step, {"phase": "rl", **metrics})
         if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or step == total:
-            save_checkpoint(ckpt_dir, step, model, optimizer, state("rl"), cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
         if bar:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/acc']:.2f}")
             bar.update(1)

@@ -121,12 +121,14 @@ def capture(monkeypatch):
     return base
 
 
-@pytest.mark.parametrize("estimator, steps", [("full", 2), ("k3", 1)])
-def test_loss_sees_sequence_advantage_times_pgpo_weights(tmp_path, capture, estimator, steps):
+# chunk 3: the PGPO passes run over sequences [0, 3), [3, 6), [6, 8), each with its own images
+@pytest.mark.parametrize("estimator, steps, chunk", [("full", 2, None), ("k3", 1, None), ("full", 1, 3)])
+def test_loss_sees_sequence_advantage_times_pgpo_weights(tmp_path, capture, estimator, steps, chunk):
     model, processor = _tiny_policy()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = _Capturing(model=model, reward_funcs=_reward, args=_config(tmp_path, max_steps=steps,
-                                                                        pgpo_estimator=estimator),
+                                                                        pgpo_estimator=estimator,
+                                                                        pgpo_chunk_size=chunk),
                          train_dataset=_dataset(), processing_class=processor)
     trainer.train()
 

@@ -27,6 +27,24 @@ def test_k3_matches_float64_reference():
     assert (core_algos.k3_token_kl(lv, lv) == 0).all()
 
 
+def test_normalized_scores_are_the_reshapes_I():
+    """I_t gates the reshape: without renormalization its weights are exactly the gate of I_t (SPEC section 2)."""
+    torch.manual_seed(2)
+    tau, beta, eps = 0.4, 2.0, 1e-6
+    scores = torch.rand(4, 7) * 3
+    scores[2, 3] = float("inf")  # an infinite score is the sequence maximum, the finite ones sit at I = 0
+    mask = (torch.arange(7)[None] < torch.tensor([7, 5, 7, 2])[:, None]).long()
+    scores[1, 5:] = 100.0  # padding never enters min / max
+    I = core_algos.normalized_scores(scores, mask, eps)
+    assert I[2].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert float(I[1].max()) == pytest.approx(1.0, abs=1e-5) and (I[1, 5:] == 0).all()
+    gate = torch.where(I < tau, I / (tau + eps), 1.0 + beta * (I - tau) / (1.0 - tau + eps)) * mask
+    w = core_algos.get_token_weight_fn("pgpo")(
+        scores, mask, tau=tau, beta=beta, eps=eps, renormalize=False, backend="torch"
+    )
+    assert torch.allclose(w, gate, atol=1e-5)
+
+
 def test_agg_loss_modes():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])

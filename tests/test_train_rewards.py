@@ -44,3 +44,24 @@ def test_prompt_drops_image_placeholder_and_uses_paper_template():
     assert content[0] == {"type": "image"}
     assert content[1]["text"].startswith("Find x. You FIRST think") and "<image>" not in content[1]["text"]
     assert "\\boxed{}" in content[1]["text"]
+
+
+def test_prompt_template_resolves_in_config():
+    from pgpo_train.config import PAPER_PROMPT_TEMPLATE
+    from pgpo_train.config import TrainConfig
+
+    assert TrainConfig(out_dir="o").resolved().prompt_template == "tiny"  # the embedded task
+    assert TrainConfig(out_dir="o", dataset="d").resolved().prompt_template == PAPER_PROMPT_TEMPLATE
+    assert (
+        TrainConfig(out_dir="o", model="m", prompt_template="{question}?").resolved().prompt_template == "{question}?"
+    )
+
+
+def test_config_refuses_unknown_choices():
+    from pgpo_train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--algo must be grpo, dapo or pgpo"):
+        TrainConfig(out_dir="o", algo="ppo").resolved()
+    # caught at start-up, not at the first policy update after a rollout
+    with pytest.raises(ValueError, match="--loss-agg-mode must be token-mean, seq-mean-token-mean or seq-mean-token"):
+        TrainConfig(out_dir="o", loss_agg_mode="seq-sum").resolved()

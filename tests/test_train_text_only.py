@@ -125,6 +125,7 @@ def test_training_forward_matches_generate(tiny_batch):
     from pgpo_train.train import eos_ids
     from pgpo_train.train import response_logits
     from pgpo_train.train import response_mask_from
+    from pgpo_train.train import visual_kwargs
 
     model, _ = tiny_batch
     from pgpo_train.tiny import build_processor
@@ -147,14 +148,22 @@ def test_training_forward_matches_generate(tiny_batch):
     mask = response_mask_from(resp, stop)
     batch = build_sequences(model, prompt, resp, mask, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        kw = visual_inputs(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["position_ids"],
-            batch["pixel_values"],
-            batch["image_grid_thw"],
-        )
-        logits = response_logits(model, kw, resp.shape[1], 1.0)
+        logits = response_logits(model, visual_kwargs(batch), resp.shape[1], 1.0)
     lp_fwd = torch.log_softmax(logits, -1).gather(-1, batch["responses"][..., None]).squeeze(-1)
     lp_gen = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, resp[..., None]).squeeze(-1)
     assert ((lp_fwd - lp_gen).abs() * mask).max() < 1e-4
+
+
+def test_select_images_splits_by_image_not_evenly():
+    """Samples with 2, 0 and 1 images of different patch counts: each keeps exactly its own rows (SPEC section 4)."""
+    from pgpo_train.text_only import select_images
+
+    grid = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 4, 4]])  # 4, 8 and 16 patch rows
+    pixels = torch.arange(28.0)[:, None].expand(28, 3)  # row r holds r
+    px, g = select_images(pixels, grid, [2, 0], num_images=[2, 0, 1])
+    assert g.tolist() == [[1, 4, 4], [1, 2, 2], [1, 2, 4]]
+    assert px[:, 0].tolist() == list(range(12, 28)) + list(range(12))
+    px, g = select_images(pixels, grid, [1], num_images=[2, 0, 1])
+    assert px.shape == (0, 3) and g.shape == (0, 3)
+    px, g = select_images(pixels[:12], grid[:2], [1])  # one image per sample by default
+    assert g.tolist() == [[1, 2, 4]] and px[:, 0].tolist() == list(range(4, 12))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from pgpo_kernels import k3_kl
 from pgpo_kernels import pgpo_token_weights
 from pgpo_kernels import reshape_weights
+from pgpo_kernels.k3 import ESTIMATORS
 from pgpo_kernels.utils import check_float
 from pgpo_kernels.utils import check_mask
 from pgpo_kernels.utils import check_reshape_params
-from pgpo_train.core_algos import k3_token_kl
-
-ESTIMATORS = ("full", "k3")
 
 
 def check_estimator(estimator: str) -> None:
@@ -28,8 +27,8 @@ def check_estimator(estimator: str) -> None:
 def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's appendix estimator of KL(vis || txt) from the sampled token only (SPEC section 1).
 
-    r = pi_txt(x_t) / pi_vis(x_t),  S_t = (r - 1) - log r  (>= 0), via `pgpo_train.core_algos.k3_token_kl` (which
-    clamps log r to [-20, 20] before exp), plus shape checks and padding zeroed.
+    r = pi_txt(x_t) / pi_vis(x_t),  S_t = (r - 1) - log r  (>= 0), via `pgpo_kernels.k3_kl` (float64, no clamp:
+    +inf where pi_txt(x_t) = 0, which the reshape treats as the sequence maximum), plus checks and padding zeroed.
 
     Args:
         logp_vis: [B, T] log pi_vis(x_t) of the sampled tokens (visual pass).
@@ -45,7 +44,7 @@ def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"logp_txt must have the shape of logp_vis [B, T] = {tuple(logp_vis.shape)}, "
                          f"got {tuple(logp_txt.shape)}")
     check_mask(mask, logp_vis.shape)
-    scores = k3_token_kl(logp_vis, logp_txt)  # [B, T] float32
+    scores = k3_kl(logp_vis, logp_txt)  # [B, T] float32
     if mask is not None:
         scores = torch.where(mask.bool(), scores, torch.zeros_like(scores))  # padding may hold garbage log-probs
     return scores

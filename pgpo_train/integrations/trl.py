@@ -31,7 +31,9 @@ from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.integrations.token_scores import weight_metrics
+from pgpo_train.text_only import check_mrope_vlm
 from pgpo_train.text_only import mrope_position_ids
+from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
 
@@ -109,10 +111,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                             f"{type(args).__name__}")
         check_pgpo_args(args)  # again: the config may have been edited after construction
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
-        owner = self.model if hasattr(self.model, "get_rope_index") else getattr(self.model, "model", None)
-        if getattr(self.model.config, "image_token_id", None) is None or not hasattr(owner, "get_rope_index"):
-            raise ValueError(f"PGPOGRPOTrainer needs a Qwen2-VL/Qwen2.5-VL style model (image placeholder tokens, "
-                             f"get_rope_index for 3-D positions); got {type(self.model).__name__}")
+        check_mrope_vlm(self.model, "PGPOGRPOTrainer")
 
     # ------------------------------------------------------------------ the hook
 
@@ -144,22 +143,15 @@ class PGPOGRPOTrainer(GRPOTrainer):
         # SPEC 1/4: explicit 3-D positions from the full visual inputs, for both passes (never generate()'s deltas)
         position_ids = mrope_position_ids(model, input_ids, attention_mask, output["image_grid_thw"],
                                           mm_token_type_ids=output.get("mm_token_type_ids"))  # [3, B, L]
-        # pixel_values rows belong to images by image_grid_thw.prod(-1), images to samples by num_images (SPEC 4)
-        num_images = output.get("num_images") or [1] * B
-        rows_per_image = output["image_grid_thw"].prod(-1)
-        image_offsets = [0]
-        for n in num_images:
-            image_offsets.append(image_offsets[-1] + n)
-        row_offsets = torch.cat([rows_per_image.new_zeros(1), rows_per_image.cumsum(0)]).tolist()  # host: tiny
-
         chunk = args.pgpo_chunk_size or args.per_device_train_batch_size
         weights, scores = [], []
         for lo in range(0, B, chunk):
             hi = min(lo + chunk, B)
-            i0, i1 = image_offsets[lo], image_offsets[hi]
             ids, am, pos = input_ids[lo:hi], attention_mask[lo:hi], position_ids[:, lo:hi]
-            vis_kw = visual_inputs(ids, am, pos, output["pixel_values"][row_offsets[i0]:row_offsets[i1]],
-                                   output["image_grid_thw"][i0:i1])
+            # pixel_values rows belong to images by image_grid_thw.prod(-1), images to samples by num_images (SPEC 4)
+            pixels, grid = select_images(output["pixel_values"], output["image_grid_thw"], range(lo, hi),
+                                         output.get("num_images"))
+            vis_kw = visual_inputs(ids, am, pos, pixels, grid)
             txt_kw = text_only_inputs(model, ids, am, pos)
             if args.pgpo_estimator == "full":
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
