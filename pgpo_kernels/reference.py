@@ -57,10 +57,12 @@ def k3_kl_ref(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
         logp_vis: [...] log pi_vis(x_t) of the sampled token.
         logp_txt: [...] log pi_txt(x_t) of the same token.
     Returns:
-        [...] float64 estimate, >= 0.
+        [...] float64 estimate, >= 0; +inf where pi_txt(x_t) = 0 < pi_vis(x_t); 0 where pi_vis(x_t) = 0 (a token the
+        visual policy cannot sample carries no evidence: our choice, as pgpo_kernels.k3_kl).
     """
     log_r = logp_txt.double() - logp_vis.double()
-    return (torch.expm1(log_r) - log_r).clamp_min(0.0)
+    est = (torch.expm1(log_r) - log_r).clamp_min(0.0)
+    return torch.where(logp_vis.double() == float("-inf"), torch.zeros_like(est), est)
 
 
 def _reshape_one_ref(s: torch.Tensor, tau: float, beta: float, eps: float, renormalize: bool) -> torch.Tensor:

@@ -210,3 +210,17 @@ def test_gpu_vocab_152064(n_rows):
     for got, ref in zip(st, _refs(a[rows], b[rows], tgt[rows], 1.0)):
         torch.testing.assert_close(got[rows].cpu().double(), ref, atol=1e-4, rtol=1e-4)
     _assert_ranges(st, 152064)
+
+
+def test_k3_edge_cases_match_reference():
+    # pi_txt = 0 < pi_vis -> +inf; pi_vis = 0 -> 0 (our choice), in the op and the oracle alike
+    from pgpo_kernels import k3_kl
+    from pgpo_kernels.reference import k3_kl_ref
+
+    ninf = float("-inf")
+    lv = torch.tensor([-0.5, -2.0, ninf, ninf, -1.0])
+    lt = torch.tensor([ninf, -1.0, -3.0, ninf, -1.0])
+    ref = k3_kl_ref(lv, lt)
+    out = k3_kl(lv, lt)
+    assert ref[0] == float("inf") and ref[2] == 0 and ref[3] == 0 and ref[4] == 0
+    torch.testing.assert_close(out.double(), ref)
