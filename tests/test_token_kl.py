@@ -243,3 +243,12 @@ def test_torch_fallback_chunks_rows(monkeypatch):
     monkeypatch.setattr(torch_ops, "_CHUNK_ELEMS", 333)
     assert torch_ops._rows_per_chunk(333) == 1
     _close(token_kl(a, b, backend="torch"), token_kl_ref(a, b), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("n_chunks", [None, 1])
+def test_qwen_vocab_152064(n_chunks):
+    # the real Qwen2.5 vocab (37.1 blocks of 4096: a partial last block), one-row and split launches
+    a, b = _logits((2, 152064), torch.bfloat16)
+    a[1, 152000:] = NEG_INF
+    out = token_kl_forward(a, b, 1.0, n_chunks=n_chunks)
+    _close(out, token_kl_ref(a, b), 1e-5, 1e-5)
