@@ -340,15 +340,18 @@ def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.
 
 @torch.no_grad()
 def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float, eps: float) -> dict:
-    """KL statistics (mean, max, fraction of tokens whose normalized score I_t is >= tau) and weight statistics."""
+    """KL statistics (mean over finite KLs as the TRL adapter logs it, share of +inf, max, fraction of tokens whose
+    normalized score I_t is >= tau) and weight statistics."""
     m = mask.bool()
     s = scores[m]
     if s.numel() == 0:
         return {}
     I = core_algos.normalized_scores(scores, m, eps)  # [B, T], as the reshape defines it (SPEC section 2)
     w = weights[m]
+    finite = s[torch.isfinite(s)]  # a +inf KL (text-only pass rules the token out) would swamp the mean
     return {
-        "pgpo/kl_mean": float(s.mean()),
+        "pgpo/kl_mean": float(finite.mean()) if finite.numel() else 0.0,
+        "pgpo/kl_inf_frac": float((s == float("inf")).float().mean()),
         "pgpo/kl_max": float(s.max()),
         "pgpo/frac_above_tau": float((I[m] >= tau).float().mean()),
         "pgpo/weight_mean": float(w.mean()),
