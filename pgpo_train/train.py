@@ -319,6 +319,19 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     return out
 
 
+def pgpo_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """[B, T] PGPO token weights from scores [B, T] with the run's tau, beta, eps, renormalize and backend."""
+    return core_algos.get_token_weight_fn("pgpo")(
+        scores,
+        mask,
+        tau=cfg.pgpo.tau,
+        beta=cfg.pgpo.beta,
+        eps=cfg.pgpo.eps,
+        renormalize=cfg.pgpo.renormalize,
+        backend=cfg.pgpo.backend,
+    )
+
+
 def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
     """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and weight/KL metrics."""
     mask = batch["response_mask"]
@@ -326,15 +339,7 @@ def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.
     if cfg.algo != "pgpo":
         return adv * mask.float(), {}
     with timed(times, "timing/kl_reshape"):
-        w = core_algos.get_token_weight_fn("pgpo")(
-            batch["scores"],
-            mask,
-            tau=cfg.pgpo.tau,
-            beta=cfg.pgpo.beta,
-            eps=cfg.pgpo.eps,
-            renormalize=cfg.pgpo.renormalize,
-            backend=cfg.pgpo.backend,
-        )  # [B, T]
+        w = pgpo_weights(batch["scores"], mask, cfg)  # [B, T]
     return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
 
 
