@@ -113,6 +113,17 @@ def _kl_finish(s_a, s_b, t):
 
 
 @triton.jit
+def _load_chunk_stats(base, ok):
+    """The first five per-chunk stats (m_a, s_a, m_b, s_b, t) at base [C]; absent chunks load as empty ones."""
+    m_a = tl.load(base + 0, mask=ok, other=float("-inf"))
+    s_a = tl.load(base + 1, mask=ok, other=0.0)
+    m_b = tl.load(base + 2, mask=ok, other=float("-inf"))
+    s_b = tl.load(base + 3, mask=ok, other=0.0)
+    t = tl.load(base + 4, mask=ok, other=0.0)
+    return m_a, s_a, m_b, s_b, t
+
+
+@triton.jit
 def _merge_chunks(m_a, s_a, m_b, s_b, t, scale):
     """Merge per-chunk stats [C] with the streaming update's rescale-and-shift rule.
 
@@ -188,11 +199,7 @@ def _token_kl_combine_kernel(
     offs = tl.arange(0, BLOCK_C)
     ok = offs < n_chunks
     base = part_ptr + row * n_chunks * 5 + offs * 5
-    m_a = tl.load(base + 0, mask=ok, other=float("-inf"))
-    s_a = tl.load(base + 1, mask=ok, other=0.0)
-    m_b = tl.load(base + 2, mask=ok, other=float("-inf"))
-    s_b = tl.load(base + 3, mask=ok, other=0.0)
-    t = tl.load(base + 4, mask=ok, other=0.0)
+    m_a, s_a, m_b, s_b, t = _load_chunk_stats(base, ok)
     _, _, S_a, S_b, t_all, _, _ = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
     tl.store(out_ptr + row, _kl_finish(S_a, S_b, t_all))
 

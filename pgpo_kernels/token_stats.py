@@ -32,6 +32,7 @@ from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.token_kl import _LN2_C
 from pgpo_kernels.token_kl import LOG2E
 from pgpo_kernels.token_kl import _kl_finish
+from pgpo_kernels.token_kl import _load_chunk_stats
 from pgpo_kernels.token_kl import _merge_chunks
 from pgpo_kernels.token_kl import _rescale_t
 from pgpo_kernels.token_kl import _safe_max
@@ -207,11 +208,7 @@ def _token_stats_combine_kernel(
     offs = tl.arange(0, BLOCK_C)
     ok = offs < n_chunks
     base = part_ptr + row * n_chunks * 8 + offs * 8
-    m_a = tl.load(base + 0, mask=ok, other=float("-inf"))
-    s_a = tl.load(base + 1, mask=ok, other=0.0)
-    m_b = tl.load(base + 2, mask=ok, other=float("-inf"))
-    s_b = tl.load(base + 3, mask=ok, other=0.0)
-    t = tl.load(base + 4, mask=ok, other=0.0)
+    m_a, s_a, m_b, s_b, t = _load_chunk_stats(base, ok)
     M_a, M_b, S_a, S_b, t_all, alpha, shift_a = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
     tl.store(kl_ptr + row, _kl_finish(S_a, S_b, t_all))
     if WITH_TARGET:
