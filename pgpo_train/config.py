@@ -109,6 +109,7 @@ class TrainConfig:
     threads: int = (
         0  # torch CPU threads; 0 = auto: 1 for the tiny model on CPU (tiny matmuls thrash with more), else torch's
     )
+    fsdp_cpu_offload: bool = False  # torchrun only: FSDP2 CPUOffloadPolicy (sharded params, grads, AdamW state on CPU)
 
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated."""

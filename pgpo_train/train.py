@@ -12,6 +12,7 @@ Position ids are built explicitly (3-D mrope) for every forward of the step (SPE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -28,8 +29,9 @@ from pgpo_kernels import fused_linear_token_stats
 from pgpo_kernels import token_kl
 from pgpo_kernels import token_stats
 from pgpo_train import core_algos
+from pgpo_train import dist_checkpoint
+from pgpo_train import distributed
 from pgpo_train.checkpoint import latest_checkpoint
-from pgpo_train.checkpoint import load_checkpoint
 from pgpo_train.checkpoint import save_checkpoint
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
@@ -366,22 +368,30 @@ def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tenso
     }
 
 
-def policy_update(model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict) -> dict:
-    """ppo_epochs x mini-batches of the clipped loss; micro-batches accumulate to each mini-batch's mean."""
+def policy_update(
+    model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict, dp=distributed.SINGLE
+) -> dict:
+    """ppo_epochs x mini-batches of the clipped loss; micro-batches accumulate to each mini-batch's mean.
+
+    Under torchrun (dp) the counts the loss divides by are global and every rank runs as many micro-batches as the
+    rank with the most (distributed.py); tok_adv None: this rank kept no rows and only runs zero-weight forwards."""
     model.train()
     policy_loss = core_algos.get_policy_loss_fn("vanilla")
     B, T = batch["responses"].shape
+    B = 0 if tok_adv is None else B
     sums = {"actor/loss": 0.0, "actor/clip_frac": 0.0, "actor/ppo_kl": 0.0, "actor/grad_norm": 0.0}
     n_mb = 0
     with timed(times, "timing/update"):
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B)
-            for mstart in range(0, B, cfg.mini_batch_size):
-                mini = perm[mstart : mstart + cfg.mini_batch_size]
-                n_tok = float(batch["response_mask"][mini].sum())
-                n_seq = float(len(mini))
-                for ustart in range(0, len(mini), cfg.micro_batch_size):
-                    idx = mini[ustart : ustart + cfg.micro_batch_size]
+            for mini in dp.mini_batches(perm, cfg.mini_batch_size):
+                n_tok = dp.sum(float(batch["response_mask"][mini].sum()))
+                n_seq = dp.sum(float(len(mini)))
+                for idx in dp.micro_batches(mini, cfg.micro_batch_size):
+                    if len(idx) == 0:  # torchrun: another rank has a micro-batch more; FSDP's collectives must pair
+                        mb = select_rows(batch, torch.arange(1))
+                        (response_logits(model, visual_kwargs(mb), T, cfg.temperature).sum() * 0.0).backward()
+                        continue
                     mb = select_rows(batch, idx)
                     logits = response_logits(model, visual_kwargs(mb), T, cfg.temperature)
                     logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
@@ -397,7 +407,7 @@ def policy_update(model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: Tra
                         global_seqs=n_seq,
                     )
                     loss.backward()
-                    frac = len(idx) / len(mini)
+                    frac = len(idx) / n_seq
                     sums["actor/loss"] += loss.item()  # host sync: fine at this scale, one per micro-batch
                     sums["actor/clip_frac"] += float(m["actor/clip_frac"]) * frac
                     sums["actor/ppo_kl"] += float(m["actor/ppo_kl"]) * frac
@@ -409,8 +419,11 @@ def policy_update(model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: Tra
     return {k: v / max(n_mb, 1) for k, v in sums.items()}
 
 
-def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device) -> dict:
-    """One supervised step on the reference responses (the warm-up): mean token NLL with the image."""
+def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=distributed.SINGLE) -> dict:
+    """One supervised step on the reference responses (the warm-up): mean token NLL with the image.
+
+    Under torchrun each rank holds its share of the records; its loss is weighed by its share of the tokens, so the
+    summed gradients are the global token mean's (sft/loss sums to it over ranks)."""
     model.train()
     tok = processor.tokenizer
     prompt = encode_prompts(processor, records, cfg.prompt_template, 1, device)
@@ -421,6 +434,9 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device) -> 
     logits = response_logits(model, visual_kwargs(batch), responses.shape[1], 1.0)
     logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
+    if dp.world > 1:
+        n_tok = float(batch["response_mask"].sum())
+        loss = loss * (n_tok / dp.sum(n_tok))
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
@@ -456,6 +472,16 @@ def evaluate(model, processor, records: list[dict], cfg: TrainConfig, device, ba
         "eval/reward": float(np.mean(scores)),
         "eval/format": float(np.mean(fmts)),
     }
+
+
+def evaluate_on_ranks(model, processor, records: list[dict], cfg: TrainConfig, device, dp) -> dict:
+    """evaluate(); under torchrun each rank takes every world-th record with the policy unsharded, means merged."""
+    if dp.world == 1:
+        return evaluate(model, processor, records, cfg, device)
+    mine = records[dp.rank :: dp.world]
+    with dp.full_params(model):
+        out = evaluate(model, processor, mine, cfg, device) if mine else {}
+    return dp.merge_metrics(out, len(mine), 0.0)
 
 
 # %% logging
@@ -514,6 +540,7 @@ def train(cfg: TrainConfig) -> dict:
     """Runs SFT warm-up (if any) then RL; returns a summary dict. Resumable from cfg.out_dir."""
     cfg = cfg.resolved()
     device = resolve_device(cfg)
+    dp = distributed.setup(device.type)  # torchrun: process group + FSDP2 below; else SINGLE (nothing changes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -523,10 +550,13 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(
                 f"{cfg.out_dir} already holds checkpoints: pass --resume to continue or --overwrite to start over"
             )
-        shutil.rmtree(ckpt_dir)
+        if dp.is_writer:
+            shutil.rmtree(ckpt_dir)
+    dp.barrier()
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if dp.is_writer:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     # data: the generated tiny task unless a dataset is given
     data_path = cfg.dataset or tiny_dataset_path(seed=0)
@@ -542,6 +572,9 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.threads and device.type == "cpu" and small:
         # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
         torch.set_num_threads(1)
+    if dp.world > 1:  # every rank built the same model; each keeps its shard and samples with its own RNG stream
+        model = distributed.shard_policy(model, device, cfg.fsdp_cpu_offload)
+        dist_checkpoint.fresh_rng(cfg.seed, 0, dp.rank)
     eval_records = []
     if cfg.eval_every > 0:
         try:
@@ -563,13 +596,16 @@ def train(cfg: TrainConfig) -> dict:
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-        st = load_checkpoint(path, model, optimizer)
+        st = dist_checkpoint.load(path, model, optimizer, dp, cfg.seed)
         step, data_pos, skipped = st["step"], st["data_pos"], st["skipped_images"]
         resumed_from = path
     sampler = Sampler(len(train_ds), cfg.seed, data_pos)
     stream = RecordStream(train_ds, columns, sampler)
     stream.skipped_images = skipped
-    logger = Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None)
+    logger = (
+        Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None) if dp.is_writer else None
+    )
+    save = save_checkpoint if dp.world == 1 else functools.partial(dist_checkpoint.save, dp)
 
     def state():
         return {
@@ -582,7 +618,7 @@ def train(cfg: TrainConfig) -> dict:
 
     total = cfg.sft_steps + cfg.steps
     bar = None
-    if cfg.progress:
+    if cfg.progress and dp.is_writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc=f"{cfg.algo}", dynamic_ncols=True)
@@ -591,15 +627,17 @@ def train(cfg: TrainConfig) -> dict:
     while step < total:
         # --- SFT warm-up
         if step < cfg.sft_steps:
-            m = sft_step(model, optimizer, processor, stream.next_batch(cfg.sft_batch_size), cfg, device)
+            recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
+            m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp), len(recs), 0.0)
             step += 1
             if step == cfg.sft_steps:
                 if eval_records:
-                    last_eval = evaluate(model, processor, eval_records, cfg, device)
+                    last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
                     m.update(last_eval)
                 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
-                save_checkpoint(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
-            logger.log(step, {"phase": "sft", **m})
+                save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
+            if logger:
+                logger.log(step, {"phase": "sft", **m})
             if bar:
                 bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
                 bar.update(1)
@@ -608,8 +646,9 @@ def train(cfg: TrainConfig) -> dict:
         # --- RL step
         times: dict = {}
         t0 = time.perf_counter()
-        records = stream.next_batch(cfg.prompts_per_step)
-        batch, metrics = rollout(model, processor, records, cfg, device, times)
+        records = dp.shard(stream.next_batch(cfg.prompts_per_step))  # torchrun: this rank's prompts
+        with dp.full_params(model):  # torchrun: one all-gather per layer for the whole rollout
+            batch, metrics = rollout(model, processor, records, cfg, device, times)
         adv, adv_m = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], cfg.group_size)
         batch["advantages"] = adv
         metrics.update(adv_m)
@@ -620,13 +659,21 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.algo == "pgpo":
             metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which old-log-prob path ran (1: hidden states)
         texts = batch.pop("texts")
+        n_resp, n_tok = len(keep), 0.0  # this rank's share, to weigh its metrics (torchrun)
+        kept_anywhere = dp.any(bool(keep.any()))
         if keep.any():
             batch = select_rows(batch, keep.nonzero().squeeze(-1)) if not keep.all() else batch
-            batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
+            with dp.full_params(model):
+                batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
             tok_adv, w_m = token_advantages(batch, cfg, times)
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
-            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times))
+            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp))
+            n_tok = float(batch["response_mask"].sum())
+        elif kept_anywhere:  # torchrun: another rank kept groups; this one pairs their collectives with zero weight
+            with dp.full_params(model):
+                pass
+            metrics.update(policy_update(model, optimizer, select_rows(batch, torch.arange(1)), None, cfg, times, dp))
         # else: every group had equal rewards -> no gradient signal this step (our choice: no resampling)
         step += 1
         metrics.update(times)
@@ -634,19 +681,22 @@ def train(cfg: TrainConfig) -> dict:
         metrics["data/skipped_images"] = stream.skipped_images
         metrics["data/epoch"] = sampler.position / sampler.n
         rl_step = step - cfg.sft_steps
+        metrics = dp.merge_metrics(metrics, n_resp, n_tok)
         if eval_records and cfg.eval_every > 0 and (rl_step % cfg.eval_every == 0 or step == total):
-            last_eval = evaluate(model, processor, eval_records, cfg, device)
+            last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
             metrics.update(last_eval)
             metrics["sample/response"] = texts[0]  # one rollout response per eval, to eyeball what the policy writes
-        logger.log(step, {"phase": "rl", **metrics})
+        if logger:
+            logger.log(step, {"phase": "rl", **metrics})
         if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or step == total:
-            save_checkpoint(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
+            save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
         if bar:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/acc']:.2f}")
             bar.update(1)
     if bar:
         bar.close()
-    logger.close()
+    if logger:
+        logger.close()
     summary = {
         "out_dir": cfg.out_dir,
         "steps": step,
@@ -655,6 +705,7 @@ def train(cfg: TrainConfig) -> dict:
         "resumed_from": resumed_from,
         **last_eval,
     }
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    if dp.is_writer:
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     return {**summary, "model": model, "processor": processor}

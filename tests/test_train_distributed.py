@@ -1,0 +1,311 @@
+"""torchrun-style data parallel training on CPU (gloo, 2 processes, the tiny model): the update equals one process's
+on the same global batch; a killed 2-rank run resumes exactly; checkpoints load across world sizes (2 -> 1, 1 -> 2).
+
+Ranks are torch.multiprocessing workers with the environment torchrun sets (RANK, WORLD_SIZE, ...), so the loop
+takes the same path as under `torchrun --nproc-per-node 2 -m pgpo_train`. The random tiny model rarely samples a
+right answer, so the rollouts get one: `answers="replay"` makes every response a fixed function of its record (the
+same global batch whatever the world size), `answers="inject"` samples for real and replaces the first response of
+most groups by a right one (rewards are mixed, the update has signal, generation and RNG are the real ones).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pgpo_train import dist_checkpoint
+from pgpo_train import train as train_mod
+from pgpo_train.checkpoint import latest_checkpoint
+from pgpo_train.config import TrainConfig
+from pgpo_train.tiny import save_count_dataset
+
+# %% rollouts with guaranteed signal
+
+
+def _record_seed(rec: dict) -> int:
+    h = hashlib.md5((rec["problem"] + "|" + rec["answer"]).encode() + rec["image"].tobytes())
+    return int(h.hexdigest()[:8], 16)
+
+
+_REAL_ROLLOUT = train_mod.rollout
+
+
+def _patched_rollout(mode: str):
+    real = _REAL_ROLLOUT
+
+    def rollout(model, processor, records, cfg, device, times):
+        tok = processor.tokenizer
+        G, T = cfg.group_size, cfg.max_new_tokens
+        banned = set(train_mod.visual_special_ids(model))
+        allowed = torch.tensor([i for i in range(len(tok)) if i not in banned])
+
+        def generate(**kw):
+            L = kw["input_ids"].shape[1]
+            rows = []
+            if mode == "inject":
+                out = type(model).generate(model, **kw)
+                sampled = out[:, L:]
+            for i, rec in enumerate(records):
+                s = _record_seed(rec)
+                for g in range(G):
+                    if g == 0 and s % 3 != 0:  # about 2 groups in 3 get one right answer: others are dropped
+                        text = f"<think>x</think>\\boxed{{{rec['answer']}}}" + tok.eos_token
+                        row = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+                    elif mode == "inject":
+                        row = sampled[i * G + g]
+                    else:
+                        gen = torch.Generator().manual_seed(s * 31 + g)
+                        row = allowed[torch.randint(len(allowed), (T,), generator=gen)]
+                    rows.append(row[:T])
+            width = max(len(r) for r in rows)
+            pad = tok.pad_token_id
+            resp = torch.stack([torch.cat([r, torch.full((width - len(r),), pad, dtype=r.dtype)]) for r in rows])
+            return torch.cat([kw["input_ids"], resp.to(kw["input_ids"].device)], dim=1)
+
+        model.__dict__["generate"] = generate  # this instance only
+        try:
+            return real(model, processor, records, cfg, device, times)
+        finally:
+            model.__dict__.pop("generate")
+
+    return rollout
+
+
+def _full_params(model) -> dict:
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone().cpu()
+    return out
+
+
+# %% the 2-rank worker
+
+
+def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    real_save, real_load = dist_checkpoint.save, dist_checkpoint.load
+    for job in jobs:
+        train_mod.rollout = _patched_rollout(job["answers"])
+
+        def save(dp, ckpt_dir, step, model, *a, _job=job, **kw):
+            params = _full_params(model)
+            out = real_save(dp, ckpt_dir, step, model, *a, **kw)
+            if rank == 0 and _job.get("dump_saves"):
+                torch.save(params, os.path.join(_job["dump_saves"], f"saved-{step}.pt"))
+            if step == _job.get("kill_after_save"):
+                os.kill(os.getpid(), signal.SIGKILL)  # a hard kill right after the checkpoint, every rank
+            return out
+
+        def load(path, model, *a, _job=job, **kw):
+            st = real_load(path, model, *a, **kw)
+            params = _full_params(model)
+            if rank == 0 and _job.get("dump_load"):
+                torch.save(params, _job["dump_load"])
+            return st
+
+        dist_checkpoint.save, dist_checkpoint.load = save, load
+        out = train_mod.train(TrainConfig(**job["cfg"]))
+        params = _full_params(out["model"])
+        if rank == 0:
+            torch.save(params, job["dump"])
+    dist.destroy_process_group()
+
+
+def _spawn(jobs: list[dict]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, jobs), nprocs=2, join=True)
+
+
+# %% fixtures
+
+
+def _cfg(data: str, out, **kw) -> dict:
+    base = {
+        "dataset": data,
+        "prompt_template": "tiny",
+        "out_dir": str(out),
+        "steps": 1,
+        "sft_steps": 0,
+        "prompts_per_step": 4,
+        "group_size": 4,
+        "mini_batch_size": 16,
+        "micro_batch_size": 2,
+        "max_new_tokens": 16,
+        "eval_every": 0,
+        "tensorboard": False,
+        "progress": False,
+        "save_every": 1,
+        "seed": 1,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+    }
+    base.update(kw)
+    return base
+
+
+def _lines(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+def _single(cfg: dict, answers: str, monkeypatch) -> dict:
+    monkeypatch.setattr(train_mod, "rollout", _patched_rollout(answers))
+    return _full_params(train_mod.train(TrainConfig(**cfg))["model"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run the tests compare, with as few 2-process launches as possible (3) to stay cheap on 2 cores."""
+    root = tmp_path_factory.mktemp("dist")
+    data = save_count_dataset(root / "count", n_train=64, n_test=8, seed=0)
+    r = {"root": root}
+    with pytest.MonkeyPatch.context() as mpatch:
+        # one process on the same global batch (replayed rollouts), for each algo; the initial params
+        r["init"] = _single(_cfg(data, root / "init", steps=0), "replay", mpatch)
+        for algo in ("dapo", "pgpo"):
+            r[f"one-{algo}"] = _single(_cfg(data, root / f"one-{algo}", algo=algo), "replay", mpatch)
+        # a one-process run with a checkpoint at step 2, to resume at 2 ranks
+        r["one-ckpt"] = _single(_cfg(data, root / "one-ckpt", steps=2), "inject", mpatch)
+    shutil.copytree(root / "one-ckpt", root / "one-to-two")
+
+    long = _cfg(data, root / "full", steps=3)
+    _spawn(
+        [
+            {"cfg": _cfg(data, root / f"two-{a}", algo=a), "answers": "replay", "dump": str(root / f"two-{a}.pt")}
+            for a in ("dapo", "pgpo")
+        ]
+        + [{"cfg": long, "answers": "inject", "dump": str(root / "full.pt")}]
+    )
+    os.makedirs(root / "cut-saves")
+    cut = {**long, "out_dir": str(root / "cut")}
+    with pytest.raises(mp.ProcessExitedException):  # killed right after its step-2 checkpoint
+        _spawn(
+            [
+                {
+                    "cfg": cut,
+                    "answers": "inject",
+                    "dump": str(root / "unused.pt"),
+                    "kill_after_save": 2,
+                    "dump_saves": str(root / "cut-saves"),
+                }
+            ]
+        )
+    shutil.copytree(root / "cut", root / "two-to-one")
+    _spawn(
+        [
+            {"cfg": {**cut, "resume": True}, "answers": "inject", "dump": str(root / "resumed.pt")},
+            {
+                "cfg": _cfg(data, root / "one-to-two", steps=3, resume=True),
+                "answers": "inject",
+                "dump": str(root / "one-to-two.pt"),
+                "dump_load": str(root / "one-to-two-loaded.pt"),
+            },
+        ]
+    )
+    with pytest.MonkeyPatch.context() as mpatch:  # the killed 2-rank run's step-2 checkpoint, resumed in one process
+        mpatch.setattr(train_mod, "rollout", _patched_rollout("inject"))
+        loaded = {}
+        real_load = dist_checkpoint.load
+
+        def load(path, model, *a, **kw):
+            st = real_load(path, model, *a, **kw)
+            loaded.update(_full_params(model))
+            return st
+
+        mpatch.setattr(dist_checkpoint, "load", load)
+        out = train_mod.train(TrainConfig(**{**cut, "out_dir": str(root / "two-to-one"), "resume": True, "steps": 4}))
+        r["two-to-one-loaded"], r["two-to-one"] = loaded, _full_params(out["model"])
+    return r
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("algo", ["dapo", "pgpo"])
+def test_two_ranks_update_equals_one_process(runs, algo):
+    root = runs["root"]
+    one, two = runs[f"one-{algo}"], torch.load(root / f"two-{algo}.pt")
+    l1, l2 = _lines(root / f"one-{algo}")[-1], _lines(root / f"two-{algo}")[-1]
+    assert 0 < l1["data/kept_frac"] < 1, "the batch must keep some groups and drop others"
+    assert _max_diff(one, runs["init"]) > 1e-4, "the update must move the parameters"
+    assert _max_diff(one, two) < 1e-5
+    for k in ("reward/mean", "data/kept_frac", "adv/mean_abs", "actor/loss", "actor/grad_norm", "actor/entropy"):
+        assert l2[k] == pytest.approx(l1[k], rel=1e-4, abs=1e-6), k
+    if algo == "pgpo":
+        for k in ("pgpo/kl_mean", "pgpo/weight_mean", "pgpo/weight_std", "pgpo/kl_max"):
+            assert l2[k] == pytest.approx(l1[k], rel=1e-4, abs=1e-6), k
+
+
+def test_killed_two_rank_run_resumes_exactly(runs):
+    root = runs["root"]
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("timing/")}
+    full, cut = _lines(root / "full"), _lines(root / "cut")
+    assert [x["step"] for x in cut] == [1, 2, 3]
+    assert sum("actor/loss" in x for x in full) >= 2, "the run must really update"
+    assert [strip(x) for x in full] == [strip(x) for x in cut]
+    a, b = torch.load(root / "full.pt"), torch.load(root / "resumed.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    path = latest_checkpoint(str(root / "cut" / "checkpoints"))
+    assert path.endswith("step-00000003")
+    assert {"rng-rank0.pt", "rng-rank1.pt", ".metadata"} <= set(os.listdir(path))
+
+
+def test_two_ranks_to_one_process(runs):
+    root = runs["root"]
+    saved = torch.load(root / "cut-saves" / "saved-2.pt")  # what the 2-rank run held at its step-2 checkpoint
+    assert _max_diff(saved, runs["two-to-one-loaded"]) == 0.0
+    lines = _lines(root / "two-to-one")
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert _max_diff(runs["two-to-one"], saved) > 0, "training continues at one process"
+
+
+def test_one_process_to_two_ranks(runs):
+    root = runs["root"]
+    loaded = torch.load(root / "one-to-two-loaded.pt")
+    assert _max_diff(runs["one-ckpt"], loaded) == 0.0
+    lines = _lines(root / "one-to-two")
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert _max_diff(torch.load(root / "one-to-two.pt"), runs["one-ckpt"]) > 0, "training continues at two ranks"
+
+
+def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The sharded save publishes (rename + `latest`) only after every rank's shards and RNG are written."""
+    from pgpo_train.distributed import SINGLE
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    first = dist_checkpoint.save(SINGLE, str(tmp_path), 1, model, opt, {"step": 1})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def dying(*args, **kwargs):  # the process dies after DCP wrote its shards, before its RNG file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dist_checkpoint, "rng_state", dying)
+    with pytest.raises(KeyboardInterrupt):
+        dist_checkpoint.save(SINGLE, str(tmp_path), 2, model, opt, {"step": 2})
+    monkeypatch.undo()
+    assert os.path.exists(tmp_path / ".tmp-step-00000002" / ".metadata")  # the shards were written...
+    assert latest_checkpoint(str(tmp_path)) == first  # ...but never published
+    fresh = torch.nn.Linear(4, 3)
+    state = dist_checkpoint.load(first, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
+    assert state["step"] == 1 and state["world_size"] == 1
+    assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
