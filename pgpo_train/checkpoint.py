@@ -101,11 +101,16 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return path if os.path.exists(os.path.join(path, "trainer_state.json")) else None
 
 
+def read_trainer_state(path: str) -> dict:
+    """A checkpoint's trainer state (step, phase, data position, ...) without loading its tensors."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
 def load_checkpoint(path: str, model, optimizer) -> dict:
     """Restores model, optimizer and RNG states from path; returns the trainer state dict."""
     payload = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     set_rng_state(payload["rng"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+    return read_trainer_state(path)

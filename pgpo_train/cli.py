@@ -10,14 +10,42 @@ pgpo-train inspect --run runs/pgpo-tiny --out inspect.html
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit 2 (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def resume_command(argv: list[str], out_dir: str) -> str:
+    """The command line that continues this run: the same flags, --out-dir set, --resume instead of --overwrite."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--out-dir",):
+            skip = True
+            continue
+        if a.startswith("--out-dir=") or a in ("--resume", "--no-resume", "--overwrite", "--no-overwrite"):
+            continue
+        args.append(a)
+    return shlex.join(["pgpo-train", *args, "--out-dir", out_dir, "--resume"])
 
 
 def _train_parser() -> argparse.ArgumentParser:
     from pgpo_train.config import add_train_args
 
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="pgpo-train",
         description="Train a Qwen2.5-VL policy with PGPO / DAPO / GRPO. Subcommands: plot RUN_DIR..., inspect.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -71,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":
         argv = argv[1:]
     from pgpo_train.config import config_from_args
+    from pgpo_train.nonfinite import NonFiniteError
+    from pgpo_train.signals import TrainingInterrupted
     from pgpo_train.train import train
 
     ns = _train_parser().parse_args(argv)
@@ -78,11 +108,30 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.resume and not any(x == "--out-dir" or x.startswith("--out-dir=") for x in argv):
         print(f"pgpo-train: resuming {cfg.out_dir}")
     t0 = time.perf_counter()
+    from pgpo_train.distributed import is_writer_env
+    from pgpo_train.distributed import teardown
+
+    say = is_writer_env()  # torchrun: rank 0 prints, every rank returns the same code
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pgpo-train: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # a setting, the model, the data or the run dir: one line
+        print(f"pgpo-train: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"pgpo-train: error: {_one_line(e)} (the run dir keeps its last checkpoint)", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"pgpo-train: {e}", file=sys.stderr)
+        if e.checkpoint:
+            print(f"pgpo-train: continue with: {resume_command(argv, e.out_dir)}")
+        return e.exit_code
+    except KeyboardInterrupt:  # before the first step (model loading): nothing to save
+        print("pgpo-train: interrupted before the first step; nothing saved", file=sys.stderr)
+        return 130
+    finally:
+        teardown()
+    if not say:
+        return 0
     keys = [k for k in ("eval/acc", "eval/reward") if k in summary]
     res = ", ".join(f"{k} {summary[k]:.3f}" for k in keys)
     print(f"pgpo-train: done in {time.perf_counter() - t0:.0f}s, {summary['steps']} steps; {res}")

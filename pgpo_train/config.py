@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass
 from dataclasses import field
 
+from pgpo_train.validate import check_types
+from pgpo_train.validate import check_values
+
 PAPER_PROMPT_TEMPLATE = (
     "{question} You FIRST think about the reasoning process as an internal monologue and then provide the final "
     "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in "
@@ -25,12 +28,9 @@ CHOICES = {
     "fused_lm_head": ["auto", "on", "off"],
     "dynamic_sampling": ["auto", "on", "off"],
     "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
+    "backend": ["auto", "torch", "triton"],  # pgpo.backend
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
 }
-
-
-def _check_choice(flag: str, value: str, choices: list[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{flag} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TrainConfig:
     dynamic_sampling: str = "auto"  # auto (on for dapo/pgpo) | on | off: drop groups whose rewards are all equal
     lr: float = 0.0  # 0 = auto: 1e-4 for the embedded tiny model, the paper's 1e-6 with --model
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
     acc_weight: float = 0.9
     format_weight: float = 0.1
     # --- rollout
@@ -112,19 +112,13 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False  # torchrun only: FSDP2 CPUOffloadPolicy (sharded params, grads, AdamW state on CPU)
 
     def resolved(self) -> TrainConfig:
-        """A copy with algo-dependent 'auto' fields filled in, validated."""
+        """A copy with algo-dependent 'auto' fields filled in, validated (every flag: pgpo_train.validate)."""
+        check_types(self)
         c = dataclasses.replace(self, pgpo=dataclasses.replace(self.pgpo))
-        _check_choice("--algo", c.algo, CHOICES["algo"])
-        _check_choice("--pgpo.estimator", c.pgpo.estimator, CHOICES["estimator"])
-        _check_choice("--pgpo.fused-lm-head", c.pgpo.fused_lm_head, CHOICES["fused_lm_head"])
-        _check_choice("--dynamic-sampling", c.dynamic_sampling, CHOICES["dynamic_sampling"])
-        if not 0.0 <= c.pgpo.tau <= 1.0 or c.pgpo.beta < 0:
-            raise ValueError(f"--pgpo.tau must be in [0, 1] and --pgpo.beta >= 0, got {c.pgpo.tau}, {c.pgpo.beta}")
         if c.clip_ratio_high == 0.0:
             c.clip_ratio_high = 0.2 if c.algo == "grpo" else 0.28
         if not c.loss_agg_mode:
             c.loss_agg_mode = "seq-mean-token-mean" if c.algo == "grpo" else "token-mean"
-        _check_choice("--loss-agg-mode", c.loss_agg_mode, [m for m in CHOICES["loss_agg_mode"] if m])
         if c.dynamic_sampling == "auto":
             c.dynamic_sampling = "off" if c.algo == "grpo" else "on"
         embedded = not (c.model or c.dataset)
@@ -134,18 +128,6 @@ class TrainConfig:
             c.max_new_tokens = 24 if embedded else 2048
         if c.sft_steps == -1:
             c.sft_steps = 300 if embedded else 0
-        for name in (
-            "prompts_per_step",
-            "group_size",
-            "mini_batch_size",
-            "micro_batch_size",
-            "ppo_epochs",
-            "max_new_tokens",
-        ):
-            if getattr(c, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-        if c.steps < 0 or c.sft_steps < 0:
-            raise ValueError("--steps and --sft-steps must be >= 0")
         if not c.out_dir:
             if c.resume:
                 raise ValueError("--resume needs --out-dir (the run directory to continue)")
@@ -154,6 +136,7 @@ class TrainConfig:
             c.out_dir = os.path.join("runs", f"{c.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not c.prompt_template:
             c.prompt_template = "tiny" if embedded else PAPER_PROMPT_TEMPLATE
+        check_values(c)
         return c
 
 

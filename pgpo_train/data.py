@@ -57,7 +57,39 @@ def load_split(name_or_path: str, split: str, columns: dict[str, str | None], ma
         ds = ds.cast_column(image_col, datasets.Image(decode=False))  # decode ourselves: a bad image is skipped
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"dataset {name_or_path!r} split {split!r} has no rows")
     return ds
+
+
+def is_empty(value) -> bool:
+    """A null or blank field: never turned into the text "None" (a `\\boxed{None}` would then score 1.0)."""
+    return value is None or not str(value).strip()
+
+
+def check_first_rows(ds, columns: dict[str, str | None], n: int = 32) -> None:
+    """ValueError (before the model loads) when none of the first n rows has a decodable image and a non-empty
+    problem, answer (and solution where asked for): the columns are wrong, not a few bad records."""
+    rows = ds.select(range(min(n, len(ds))))
+    text_cols = [c for role, c in columns.items() if role != "image" and c]
+    images = texts = 0
+    for row in rows:
+        img_ok = decode_image(row[columns["image"]]) is not None
+        text_ok = not any(is_empty(row[c]) for c in text_cols)
+        images += img_ok
+        texts += text_ok
+        if img_ok and text_ok:
+            return
+    if not images:
+        first = rows[0][columns["image"]] if len(rows) else None
+        raise ValueError(
+            f"--image-column {columns['image']!r}: none of the first {len(rows)} records decodes to an image "
+            f"(the first holds {type(first).__name__} {str(first)[:60]!r})"
+        )
+    raise ValueError(
+        f"none of the first {len(rows)} records has a non-empty {' and '.join(map(repr, text_cols))} "
+        "with a decodable image (check --problem-column/--answer-column/--solution-column)"
+    )
 
 
 def decode_image(value) -> Image.Image | None:
@@ -111,11 +143,13 @@ class Sampler:
 
 
 class RecordStream:
-    """Yields decoded records {"image", "problem", "answer", "solution"} in sampler order, skipping bad images."""
+    """Yields decoded records {"image", "problem", "answer", "solution"} in sampler order, skipping bad images and
+    records with a null/empty problem, answer or (asked for) solution; both kinds are counted."""
 
     def __init__(self, ds, columns: dict[str, str | None], sampler: Sampler):
         self.ds, self.columns, self.sampler = ds, columns, sampler
         self.skipped_images = 0
+        self.skipped_empty = 0
 
     def next_batch(self, n: int) -> list[dict]:
         out = []
@@ -123,8 +157,13 @@ class RecordStream:
         while len(out) < n:
             tries += 1
             if tries > 10 * n + 100:
-                raise RuntimeError(f"could not decode any image in {tries} records; check --image-column")
+                raise RuntimeError(
+                    f"no usable record (decodable image, non-empty text) in {tries} records; check the --*-column flags"
+                )
             row = self.ds[self.sampler.next()]
+            if any(is_empty(row[c]) for role, c in self.columns.items() if role != "image" and c):
+                self.skipped_empty += 1
+                continue
             img = decode_image(row[self.columns["image"]])
             if img is None:
                 self.skipped_images += 1

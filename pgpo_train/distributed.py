@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import ExitStack
 from contextlib import contextmanager
 from contextlib import nullcontext
 
@@ -55,8 +56,24 @@ class Single:
     def merge_metrics(self, metrics: dict, n_resp: float, n_tok: float) -> dict:
         return metrics
 
+    def broadcast_object(self, obj):
+        return obj
+
 
 SINGLE = Single()
+
+
+def teardown() -> None:
+    """Ends the process group setup() started (the CLI, after train())."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_writer_env() -> bool:
+    """Rank 0, or no torchrun: the process that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def world_from_env() -> int:
@@ -160,6 +177,28 @@ class Distributed(Single):
     def merge_metrics(self, metrics: dict, n_resp: float, n_tok: float) -> dict:
         """One step's metrics over all ranks (rank 0's result is the one written). See `merge_rank_metrics`."""
         return merge_rank_metrics(self.gather_objects((metrics, n_resp, n_tok)))
+
+
+@contextmanager
+def on_writer(dp: Single, make_context):
+    """Enters make_context() on rank 0 only (the run dir: lock, cleanup, removal on failure) for the block.
+
+    The other ranks wait for it and raise the same error when rank 0 could not enter (a busy run dir, checkpoints
+    without --resume), so no rank is left waiting in a collective."""
+    with ExitStack() as stack:
+        err = None
+        if dp.is_writer:
+            try:
+                stack.enter_context(make_context())
+            except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+                err = e
+        if dp.world > 1:
+            msg = dp.broadcast_object(None if err is None else str(err))
+            if err is None and msg is not None:
+                raise ValueError(msg)
+        if err is not None:
+            raise err
+        yield
 
 
 # keys the one-process loop computes over the whole (mini-)batch that each rank holds a part of

@@ -36,11 +36,14 @@ def accuracy_reward(response: str, answer: str) -> float:
 
     Args:
         response: the decoded model response.
-        answer: ground truth, plain ("2", "\\frac{1}{2}") or already boxed / in $...$.
+        answer: ground truth, plain ("2", "\\frac{1}{2}") or already boxed / in $...$. None or blank scores 0.0: no
+            response can match a missing answer (the data layer skips such records; this guards other callers).
     """
     from math_verify import parse
     from math_verify import verify
 
+    if answer is None or not str(answer).strip():
+        return 0.0
     pred = last_boxed(response)
     if pred is None or not pred.strip():
         return 0.0

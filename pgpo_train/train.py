@@ -18,12 +18,12 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from pgpo_kernels import fused_linear_token_stats
 from pgpo_kernels import token_kl
@@ -32,22 +32,31 @@ from pgpo_train import core_algos
 from pgpo_train import dist_checkpoint
 from pgpo_train import distributed
 from pgpo_train.checkpoint import latest_checkpoint
+from pgpo_train.checkpoint import read_trainer_state
 from pgpo_train.checkpoint import save_checkpoint
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
 from pgpo_train.data import build_prompt
+from pgpo_train.data import check_first_rows
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
 from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
+from pgpo_train.nonfinite import check_token_advantages
 from pgpo_train.rewards import compute_score
+from pgpo_train.rundir import open_run_dir
+from pgpo_train.rundir import repair_metrics
+from pgpo_train.signals import StopOnSignal
+from pgpo_train.signals import TrainingInterrupted
+from pgpo_train.signals import stop_requested_anywhere
 from pgpo_train.text_only import check_mrope_vlm
 from pgpo_train.text_only import mrope_position_ids
 from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
+from pgpo_train.validate import check_sources
 
 # %% setup helpers
 
@@ -411,7 +420,7 @@ def policy_update(
                     sums["actor/loss"] += loss.item()  # host sync: fine at this scale, one per micro-batch
                     sums["actor/clip_frac"] += float(m["actor/clip_frac"]) * frac
                     sums["actor/ppo_kl"] += float(m["actor/ppo_kl"]) * frac
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: off
                 sums["actor/grad_norm"] += float(gn)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -438,7 +447,7 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
         n_tok = float(batch["response_mask"].sum())
         loss = loss * (n_tok / dp.sum(n_tok))
     loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: off
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"sft/loss": loss.item(), "sft/grad_norm": float(gn)}
@@ -493,11 +502,12 @@ class Logger:
     def __init__(self, out_dir: str, tensorboard: bool, truncate_after: int | None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if truncate_after is not None and os.path.exists(self.path):
-            # resume: drop lines written after the checkpoint, so the log matches an uninterrupted run
-            with open(self.path) as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= truncate_after]
-            with open(self.path, "w") as f:
-                f.writelines(lines)
+            # resume: drop lines written after the checkpoint, so the log matches an uninterrupted run, and a line
+            # torn by a full disk or a kill
+            n = repair_metrics(self.path, truncate_after)
+            if n["torn"] or n["after"]:
+                dropped = f"{n['torn']} torn row(s), {n['after']} after step {truncate_after}"
+                print(f"pgpo-train: metrics.jsonl: dropped {dropped}")
         elif truncate_after is None and os.path.exists(self.path):
             os.remove(self.path)
         self.tb = None
@@ -537,24 +547,27 @@ def make_optimizer(model, lr: float, weight_decay: float):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Runs SFT warm-up (if any) then RL; returns a summary dict. Resumable from cfg.out_dir."""
+    """Runs SFT warm-up (if any) then RL; returns a summary dict. Resumable from cfg.out_dir.
+
+    Every setting, the model and the dataset are checked before any work (ValueError naming the flag). The run dir
+    is locked for the run (one writer). SIGINT/SIGTERM finish the step, checkpoint, raise TrainingInterrupted.
+    """
     cfg = cfg.resolved()
+    check_sources(cfg)
+    dp = distributed.setup(resolve_device(cfg).type)  # torchrun: process group + FSDP2; else SINGLE (no change)
+    run_dir = functools.partial(open_run_dir, cfg.out_dir, cfg.resume, cfg.overwrite)
+    with distributed.on_writer(dp, run_dir), StopOnSignal() as stop:  # torchrun: rank 0 locks and writes
+        return _train(cfg, stop, dp)
+
+
+def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
+    """train()'s body, in a locked run dir."""
     device = resolve_device(cfg)
-    dp = distributed.setup(device.type)  # torchrun: process group + FSDP2 below; else SINGLE (nothing changes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    if not cfg.resume and latest_checkpoint(ckpt_dir) is not None:
-        if not cfg.overwrite:
-            raise ValueError(
-                f"{cfg.out_dir} already holds checkpoints: pass --resume to continue or --overwrite to start over"
-            )
-        if dp.is_writer:
-            shutil.rmtree(ckpt_dir)
-    dp.barrier()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if dp.is_writer:
+    if dp.is_writer:  # torchrun: rank 0 holds the run dir (train() opened it there only)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
@@ -564,8 +577,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.sft_steps > 0:
         columns["solution"] = cfg.solution_column
     train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
+    check_first_rows(train_ds, columns)  # wrong columns fail here, not after the model loaded
 
-    model, processor = load_policy(cfg, device)
+    try:
+        model, processor = load_policy(cfg, device)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--model {cfg.model or '(embedded tiny)'}: cannot load it: {first}") from e
     # resolved once, before any step: "on" with an unsupported lm_head fails here, not mid-run
     fused_lm_head = cfg.algo == "pgpo" and use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)
     small = sum(p.numel() for p in model.parameters()) < 50_000_000
@@ -587,21 +605,23 @@ def train(cfg: TrainConfig) -> dict:
         except ValueError as e:
             print(f"pgpo-train: no eval ({e})")
 
-    # state; resume restores all of it. Checkpoints are written in the RL phase only (the first at the SFT -> RL
-    # switch), so the optimizer a checkpoint holds is always the RL one.
-    step, data_pos, skipped, resumed_from = 0, 0, 0, None
+    # state; resume restores all of it. Checkpoints are written in both phases; the optimizer a checkpoint holds is
+    # the one of its phase ("sft" before step sft_steps, "rl" from the SFT -> RL switch on).
+    step, data_pos, skipped, skipped_empty, resumed_from = 0, 0, 0, 0, None
     optimizer = make_optimizer(model, cfg.sft_lr if cfg.sft_steps > 0 else cfg.lr, cfg.weight_decay)
     if cfg.resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        in_sft = read_trainer_state(path)["step"] < cfg.sft_steps
+        optimizer = make_optimizer(model, cfg.sft_lr if in_sft else cfg.lr, cfg.weight_decay)
         st = dist_checkpoint.load(path, model, optimizer, dp, cfg.seed)
         step, data_pos, skipped = st["step"], st["data_pos"], st["skipped_images"]
+        skipped_empty = st.get("skipped_empty", 0)
         resumed_from = path
     sampler = Sampler(len(train_ds), cfg.seed, data_pos)
     stream = RecordStream(train_ds, columns, sampler)
-    stream.skipped_images = skipped
+    stream.skipped_images, stream.skipped_empty = skipped, skipped_empty
     logger = (
         Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None) if dp.is_writer else None
     )
@@ -610,9 +630,10 @@ def train(cfg: TrainConfig) -> dict:
     def state():
         return {
             "step": step,
-            "phase": "rl",
+            "phase": "sft" if step < cfg.sft_steps else "rl",
             "data_pos": sampler.position,
             "skipped_images": stream.skipped_images,
+            "skipped_empty": stream.skipped_empty,
             "config": dataclasses.asdict(cfg),
         }
 
@@ -624,7 +645,18 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=total, initial=step, desc=f"{cfg.algo}", dynamic_ncols=True)
     t_start = time.perf_counter()
     last_eval = {}
+    saved_at = step if resumed_from else -1  # the step of the newest checkpoint
+    stop.arm()
     while step < total:
+        requested = stop.requested if dp.world == 1 else stop_requested_anywhere(stop.requested, device)
+        if requested:  # a signal came during the step just finished (torchrun: on any rank): checkpoint, stop
+            if saved_at != step and step > 0:
+                save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
+            if bar:
+                bar.close()
+            if logger:
+                logger.close()
+            raise TrainingInterrupted(requested, step, latest_checkpoint(ckpt_dir), cfg.out_dir)
         # --- SFT warm-up
         if step < cfg.sft_steps:
             recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
@@ -635,9 +667,11 @@ def train(cfg: TrainConfig) -> dict:
                     last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
                     m.update(last_eval)
                 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
-                save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
             if logger:
                 logger.log(step, {"phase": "sft", **m})
+            if step == cfg.sft_steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+                save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
+                saved_at = step
             if bar:
                 bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
                 bar.update(1)
@@ -666,6 +700,7 @@ def train(cfg: TrainConfig) -> dict:
             with dp.full_params(model):
                 batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
             tok_adv, w_m = token_advantages(batch, cfg, times)
+            check_token_advantages(step + 1, batch["advantages"], tok_adv, batch["response_mask"])
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
             metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp))
@@ -679,6 +714,7 @@ def train(cfg: TrainConfig) -> dict:
         metrics.update(times)
         metrics["timing/step"] = time.perf_counter() - t0
         metrics["data/skipped_images"] = stream.skipped_images
+        metrics["data/skipped_empty"] = stream.skipped_empty
         metrics["data/epoch"] = sampler.position / sampler.n
         rl_step = step - cfg.sft_steps
         metrics = dp.merge_metrics(metrics, n_resp, n_tok)
@@ -690,6 +726,7 @@ def train(cfg: TrainConfig) -> dict:
             logger.log(step, {"phase": "rl", **metrics})
         if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or step == total:
             save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
+            saved_at = step
         if bar:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/acc']:.2f}")
             bar.update(1)
@@ -702,6 +739,7 @@ def train(cfg: TrainConfig) -> dict:
         "steps": step,
         "wall_s": time.perf_counter() - t_start,
         "skipped_images": stream.skipped_images,
+        "skipped_empty": stream.skipped_empty,
         "resumed_from": resumed_from,
         **last_eval,
     }
