@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One-shot GPU run of pgpo-bench: its steps' time limits add up to 505 s, inside the device tool's 10 minutes per
+# One-shot GPU run of pgpo-bench: its steps' time limits add up to 595 s, inside the device tool's 10 minutes per
 # command (not yet run on a GPU). Runs the GPU tests, then the sweeps (bf16, vocab 152064, every op and backend),
 # and leaves in $OUT:
-#   gpu_tests.log, sweep.log, <device>.json (all ops merged), <device>.png (GB/s vs tokens), <device>.md (table).
+#   gpu_tests.log, sweep.log, <device>.json (all ops merged), <device>.png (GB/s vs tokens), <device>.md (table),
+#   train_dist/results.{json,md} (pgpo-train rollout/update tokens/s, 1 GPU vs all GPUs).
 # Each step has its own time limit, so a hang or an OOM in one op still leaves the others' results.
 #
 # Use (from the repository root, on the device machine):
@@ -53,6 +54,16 @@ bench 60 reshape reshape --tokens "$SWEEP,$RESHAPE_EXTRA" --seq-len "$SEQ_LEN"
 bench 90 weights weights --tokens "$SWEEP" --seq-len "$SEQ_LEN"
 bench 90 stats stats --tokens "$SWEEP"
 bench 90 linear linear --tokens "$LINEAR_TOKENS" --hidden "$HIDDEN"
+
+# -- 2b. pgpo-train data parallel (torchrun + FSDP2, nccl): tiny model, 1 GPU vs all GPUs, at most 90 s ----------
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "${NGPU:-0}" -ge 1 ]; then
+  echo "== train_dist: 1 and $NGPU GPUs" | tee -a "$OUT/sweep.log"
+  NPROC=1; EXTRA=--skip-unshard  # the unshard comparison needs 2 GPUs (2 nccl ranks)
+  [ "$NGPU" -gt 1 ] && NPROC="1,$NGPU" && EXTRA=""
+  timeout 90 "$PY" -m benchmarks.train_dist --device cuda --nproc "$NPROC" --steps 3 --out "$OUT/train_dist" $EXTRA \
+    --machine "device machine, $NGPU GPU(s)" >>"$OUT/sweep.log" 2>&1 || echo "!! train_dist exited with $?" | tee -a "$OUT/sweep.log"
+fi
 
 # -- 3. one merged report: JSON + plot + markdown table, named by device ------------------------------------------
 SLUG=$("$PY" -c "import torch; from benchmarks.roofline import device_info, device_slug; \

@@ -203,7 +203,14 @@ def on_writer(dp: Single, make_context):
 
 # keys the one-process loop computes over the whole (mini-)batch that each rank holds a part of
 SUM_KEYS = ("actor/loss", "actor/clip_frac", "actor/ppo_kl", "sft/loss")
-SAME_KEYS = ("actor/grad_norm", "sft/grad_norm", "data/skipped_images", "data/epoch", "pgpo/fused_lm_head")
+SAME_KEYS = (
+    "actor/grad_norm",
+    "sft/grad_norm",
+    "data/skipped_images",
+    "data/skipped_empty",
+    "data/epoch",
+    "pgpo/fused_lm_head",
+)
 
 
 def merge_rank_metrics(parts: list[tuple[dict, float, float]]) -> dict:

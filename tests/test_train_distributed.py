@@ -23,6 +23,7 @@ from pgpo_train import dist_checkpoint
 from pgpo_train import train as train_mod
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.config import TrainConfig
+from pgpo_train.rundir import RunDirLock
 from pgpo_train.tiny import save_count_dataset
 
 # %% rollouts with guaranteed signal
@@ -77,6 +78,18 @@ def _patched_rollout(mode: str):
     return rollout
 
 
+def _signalling(rollout, at_call: int):
+    calls = []
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rollout(*a, **kw)
+
+    return wrapped
+
+
 def _full_params(model) -> dict:
     out = {}
     for k, v in model.state_dict().items():
@@ -115,7 +128,16 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
             return st
 
         dist_checkpoint.save, dist_checkpoint.load = save, load
-        out = train_mod.train(TrainConfig(**job["cfg"]))
+        if job.get("sigterm_at_rollout") and rank == 1:  # one rank gets the signal, during a step
+            train_mod.rollout = _signalling(train_mod.rollout, job["sigterm_at_rollout"])
+        try:
+            out = train_mod.train(TrainConfig(**job["cfg"]))
+        except Exception as e:
+            if not job.get("expect_error"):
+                raise
+            with open(f"{job['dump']}.rank{rank}", "w") as f:
+                json.dump({"type": type(e).__name__, "msg": str(e), "step": getattr(e, "step", None)}, f)
+            continue
         params = _full_params(out["model"])
         if rank == 0:
             torch.save(params, job["dump"])
@@ -182,13 +204,24 @@ def runs(tmp_path_factory):
     shutil.copytree(root / "one-ckpt", root / "one-to-two")
 
     long = _cfg(data, root / "full", steps=3)
-    _spawn(
-        [
-            {"cfg": _cfg(data, root / f"two-{a}", algo=a), "answers": "replay", "dump": str(root / f"two-{a}.pt")}
-            for a in ("dapo", "pgpo")
-        ]
-        + [{"cfg": long, "answers": "inject", "dump": str(root / "full.pt")}]
-    )
+    os.makedirs(root / "busy")
+    busy = {"cfg": _cfg(data, root / "busy"), "answers": "replay", "dump": str(root / "busy"), "expect_error": True}
+    sigterm = {
+        "cfg": _cfg(data, root / "sigterm", steps=3),
+        "answers": "inject",
+        "dump": str(root / "sigterm"),
+        "expect_error": True,
+        "sigterm_at_rollout": 2,
+    }
+    with RunDirLock(str(root / "busy")):  # another run holds this run dir
+        _spawn(
+            [busy, sigterm]
+            + [
+                {"cfg": _cfg(data, root / f"two-{a}", algo=a), "answers": "replay", "dump": str(root / f"two-{a}.pt")}
+                for a in ("dapo", "pgpo")
+            ]
+            + [{"cfg": long, "answers": "inject", "dump": str(root / "full.pt")}]
+        )
     os.makedirs(root / "cut-saves")
     cut = {**long, "out_dir": str(root / "cut")}
     with pytest.raises(mp.ProcessExitedException):  # killed right after its step-2 checkpoint
@@ -309,3 +342,27 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     state = dist_checkpoint.load(first, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
     assert state["step"] == 1 and state["world_size"] == 1
     assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
+
+
+def _errors(root, name: str) -> list[dict]:
+    out = []
+    for r in range(2):
+        with open(root / f"{name}.rank{r}") as f:
+            out.append(json.load(f))
+    return out
+
+
+def test_busy_run_dir_fails_on_every_rank(runs):
+    """Rank 0 holds the run dir lock; when another run has it, every rank stops with rank 0's one-line error."""
+    errs = _errors(runs["root"], "busy")
+    assert errs[0]["type"] == "RunDirBusy" and "in use by another run" in errs[0]["msg"]
+    assert errs[1]["msg"] == errs[0]["msg"]
+
+
+def test_sigterm_on_one_rank_stops_all_at_the_same_step(runs):
+    root = runs["root"]
+    errs = _errors(root, "sigterm")
+    assert [e["type"] for e in errs] == ["TrainingInterrupted"] * 2
+    assert errs[0]["step"] == errs[1]["step"] == 2  # the signal came during step 2: both finish it, then stop
+    assert latest_checkpoint(str(root / "sigterm" / "checkpoints")).endswith("step-00000002")
+    assert [x["step"] for x in _lines(root / "sigterm")] == [1, 2]
