@@ -176,7 +176,9 @@ class Distributed(Single):
 
     def merge_metrics(self, metrics: dict, n_resp: float, n_tok: float) -> dict:
         """One step's metrics over all ranks (rank 0's result is the one written). See `merge_rank_metrics`."""
-        return merge_rank_metrics(self.gather_objects((metrics, n_resp, n_tok)))
+        # 0-d tensors / numpy scalars (adv/mean_abs is one) become floats, as the Logger would write them
+        plain = {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v for k, v in metrics.items()}
+        return merge_rank_metrics(self.gather_objects((plain, n_resp, n_tok)))
 
 
 @contextmanager

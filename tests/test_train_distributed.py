@@ -107,9 +107,16 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    real_save, real_load = dist_checkpoint.save, dist_checkpoint.load
+    real_save, real_load, real_update = dist_checkpoint.save, dist_checkpoint.load, train_mod.policy_update
     for job in jobs:
         train_mod.rollout = _patched_rollout(job["answers"])
+        kept = []  # rows this rank updated on, per step (0: only zero-weight forwards)
+
+        def policy_update(model, optimizer, batch, tok_adv, *a, _kept=kept, **kw):
+            _kept.append(0 if tok_adv is None else len(tok_adv))
+            return real_update(model, optimizer, batch, tok_adv, *a, **kw)
+
+        train_mod.policy_update = policy_update
 
         def save(dp, ckpt_dir, step, model, *a, _job=job, **kw):
             params = _full_params(model)
@@ -141,6 +148,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
         params = _full_params(out["model"])
         if rank == 0:
             torch.save(params, job["dump"])
+        with open(f"{job['dump']}.kept{rank}", "w") as f:
+            json.dump(kept, f)
     dist.destroy_process_group()
 
 
@@ -178,6 +187,12 @@ def _cfg(data: str, out, **kw) -> dict:
     return base
 
 
+# the first step's records under these seeds: dapo keeps 1 group on rank 0 and 2 on rank 1 (unequal micro-batch
+# counts), pgpo keeps none on rank 0 and 2 on rank 1 (rank 0 only pairs rank 1's collectives); the tests check it
+EQUIV_SEED = {"dapo": 3, "pgpo": 28}
+EQUIV_KEPT = {"dapo": [[4], [8]], "pgpo": [[0], [8]]}
+
+
 def _lines(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(x) for x in f]
@@ -195,10 +210,11 @@ def runs(tmp_path_factory):
     data = save_count_dataset(root / "count", n_train=64, n_test=8, seed=0)
     r = {"root": root}
     with pytest.MonkeyPatch.context() as mpatch:
-        # one process on the same global batch (replayed rollouts), for each algo; the initial params
-        r["init"] = _single(_cfg(data, root / "init", steps=0), "replay", mpatch)
+        # one process on the same global batch (replayed rollouts), for each algo, and its initial params
         for algo in ("dapo", "pgpo"):
-            r[f"one-{algo}"] = _single(_cfg(data, root / f"one-{algo}", algo=algo), "replay", mpatch)
+            cfg = _cfg(data, root / f"one-{algo}", algo=algo, seed=EQUIV_SEED[algo])
+            r[f"one-{algo}"] = _single(cfg, "replay", mpatch)
+            r[f"init-{algo}"] = _single({**cfg, "out_dir": str(root / f"init-{algo}"), "steps": 0}, "replay", mpatch)
         # a one-process run with a checkpoint at step 2, to resume at 2 ranks
         r["one-ckpt"] = _single(_cfg(data, root / "one-ckpt", steps=2), "inject", mpatch)
     shutil.copytree(root / "one-ckpt", root / "one-to-two")
@@ -217,7 +233,11 @@ def runs(tmp_path_factory):
         _spawn(
             [busy, sigterm]
             + [
-                {"cfg": _cfg(data, root / f"two-{a}", algo=a), "answers": "replay", "dump": str(root / f"two-{a}.pt")}
+                {
+                    "cfg": _cfg(data, root / f"two-{a}", algo=a, seed=EQUIV_SEED[a]),
+                    "answers": "replay",
+                    "dump": str(root / f"two-{a}.pt"),
+                }
                 for a in ("dapo", "pgpo")
             ]
             + [{"cfg": long, "answers": "inject", "dump": str(root / "full.pt")}]
@@ -275,7 +295,8 @@ def test_two_ranks_update_equals_one_process(runs, algo):
     one, two = runs[f"one-{algo}"], torch.load(root / f"two-{algo}.pt")
     l1, l2 = _lines(root / f"one-{algo}")[-1], _lines(root / f"two-{algo}")[-1]
     assert 0 < l1["data/kept_frac"] < 1, "the batch must keep some groups and drop others"
-    assert _max_diff(one, runs["init"]) > 1e-4, "the update must move the parameters"
+    assert _kept(root, f"two-{algo}.pt") == EQUIV_KEPT[algo], "the rank layout the test is meant to check"
+    assert _max_diff(one, runs[f"init-{algo}"]) > 1e-4, "the update must move the parameters"
     assert _max_diff(one, two) < 1e-5
     for k in ("reward/mean", "data/kept_frac", "adv/mean_abs", "actor/loss", "actor/grad_norm", "actor/entropy"):
         assert l2[k] == pytest.approx(l1[k], rel=1e-4, abs=1e-6), k
@@ -342,6 +363,14 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     state = dist_checkpoint.load(first, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
     assert state["step"] == 1 and state["world_size"] == 1
     assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
+
+
+def _kept(root, dump: str) -> list[list[int]]:
+    out = []
+    for r in range(2):
+        with open(root / f"{dump}.kept{r}") as f:
+            out.append(json.load(f))
+    return out
 
 
 def _errors(root, name: str) -> list[dict]:
