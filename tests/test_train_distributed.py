@@ -395,3 +395,39 @@ def test_sigterm_on_one_rank_stops_all_at_the_same_step(runs):
     assert errs[0]["step"] == errs[1]["step"] == 2  # the signal came during step 2: both finish it, then stop
     assert latest_checkpoint(str(root / "sigterm" / "checkpoints")).endswith("step-00000002")
     assert [x["step"] for x in _lines(root / "sigterm")] == [1, 2]
+
+
+def test_merged_metrics_equal_the_pooled_ones():
+    """merge_rank_metrics over two ranks' parts gives what one process computes on all the values."""
+    from pgpo_train.distributed import merge_rank_metrics
+
+    g = torch.Generator().manual_seed(0)
+    w = [torch.rand(7, generator=g) * 3, torch.rand(12, generator=g)]  # two ranks' token weights
+    rewards = [torch.rand(8, generator=g), torch.rand(8, generator=g)]
+    parts = [
+        (
+            {
+                "pgpo/weight_mean": float(wi.mean()),
+                "pgpo/weight_std": float(wi.std()),
+                "pgpo/weight_max": float(wi.max()),
+                "pgpo/weight_min": float(wi.min()),
+                "reward/mean": float(ri.mean()),
+                "timing/update": float(i + 1),
+                "actor/loss": 0.25 * (i + 1),
+                "sample/response": f"rank {i}",
+            },
+            float(len(ri)),
+            float(len(wi)),
+        )
+        for i, (wi, ri) in enumerate(zip(w, rewards))
+    ]
+    out = merge_rank_metrics(parts)
+    all_w, all_r = torch.cat(w).double(), torch.cat(rewards).double()
+    assert out["pgpo/weight_mean"] == pytest.approx(float(all_w.mean()), rel=1e-6)
+    assert out["pgpo/weight_std"] == pytest.approx(float(all_w.std()), rel=1e-6)
+    assert out["pgpo/weight_max"] == float(torch.cat(w).max()) and out["pgpo/weight_min"] == float(torch.cat(w).min())
+    assert out["reward/mean"] == pytest.approx(float(all_r.mean()), rel=1e-6)
+    assert out["timing/update"] == 2.0 and out["actor/loss"] == pytest.approx(0.75)
+    assert out["sample/response"] == "rank 0"
+    # a key only one rank has (the other kept no rows) is that rank's value
+    assert merge_rank_metrics([({"pgpo/kl_mean": 0.5}, 8.0, 5.0), ({}, 8.0, 0.0)])["pgpo/kl_mean"] == 0.5
