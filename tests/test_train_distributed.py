@@ -222,8 +222,8 @@ def runs(tmp_path_factory):
     long = _cfg(data, root / "full", steps=3)
     os.makedirs(root / "busy")
     busy = {"cfg": _cfg(data, root / "busy"), "answers": "replay", "dump": str(root / "busy"), "expect_error": True}
-    sigterm = {
-        "cfg": _cfg(data, root / "sigterm", steps=3),
+    sigterm = {  # also the run with FSDP2's CPUOffloadPolicy (on CPU it only runs the flag's code path)
+        "cfg": _cfg(data, root / "sigterm", steps=3, fsdp_cpu_offload=True),
         "answers": "inject",
         "dump": str(root / "sigterm"),
         "expect_error": True,
