@@ -303,8 +303,40 @@ def check_sources(c) -> None:
     if c.resume:
         if not os.path.isdir(c.out_dir):
             raise ValueError(f"--resume: there is no run directory {c.out_dir}")
-        if latest_checkpoint(os.path.join(c.out_dir, "checkpoints")) is None:
+        path = latest_checkpoint(os.path.join(c.out_dir, "checkpoints"))
+        if path is None:
             raise ValueError(
                 f"--resume: {c.out_dir} holds no checkpoint (the run stopped before its first one): "
                 "start it again without --resume"
             )
+        check_resume_settings(c, path)
+
+
+# settings a resumed run may change: they do not change what the next steps compute
+RESUME_MAY_CHANGE = {
+    "out_dir", "resume", "overwrite", "steps", "save_every", "keep_checkpoints", "tensorboard", "progress",
+    "eval_every", "eval_size", "eval_split", "threads", "device",
+}  # fmt: skip
+
+
+def check_resume_settings(c, checkpoint: str) -> None:
+    """--resume continues the run only with the settings it ran with (else it would silently train another run)."""
+    from pgpo_train.checkpoint import read_trainer_state
+
+    saved = read_trainer_state(checkpoint).get("config")
+    if not saved:
+        return  # an older checkpoint without its config
+    diffs = []
+    for name, value, _ in _fields(c):
+        if name in RESUME_MAY_CHANGE:
+            continue
+        run = saved
+        for part in name.split("."):
+            run = run.get(part) if isinstance(run, dict) else None
+        if run is not None and run != value:  # None: a setting the run's version did not have
+            diffs.append(f"{flag(name)} {value!r} (the run's: {run!r})")
+    if diffs:
+        raise ValueError(
+            f"--resume: settings differ from the run in {c.out_dir}: {', '.join(diffs)}; resume with the run's "
+            "settings (its config.json), or start a new run"
+        )

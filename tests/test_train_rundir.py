@@ -83,11 +83,13 @@ def reference(tmp_path_factory):
 def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    code = (
+        "import sys; from pgpo_train.rundir import RunDirLock; "
+        f"lock = RunDirLock({str(out)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"
+    )
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pgpo_train.rundir import RunDirLock; "
-         f"lock = RunDirLock({str(out)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=f"is in use by another run \\(pid {holder.pid}\\)"):
@@ -126,6 +128,11 @@ def test_resume_drops_a_torn_line_and_later_rows_and_removes_orphans(reference, 
     assert steps == sorted(set(steps)) == list(range(1, 7))  # each step once
     assert _lines(out) == _lines(reference)
     assert _same(_final_params(out), _final_params(reference))
+    # resuming with other settings would silently continue another run
+    with pytest.raises(
+        ValueError, match=r"settings differ .*: --algo 'dapo' \(the run's: 'pgpo'\), --seed 2 \(the run's: 1\);"
+    ):
+        train(_cfg(out, resume=True, steps=3, seed=2, algo="dapo"))
 
 
 def test_fresh_start_removes_orphans(tmp_path):
@@ -169,6 +176,14 @@ def test_interrupt_in_the_sft_warmup_checkpoints_and_resumes_exactly(reference, 
     assert _same(_final_params(out), _final_params(reference))
 
 
+def _rows_written(run_dir) -> int:
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return len(f.readlines())
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.fixture(scope="module")
 def reference_cli(tmp_path_factory):
     """The uninterrupted CLI run with a warm-up long enough (40 steps) for a signal to arrive mid-run."""
@@ -187,9 +202,7 @@ def test_signal_to_the_cli_saves_prints_resume_and_resumes_exactly(reference_cli
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(out / "metrics.jsonl") and len(open(out / "metrics.jsonl").readlines()) >= 3:
-            break
+    while time.time() < deadline and proc.poll() is None and _rows_written(out) < 3:
         time.sleep(0.05)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
