@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.checkpoint:
             print(f"pgpo-train: continue with: {resume_command(argv, e.out_dir)}")
         return e.exit_code
-    except KeyboardInterrupt:  # before the first step (model loading): nothing to save
-        print("pgpo-train: interrupted before the first step; nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # during start-up, or a second Ctrl-C while stopping: no new checkpoint
+        print("pgpo-train: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return 130
     keys = [k for k in ("eval/acc", "eval/reward") if k in summary]
     res = ", ".join(f"{k} {summary[k]:.3f}" for k in keys)

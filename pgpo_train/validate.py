@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import struct
+import urllib.request
 import zipfile
 from urllib.parse import urlparse
 
@@ -205,6 +206,9 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # the hub is reached through the proxy
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()

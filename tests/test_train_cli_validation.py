@@ -182,6 +182,8 @@ def test_hub_name_without_network_is_one_line_and_fast(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
     t0 = time.perf_counter()
     msg = _cli_error(["--model", "someone/some-vlm", "--out-dir", str(out)], capsys)
