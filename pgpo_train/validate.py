@@ -44,6 +44,8 @@ def _fields(obj, prefix: str = ""):
 def check_types(cfg) -> None:
     """Each field holds its default's type; int fields take no bool, float fields a finite int or float."""
     for name, value, kind in _fields(cfg):
+        if kind is type(None):
+            continue  # an optional setting: no type to hold it to
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:
