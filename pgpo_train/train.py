@@ -42,6 +42,7 @@ from pgpo_train.data import tiny_dataset_path
 from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
+from pgpo_train.nonfinite import check_finite_metrics
 from pgpo_train.nonfinite import check_token_advantages
 from pgpo_train.rewards import compute_score
 from pgpo_train.rundir import open_run_dir
@@ -623,6 +624,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict:
         if step < cfg.sft_steps:
             m = sft_step(model, optimizer, processor, stream.next_batch(cfg.sft_batch_size), cfg, device)
             step += 1
+            check_finite_metrics(step, m, ("sft/loss", "sft/grad_norm"))
             if step == cfg.sft_steps:
                 if eval_records:
                     last_eval = evaluate(model, processor, eval_records, cfg, device)
@@ -660,6 +662,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict:
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
             metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times))
+            check_finite_metrics(step + 1, metrics, ("actor/loss", "actor/grad_norm"))
         # else: every group had equal rewards -> no gradient signal this step (our choice: no resampling)
         step += 1
         metrics.update(times)

@@ -237,3 +237,19 @@ def test_nan_token_weight_stops_naming_the_step(tmp_path, monkeypatch):
         train(_cfg(out, sft_steps=4, steps=2))
     assert read_trainer_state(latest_checkpoint(str(out / "checkpoints")))["step"] == 4  # nothing NaN was saved
     assert main(_argv(tmp_path / "cli", sft_steps=0, steps=1)) == 1
+
+
+def test_nan_gradient_norm_stops_before_saving(tmp_path, monkeypatch):
+    sft_step = train_mod.sft_step
+    calls = []
+
+    def nan_at_step_3(*a, **k):
+        m = sft_step(*a, **k)
+        calls.append(1)
+        return {**m, "sft/grad_norm": float("nan")} if len(calls) == 3 else m
+
+    monkeypatch.setattr(train_mod, "sft_step", nan_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"^step 3: sft/grad_norm = nan; stopping before the weights are saved"):
+        train(_cfg(out, save_every=1))
+    assert read_trainer_state(latest_checkpoint(str(out / "checkpoints")))["step"] == 2
