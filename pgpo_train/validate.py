@@ -113,13 +113,10 @@ def check_values(c) -> None:
     """Ranges and choices of a resolved TrainConfig (its 'auto' values filled in)."""
     from pgpo_train.config import CHOICES
 
-    _choice("algo", c.algo, CHOICES["algo"])
-    _choice("pgpo.estimator", c.pgpo.estimator, CHOICES["estimator"])
-    _choice("pgpo.fused_lm_head", c.pgpo.fused_lm_head, CHOICES["fused_lm_head"])
-    _choice("pgpo.backend", c.pgpo.backend, CHOICES["backend"])
-    _choice("dynamic_sampling", c.dynamic_sampling, CHOICES["dynamic_sampling"])
-    _choice("loss_agg_mode", c.loss_agg_mode, [m for m in CHOICES["loss_agg_mode"] if m])
-    _choice("dtype", c.dtype, CHOICES["dtype"])
+    for name, value, _ in _fields(c):  # every option listed in config.CHOICES ("" = auto is filled in by now)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in CHOICES:
+            _choice(name, value, [m for m in CHOICES[leaf] if m])
     # PGPO reshape (NONFINITE_RULES 6); finiteness is check_types'
     _range("pgpo.tau", c.pgpo.tau, 0.0 <= c.pgpo.tau <= 1.0, "in [0, 1]")
     _range("pgpo.beta", c.pgpo.beta, c.pgpo.beta >= 0, ">= 0")
