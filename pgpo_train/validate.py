@@ -156,6 +156,9 @@ def check_values(c) -> None:
     ):
         _range(name, getattr(c, name), getattr(c, name) >= 0, ">= 0" + unset)
     _range("seed", c.seed, 0 <= c.seed < 2**32, "in [0, 2**32)")
+    for name, value, kind in _fields(c):  # no number means anything below 0 once the 'auto' values are filled in
+        if kind in (int, float):
+            _range(name, value, value >= 0, ">= 0")
     for name in ("split", "eval_split", "image_column", "problem_column", "answer_column"):
         if not getattr(c, name):
             raise ValueError(f"{flag(name)} must not be empty")
@@ -315,10 +318,12 @@ def check_sources(c) -> None:
         check_resume_settings(c, path)
 
 
-# settings a resumed run may change: they do not change what the next steps compute
+# settings a resumed run may change: run length, logging, where it runs, and the memory knobs (which change the
+# order of float sums at most, never the math)
 RESUME_MAY_CHANGE = {
     "out_dir", "resume", "overwrite", "steps", "save_every", "keep_checkpoints", "tensorboard", "progress",
-    "eval_every", "eval_size", "eval_split", "threads", "device",
+    "eval_every", "eval_size", "eval_split", "threads", "device", "micro_batch_size", "gradient_checkpointing",
+    "fsdp_cpu_offload",
 }  # fmt: skip
 
 
