@@ -195,6 +195,25 @@ def test_hub_name_without_network_is_one_line_and_fast(tmp_path, capsys, monkeyp
     assert not out.exists()
 
 
+def test_cached_hub_name_without_network_goes_offline(tmp_path, capsys, monkeypatch):
+    import datasets.config
+    from huggingface_hub import constants
+
+    from pgpo_train.validate import check_sources
+
+    cache = tmp_path / "hub-cache"
+    (cache / "models--someone--some-vlm" / "snapshots" / "abc123").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    check_sources(TrainConfig(model="someone/some-vlm", out_dir=str(tmp_path / "run")).resolved())
+    assert "using the cached someone/some-vlm" in capsys.readouterr().out
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE  # no retries against the dead hub
+
+
 # %% datasets
 
 

@@ -135,6 +135,31 @@ def test_resume_drops_a_torn_line_and_later_rows_and_removes_orphans(reference, 
         train(_cfg(out, resume=True, steps=3, seed=2, algo="dapo"))
 
 
+def test_disk_full_mid_run_is_one_line_and_resumes_exactly(reference, tmp_path, monkeypatch, capsys):
+    """The issue's case: metrics.jsonl's append fails half-way (ENOSPC) -> one line, exit 1; after freeing space
+    --resume drops the torn row and continues as if nothing happened."""
+    import errno
+
+    log = train_mod.Logger.log
+
+    def log_until_disk_full(self, step, metrics):
+        if step == 3:
+            with open(self.path, "a") as f:
+                f.write('{"step": 3, "phase": "sf')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        log(self, step, metrics)
+
+    monkeypatch.setattr(train_mod.Logger, "log", log_until_disk_full)
+    out = tmp_path / "run"
+    assert main(_argv(out, save_every=1)) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "pgpo-train" in ln]
+    assert err == ["pgpo-train: error: [Errno 28] No space left on device (the run dir keeps its last checkpoint)"]
+    monkeypatch.undo()
+    assert main([*_argv(out, save_every=1), "--resume"]) == 0
+    assert _lines(out) == _lines(reference)
+    assert _same(_final_params(out), _final_params(reference))
+
+
 def test_fresh_start_removes_orphans(tmp_path):
     from pgpo_train.rundir import open_run_dir
 
