@@ -259,10 +259,10 @@ def no_model(monkeypatch):
 
 
 def test_zero_rows_and_undecodable_images_fail_before_the_model_loads(tmp_path, capsys, no_model):
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "run"
     empty = _write_dataset(tmp_path / "empty", [])
     assert _data_cli(empty, out, capsys) == f"dataset {empty!r} split 'train' has no rows"
-    assert not out.exists()  # no empty run dir left behind
+    assert not out.parent.exists()  # no empty run dir left behind, nor the runs/ made for it
     junk = _write_dataset(tmp_path / "junk", _rows(6, image={"bytes": b"not an image", "path": None}))
     msg = _data_cli(junk, out, capsys)
     assert msg.startswith("--image-column 'image': none of the first 6 records decodes to an image"), msg
