@@ -55,7 +55,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgpo-train plot", description="Draw a run's curves (metrics.jsonl) to PNG.")
+    p = _OneLineParser(prog="pgpo-train plot", description="Draw a run's curves (metrics.jsonl) to PNG.")
     p.add_argument("run_dirs", nargs="+", help="one or more run directories (overlaid)")
     p.add_argument("--out", default="", help="PNG path (default: RUN_DIR/curves.png of the first run)")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window in steps")
@@ -63,7 +63,7 @@ def _plot_parser() -> argparse.ArgumentParser:
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="pgpo-train inspect", description="Render one sample's response tokens coloured by visual dependency."
     )
     p.add_argument("--run", default="", help="run directory (uses its latest checkpoint and config)")
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # a setting, the model, the data or the run dir: one line
         print(f"pgpo-train: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up mid-run: --resume continues from the last checkpoint
+        print(f"pgpo-train: error: {_one_line(e)} (the run dir keeps its last checkpoint)", file=sys.stderr)
+        return 1
     except NonFiniteError as e:
         print(f"pgpo-train: error: {_one_line(e)} (the run dir keeps its last checkpoint)", file=sys.stderr)
         return 1
@@ -125,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.checkpoint:
             print(f"pgpo-train: continue with: {resume_command(argv, e.out_dir)}")
         return e.exit_code
-    except KeyboardInterrupt:  # before the first step (model loading): nothing to save
-        print("pgpo-train: interrupted before the first step; nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # during start-up, or a second Ctrl-C while stopping: no new checkpoint
+        print("pgpo-train: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return 130
     finally:
         teardown()

@@ -45,7 +45,12 @@ def load_split(name_or_path: str, split: str, columns: dict[str, str | None], ma
     """
     import datasets
 
-    ds = datasets.load_dataset(name_or_path, split=split)
+    try:
+        ds = datasets.load_dataset(name_or_path, split=split)
+    except (ValueError, FileNotFoundError) as e:  # one line naming the dataset, not datasets' traceback
+        if "corresponds to no data" in str(e):  # datasets' words for an empty split
+            raise ValueError(f"dataset {name_or_path!r} split {split!r} has no rows") from e
+        raise ValueError(f"dataset {name_or_path!r} split {split!r}: {' '.join(str(e).split())}") from e
     missing = [f"{role}={col!r}" for role, col in columns.items() if col is not None and col not in ds.column_names]
     if missing:
         raise ValueError(

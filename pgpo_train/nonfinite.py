@@ -6,6 +6,8 @@ with such a token advantage would turn every parameter NaN, silently. One host s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -35,3 +37,11 @@ def check_token_advantages(step: int, advantages: torch.Tensor, token_adv: torch
             f"step {step}: the PGPO token weights of {int(rows.sum())} of {rows.numel()} responses are not finite "
             f"({int(bad_tok.sum())} tokens; a NaN/inf logit or KL score); stopping before the update"
         )
+
+
+def check_finite_metrics(step: int, metrics: dict, keys: tuple[str, ...]) -> None:
+    """Raises NonFiniteError when a step's loss / gradient norm is NaN/inf: its update made the weights non-finite,
+    so the run stops before a checkpoint could save them (the previous checkpoint stays intact)."""
+    bad = [f"{k} = {metrics[k]}" for k in keys if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        raise NonFiniteError(f"step {step}: {', '.join(bad)}; stopping before the weights are saved")

@@ -129,6 +129,27 @@ def _worth_keeping(out_dir: str) -> bool:
     return False
 
 
+def _missing_dirs(path: str) -> list[str]:
+    out = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def _remove_made(made: list[str]) -> None:
+    """Removes the run dir this process made, then each parent it made while empty (another run may share one)."""
+    if not made:
+        return
+    shutil.rmtree(made[0], ignore_errors=True)
+    for parent in made[1:]:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            return
+
+
 @contextmanager
 def open_run_dir(out_dir: str, resume: bool, overwrite: bool, log=print):
     """Creates (unless resuming) and locks out_dir, and removes checkpoint orphans, for the duration of a run.
@@ -145,14 +166,13 @@ def open_run_dir(out_dir: str, resume: bool, overwrite: bool, log=print):
     """
     from pgpo_train.checkpoint import latest_checkpoint
 
-    created = not os.path.exists(out_dir)
+    made = _missing_dirs(out_dir)  # out_dir and its parents that do not exist yet (leaf first)
     os.makedirs(out_dir, exist_ok=True)
     lock = RunDirLock(out_dir)
     try:
         lock.acquire()
     except RunDirBusy:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        _remove_made(made)
         raise
     try:
         ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -167,8 +187,8 @@ def open_run_dir(out_dir: str, resume: bool, overwrite: bool, log=print):
             log(f"pgpo-train: removed {len(removed)} unfinished checkpoint temporaries from {ckpt_dir}")
         yield lock
     except BaseException:
-        if created and not _worth_keeping(out_dir):
-            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed at start-up leaves no empty run dir
+        if made and not _worth_keeping(out_dir):
+            _remove_made(made)  # a run that failed at start-up leaves no empty run dir (nor runs/ made for it)
         raise
     finally:
         lock.release()

@@ -44,6 +44,7 @@ from pgpo_train.data import tiny_dataset_path
 from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
+from pgpo_train.nonfinite import check_finite_metrics
 from pgpo_train.nonfinite import check_token_advantages
 from pgpo_train.rewards import compute_score
 from pgpo_train.rundir import open_run_dir
@@ -662,6 +663,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
             m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp), len(recs), 0.0)
             step += 1
+            check_finite_metrics(step, m, ("sft/loss", "sft/grad_norm"))
             if step == cfg.sft_steps:
                 if eval_records:
                     last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
@@ -704,11 +706,13 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
             metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp))
+            check_finite_metrics(step + 1, metrics, ("actor/loss", "actor/grad_norm"))
             n_tok = float(batch["response_mask"].sum())
         elif kept_anywhere:  # torchrun: another rank kept groups; this one pairs their collectives with zero weight
             with dp.full_params(model):
                 pass
             metrics.update(policy_update(model, optimizer, select_rows(batch, torch.arange(1)), None, cfg, times, dp))
+            check_finite_metrics(step + 1, metrics, ("actor/grad_norm",))  # global: every rank stops together
         # else: every group had equal rewards -> no gradient signal this step (our choice: no resampling)
         step += 1
         metrics.update(times)

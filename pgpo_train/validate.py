@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import struct
+import urllib.request
 import zipfile
 from urllib.parse import urlparse
 
@@ -43,6 +44,8 @@ def _fields(obj, prefix: str = ""):
 def check_types(cfg) -> None:
     """Each field holds its default's type; int fields take no bool, float fields a finite int or float."""
     for name, value, kind in _fields(cfg):
+        if kind is type(None):
+            continue  # an optional setting: no type to hold it to
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:
@@ -110,13 +113,10 @@ def check_values(c) -> None:
     """Ranges and choices of a resolved TrainConfig (its 'auto' values filled in)."""
     from pgpo_train.config import CHOICES
 
-    _choice("algo", c.algo, CHOICES["algo"])
-    _choice("pgpo.estimator", c.pgpo.estimator, CHOICES["estimator"])
-    _choice("pgpo.fused_lm_head", c.pgpo.fused_lm_head, CHOICES["fused_lm_head"])
-    _choice("pgpo.backend", c.pgpo.backend, CHOICES["backend"])
-    _choice("dynamic_sampling", c.dynamic_sampling, CHOICES["dynamic_sampling"])
-    _choice("loss_agg_mode", c.loss_agg_mode, [m for m in CHOICES["loss_agg_mode"] if m])
-    _choice("dtype", c.dtype, CHOICES["dtype"])
+    for name, value, _ in _fields(c):  # every option listed in config.CHOICES ("" = auto is filled in by now)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in CHOICES:
+            _choice(name, value, [m for m in CHOICES[leaf] if m])
     # PGPO reshape (NONFINITE_RULES 6); finiteness is check_types'
     _range("pgpo.tau", c.pgpo.tau, 0.0 <= c.pgpo.tau <= 1.0, "in [0, 1]")
     _range("pgpo.beta", c.pgpo.beta, c.pgpo.beta >= 0, ">= 0")
@@ -156,6 +156,9 @@ def check_values(c) -> None:
     ):
         _range(name, getattr(c, name), getattr(c, name) >= 0, ">= 0" + unset)
     _range("seed", c.seed, 0 <= c.seed < 2**32, "in [0, 2**32)")
+    for name, value, kind in _fields(c):  # no number means anything below 0 once the 'auto' values are filled in
+        if kind in (int, float):
+            _range(name, value, value >= 0, ">= 0")
     for name in ("split", "eval_split", "image_column", "problem_column", "answer_column"):
         if not getattr(c, name):
             raise ValueError(f"{flag(name)} must not be empty")
@@ -205,6 +208,9 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # the hub is reached through the proxy
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
@@ -303,8 +309,42 @@ def check_sources(c) -> None:
     if c.resume:
         if not os.path.isdir(c.out_dir):
             raise ValueError(f"--resume: there is no run directory {c.out_dir}")
-        if latest_checkpoint(os.path.join(c.out_dir, "checkpoints")) is None:
+        path = latest_checkpoint(os.path.join(c.out_dir, "checkpoints"))
+        if path is None:
             raise ValueError(
                 f"--resume: {c.out_dir} holds no checkpoint (the run stopped before its first one): "
                 "start it again without --resume"
             )
+        check_resume_settings(c, path)
+
+
+# settings a resumed run may change: run length, logging, where it runs, and the memory knobs (which change the
+# order of float sums at most, never the math)
+RESUME_MAY_CHANGE = {
+    "out_dir", "resume", "overwrite", "steps", "save_every", "keep_checkpoints", "tensorboard", "progress",
+    "eval_every", "eval_size", "eval_split", "threads", "device", "micro_batch_size", "gradient_checkpointing",
+    "fsdp_cpu_offload",
+}  # fmt: skip
+
+
+def check_resume_settings(c, checkpoint: str) -> None:
+    """--resume continues the run only with the settings it ran with (else it would silently train another run)."""
+    from pgpo_train.checkpoint import read_trainer_state
+
+    saved = read_trainer_state(checkpoint).get("config")
+    if not saved:
+        return  # an older checkpoint without its config
+    diffs = []
+    for name, value, _ in _fields(c):
+        if name in RESUME_MAY_CHANGE:
+            continue
+        run = saved
+        for part in name.split("."):
+            run = run.get(part) if isinstance(run, dict) else None
+        if run is not None and run != value:  # None: a setting the run's version did not have
+            diffs.append(f"{flag(name)} {value!r} (the run's: {run!r})")
+    if diffs:
+        raise ValueError(
+            f"--resume: settings differ from the run in {c.out_dir}: {', '.join(diffs)}; resume with the run's "
+            "settings (its config.json), or start a new run"
+        )

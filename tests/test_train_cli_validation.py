@@ -182,6 +182,8 @@ def test_hub_name_without_network_is_one_line_and_fast(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
     t0 = time.perf_counter()
     msg = _cli_error(["--model", "someone/some-vlm", "--out-dir", str(out)], capsys)
@@ -191,6 +193,25 @@ def test_hub_name_without_network_is_one_line_and_fast(tmp_path, capsys, monkeyp
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert "HF_HUB_OFFLINE is set" in _cli_error(["--dataset", "someone/some-data", "--out-dir", str(out)], capsys)
     assert not out.exists()
+
+
+def test_cached_hub_name_without_network_goes_offline(tmp_path, capsys, monkeypatch):
+    import datasets.config
+    from huggingface_hub import constants
+
+    from pgpo_train.validate import check_sources
+
+    cache = tmp_path / "hub-cache"
+    (cache / "models--someone--some-vlm" / "snapshots" / "abc123").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    check_sources(TrainConfig(model="someone/some-vlm", out_dir=str(tmp_path / "run")).resolved())
+    assert "using the cached someone/some-vlm" in capsys.readouterr().out
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE  # no retries against the dead hub
 
 
 # %% datasets
@@ -238,10 +259,10 @@ def no_model(monkeypatch):
 
 
 def test_zero_rows_and_undecodable_images_fail_before_the_model_loads(tmp_path, capsys, no_model):
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "run"
     empty = _write_dataset(tmp_path / "empty", [])
     assert _data_cli(empty, out, capsys) == f"dataset {empty!r} split 'train' has no rows"
-    assert not out.exists()  # no empty run dir left behind
+    assert not out.parent.exists()  # no empty run dir left behind, nor the runs/ made for it
     junk = _write_dataset(tmp_path / "junk", _rows(6, image={"bytes": b"not an image", "path": None}))
     msg = _data_cli(junk, out, capsys)
     assert msg.startswith("--image-column 'image': none of the first 6 records decodes to an image"), msg

@@ -83,11 +83,13 @@ def reference(tmp_path_factory):
 def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    code = (
+        "import sys; from pgpo_train.rundir import RunDirLock; "
+        f"lock = RunDirLock({str(out)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"
+    )
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pgpo_train.rundir import RunDirLock; "
-         f"lock = RunDirLock({str(out)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=f"is in use by another run \\(pid {holder.pid}\\)"):
@@ -124,6 +126,36 @@ def test_resume_drops_a_torn_line_and_later_rows_and_removes_orphans(reference, 
     assert sorted(p for p in os.listdir(ckpt) if p.startswith(".")) == []
     steps = [x["step"] for x in _lines(out)]
     assert steps == sorted(set(steps)) == list(range(1, 7))  # each step once
+    assert _lines(out) == _lines(reference)
+    assert _same(_final_params(out), _final_params(reference))
+    # resuming with other settings would silently continue another run
+    with pytest.raises(
+        ValueError, match=r"settings differ .*: --algo 'dapo' \(the run's: 'pgpo'\), --seed 2 \(the run's: 1\);"
+    ):
+        train(_cfg(out, resume=True, steps=3, seed=2, algo="dapo"))
+
+
+def test_disk_full_mid_run_is_one_line_and_resumes_exactly(reference, tmp_path, monkeypatch, capsys):
+    """The issue's case: metrics.jsonl's append fails half-way (ENOSPC) -> one line, exit 1; after freeing space
+    --resume drops the torn row and continues as if nothing happened."""
+    import errno
+
+    log = train_mod.Logger.log
+
+    def log_until_disk_full(self, step, metrics):
+        if step == 3:
+            with open(self.path, "a") as f:
+                f.write('{"step": 3, "phase": "sf')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        log(self, step, metrics)
+
+    monkeypatch.setattr(train_mod.Logger, "log", log_until_disk_full)
+    out = tmp_path / "run"
+    assert main(_argv(out, save_every=1)) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "pgpo-train" in ln]
+    assert err == ["pgpo-train: error: [Errno 28] No space left on device (the run dir keeps its last checkpoint)"]
+    monkeypatch.undo()
+    assert main([*_argv(out, save_every=1), "--resume"]) == 0
     assert _lines(out) == _lines(reference)
     assert _same(_final_params(out), _final_params(reference))
 
@@ -169,6 +201,14 @@ def test_interrupt_in_the_sft_warmup_checkpoints_and_resumes_exactly(reference, 
     assert _same(_final_params(out), _final_params(reference))
 
 
+def _rows_written(run_dir) -> int:
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return len(f.readlines())
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.fixture(scope="module")
 def reference_cli(tmp_path_factory):
     """The uninterrupted CLI run with a warm-up long enough (40 steps) for a signal to arrive mid-run."""
@@ -187,9 +227,7 @@ def test_signal_to_the_cli_saves_prints_resume_and_resumes_exactly(reference_cli
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(out / "metrics.jsonl") and len(open(out / "metrics.jsonl").readlines()) >= 3:
-            break
+    while time.time() < deadline and proc.poll() is None and _rows_written(out) < 3:
         time.sleep(0.05)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
@@ -224,3 +262,19 @@ def test_nan_token_weight_stops_naming_the_step(tmp_path, monkeypatch):
         train(_cfg(out, sft_steps=4, steps=2))
     assert read_trainer_state(latest_checkpoint(str(out / "checkpoints")))["step"] == 4  # nothing NaN was saved
     assert main(_argv(tmp_path / "cli", sft_steps=0, steps=1)) == 1
+
+
+def test_nan_gradient_norm_stops_before_saving(tmp_path, monkeypatch):
+    sft_step = train_mod.sft_step
+    calls = []
+
+    def nan_at_step_3(*a, **k):
+        m = sft_step(*a, **k)
+        calls.append(1)
+        return {**m, "sft/grad_norm": float("nan")} if len(calls) == 3 else m
+
+    monkeypatch.setattr(train_mod, "sft_step", nan_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"^step 3: sft/grad_norm = nan; stopping before the weights are saved"):
+        train(_cfg(out, save_every=1))
+    assert read_trainer_state(latest_checkpoint(str(out / "checkpoints")))["step"] == 2
