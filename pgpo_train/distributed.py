@@ -41,6 +41,9 @@ class Single:
     def barrier(self) -> None:
         pass
 
+    def check_config(self, cfg) -> None:
+        pass
+
     def shard(self, items: list) -> list:
         return items
 
@@ -133,6 +136,15 @@ class Distributed(Single):
         box = [obj]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def check_config(self, cfg) -> None:
+        """Start-up check (before any model loads): the step's prompts and the SFT batch split over the ranks."""
+        for flag, n, used in (
+            ("--prompts-per-step", cfg.prompts_per_step, cfg.steps > 0),
+            ("--sft-batch-size", cfg.sft_batch_size, cfg.sft_steps > 0),
+        ):
+            if used and n % self.world:
+                raise ValueError(f"{flag} {n} does not split over {self.world} ranks: use a multiple of the world size")
 
     def shard(self, items: list) -> list:
         """This rank's contiguous share of a global list (prompts: all G responses of one stay on one rank)."""

@@ -556,6 +556,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = cfg.resolved()
     check_sources(cfg)
     dp = distributed.setup(resolve_device(cfg).type)  # torchrun: process group + FSDP2; else SINGLE (no change)
+    dp.check_config(cfg)
     run_dir = functools.partial(open_run_dir, cfg.out_dir, cfg.resume, cfg.overwrite)
     with distributed.on_writer(dp, run_dir), StopOnSignal() as stop:  # torchrun: rank 0 locks and writes
         return _train(cfg, stop, dp)
