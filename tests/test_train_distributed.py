@@ -204,10 +204,14 @@ def _single(cfg: dict, answers: str, monkeypatch) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def data(tmp_path_factory) -> str:
+    return save_count_dataset(tmp_path_factory.mktemp("data") / "count", n_train=64, n_test=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
     """Every run the tests compare, with as few 2-process launches as possible (3) to stay cheap on 2 cores."""
     root = tmp_path_factory.mktemp("dist")
-    data = save_count_dataset(root / "count", n_train=64, n_test=8, seed=0)
     r = {"root": root}
     with pytest.MonkeyPatch.context() as mpatch:
         # one process on the same global batch (replayed rollouts), for each algo, and its initial params
@@ -431,3 +435,25 @@ def test_merged_metrics_equal_the_pooled_ones():
     assert out["sample/response"] == "rank 0"
     # a key only one rank has (the other kept no rows) is that rank's value
     assert merge_rank_metrics([({"pgpo/kl_mean": 0.5}, 8.0, 5.0), ({}, 8.0, 0.0)])["pgpo/kl_mean"] == 0.5
+
+
+def test_torchrun_cli(data, tmp_path):
+    """`torchrun --nproc-per-node 2 -m pgpo_train ...` end to end: one summary line (rank 0), rank 0's metrics,
+    a sharded checkpoint with both ranks' RNG."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pgpo_train"]
+    cmd += ["--dataset", data, "--prompt-template", "tiny", "--out-dir", str(out)]
+    cmd += ["--steps", "1", "--sft-steps", "1", "--sft-batch-size", "4", "--prompts-per-step", "2"]
+    cmd += ["--group-size", "2", "--max-new-tokens", "4", "--eval-every", "0", "--no-progress", "--no-tensorboard"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pgpo-train: done") == 1, proc.stdout
+    assert [(x["step"], x["phase"]) for x in _lines(out)] == [(1, "sft"), (2, "rl")]
+    path = latest_checkpoint(str(out / "checkpoints"))
+    assert path.endswith("step-00000002")
+    assert {"rng-rank0.pt", "rng-rank1.pt", ".metadata", "trainer_state.json"} <= set(os.listdir(path))
