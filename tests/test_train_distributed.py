@@ -191,6 +191,7 @@ def _cfg(data: str, out, **kw) -> dict:
 # counts), pgpo keeps none on rank 0 and 2 on rank 1 (rank 0 only pairs rank 1's collectives); the tests check it
 EQUIV_SEED = {"dapo": 3, "pgpo": 28}
 EQUIV_KEPT = {"dapo": [[4], [8]], "pgpo": [[0], [8]]}
+SFT = {"steps": 0, "sft_steps": 1, "sft_batch_size": 4, "sft_lr": 1e-3, "eval_every": 1, "eval_size": 5}
 
 
 def _lines(run_dir) -> list[dict]:
@@ -219,6 +220,8 @@ def runs(tmp_path_factory, data):
             cfg = _cfg(data, root / f"one-{algo}", algo=algo, seed=EQUIV_SEED[algo])
             r[f"one-{algo}"] = _single(cfg, "replay", mpatch)
             r[f"init-{algo}"] = _single({**cfg, "out_dir": str(root / f"init-{algo}"), "steps": 0}, "replay", mpatch)
+        # one SFT step (each rank half the records, loss weighed by its token share) and a sharded greedy eval
+        r["one-sft"] = _single(_cfg(data, root / "one-sft", **SFT), "replay", mpatch)
         # a one-process run with a checkpoint at step 2, to resume at 2 ranks
         r["one-ckpt"] = _single(_cfg(data, root / "one-ckpt", steps=2), "inject", mpatch)
     shutil.copytree(root / "one-ckpt", root / "one-to-two")
@@ -245,6 +248,7 @@ def runs(tmp_path_factory, data):
                 for a in ("dapo", "pgpo")
             ]
             + [{"cfg": long, "answers": "inject", "dump": str(root / "full.pt")}]
+            + [{"cfg": _cfg(data, root / "two-sft", **SFT), "answers": "replay", "dump": str(root / "two-sft.pt")}]
         )
     os.makedirs(root / "cut-saves")
     cut = {**long, "out_dir": str(root / "cut")}
@@ -307,6 +311,19 @@ def test_two_ranks_update_equals_one_process(runs, algo):
     if algo == "pgpo":
         for k in ("pgpo/kl_mean", "pgpo/weight_mean", "pgpo/weight_std", "pgpo/kl_max"):
             assert l2[k] == pytest.approx(l1[k], rel=1e-4, abs=1e-6), k
+
+
+def test_two_ranks_sft_step_and_eval_equal_one_process(runs):
+    root = runs["root"]
+    one, two = runs["one-sft"], torch.load(root / "two-sft.pt")
+    assert _max_diff(one, two) < 1e-5
+    l1, l2 = _lines(root / "one-sft")[-1], _lines(root / "two-sft")[-1]
+    assert l1["phase"] == l2["phase"] == "sft"
+    assert l2["sft/loss"] == pytest.approx(l1["sft/loss"], rel=1e-5)
+    # greedy eval, 5 records split 3 + 2 over the ranks; after one SFT step these are mostly 0, so this shows the
+    # sharded eval runs and merges, not that the merge weights are right (test_merged_metrics... checks those)
+    for k in ("eval/acc", "eval/reward", "eval/format"):
+        assert l2[k] == pytest.approx(l1[k], abs=1e-9), k
 
 
 def test_killed_two_rank_run_resumes_exactly(runs):
