@@ -310,3 +310,49 @@ def check_responses_are_text(model, responses: torch.Tensor, response_mask: torc
             "visual forward would count it as an image. Keep visual special ids out of sampling "
             f"(generate(..., suppress_tokens={special_ids(model)}), pgpo_train.model_family.special_ids)"
         )
+
+
+def select_samples(multimodal: dict, lo: int, hi: int, batch_size: int, num_images: list[int] | None = None,
+                   num_tiles: list[int] | None = None) -> dict:
+    """The multimodal tensors of samples [lo, hi) of a batch, whatever the family's layout (SPEC section 4: split
+    by image, never evenly). Layouts, as the processors write them and TRL keeps them:
+    - Qwen-VL: pixel_values [patches, C'] owned image by image through image_grid_thw.prod(-1);
+    - InternVL: pixel_values [tiles, C, H, W], `num_tiles` per sample;
+    - Gemma 3, LLaVA-OneVision: pixel_values [images, ...], `image_sizes` [images, 2];
+    - Idefics3 / SmolVLM: pixel_values [B, images, C, H, W] and pixel_attention_mask per sample.
+
+    Args:
+        multimodal: the batch's image tensors (other keys are ignored).
+        batch_size: B, the number of samples of the batch.
+        num_images: images per sample (None = one each); num_tiles: tiles per sample (InternVL).
+    """
+    counts = num_images if num_images is not None else [1] * batch_size
+    first = [0]
+    for n in counts:
+        first.append(first[-1] + n)
+    img_lo, img_hi = first[lo], first[hi]
+    out = {}
+    pixels = multimodal.get("pixel_values")
+    grid = multimodal.get("image_grid_thw")
+    if pixels is not None and grid is not None:
+        rows = grid.prod(-1).tolist()
+        row_lo, row_hi = sum(rows[:img_lo]), sum(rows[:img_hi])
+        out["pixel_values"], out["image_grid_thw"] = pixels[row_lo:row_hi], grid[img_lo:img_hi]
+    elif pixels is not None and num_tiles is not None:
+        tiles = [0]
+        for n in num_tiles:
+            tiles.append(tiles[-1] + n)
+        out["pixel_values"] = pixels[tiles[lo]:tiles[hi]]
+    elif pixels is not None and pixels.shape[0] == first[-1] and pixels.shape[0] != batch_size:
+        out["pixel_values"] = pixels[img_lo:img_hi]
+    elif pixels is not None and pixels.shape[0] == first[-1] and "pixel_attention_mask" not in multimodal:
+        out["pixel_values"] = pixels[img_lo:img_hi]  # one image per sample: image- and sample-indexed agree
+    elif pixels is not None:
+        out["pixel_values"] = pixels[lo:hi]  # per-sample layout (Idefics3 / SmolVLM)
+    if multimodal.get("pixel_attention_mask") is not None:
+        out["pixel_attention_mask"] = multimodal["pixel_attention_mask"][lo:hi]
+    if multimodal.get("image_sizes") is not None:
+        out["image_sizes"] = multimodal["image_sizes"][img_lo:img_hi]
+    if out.get("pixel_values") is not None and out["pixel_values"].numel() == 0:
+        return {}  # these samples have no image
+    return out
