@@ -167,3 +167,19 @@ def test_k3_reuses_trls_visual_log_probs_with_identical_weights(tmp_path):
         assert vis_reused == 0 and vis_fresh >= 1  # the reuse skipped the visual forward
         torch.testing.assert_close(reused, fresh, atol=1e-4, rtol=1e-4)
         assert float(fresh.max() - fresh.min()) > 0.1
+
+
+def test_trl_example_shows_non_zero_reward_and_loss_on_its_defaults(tmp_path, monkeypatch, capsys):
+    """Its defaults used to log loss 0, grad_norm 0, reward 0 every step (a random policy never earns a reward)."""
+    import os
+    import runpy
+
+    monkeypatch.setenv("PGPO_CACHE", str(tmp_path / "cache"))
+    main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "trl_pgpo.py"),
+                          run_name="example")["main"]
+    trainer = main(["--output-dir", str(tmp_path / "run")])  # everything else at its default
+    rows = [r for r in trainer.state.log_history if "pgpo/kl_mean" in r]
+    assert len(rows) == 2
+    assert any(r["reward"] > 0 for r in rows) and any(r["reward_std"] > 0 for r in rows)
+    assert any(r["loss"] != 0 for r in rows) and any(r["grad_norm"] > 0 for r in rows)
+    assert "SFT warm-up: 50 steps" in capsys.readouterr().out
