@@ -233,8 +233,9 @@ def _check_positions(model, input_ids: torch.Tensor, position_ids: torch.Tensor)
     fam = family_of(model)
     want = (3, *input_ids.shape) if fam.rope == "mrope" else tuple(input_ids.shape)
     if tuple(position_ids.shape) != want:
-        raise ValueError(f"position_ids must be {list(want)} for {fam.name} ({'3-D mrope' if fam.rope == 'mrope' else '1-D'} "
-                         f"positions from `position_ids` on the full visual inputs), got {tuple(position_ids.shape)}")
+        kind = "3-D mrope" if fam.rope == "mrope" else "1-D"
+        raise ValueError(f"position_ids must be {list(want)} for {fam.name} ({kind} positions from "
+                         f"model_family.position_ids on the full visual inputs), got {tuple(position_ids.shape)}")
 
 
 def text_only_attention_mask(model, input_ids, attention_mask, prompt_len: int | None = None) -> torch.Tensor:

@@ -158,9 +158,7 @@ def _gemma3(tok):
 
 def _llava_onevision(tok):
     import transformers as tf
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     ids = tok.convert_tokens_to_ids
     vision = {**VISION, "image_size": 28, "patch_size": 14}  # 2x2 patches per crop

@@ -28,6 +28,7 @@ from pgpo_kernels import fused_linear_token_stats
 from pgpo_kernels import token_kl
 from pgpo_kernels import token_stats
 from pgpo_train import core_algos
+from pgpo_train import model_family
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import load_checkpoint
 from pgpo_train.checkpoint import save_checkpoint
@@ -41,7 +42,6 @@ from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
 from pgpo_train.rewards import compute_score
-from pgpo_train import model_family
 from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs

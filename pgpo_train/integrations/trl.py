@@ -12,13 +12,12 @@ Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused b
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from dataclasses import field
 
 import torch
-
-import logging
-import warnings
 
 try:
     from trl import GRPOConfig
@@ -30,11 +29,11 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 from pgpo_kernels.utils import BACKENDS
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
+from pgpo_train import model_family
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.integrations.token_scores import weight_metrics
-from pgpo_train import model_family
 
 logger = logging.getLogger(__name__)
 
