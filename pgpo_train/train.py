@@ -85,7 +85,11 @@ def load_policy(cfg: TrainConfig, device: torch.device):
 
 def check_vlm(model, processor) -> None:
     """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
-    model_family.check_vlm(model, "pgpo-train")
+    family = model_family.check_vlm(model, "pgpo-train")
+    if family.rope != "mrope":  # this loop passes Qwen-VL image kwargs (pixel_values + image_grid_thw)
+        raise ValueError(f"pgpo-train's loop runs the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); for a "
+                         f"{family.name} model use the TRL adapter (pgpo_train.integrations.PGPOGRPOTrainer), which "
+                         "runs every supported family")
     image_token_id = model.config.image_token_id
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", "<|image_pad|>")

@@ -207,3 +207,37 @@ def test_unknown_and_text_only_models_get_one_error_naming_the_families():
         model, _ = build_tiny_family("gemma3")
         ids = torch.ones(2, 4, dtype=torch.long)
         mf.text_only_inputs(model, ids, ids, torch.zeros(3, 2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_pgpo_train_step_runs_on_the_other_qwen_families(name):
+    """pgpo-train's own loop (rollout, both passes, update) on Qwen2-VL and Qwen3-VL: old log-probs match the
+    update's forward (ppo_kl ~ 0), the weights are reshaped."""
+    from pgpo_train import core_algos
+    from pgpo_train import train as tr
+    from pgpo_train.config import TrainConfig
+
+    cfg = TrainConfig(algo="pgpo", max_new_tokens=6).resolved()
+    cfg.pgpo.backend = "torch"
+    model, processor = build_tiny_family(name)
+    tr.check_vlm(model, processor)
+    opt = tr.make_optimizer(model, 1e-3, 0.0)
+    recs = make_count_records(2, seed=0)
+    batch, _ = tr.rollout(model, processor, recs, cfg, "cpu", {})
+    batch.pop("texts")
+    assert not torch.isin(batch["responses"], torch.tensor(mf.special_ids(model))).any()  # suppressed
+    noisy = batch["rewards"] + torch.arange(len(batch["rewards"])).float()  # any non-constant rewards
+    batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(noisy, cfg.group_size)
+    batch.update(tr.old_logp_and_scores(model, batch, cfg, {}))
+    tok_adv, w = tr.token_advantages(batch, cfg, {})
+    assert w["pgpo/weight_max"] > 1.0
+    m = tr.policy_update(model, opt, batch, tok_adv, cfg, {})
+    assert abs(m["actor/ppo_kl"]) < 1e-5 and m["actor/grad_norm"] > 0
+
+
+def test_pgpo_train_refuses_1d_rope_families_with_the_way_out():
+    from pgpo_train.train import check_vlm
+
+    model, processor = build_tiny_family("gemma3")
+    with pytest.raises(ValueError, match="use the TRL adapter"):
+        check_vlm(model, processor)
