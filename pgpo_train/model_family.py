@@ -96,7 +96,7 @@ def family_of(model_or_config, who: str = "PGPO") -> Family:
         model_type = getattr(cfg, "model_type", None)
         name = type(unwrap(model_or_config)).__name__
         raise ValueError(
-            f"{who}: model {name} (model_type={model_type!r}) is not a supported vision-language model. PGPO "
+            f"{who}: model {name} (model_type={model_type!r}) has no image tokens PGPO knows how to mask: PGPO "
             f"masks the image's placeholder tokens out of a second forward, so it needs a VLM whose image enters as "
             f"placeholder tokens; supported families: {supported_families()} (e.g. Qwen/Qwen2.5-VL-3B-Instruct)"
         )

@@ -268,12 +268,22 @@ def _check_model_before_loading(model, args) -> None:
 
 
 def _check_dataset_has_images(dataset) -> None:
-    """A dataset without an image column would train as plain GRPO: refused before loading anything."""
+    """A dataset without images would train as plain GRPO: refused before loading anything. Images come from an
+    `image` / `images` column or, in TRL 1.16, from image parts inside the conversational prompt."""
     columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, list) and not {"image", "images"} & set(columns):
-        raise ValueError(f"PGPOGRPOTrainer: the training dataset has no 'image' or 'images' column (columns: "
-                         f"{columns}); PGPO weighs tokens by how much the image changes them, so every batch would "
-                         "train as plain GRPO")
+    if not isinstance(columns, list) or {"image", "images"} & set(columns):
+        return  # an iterable dataset (no column list) is checked batch by batch instead
+    prompt = dataset[0].get("prompt") if len(dataset) else None
+    if isinstance(prompt, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None
+                for part in m["content"])
+        for m in prompt
+    ):
+        return
+    raise ValueError(f"PGPOGRPOTrainer: the training dataset has no 'image' or 'images' column (columns: {columns}) "
+                     "and its first prompt holds no image; PGPO weighs tokens by how much the image changes them, "
+                     "so every batch would train as plain GRPO")
 
 
 __all__ = ["ESTIMATORS", "LIGER_ERROR", "PGPOConfig", "PGPOGRPOTrainer"]
