@@ -178,7 +178,7 @@ def select_rows(batch: dict, idx: torch.Tensor) -> dict:
     for k, v in batch.items():
         if v is None or k in ("pixel_values", "image_grid_thw"):
             continue
-        out[k] = v[:, idx] if k == "position_ids" and v.dim() == 3 else v[idx]  # [3, B, L] mrope, [B, L] 1-D
+        out[k] = v[:, idx] if k == "position_ids" else v[idx]
     out["pixel_values"], out["image_grid_thw"] = None, None
     if batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
         out["pixel_values"], out["image_grid_thw"] = select_images(
