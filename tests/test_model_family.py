@@ -241,3 +241,20 @@ def test_pgpo_train_refuses_1d_rope_families_with_the_way_out():
     model, processor = build_tiny_family("gemma3")
     with pytest.raises(ValueError, match="use the TRL adapter"):
         check_vlm(model, processor)
+
+
+@torch.no_grad()
+def test_qwen3_vl_text_only_pass_injects_no_deepstack_features(monkeypatch):
+    model, processor = build_tiny_family("qwen3_vl")
+    model.eval()
+    lm = model.model.language_model
+    calls = []
+    original = lm._deepstack_process
+    monkeypatch.setattr(lm, "_deepstack_process", lambda *a, **k: calls.append(1) or original(*a, **k))
+    b = _batch(model, processor, seed=5)
+    pos = _positions(model, b)
+    model(**mf.visual_inputs(model, b["input_ids"], b["attention_mask"], pos, b["mm"], b["prompt_len"]))
+    assert calls  # the visual pass adds DeepStack features in the early layers
+    calls.clear()
+    model(**mf.text_only_inputs(model, b["input_ids"], b["attention_mask"], pos, b["prompt_len"]))
+    assert not calls
