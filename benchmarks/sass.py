@@ -321,8 +321,13 @@ def _drive_token_kl_split(n, v, dtype, temperature, split_rows, hidden):
 def _drive_token_kl_bwd(n, v, dtype, temperature, split_rows, hidden):
     import torch
 
-    _mod("pgpo_kernels.token_kl").token_kl_backward(_meta((n, v), dtype), _meta((n, v), dtype),
-                                                     _meta((n,), torch.float32), temperature)
+    kl = _mod("pgpo_kernels.token_kl")
+    if "stats" in kl.token_kl_backward.__code__.co_varnames:  # one read: the forward's [N, 5] row stats
+        for need in ((True, True), (True, False), (False, True)):
+            kl.token_kl_backward(_meta((n, v), dtype), _meta((n, v), dtype), _meta((n, 5), torch.float32),
+                                 _meta((n,), torch.float32), temperature, need_grad=need)
+    else:  # the two-read backward of before
+        kl.token_kl_backward(_meta((n, v), dtype), _meta((n, v), dtype), _meta((n,), torch.float32), temperature)
 
 
 def _drive_token_stats(rows):
