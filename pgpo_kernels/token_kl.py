@@ -43,6 +43,11 @@ _LN2_C = tl.constexpr(LN2)  # globals read inside @triton.jit must be constexpr
 MAX_BLOCK_V = 4096
 N_STATS = 5  # per-chunk partial stats: m_a, s_a, m_b, s_b, t
 N_STATS_C = tl.constexpr(N_STATS)
+# token_kl keeps t in units of 2^-24 nats: t is a sum of up to V terms, each at most the KL, so t / s_a * 2^24 reaches
+# fp32's max only where the true KL does, for any V < 2^24 (a KL near 3e38 in base-2 units would overflow early)
+T_UNIT = 2.0**-24
+_T_UNIT_INV_C = tl.constexpr(2.0**24)
+_T_SCALE_C = tl.constexpr(2.0 * LN2 * T_UNIT)  # tscale = scale * this: (2 / T) 2^-24 per half input unit
 
 
 # %% shared device helpers -----------------------------------------------------------------------------------------
@@ -63,18 +68,18 @@ def _rescale_t(t, alpha, s_a, shift):
 
 
 @triton.jit
-def _carry_t(t, alpha, s_a, dh, scale2):
-    """t carried over to new maxes: alpha (t + s_a dh scale2), dh = the shift of (a - b) in half input units.
+def _carry_t(t, alpha, s_a, dh, tscale):
+    """t carried over to new maxes: alpha (t + s_a dh tscale), dh = the shift of (a - b) in half input units.
 
     Half units: a difference of two halves of fp32 numbers never overflows, so huge finite logits (+-3e38) give the
     true value. An infinite t stays infinite, or becomes NaN when alpha underflows to 0 (0 * inf); a NaN t or s_a
     stays NaN (0 * NaN = NaN). Callers that read a NaN t as +inf (token_kl) need no select here.
     """
-    return alpha * t + (alpha * s_a * scale2) * dh
+    return alpha * t + (alpha * s_a * tscale) * dh
 
 
 @triton.jit
-def _thread_update(m_a, s_a, m_b, s_b, t, x, y, scale2):
+def _thread_update(m_a, s_a, m_b, s_b, t, x, y, scale2, tscale):
     """Fold a [R, VEC] tile into per-row-of-the-tile stats [R]; each thread owns whole rows, so no thread talks.
 
     Maxes are in input units; ea = 2^((x - m_a) scale) is computed from halves, (x / 2 - m_a / 2) scale2, which
@@ -99,9 +104,9 @@ def _thread_update(m_a, s_a, m_b, s_b, t, x, y, scale2):
     ea = tl.exp2(hdx * scale2)
     eb = tl.exp2(hdy * scale2)
     # p_i = 0 (a_i = -inf) contributes nothing: its log-ratio is taken as 0, never 0 * inf. ea scaled first, so
-    # ea * scale2 * (hdx - hdy) overflows only where the true term does.
+    # ea * tscale * (hdx - hdy) overflows only where the true term does.
     d = tl.where(x == float("-inf"), 0.0, hdx - hdy)
-    t = _carry_t(t, alpha, s_a, (ha_old - ha) - (hb_old - hb), scale2) + tl.sum((ea * scale2) * d, axis=1)
+    t = _carry_t(t, alpha, s_a, (ha_old - ha) - (hb_old - hb), tscale) + tl.sum((ea * tscale) * d, axis=1)
     s_a = alpha * s_a + tl.sum(ea, axis=1)
     s_b = gamma * s_b + tl.sum(eb, axis=1)
     return new_m_a, s_a, new_m_b, s_b, t
@@ -119,6 +124,7 @@ def _kl_stream_thread(a_row_ptr, b_row_ptr, col_start, col_end, scale, BLOCK_V: 
     """
     R: tl.constexpr = BLOCK_V // VEC
     scale2 = 2.0 * scale
+    tscale = scale * _T_SCALE_C
     offs = tl.arange(0, R)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     m_a = tl.full((R,), float("-inf"), tl.float32)
     m_b = tl.full((R,), float("-inf"), tl.float32)
@@ -129,15 +135,15 @@ def _kl_stream_thread(a_row_ptr, b_row_ptr, col_start, col_end, scale, BLOCK_V: 
     for start in tl.range(col_start, full_end, BLOCK_V, num_stages=NUM_STAGES):
         x = tl.load(a_row_ptr + start + offs).to(tl.float32)
         y = tl.load(b_row_ptr + start + offs).to(tl.float32)
-        m_a, s_a, m_b, s_b, t = _thread_update(m_a, s_a, m_b, s_b, t, x, y, scale2)
+        m_a, s_a, m_b, s_b, t = _thread_update(m_a, s_a, m_b, s_b, t, x, y, scale2, tscale)
     if full_end < col_end:
         cols = full_end + offs
         in_row = cols < col_end
         # padded lanes are -inf, which contribute nothing
         x = tl.load(a_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
         y = tl.load(b_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        m_a, s_a, m_b, s_b, t = _thread_update(m_a, s_a, m_b, s_b, t, x, y, scale2)
-    _, _, S_a, S_b, T, _, _ = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
+        m_a, s_a, m_b, s_b, t = _thread_update(m_a, s_a, m_b, s_b, t, x, y, scale2, tscale)
+    S_a, S_b, T = _merge_stats(m_a, s_a, m_b, s_b, t, scale, tscale)
     # the raw maxes (-inf for an all -inf range): a chunk's stats are merged again, where 0 would be a wrong max
     return tl.max(m_a, axis=0), S_a, tl.max(m_b, axis=0), S_b, T
 
@@ -156,10 +162,17 @@ def _kl_finish(s_a, s_b, t):
 
 
 @triton.jit
+def _kl_raw(s_a, s_b, t):
+    """KL in nats from token_kl's stats, unclamped: t is in units of 2^-24 nats (T_SCALE), so t / s_a * 2^24 overflows
+    only where the true KL does (t itself is at most V times the KL), and log s_b / s_a is taken in base 2."""
+    return (t / s_a) * _T_UNIT_INV_C + _LN2_C * (tl.log2(s_b) - tl.log2(s_a))
+
+
+@triton.jit
 def _kl_from_stats(s_a, s_b, t):
-    """token_kl's KL in nats from base-2 stats whose t may be NaN for +inf (_thread_update): NaN only where s_a or
+    """token_kl's KL in nats from its stats, whose t may be NaN for +inf (_thread_update): NaN only where s_a or
     s_b is NaN (a NaN or +inf logit in the row), 0 for an all -inf row of a, +inf where the true KL is."""
-    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
+    kl = _kl_raw(s_a, s_b, t)
     kl = tl.where((t != t) | (s_b == 0.0), float("inf"), kl)
     kl = tl.where(s_a == 0.0, 0.0, kl)
     kl = tl.where(kl < 0.0, 0.0, kl)  # clamp tiny negative rounding (a max() would turn NaN into 0)
@@ -178,22 +191,35 @@ def _load_chunk_stats(base, ok):
 
 
 @triton.jit
-def _merge_chunks(m_a, s_a, m_b, s_b, t, scale):
-    """Merge per-chunk stats [C] with the streaming update's rescale-and-shift rule.
+def _merge_stats(m_a, s_a, m_b, s_b, t, scale, tscale):
+    """Merge stats [C] (chunks, or a block's threads) with the streaming update's rule -> (S_a, S_b, t_all).
 
-    Returns (M_a, M_b, S_a, S_b, t_all, alpha, shift_a): the overall maxes (-inf replaced by 0), the merged sums and
-    t, and each chunk's rescale factor and shift of a, for callers that merge more a-sums with the same rule. The
-    shift of (a - b) is taken in half units (_carry_t), so huge finite maxes never overflow it.
+    Sums are in base 2 of the scaled logits (scale = log2(e) / T), t in units of tscale per half input unit; the
+    shift of (a - b) is taken in half units (_carry_t), so huge finite maxes never overflow it. An infinite t stays
+    infinite where its alpha underflows.
     """
     M_a = _safe_max(tl.max(m_a, axis=0))
     M_b = _safe_max(tl.max(m_b, axis=0))
     alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - M_a) * scale))
     gamma = tl.where(m_b == float("-inf"), 0.0, tl.exp2((m_b - M_b) * scale))
-    shift_a = (_safe_max(m_a) - M_a) * scale
     dh = (0.5 * _safe_max(m_a) - 0.5 * M_a) - (0.5 * _safe_max(m_b) - 0.5 * M_b)
-    # an infinite t stays infinite where alpha underflows (the tile-wise callers read a NaN t as NaN)
-    t_all = tl.sum(tl.where(t == float("inf"), float("inf"), _carry_t(t, alpha, s_a, dh, 2.0 * scale)), axis=0)
-    return M_a, M_b, tl.sum(alpha * s_a, axis=0), tl.sum(gamma * s_b, axis=0), t_all, alpha, shift_a
+    t_all = tl.sum(tl.where(t == float("inf"), float("inf"), _carry_t(t, alpha, s_a, dh, tscale)), axis=0)
+    return tl.sum(alpha * s_a, axis=0), tl.sum(gamma * s_b, axis=0), t_all
+
+
+@triton.jit
+def _merge_chunks(m_a, s_a, m_b, s_b, t, scale):
+    """Merge per-chunk stats [C] whose t is in base 2 (token_stats) with the streaming update's rule.
+
+    Returns (M_a, M_b, S_a, S_b, t_all, alpha, shift_a): the overall maxes (-inf replaced by 0), the merged sums and
+    t, and each chunk's rescale factor and shift of a, for callers that merge more a-sums with the same rule.
+    """
+    M_a = _safe_max(tl.max(m_a, axis=0))
+    M_b = _safe_max(tl.max(m_b, axis=0))
+    alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - M_a) * scale))
+    shift_a = (_safe_max(m_a) - M_a) * scale
+    S_a, S_b, t_all = _merge_stats(m_a, s_a, m_b, s_b, t, scale, 2.0 * scale)
+    return M_a, M_b, S_a, S_b, t_all, alpha, shift_a
 
 
 # %% kernels -------------------------------------------------------------------------------------------------------
@@ -270,7 +296,7 @@ def _token_kl_combine_kernel(
     ok = offs < n_chunks
     base = part_ptr + row * n_chunks * N_STATS_C + offs * N_STATS_C
     m_a, s_a, m_b, s_b, t = _load_chunk_stats(base, ok)
-    _, _, S_a, S_b, t_all, _, _ = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
+    S_a, S_b, t_all = _merge_stats(m_a, s_a, m_b, s_b, t, scale, scale * _T_SCALE_C)
     tl.store(out_ptr + row, _kl_from_stats(S_a, S_b, t_all))
     if SAVE_STATS:
         _store_stats(stats_ptr + row * N_STATS_C, tl.max(m_a, axis=0), S_a, tl.max(m_b, axis=0), S_b, t_all)
@@ -324,7 +350,7 @@ def _token_kl_bwd_kernel(
     gb_row = grad_b_ptr + row * n_cols
     st = stats_ptr + row * N_STATS_C
     m_a, s_a, m_b, s_b, t = tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4)
-    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))  # unclamped: the clamp only hides rounding
+    kl = _kl_raw(s_a, s_b, t)  # unclamped: the clamp only hides rounding
     scale2 = 2.0 * scale
     ha, hb = 0.5 * _safe_max(m_a), 0.5 * _safe_max(m_b)
     # log2 of the sums, 0 for an empty sum: its p (or q) is 0 everywhere then, never exp2(-inf - (-inf))
@@ -394,7 +420,7 @@ def kl_stream_config(n_cols: int, itemsize: int) -> dict:
     vec = max(1, 16 // itemsize)
     num_warps = 8
     block_v = num_warps * 32 * vec
-    while num_warps > 1 and block_v // 2 >= next_power_of_2(n_cols):
+    while num_warps > 1 and (block_v // 2 >= next_power_of_2(n_cols) or block_v > MAX_BLOCK_V):
         num_warps //= 2
         block_v //= 2
     return {"BLOCK_V": block_v, "VEC": vec, "NUM_STAGES": 2, "num_warps": num_warps}
