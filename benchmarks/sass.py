@@ -253,8 +253,8 @@ def kernel_report(fn, args, kwargs, arch: int, itemsize: int | None) -> dict:
 
 # %% recording the launches of the package's launchers -------------------------------------------------------------
 @contextlib.contextmanager
-def recording(sms: int, autotune: bool):
-    """Replace JITFunction.run / Autotuner.run by recorders; launchers see `sms` SMs and autotuning on or off.
+def recording(sms: int, autotune: bool, arch: int = 90):
+    """Replace JITFunction.run / Autotuner.run by recorders; launchers see `sms` SMs of `arch`, autotuning on or off.
 
     Yields the list the launches are appended to: (fn, args, kwargs, grid, tag).
     """
@@ -285,6 +285,9 @@ def recording(sms: int, autotune: bool):
                 patches.append((mod, "device_sm_count", lambda device: sms))
             if hasattr(mod, "autotune_enabled"):
                 patches.append((mod, "autotune_enabled", lambda device: autotune))
+            if hasattr(mod, "RESIDENT_CTAS") and hasattr(mod, "resident_ctas"):  # token_kl's static occupancy table
+                table = mod.RESIDENT_CTAS
+                patches.append((mod, "resident_ctas", lambda kernel, device, t=table: t.get((kernel, arch // 10), 4)))
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
     try:
         for obj, attr, new in patches:
@@ -376,7 +379,7 @@ def record_launches(driver, arch: int, args) -> list:
     dtype = getattr(torch, args.dtype)
     seen = {}
     for autotune in (False, True):
-        with recording(ARCH_LIMITS[arch]["sms"], autotune) as launches:
+        with recording(ARCH_LIMITS[arch]["sms"], autotune, arch) as launches:
             driver(args.tokens, args.vocab, dtype, 1.0, args.split_tokens, args.hidden)
         for fn, a, kw, grid, tag in launches:
             key = (fn.__name__, tuple(sorted((k, repr(v)) for k, v in kw.items())))
@@ -432,8 +435,8 @@ def run(args) -> dict:
 
 # %% report --------------------------------------------------------------------------------------------------------
 def _cfg(rec) -> str:
-    c = ", ".join(f"{k}={v}" for k, v in rec.get("constexprs", {}).items() if k.startswith("BLOCK") or
-                  k.startswith("NUM_"))
+    c = ", ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in rec.get("constexprs", {}).items()
+                  if k.isupper() and k != "VEC")
     return f"{c}, w={rec.get('num_warps')}, s={rec.get('num_stages')}"
 
 

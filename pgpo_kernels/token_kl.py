@@ -426,6 +426,33 @@ def kl_stream_config(n_cols: int, itemsize: int) -> dict:
     return {"BLOCK_V": block_v, "VEC": vec, "NUM_STAGES": 2, "num_warps": num_warps}
 
 
+# Resident CTAs per SM of kl_stream_config's 8-warp launch, by (kernel, compute capability major): static figures
+# from `pgpo-bench sass` (registers and warps against the arch's limits; benchmarks/results/static-sm90-after.md):
+# forward/partial 40 regs on sm_90 (6 CTAs), 47 on sm_80 (5); backward 32 regs (8 on both). Unknown archs: 4.
+RESIDENT_CTAS = {("fwd", 9): 6, ("fwd", 8): 5, ("bwd", 9): 8, ("bwd", 8): 8}
+MIN_TILES_PER_CHUNK = 2  # a chunk streams at least this many tiles: its block merge and store stay a small share
+
+
+def resident_ctas(kernel: str, device: torch.device) -> int:
+    """Static resident CTAs per SM of a token_kl kernel ("fwd" or "bwd") on this device; 1 off CUDA (interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return RESIDENT_CTAS.get((kernel, torch.cuda.get_device_capability(device)[0]), 4)
+
+
+def kl_split_chunks(n_rows: int, n_cols: int, block_v: int, n_sm: int, ctas_per_sm: int, waves: int = 4) -> int:
+    """Vocab chunks per row so the grid, n_rows x chunks CTAs, fills >= `waves` waves of resident CTAs (1 = no split).
+
+    One wave is n_sm * ctas_per_sm CTAs; chunks keep at least MIN_TILES_PER_CHUNK tiles. At V = 152064 bf16 on an
+    H100 (132 SMs, 6 CTAs/SM): 4096 rows need no split (5.2 waves), 1024 rows get 4 chunks, 16 rows 38.
+    """
+    target = waves * n_sm * ctas_per_sm
+    if n_rows >= target:
+        return 1
+    max_chunks = max(1, triton.cdiv(n_cols, MIN_TILES_PER_CHUNK * block_v))
+    return max(1, min(max_chunks, triton.cdiv(target, max(n_rows, 1))))
+
+
 def split_chunks(n_rows: int, n_cols: int, block_v: int, n_sm: int) -> int:
     """How many vocab chunks each row is split into so the grid covers ~4 waves of SMs (1 = no split)."""
     if n_rows >= 2 * n_sm:
@@ -464,7 +491,7 @@ def token_kl_forward(
     cfg = kl_stream_config(n_cols, a.element_size())
     block_v = cfg["BLOCK_V"]
     if n_chunks is None:
-        n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
+        n_chunks = kl_split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device), resident_ctas("fwd", a.device))
     cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, block_v)
     stats_arg = stats if save_stats else out  # a dummy pointer the kernel never writes
     if n_chunks == 1 and autotune_enabled(a.device) and n_cols >= 1024:
@@ -505,7 +532,8 @@ def token_kl_backward(
         g = grad_out.reshape(-1).contiguous()
         cfg = kl_stream_config(n_cols, a.element_size())
         if n_chunks is None:
-            n_chunks = split_chunks(n_rows, n_cols, cfg["BLOCK_V"], device_sm_count(a.device))
+            n_chunks = kl_split_chunks(n_rows, n_cols, cfg["BLOCK_V"], device_sm_count(a.device),
+                                       resident_ctas("bwd", a.device))
         cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, cfg["BLOCK_V"])
         dummy = grad_a if need_a else grad_b  # a pointer the kernel never touches for the gradient not asked for
         _token_kl_bwd_kernel[(n_rows, n_chunks)](
