@@ -2,22 +2,25 @@
 
     KL(p || q) = sum_i p_i (log p_i - log q_i),  p = softmax(a / temp), q = softmax(b / temp)
 
-One streaming pass over the vocabulary keeps, per row, the running max m and rescaled sum s of exp for a and for b
-(online log-sum-exp, as flash-attention's softmax), and t = sum_i exp(a_i - m_a) * ((a_i - m_a) - (b_i - m_b)):
-the p-weighted log-ratio kept *relative to the running maxes*, so large logits never cancel in fp32. When a max grows,
+One streaming pass over the vocabulary keeps the running max m and rescaled sum s of exp for a and for b (online
+log-sum-exp, as flash-attention's softmax), and t = sum_i exp(a_i - m_a) * ((a_i - m_a) - (b_i - m_b)): the
+p-weighted log-ratio kept *relative to the running maxes*, so large logits never cancel in fp32. When a max grows,
 old terms are rescaled and shifted:
 
     t <- exp(m_a - m_a') * (t + s_a * ((m_a - m_a') - (m_b - m_b')))
 
-and at the end KL = t / s_a - log s_a + log s_b. Everything runs in base 2 (differences scaled by log2(e) / temp) so
-each element costs two exp2; maxes are subtracted before scaling. Bytes per row: V * (2 * itemsize) read, 4 written.
+Each thread keeps these five stats for the [R, VEC] tile rows it loads (16 bytes per input per tile, no cross-thread
+work in the loop); the block merges them once at the end with the same rule. Exps run in base 2; differences are
+taken in half units (x / 2 - m / 2, never overflows) and t in units of 2^-24 nats, so huge finite logits give the
+true KL. Bytes per row: V * (2 * itemsize) read, 4 written. csrc_notes/kernels.md section 1a has the loop's static
+SASS figures and the non-finite rules (NaN or +inf in a row -> NaN).
 
-Two launch shapes: one program per row (many rows), or a split over vocab chunks (few rows: 1..64 rows of 152064
-would leave most of an H100's 132 SMs idle) whose per-chunk stats a tiny kernel combines.
+Two launch shapes: one program per row (many rows), or a split over vocab chunks (few rows, kl_split_chunks: enough
+chunks for 4 waves of resident CTAs) whose per-chunk stats a tiny kernel combines.
 
-Backward (TokenKLFunction): dKL/da_j = p_j ((log p_j - log q_j) - KL) / T and dKL/db_j = (q_j - p_j) / T. Nothing
-[N, V] is saved in forward; one program per row recomputes the stats (one read of both rows) and streams the row
-again to write both gradients: bytes per row 2 * V * 2 * itemsize read, V * 2 * itemsize written.
+Backward (TokenKLFunction): dKL/da_j = p_j ((log p_j - log q_j) - KL) / T and dKL/db_j = (q_j - p_j) / T. When a
+gradient is wanted the forward saves the five fp32 stats per row ([N, 5]); the backward reads each logit once and
+writes only the gradients asked for (GRAD_A / GRAD_B constexprs).
 """
 
 from __future__ import annotations
