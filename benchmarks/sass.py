@@ -316,6 +316,12 @@ def _drive_token_kl_fwd(n, v, dtype, temperature, split_rows, hidden):
     _mod("pgpo_kernels.token_kl").token_kl_forward(_meta((n, v), dtype), _meta((n, v), dtype), temperature)
 
 
+def _drive_token_kl_fwd_grad(n, v, dtype, temperature, split_rows, hidden):
+    kl = _mod("pgpo_kernels.token_kl")
+    if "save_stats" in kl.token_kl_forward.__code__.co_varnames:  # the forward that saves stats for the backward
+        kl.token_kl_forward(_meta((n, v), dtype), _meta((n, v), dtype), temperature, save_stats=True)
+
+
 def _drive_token_kl_split(n, v, dtype, temperature, split_rows, hidden):
     _mod("pgpo_kernels.token_kl").token_kl_forward(_meta((split_rows, v), dtype), _meta((split_rows, v), dtype),
                                                     temperature)
@@ -363,6 +369,8 @@ def _drive_reshape(n, v, dtype, temperature, split_rows, hidden):
 
 DRIVERS = {
     "token_kl_fwd": ("token_kl forward, N = tokens", _drive_token_kl_fwd, True),
+    "token_kl_fwd_grad": ("token_kl forward saving row stats (inputs require grad), N = tokens",
+                          _drive_token_kl_fwd_grad, True),
     "token_kl_split": ("token_kl forward, N = split rows (vocab split)", _drive_token_kl_split, True),
     "token_kl_bwd": ("token_kl backward, N = tokens", _drive_token_kl_bwd, True),
     "token_stats": ("token_stats, N = tokens", _drive_token_stats("tokens"), True),

@@ -393,10 +393,12 @@ def _token_kl_bwd_kernel(
 
 # On a GPU the one-row-per-program kernel is autotuned over these (block, warps, stages), keyed by V (the autotuner
 # also keys on the input dtype); the heuristic kl_stream_config is one of them and is what the interpreter and the
-# split path use. Static figures of each: benchmarks/results/static-sm90-after.md.
+# split path use. Stages 1 is the unpipelined loop (plain 128-bit LDG, no cp.async, no barrier: 23.4 SASS
+# instructions per pair against 25.1 pipelined, static sm_90a bf16), which may hide latency by occupancy alone
+# (48 warps/SM); only a GPU can tell. Static figures of each: benchmarks/results/static-sm90-after.md.
 _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_V": bv, "NUM_STAGES": st}, num_warps=w)
-    for bv, w, st in ((1024, 4, 2), (2048, 8, 2), (2048, 8, 3), (4096, 8, 2), (4096, 16, 2))
+    for bv, w, st in ((1024, 4, 1), (1024, 4, 2), (2048, 8, 1), (2048, 8, 2), (2048, 8, 3), (4096, 16, 2))
 ]
 _token_kl_fwd_kernel_autotuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["n_cols"])(_token_kl_fwd_kernel)
 

@@ -344,3 +344,25 @@ def test_qwen_vocab_152064(n_chunks):
     a[1, 152000:] = NEG_INF
     out = token_kl_forward(a, b, 1.0, n_chunks=n_chunks)
     _close(out, token_kl_ref(a, b), 1e-5, 1e-5)
+
+
+# %% launch heuristics (item 5 of issue 9) ------------------------------------------------------------------------
+def test_stream_config_is_one_16_byte_vector_per_thread():
+    for itemsize, vec in ((2, 8), (4, 4)):
+        cfg = kl_stream_config(152064, itemsize)
+        assert cfg["VEC"] == vec and cfg["BLOCK_V"] == cfg["num_warps"] * 32 * vec
+    small = kl_stream_config(100, 4)  # a short row gets a smaller block, still one vector per thread
+    assert small["BLOCK_V"] >= 100 and small["BLOCK_V"] == small["num_warps"] * 32 * 4
+
+
+@pytest.mark.parametrize("n_rows, sms, ctas, expect", [
+    (4096, 132, 6, 1),  # 5.2 waves already
+    (1024, 132, 6, 4),  # 1.3 waves -> 4 chunks: 4096 CTAs, 5.2 waves
+    (16, 132, 6, 38),  # capped at 2 tiles per chunk: 152064 / 4096
+    (3, 4, 1, 6),  # the interpreter's stand-in: 16 CTAs for 4 waves of 4 SMs x 1
+])
+def test_split_heuristic_counts_resident_ctas(n_rows, sms, ctas, expect):
+    chunks = token_kl_module.kl_split_chunks(n_rows, 152064, 2048, sms, ctas)
+    assert chunks == expect
+    if chunks > 1:
+        assert n_rows * chunks >= 4 * sms * ctas or chunks == 152064 // 4096 + 1
