@@ -6,6 +6,7 @@
     pgpo-bench linear                                 fused lm_head + KL (fused_linear_token_kl)
     pgpo-bench stats                                  fused log p / entropy / KL (token_stats)
     pgpo-bench all --tokens 1..16384 --json r.json --plot r.png
+    pgpo-bench sass --vocab 152064 --tokens 4096 --arch 90a,80   static SASS report, CPU only (benchmarks/sass.py)
 
 --tokens takes one value, a list (space or comma separated) or A..B for the powers of two from A to B. On the CPU
 the defaults are small and the output says CPU; our Triton kernels are then listed as not run (the interpreter is
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgpo-bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See benchmarks/README.md for the columns and the JSON schema.")
-    p.add_argument("op", choices=(*OPS, "all"), help="which op to time ('all': every op)")
+    p.add_argument("op", choices=(*OPS, "all", "sass"),
+                   help="which op to time ('all': every op; 'sass': the static SASS report, see `sass --help`)")
     p.add_argument("--tokens", nargs="+", default=None,
                    help="token rows N: one value, a list, or A..B (powers of two); default depends on op and device")
     p.add_argument("--vocab", type=int, default=None, help="vocab size V (default 152064 on CUDA, 32768 on CPU)")
@@ -143,6 +145,10 @@ def measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sass"]:  # compiles, never times: its own options and process (benchmarks/sass.py)
+        from benchmarks.sass import run_in_subprocess
+
+        return run_in_subprocess(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 

@@ -1,12 +1,17 @@
 """PGPO with TRL's GRPOTrainer on a Qwen2.5-VL: the tiny embedded model by default, a real checkpoint by flag.
 
-    python examples/trl_pgpo.py                                   # tiny random Qwen2.5-VL, synthetic count task, CPU
+    python examples/trl_pgpo.py                                   # tiny Qwen2.5-VL, SFT-warmed, count task, CPU
     python examples/trl_pgpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --dataset /path/to/local/dataset \
         --max-steps 200 --bf16 --num-generations 5 --max-completion-length 2048
 
 `--dataset` is anything `datasets.load_dataset` reads with image / problem / answer columns (names by flag); by
 default the synthetic count task is generated locally. The reward is the paper's 0.9 * accuracy + 0.1 * format.
 Everything PGPO adds is `PGPOConfig(pgpo_*)` and `PGPOGRPOTrainer` in place of GRPOConfig / GRPOTrainer.
+
+The tiny default model is random, so it first gets a short supervised warm-up on the count task's reference
+responses (`--sft-steps`, 50 by default, ~10 s on a CPU), as `pgpo-train` does: a random policy never writes
+`<think>...</think>\boxed{}`, every reward is 0, every advantage 0, and GRPO logs loss 0 and grad_norm 0. After the
+warm-up it sometimes counts right, so rewards differ within a group and the PGPO steps have something to learn from.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--batch-size", type=int, default=8, help="completions per device per step")
     p.add_argument("--num-generations", type=int, default=4, help="G responses per prompt")
-    p.add_argument("--max-completion-length", type=int, default=16)
+    p.add_argument("--max-completion-length", type=int, default=24)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--loss-type", default="dapo", help="TRL loss type (dapo = token-level mean, the paper's)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--output-dir", default="runs/trl_pgpo")
+    p.add_argument("--sft-steps", type=int, default=-1,
+                   help="supervised warm-up steps before RL (-1 = 50 for the tiny default model, 0 with --model)")
     # PGPO
     p.add_argument("--estimator", default="full", choices=["full", "k3"])
     p.add_argument("--tau", type=float, default=0.4)
@@ -80,6 +87,28 @@ def load_dataset(args):
     return datasets.Dataset.from_list(rows)
 
 
+def warm_up(model, processor, steps: int, seed: int = 0) -> None:
+    """`steps` supervised steps (pgpo-train's SFT step, batch 16, lr 2e-3) on the count task's reference responses."""
+    if steps <= 0:
+        return
+    import torch
+
+    from pgpo_train.config import TrainConfig
+    from pgpo_train.tiny import make_count_records
+    from pgpo_train.train import make_optimizer
+    from pgpo_train.train import sft_step
+
+    cfg = TrainConfig(sft_lr=2e-3)
+    optimizer = make_optimizer(model, cfg.sft_lr, 0.0)
+    records = make_count_records(16 * steps, seed=seed + 7)  # not the RL prompts' seed
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for s in range(steps):
+            m = sft_step(model, optimizer, processor, records[16 * s:16 * (s + 1)], cfg, device)
+    print(f"SFT warm-up: {steps} steps, last loss {m['sft/loss']:.3f}")
+
+
 def paper_reward(completions, answer, **kwargs):
     """0.9 * accuracy + 0.1 * format (`<think>...</think>` then `\\boxed{}`), per completion."""
     return [compute_score(c[0]["content"], a)["score"] for c, a in zip(completions, answer)]
@@ -88,6 +117,7 @@ def paper_reward(completions, answer, **kwargs):
 def main(argv=None):
     args = parse_args(argv)
     model, processor = load_policy(args.model)
+    warm_up(model, processor, (50 if args.model is None else 0) if args.sft_steps < 0 else args.sft_steps)
     config = PGPOConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
@@ -101,7 +131,9 @@ def main(argv=None):
     trainer.train()
     for row in trainer.state.log_history:
         if "pgpo/kl_mean" in row:
-            print({k: row[k] for k in ("step", "reward", "pgpo/kl_mean", "pgpo/weight_max", "pgpo/frac_amplified")})
+            print({k: row[k] for k in ("step", "loss", "reward", "reward_std", "pgpo/kl_mean", "pgpo/weight_max",
+                                       "pgpo/frac_amplified")})
+    return trainer
 
 
 def _cuda() -> bool:

@@ -20,12 +20,12 @@ from dataclasses import field
 import numpy as np
 import torch
 
+from pgpo_train import model_family
 from pgpo_train.core_algos import compute_grpo_outcome_advantage
 from pgpo_train.data import build_prompt
 from pgpo_train.integrations import pgpo_reshape_advantages_
 from pgpo_train.integrations import pgpo_text_only_batch
 from pgpo_train.rewards import compute_score
-from pgpo_train.text_only import mrope_position_ids
 from pgpo_train.tiny import make_count_records
 from pgpo_train.train import response_mask_from
 
@@ -78,7 +78,10 @@ def rollout(model, processor, records, n: int, max_new_tokens: int):
                                            tokenize=False) for r in records]
     enc = processor(images=[[r["image"]] for r in records], text=texts, padding=True, return_tensors="pt")
     P = enc["input_ids"].shape[1]
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=n)
+    # visual special ids never enter a response (a sampled <|image_pad|> would be counted as an image); in verl set
+    # the same ids as the rollout engine's bad/suppressed tokens
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=n,
+                         suppress_tokens=model_family.special_ids(model))
     responses = out[:, P:]  # [B, T]
     eos = model.generation_config.eos_token_id
     response_mask = response_mask_from(responses, [eos] if isinstance(eos, int) else list(eos))  # [B, T]
@@ -122,7 +125,9 @@ def main(argv=None):
     input_ids = torch.cat([prompts, responses], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     grid = torch.cat([m["image_grid_thw"] for m in mm])
-    position_ids = mrope_position_ids(model, input_ids, attention_mask, grid).transpose(0, 1)  # [B, 3, L]
+    # rope index over the prompt, the responses continue the text positions (verl's rollout does the same)
+    position_ids = model_family.position_ids(model, input_ids, attention_mask, prompt_len=prompts.shape[1],
+                                             image_grid_thw=grid).transpose(0, 1)  # [B, 3, L]
     uid = np.repeat(np.arange(args.prompts), args.n).astype(str).astype(object)
     data = make_dataproto(
         {"prompts": prompts, "responses": responses, "input_ids": input_ids, "attention_mask": attention_mask,
@@ -139,7 +144,7 @@ def main(argv=None):
     data.batch["advantages"] = seq_adv[:, None] * response_mask
 
     # 3. what PGPO adds: one text-only log-prob pass, then the in-place reshape
-    text_batch = pgpo_text_only_batch(data, model.config.image_token_id)
+    text_batch = pgpo_text_only_batch(data, model)  # the family's placeholder ids, masked in the prompts only
     data.batch["pgpo_text_log_probs"] = actor_log_probs(model, text_batch)
     before = data.batch["advantages"].clone()
     weights, metrics = pgpo_reshape_advantages_(data, tau=args.tau, beta=args.beta)

@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 
 
+def _shift_by_finite_max(x: torch.Tensor) -> torch.Tensor:
+    """x - max over the finite entries of each row (rows with no finite entry unshifted); NaN and +inf stay."""
+    finite = torch.isfinite(x)
+    m = torch.where(finite, x, torch.full_like(x, float("-inf"))).amax(-1, keepdim=True)
+    return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(softmax(a / temp) || softmax(b / temp)) per row, in float64 (SPEC section 1).
 
@@ -21,8 +28,10 @@ def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature
         [...] float64 KL in nats, >= 0. Entries with a_i = -inf contribute nothing; a finite a_i where b_i = -inf
         gives +inf. A row whose a is all -inf has no distribution: our choice, its KL is 0 (treated like padding).
     """
-    a = logits_vis.double() / temperature
-    b = logits_txt.double() / temperature
+    # Each row shifted by its finite max first (softmax is shift-invariant): with logits near +-3e38, float64 keeps
+    # only ~1e22 of absolute precision, and KL = sum p (a - b) - LSE(a) + LSE(b) would cancel to garbage.
+    a = _shift_by_finite_max(logits_vis.double() / temperature)
+    b = _shift_by_finite_max(logits_txt.double() / temperature)
     lse_a = torch.logsumexp(a, dim=-1)  # [...]
     lse_b = torch.logsumexp(b, dim=-1)
     p = torch.exp(a - lse_a.unsqueeze(-1))  # [..., V]; nan where the whole row of a is -inf
@@ -38,7 +47,7 @@ def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature
 
 def token_logprob_ref(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temp)[target] per row, float64. [..., V] x [...] -> [...]."""
-    x = logits.double() / temperature
+    x = _shift_by_finite_max(logits.double() / temperature)
     return torch.gather(x, -1, target_ids.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
 
 

@@ -1,5 +1,6 @@
 """The text-only pass of PGPO for Qwen2.5-VL (SPEC section 1), explicit 3-D (mrope) position ids, and the
-per-sample split of pixel_values (SPEC section 4).
+per-sample split of pixel_values (SPEC section 4). The family-independent layer is pgpo_train.model_family; the
+names here are kept for their callers and delegate to it.
 
 The text-only pass reuses the visual pass's tensors: the same input ids and the same 3-D position ids, computed
 from the full visual inputs, with the attention mask set to False on every visual placeholder token. Since those
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from pgpo_train import model_family
+
 
 def _rope_index_owner(model):
-    """The model itself or its inner `.model` when it has `get_rope_index`, else None."""
-    return next((m for m in (model, getattr(model, "model", None)) if hasattr(m, "get_rope_index")), None)
+    """The module that owns `get_rope_index` (PEFT/DDP wrappers unwrapped), else None."""
+    return model_family._rope_owner(model)
 
 
 def _inner_model(model):
@@ -29,19 +32,14 @@ def _inner_model(model):
     if owner is not None:
         return owner
     raise ValueError(
-        f"{type(model).__name__} has no get_rope_index: the text-only pass needs a Qwen2-VL/Qwen2.5-VL style model "
-        "with 3-D (mrope) positions and image placeholder tokens"
+        f"{type(model).__name__} has no get_rope_index: 3-D (mrope) positions need a Qwen-VL family model; "
+        f"1-D rope families use pgpo_train.model_family.position_ids (supported: {model_family.supported_families()})"
     )
 
 
 def check_mrope_vlm(model, who: str = "PGPO") -> None:
-    """Refuses a model without image placeholder tokens or get_rope_index (the text-only pass needs both)."""
-    if getattr(model.config, "image_token_id", None) is None or _rope_index_owner(model) is None:
-        raise ValueError(
-            f"{who}: model {type(model).__name__} has no image tokens / 3-D rope index: PGPO needs a Qwen2-VL/"
-            "Qwen2.5-VL style vision-language model (image placeholder tokens, get_rope_index), e.g. "
-            "Qwen/Qwen2.5-VL-3B-Instruct"
-        )
+    """Refuses a model PGPO cannot run (kept name; every family of pgpo_train.model_family is accepted now)."""
+    model_family.check_vlm(model, who)
 
 
 def image_token_ids(config) -> list[int]:
@@ -75,6 +73,7 @@ def mrope_position_ids(
     image_grid_thw: torch.Tensor | None,
     mm_token_type_ids: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
+    prompt_len: int | None = None,
 ) -> torch.Tensor:
     """3-D (temporal, height, width) rope position ids of a full (prompt + response) batch, built explicitly.
 
@@ -82,12 +81,15 @@ def mrope_position_ids(
     stale rope_deltas from generate(), holed masks in the text-only pass).
 
     Args:
-        model: a Qwen2.5-VL ...ForConditionalGeneration (or its inner model).
+        model: a Qwen-VL family ...ForConditionalGeneration (or its inner model, or a PEFT wrapper).
         input_ids: [B, L] with the image placeholders expanded, left or right padded.
         attention_mask: [B, L] 1 on real tokens, 0 on padding (the visual pass's mask, not the text-only one).
         image_grid_thw: [n_images, 3], images in batch order.
-        mm_token_type_ids: [B, L] 0/1/2; derived from input_ids when None.
+        mm_token_type_ids: [B, L] 0/1/2 from the processor (responses 0); when given, the rope index runs over the
+            whole sequence with these types. When None, the rope index runs over the prompt (`prompt_len`) and the
+            responses continue the text positions, so a placeholder id sampled in a response is text.
         video_grid_thw: [n_videos, 3] or None.
+        prompt_len: where responses start (None = the whole sequence is prompt).
 
     Returns:
         [3, B, L] int64 position ids (padding positions hold 0 and are masked anyway).
@@ -98,12 +100,9 @@ def mrope_position_ids(
             f"and {tuple(attention_mask.shape)}"
         )
     inner = _inner_model(model)
-    if mm_token_type_ids is None:
-        mm_token_type_ids = mm_token_type_ids_for(input_ids, inner.config)
-    if image_grid_thw is None and video_grid_thw is None:
-        # Text-only prompt: positions are 0..n over the real tokens, the same on all three axes.
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, L]
-        return pos.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if mm_token_type_ids is None or (image_grid_thw is None and video_grid_thw is None):
+        return model_family.position_ids(model, input_ids, attention_mask, prompt_len=prompt_len,
+                                         image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
     position_ids, _ = inner.get_rope_index(
         input_ids,
         mm_token_type_ids=mm_token_type_ids,
@@ -124,32 +123,31 @@ def text_only_inputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
+    prompt_len: int | None = None,
 ) -> dict:
-    """Forward kwargs of the text-only pass (SPEC section 1): same ids, same 3-D positions, visual tokens unattended.
+    """Forward kwargs of the text-only pass (SPEC section 1): same ids, same positions, visual tokens unattended.
 
     No pixel_values: the vision tower does not run and the placeholders keep their plain token embeddings, which no
-    other token can attend to.
+    other token can attend to. Any family of pgpo_train.model_family (this is `model_family.text_only_inputs`).
 
     Args:
         model: the policy (its config gives the visual token ids).
         input_ids: [B, L] full sequences as in the visual pass.
         attention_mask: [B, L] the visual pass's mask.
-        position_ids: [3, B, L] from `mrope_position_ids` on the full visual inputs.
+        position_ids: [3, B, L] (mrope) or [B, L] (1-D rope) on the full visual inputs.
+        prompt_len: where responses start: only the prompt's placeholders are masked (None = all prompt).
 
     Returns:
         dict(input_ids, attention_mask, position_ids) for `model(**kwargs)`.
     """
-    if position_ids.dim() != 3 or position_ids.shape[0] != 3 or position_ids.shape[1:] != input_ids.shape:
+    if model_family.family_of(model).rope == "mrope" and (
+        position_ids.dim() != 3 or position_ids.shape[0] != 3 or position_ids.shape[1:] != input_ids.shape
+    ):
         raise ValueError(
             f"position_ids must be [3, B, L] = [3, {input_ids.shape[0]}, {input_ids.shape[1]}] (3-D mrope positions "
             f"from the full visual inputs), got {tuple(position_ids.shape)}"
         )
-    config = _inner_model(model).config
-    return {
-        "input_ids": input_ids,
-        "attention_mask": text_only_attention_mask(input_ids, attention_mask, config),
-        "position_ids": position_ids,
-    }
+    return model_family.text_only_inputs(model, input_ids, attention_mask, position_ids, prompt_len)
 
 
 def visual_inputs(
@@ -159,7 +157,8 @@ def visual_inputs(
     pixel_values: torch.Tensor | None,
     image_grid_thw: torch.Tensor | None,
 ) -> dict:
-    """Forward kwargs of the visual pass, with the same explicit 3-D position ids."""
+    """Forward kwargs of the Qwen-VL visual pass, with the same explicit 3-D position ids (other families:
+    `model_family.visual_inputs`)."""
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     if pixel_values is not None:
         out["pixel_values"] = pixel_values

@@ -31,6 +31,7 @@ from pgpo_kernels import token_stats
 from pgpo_train import core_algos
 from pgpo_train import dist_checkpoint
 from pgpo_train import distributed
+from pgpo_train import model_family
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import read_trainer_state
 from pgpo_train.checkpoint import save_checkpoint
@@ -52,8 +53,6 @@ from pgpo_train.rundir import repair_metrics
 from pgpo_train.signals import StopOnSignal
 from pgpo_train.signals import TrainingInterrupted
 from pgpo_train.signals import stop_requested_anywhere
-from pgpo_train.text_only import check_mrope_vlm
-from pgpo_train.text_only import mrope_position_ids
 from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
@@ -98,7 +97,11 @@ def load_policy(cfg: TrainConfig, device: torch.device):
 
 def check_vlm(model, processor) -> None:
     """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
-    check_mrope_vlm(model, "pgpo-train")
+    family = model_family.check_vlm(model, "pgpo-train")
+    if family.rope != "mrope":  # this loop passes Qwen-VL image kwargs (pixel_values + image_grid_thw)
+        raise ValueError(f"pgpo-train's loop runs the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); for a "
+                         f"{family.name} model use the TRL adapter (pgpo_train.integrations.PGPOGRPOTrainer), which "
+                         "runs every supported family")
     image_token_id = model.config.image_token_id
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", "<|image_pad|>")
@@ -120,8 +123,7 @@ def eos_ids(model, processor) -> list[int]:
 
 def visual_special_ids(model) -> list[int]:
     """Vision placeholder/delimiter ids: never sampled in a response (a sampled <|image_pad|> would need an image)."""
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    return [i for i in (getattr(model.config, n, None) for n in names) if i is not None]
+    return model_family.special_ids(model)
 
 
 @contextmanager
@@ -168,10 +170,9 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
     responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
     input_ids = torch.cat([prompt["input_ids"], responses], dim=1)  # [B, L]
     attention_mask = torch.cat([prompt["attention_mask"], response_mask.to(prompt["attention_mask"].dtype)], dim=1)
-    mm_types = prompt.get("mm_token_type_ids")
-    if mm_types is not None:  # the response is text: only the prompt's placeholders are visual
-        mm_types = torch.cat([mm_types, torch.zeros_like(responses)], dim=1)
-    position_ids = mrope_position_ids(model, input_ids, attention_mask, prompt.get("image_grid_thw"), mm_types)
+    # the response is text (rope index over the prompt, responses continue the text positions)
+    position_ids = model_family.position_ids(model, input_ids, attention_mask, prompt_len=prompt["input_ids"].shape[1],
+                                             image_grid_thw=prompt.get("image_grid_thw"))
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -9,7 +9,7 @@ import torch
 from pgpo_kernels import token_kl
 from pgpo_kernels.reference import token_kl_ref
 from pgpo_kernels.token_kl import chunk_layout
-from pgpo_kernels.token_kl import kl_launch_config
+from pgpo_kernels.token_kl import kl_stream_config
 from pgpo_kernels.token_kl import token_kl_forward
 
 NEG_INF = float("-inf")
@@ -58,7 +58,7 @@ def test_neg_inf_entries(backend, n_chunks, monkeypatch):
     # 128-wide blocks so that n_chunks=3 really splits V = 1000 (one 1024 block would leave a single chunk): chunk 0
     # of row 0 is all -inf in a, its last chunk is partial
     monkeypatch.setattr(token_kl_module, "MAX_BLOCK_V", 128)
-    assert chunk_layout(1000, n_chunks, kl_launch_config(1000)[0])[1] == n_chunks
+    assert chunk_layout(1000, n_chunks, kl_stream_config(1000, 4)["BLOCK_V"])[1] == n_chunks
     a, b = _logits((6, 1000), torch.float32)
     a[0, :500] = NEG_INF  # a = -inf: p = 0, contributes nothing, even where b = -inf too
     b[0, 400:450] = NEG_INF
@@ -111,6 +111,98 @@ def test_huge_magnitudes(backend, offset_a, offset_b, scale):
     ref = token_kl_ref(a, b)
     assert torch.isfinite(out).all()
     _close(out, ref, 1e-5, 1e-4)
+
+
+# %% non-finite inputs (NONFINITE rules 1-3) on the triton backend, whole row and split-vocab paths ---------------
+_FP32_MAX = torch.finfo(torch.float32).max
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def _kl_triton(a, b, n_chunks, temperature=1.0):
+    # n_chunks=None: whole rows; 3: the split path (V spans three 128-wide tiles at least, see _small_blocks)
+    return token_kl_forward(a, b, temperature, n_chunks=n_chunks)
+
+
+@pytest.fixture
+def _small_blocks(monkeypatch):
+    # 128-wide tiles, so a row of a few hundred columns has full tiles, a ragged tail and real vocab chunks
+    monkeypatch.setattr(token_kl_module, "MAX_BLOCK_V", 128)
+
+
+@pytest.mark.parametrize("n_chunks", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_pos_inf_give_nan_rows(dtype, n_chunks, _small_blocks):
+    a, b = _logits((11, 333), dtype)
+    nan, inf = float("nan"), float("inf")
+    a[0, 5] = nan  # NaN in a
+    b[1, 300] = nan  # NaN in b, in the ragged tail
+    a[2, 130] = inf  # +inf in a
+    b[3, 0] = inf  # +inf in b
+    a[4] = NEG_INF  # a all -inf (would be 0) but b has a NaN: NaN wins
+    b[4, 7] = nan
+    a[5, 200] = nan  # a NaN while b is all -inf (would be +inf): NaN wins
+    b[5] = NEG_INF
+    a[6] = NEG_INF  # a all -inf, b has +inf: NaN
+    b[6, 9] = inf
+    a[7] = nan  # a whole NaN row
+    a[8, 3] = inf  # +inf in a where b = -inf (would be +inf): NaN
+    b[8, 3] = NEG_INF
+    a[9, 100] = NEG_INF  # ordinary -inf rules next to the NaN rows (row 10 untouched)
+    b[9, 250] = NEG_INF
+    out = _kl_triton(a, b, n_chunks)
+    assert torch.isnan(out[:9]).all(), out
+    assert out[9].item() == float("inf")
+    _close(out[10:], token_kl_ref(a[10:], b[10:]), 1e-5, 1e-5)  # other rows unaffected
+
+
+@pytest.mark.parametrize("n_chunks", [None, 3])
+def test_whole_neg_inf_rows(n_chunks, _small_blocks):
+    a, b = _logits((4, 300), torch.float32)
+    a[0] = NEG_INF  # no distribution: 0
+    b[1] = NEG_INF  # b has no support: +inf
+    a[2] = NEG_INF  # both: 0
+    b[2] = NEG_INF
+    a[3, :256] = NEG_INF  # two whole tiles of -inf in a, one chunk of it: finite
+    out = _kl_triton(a, b, n_chunks)
+    assert out[0].item() == 0.0 and out[1].item() == float("inf") and out[2].item() == 0.0
+    _close(out, token_kl_ref(a, b), 1e-5, 1e-5)
+
+
+def _huge_rows(big, dtype):
+    """Rows with logits at +-big (a dtype's max): the true KL is finite, 0 or overflows fp32 (+inf)."""
+    a, b = _logits((6, 300), torch.float32, 2.0)
+    a[0, 0], a[0, 1], b[0, 0], b[0, 1] = big, -big, -big, big  # p on 0, q on 1: KL ~ 2 big, past fp32: +inf
+    a[1, 0], a[1, 1], b[1, 0], b[1, 1] = big, -big, big, -big  # same huge support: KL 0
+    a[2, 1], b[2, 1] = -40.0, -big  # p_1 = e^-40-ish where log q_1 ~ -big: a finite term ~ 4e-18 big
+    a[3] -= big  # the whole row of a at -big (all finite), b ordinary: the true KL, finite
+    b[4] += big  # the whole row of b at +big
+    a[5, 150], b[5, 299] = big, -big  # a huge max mid-row, a huge negative b in the tail
+    return a.to(dtype), b.to(dtype)
+
+
+def _ref_shifted(a, b):
+    """token_kl_ref of the rows shifted by their maxes, in float64: the same KL (shift invariance), without the
+    cancellation of terms ~1e38 that loses every digit when a whole row sits near +-3e38."""
+    def shift(x):
+        x = x.double()
+        m = x.max(-1, keepdim=True).values
+        return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return token_kl_ref(shift(a), shift(b))
+
+
+@pytest.mark.parametrize("n_chunks", [None, 3])
+@pytest.mark.parametrize("dtype, big", [(torch.float32, _FP32_MAX), (torch.float32, 3e38),
+                                        (torch.bfloat16, _BF16_MAX), (torch.float16, _FP16_MAX)])
+def test_huge_finite_logits_give_the_true_value(dtype, big, n_chunks, _small_blocks):
+    a, b = _huge_rows(big, dtype)
+    for x, y in ((a, b), (-a, -b)):
+        out = _kl_triton(x, y, n_chunks)
+        ref = _ref_shifted(x, y)
+        assert not torch.isnan(out).any(), out
+        overflow = ref > _FP32_MAX
+        assert torch.equal(torch.isinf(out), overflow), (out, ref)
+        _close(out[~overflow], ref[~overflow], 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("backend", _BACKENDS)
@@ -252,3 +344,25 @@ def test_qwen_vocab_152064(n_chunks):
     a[1, 152000:] = NEG_INF
     out = token_kl_forward(a, b, 1.0, n_chunks=n_chunks)
     _close(out, token_kl_ref(a, b), 1e-5, 1e-5)
+
+
+# %% launch heuristics (item 5 of issue 9) ------------------------------------------------------------------------
+def test_stream_config_is_one_16_byte_vector_per_thread():
+    for itemsize, vec in ((2, 8), (4, 4)):
+        cfg = kl_stream_config(152064, itemsize)
+        assert cfg["VEC"] == vec and cfg["BLOCK_V"] == cfg["num_warps"] * 32 * vec
+    small = kl_stream_config(100, 4)  # a short row gets a smaller block, still one vector per thread
+    assert small["BLOCK_V"] >= 100 and small["BLOCK_V"] == small["num_warps"] * 32 * 4
+
+
+@pytest.mark.parametrize("n_rows, sms, ctas, expect", [
+    (4096, 132, 6, 1),  # 5.2 waves already
+    (1024, 132, 6, 4),  # 1.3 waves -> 4 chunks: 4096 CTAs, 5.2 waves
+    (16, 132, 6, 38),  # capped at 2 tiles per chunk: 152064 / 4096
+    (3, 4, 1, 6),  # the interpreter's stand-in: 16 CTAs for 4 waves of 4 SMs x 1
+])
+def test_split_heuristic_counts_resident_ctas(n_rows, sms, ctas, expect):
+    chunks = token_kl_module.kl_split_chunks(n_rows, 152064, 2048, sms, ctas)
+    assert chunks == expect
+    if chunks > 1:
+        assert n_rows * chunks >= 4 * sms * ctas or chunks == 152064 // 4096 + 1

@@ -114,11 +114,13 @@ def test_one_input_needs_grad_and_nothing_big_is_saved(backend):
     a, b = _pair((3, 50), torch.float32)
     b.requires_grad_(True)
     out = token_kl(a, b, backend=backend)
-    # forward saves the inputs themselves (references), nothing [N, V] of its own
+    # forward saves the inputs themselves (references) and, on the triton backend, the [N, 5] fp32 row stats the
+    # one-read backward needs: nothing [N, V] of its own
     node = out.grad_fn  # fp32 in, fp32 out: no cast node in between
     assert "TokenKLFunction" in type(node).__name__
     saved = node.saved_tensors
-    assert {t.data_ptr() for t in saved} <= {a.data_ptr(), b.data_ptr()}
+    own = [t for t in saved if t.data_ptr() not in {a.data_ptr(), b.data_ptr()}]
+    assert [tuple(t.shape) for t in own] == ([(3, 5)] if backend == "triton" else [])
     (gb,) = torch.autograd.grad(out.sum(), (b,))
     torch.testing.assert_close(gb.double(), token_kl_grad_ref(a, b.detach(), torch.ones(3))[1], atol=1e-6,
                                rtol=1e-4)
@@ -148,3 +150,42 @@ def test_gpu_backward_vocab_152064():
     ra, rb = token_kl_grad_ref(a.detach()[rows].cpu(), b.detach()[rows].cpu(), g[rows].cpu())
     torch.testing.assert_close(ga[rows].cpu().double(), ra, atol=1e-5, rtol=2e-2)
     torch.testing.assert_close(gb[rows].cpu().double(), rb, atol=1e-5, rtol=2e-2)
+
+
+# %% non-finite rows and the one-read backward's flags (triton backend, interpreter) ------------------------------
+def test_nan_row_gives_nan_gradients_and_huge_finite_rows_the_true_ones():
+    a, b = _pair((4, 300), torch.float32)
+    a[0, 7] = float("nan")  # NaN row (forward NaN): NaN gradients in that row only
+    b[1, 250] = float("inf")  # +inf in b: NaN row
+    a[2, 1], b[2, 1] = -40.0, -3e38  # tiny p where log q ~ -3e38: finite KL and gradients (no overflow to inf)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    out = token_kl(a, b, backend="triton")
+    assert torch.isnan(out[:2]).all() and torch.isfinite(out[2:]).all()
+    g = torch.tensor([1.0, 1.0, 0.7, -1.3])
+    ga, gb = torch.autograd.grad((out * g).sum(), (a, b))
+    assert torch.isnan(ga[:2]).all() and torch.isnan(gb[:2]).all()
+    ra, rb = token_kl_grad_ref(a.detach()[2:], b.detach()[2:], g[2:])
+    torch.testing.assert_close(ga[2:].double(), ra, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(gb[2:].double(), rb, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_backward_writes_only_the_gradients_asked_for(need, n_chunks, monkeypatch):
+    import importlib
+
+    tk = importlib.import_module("pgpo_kernels.token_kl")
+    monkeypatch.setattr(tk, "MAX_BLOCK_V", 128)  # 128-wide tiles: V = 333 has full tiles, a tail and 3 chunks
+    a, b = _pair((3, 333), torch.bfloat16)
+    g = torch.randn(3)
+    _, stats = tk.token_kl_forward(a, b, 0.9, save_stats=True)
+    assert stats.shape == (3, 5) and stats.dtype == torch.float32
+    ga, gb = tk.token_kl_backward(a, b, stats, g, 0.9, need_grad=need, n_chunks=n_chunks)
+    ra, rb = token_kl_grad_ref(a, b, g, 0.9)
+    for got, ref, wanted in ((ga, ra, need[0]), (gb, rb, need[1])):
+        if not wanted:
+            assert got is None
+        else:
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.double(), ref, atol=1e-2, rtol=2e-2)

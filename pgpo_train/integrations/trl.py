@@ -2,16 +2,18 @@
 
 Where it hooks in (trl >= 1.x): `GRPOTrainer._generate_and_score_completions` returns the rollout batch with one
 group-normalized advantage per completion, [B]. We run the two PGPO passes over that batch (visual, and text-only as
-SPEC section 1 builds it, both under no_grad with explicit 3-D position ids), turn them into token weights with
+SPEC section 1 builds it, both under no_grad with explicit position ids), turn them into token weights with
 pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compute_loss` accepts 2-D advantages as
 they are. `use_liger_kernel=True` is refused (see LIGER_ERROR): TRL's Liger loss path took [B] advantages only.
 
-Only Qwen2-VL / Qwen2.5-VL style models (3-D mrope positions, image placeholder tokens) are supported: the
-text-only pass builder is `pgpo_train.text_only`.
+Every family of `pgpo_train.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
+Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused before a model is loaded.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -27,15 +29,13 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 from pgpo_kernels.utils import BACKENDS
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
+from pgpo_train import model_family
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.integrations.token_scores import weight_metrics
-from pgpo_train.text_only import check_mrope_vlm
-from pgpo_train.text_only import mrope_position_ids
-from pgpo_train.text_only import select_images
-from pgpo_train.text_only import text_only_inputs
-from pgpo_train.text_only import visual_inputs
+
+logger = logging.getLogger(__name__)
 
 LIGER_ERROR = (
     "PGPOGRPOTrainer does not support use_liger_kernel=True. PGPO hands the loss per-token advantages [B, T]; "
@@ -99,19 +99,47 @@ def check_pgpo_args(args) -> None:
 class PGPOGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` with PGPO token advantages (arXiv 2604.01840; SPEC section 3, steps 3-5).
 
-    Use it exactly like GRPOTrainer, with a `PGPOConfig`. Per rollout batch it adds one visual and one text-only
-    forward (no_grad) over prompt + completion; the loss is TRL's, unchanged, fed advantages [B, T].
+    Use it exactly like GRPOTrainer, with a `PGPOConfig` (built with defaults when `args` is None, as GRPOTrainer
+    does). Per rollout batch it adds one text-only forward and, unless TRL already holds the visual pass's
+    log-probs and the estimator is k3, one visual forward (both no_grad) over prompt + completion; the loss is
+    TRL's, unchanged, fed advantages [B, T]. Rollouts never sample visual special ids (suppressed in generate).
     """
 
     _pgpo_metric_names = ("pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified")
 
-    def __init__(self, model, reward_funcs, args: PGPOConfig | None = None, *pos, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: PGPOConfig | None = None, *pos, **kwargs):
+        if args is None:  # as GRPOTrainer does, with the PGPO options at their defaults
+            name = model if isinstance(model, str) else model_family.unwrap(model).config._name_or_path
+            # our choice: where GRPOConfig's default (bf16) cannot run, i.e. on a machine without an accelerator,
+            # train on the CPU instead of raising as GRPOTrainer(args=None) does there
+            accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+                hasattr(torch, "xpu") and torch.xpu.is_available())
+            args = PGPOConfig(f"{(name or 'model').split('/')[-1]}-PGPO", **({} if accelerator else {"use_cpu": True}))
         if not isinstance(args, PGPOConfig):
             raise TypeError(f"PGPOGRPOTrainer needs args=PGPOConfig(...) (a GRPOConfig with the PGPO options), got "
                             f"{type(args).__name__}")
         check_pgpo_args(args)  # again: the config may have been edited after construction
+        _check_model_before_loading(model, args)
+        train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
+        _check_dataset_has_images(train_dataset)
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
-        check_mrope_vlm(self.model, "PGPOGRPOTrainer")
+        model_family.check_vlm(self.model, "PGPOGRPOTrainer")
+        self._pgpo_batches = {"train": [0, 0], "eval": [0, 0]}  # [batches, batches without any image]
+        self._pgpo_warned_no_image = False
+        if not self.use_vllm:  # a sampled placeholder would be counted as an image by the model's visual forward
+            ids = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(
+                model_family.special_ids(self.model)))
+            self.generation_kwargs["suppress_tokens"] = ids
+            self.generation_config.suppress_tokens = ids
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        seen, no_image = self._pgpo_batches["train"]
+        if seen and no_image == seen:
+            raise ValueError(f"PGPOGRPOTrainer: none of the {seen} rollout batches held an image, so every PGPO "
+                             "weight was 1 and this run trained as plain GRPO. Check the dataset's image column "
+                             "(TRL reads 'image' or 'images') and that the images load.")
+        return out
 
     # ------------------------------------------------------------------ the hook
 
@@ -124,7 +152,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             weights, scores = self._pgpo_weights(output, mask)  # [B, T] each
         output["advantages"] = output["advantages"].unsqueeze(1) * weights  # [B, 1] x [B, T] -> [B, T]
-        self._pgpo_log(weights, scores, mask)
+        self._pgpo_log(weights, scores, mask, has_image=_has_image(output))
         return output
 
     # ------------------------------------------------------------------ the two passes
@@ -133,26 +161,36 @@ class PGPOGRPOTrainer(GRPOTrainer):
         """Token weights [B, T] from the visual and text-only passes over prompt + completion."""
         args = self.args
         B, T = output["completion_ids"].shape
-        if output.get("pixel_values") is None or output.get("image_grid_thw") is None:
-            # our choice: no image in the batch means no visual dependency to measure: uniform weights
+        if not _has_image(output):
+            # no image in the batch means no visual dependency to measure: uniform weights (logged, counted)
             ones = mask.float()
             return ones, torch.zeros_like(ones)
+        model = self.model
+        P = output["prompt_ids"].shape[1]
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # [B, L]
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)  # [B, L]
-        model = self.model
-        # SPEC 1/4: explicit 3-D positions from the full visual inputs, for both passes (never generate()'s deltas)
-        position_ids = mrope_position_ids(model, input_ids, attention_mask, output["image_grid_thw"],
-                                          mm_token_type_ids=output.get("mm_token_type_ids"))  # [3, B, L]
+        model_family.check_responses_are_text(model, output["completion_ids"], output["completion_mask"])
+        # SPEC 1/4: explicit positions from the full visual inputs, for both passes (never generate()'s deltas);
+        # the completions are text whatever they hold
+        position_ids = model_family.position_ids(
+            model, input_ids, attention_mask, prompt_len=P, image_grid_thw=output.get("image_grid_thw"),
+            video_grid_thw=output.get("video_grid_thw"))  # [3, B, L] or [B, L]
+        # k3 needs only the sampled tokens' visual log-probs: TRL's own (num_iterations > 1, vLLM importance
+        # sampling) come from the same policy, the same fused head and temperature. Reused only where TRL's
+        # forward gets the same positions as ours: mrope (rope index on the attention mask); a 1-D rope model
+        # left to itself numbers left-padded rows from 0 at the padding, where we start at the first real token.
+        reuse = (args.pgpo_estimator == "k3" and output.get("old_per_token_logps") is not None
+                 and model_family.family_of(model).rope == "mrope")
         chunk = args.pgpo_chunk_size or args.per_device_train_batch_size
         weights, scores = [], []
         for lo in range(0, B, chunk):
             hi = min(lo + chunk, B)
-            ids, am, pos = input_ids[lo:hi], attention_mask[lo:hi], position_ids[:, lo:hi]
-            # pixel_values rows belong to images by image_grid_thw.prod(-1), images to samples by num_images (SPEC 4)
-            pixels, grid = select_images(output["pixel_values"], output["image_grid_thw"], range(lo, hi),
-                                         output.get("num_images"))
-            vis_kw = visual_inputs(ids, am, pos, pixels, grid)
-            txt_kw = text_only_inputs(model, ids, am, pos)
+            ids, am = input_ids[lo:hi], attention_mask[lo:hi]
+            pos = position_ids[:, lo:hi] if position_ids.dim() == 3 else position_ids[lo:hi]
+            # pixel_values rows belong to images, images to samples (SPEC 4): split by the family's layout
+            mm = model_family.select_samples(output, lo, hi, B, output.get("num_images"), output.get("num_tiles"))
+            vis_kw = model_family.visual_inputs(model, ids, am, pos, mm, prompt_len=P)
+            txt_kw = model_family.text_only_inputs(model, ids, am, pos, prompt_len=P)
             if args.pgpo_estimator == "full":
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
                 logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
@@ -165,7 +203,10 @@ class PGPOGRPOTrainer(GRPOTrainer):
             else:  # k3: sampled-token log-probs from TRL's fused LM head, no [b, T, V] logits
                 labels = ids.masked_fill(am == 0, -100)
                 labels[:, :-T] = -100  # only completion tokens are scored
-                logp_vis = self._pgpo_completion_logps(model, vis_kw, labels, T)  # [b, T]
+                if reuse:
+                    logp_vis = output["old_per_token_logps"][lo:hi].float()  # [b, T], no second visual forward
+                else:
+                    logp_vis = self._pgpo_completion_logps(model, vis_kw, labels, T)  # [b, T]
                 logp_txt = self._pgpo_completion_logps(model, txt_kw, labels, T)
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logp_vis=logp_vis, logp_txt=logp_txt, tau=args.pgpo_tau, beta=args.pgpo_beta,
@@ -187,8 +228,19 @@ class PGPOGRPOTrainer(GRPOTrainer):
             out = model(**kwargs, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -T:].float()
 
-    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> None:
+    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, has_image: bool = True):
         mode = "train" if self.model.training else "eval"
+        counts = self._pgpo_batches[mode]
+        counts[0] += 1
+        counts[1] += not has_image
+        self._metrics[mode]["pgpo/no_image_frac"].append(float(not has_image))
+        if not has_image and not self._pgpo_warned_no_image:
+            self._pgpo_warned_no_image = True  # once per run; pgpo/no_image_frac counts every such batch
+            msg = ("PGPOGRPOTrainer: a rollout batch has no image, so its PGPO weights are all 1 (plain GRPO for "
+                   "that batch); pgpo/no_image_frac counts such batches. Check the dataset's image column if "
+                   "this is not intended.")
+            logger.warning(msg)
+            warnings.warn(msg, stacklevel=2)
         stats = weight_metrics(weights, scores, mask)
         values = self.accelerator.gather(torch.stack([stats[k].float() for k in self._pgpo_metric_names])[None])
         kl_mean, _, _, frac = values.mean(0).tolist()  # host sync, once per rollout batch
@@ -196,6 +248,42 @@ class PGPOGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["pgpo/weight_max"].append(values[:, 1].max().item())
         self._metrics[mode]["pgpo/weight_min"].append(values[:, 2].min().item())
         self._metrics[mode]["pgpo/frac_amplified"].append(frac)
+
+
+def _has_image(output: dict) -> bool:
+    return output.get("pixel_values") is not None or output.get("pixel_values_videos") is not None
+
+
+def _check_model_before_loading(model, args) -> None:
+    """Refuses an unsupported (e.g. text-only) model from its config alone, before any weights are loaded."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        init = dict(args.model_init_kwargs or {})
+        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code,
+                                            revision=init.get("revision"))
+        model_family.family_of(config, "PGPOGRPOTrainer")
+    else:
+        model_family.check_vlm(model, "PGPOGRPOTrainer")
+
+
+def _check_dataset_has_images(dataset) -> None:
+    """A dataset without images would train as plain GRPO: refused before loading anything. Images come from an
+    `image` / `images` column or, in TRL 1.16, from image parts inside the conversational prompt."""
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or {"image", "images"} & set(columns):
+        return  # an iterable dataset (no column list) is checked batch by batch instead
+    prompt = dataset[0].get("prompt") if len(dataset) else None
+    if isinstance(prompt, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None
+                for part in m["content"])
+        for m in prompt
+    ):
+        return
+    raise ValueError(f"PGPOGRPOTrainer: the training dataset has no 'image' or 'images' column (columns: {columns}) "
+                     "and its first prompt holds no image; PGPO weighs tokens by how much the image changes them, "
+                     "so every batch would train as plain GRPO")
 
 
 __all__ = ["ESTIMATORS", "LIGER_ERROR", "PGPOConfig", "PGPOGRPOTrainer"]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgpo_train import model_family
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.integrations.token_scores import weight_metrics
 
@@ -109,21 +110,24 @@ def pgpo_reshape_advantages_(
 
 def pgpo_text_only_batch(
     data: Any,
-    visual_token_ids: int | Sequence[int],
+    visual_token_ids: Any,
     *,
     multimodal_keys: Sequence[str] = ("multi_modal_inputs",),
 ) -> Any:
-    """The text-only twin of a verl rollout batch: same tokens and positions, the visual tokens masked out.
+    """The text-only twin of a verl rollout batch: same tokens and positions, the prompt's visual tokens masked out.
 
-    SPEC section 1: the attention mask is set to 0 on every visual token while the original (mrope) position ids
-    are kept, and the images are dropped (their embeddings would never be attended). In verl's padding-free path
-    the holed attention mask deletes the visual tokens but keeps the other tokens' positions, which SPEC checks
-    to be the same pass; `no_padding_2_padding` counts prompt tokens from the same mask, so the response slice
-    stays aligned. Feed the result to the actor's log-prob call, e.g. `self._compute_old_log_prob(text_batch)`.
+    SPEC section 1: the attention mask is set to 0 on every visual placeholder of the prompt while the original
+    (mrope) position ids are kept, and the images are dropped (their embeddings would never be attended). Response
+    tokens are text whatever their id (a sampled placeholder is not an image): only the prompt part, the first
+    L - T_resp tokens when the batch has `responses`, is masked. In verl's padding-free path the holed attention
+    mask deletes the visual tokens but keeps the other tokens' positions, which SPEC checks to be the same pass;
+    `no_padding_2_padding` counts prompt tokens from the same mask, so the response slice stays aligned. Feed the
+    result to the actor's log-prob call, e.g. `self._compute_old_log_prob(text_batch)`.
 
     Args:
         data: a verl DataProto with `input_ids` [B, L], `attention_mask` [B, L] and `position_ids`.
-        visual_token_ids: the image (and video) placeholder ids, e.g. Qwen2.5-VL's `<|image_pad|>` 151655.
+        visual_token_ids: the image (and video) placeholder ids (e.g. Qwen2.5-VL's `<|image_pad|>` 151655), or the
+            HF model / config, whose family gives them (`pgpo_train.model_family.placeholder_ids`).
         multimodal_keys: non-tensor keys whose per-sample dicts are replaced by {} (verl's own text-only form).
 
     Returns:
@@ -134,10 +138,10 @@ def pgpo_text_only_batch(
     input_ids = _get(data.batch, "input_ids", "prompt + response token ids [B, L]")
     attention_mask = _get(data.batch, "attention_mask", "[B, L]")
     _get(data.batch, "position_ids", "the original position ids; the text-only pass must reuse them")
-    ids = [visual_token_ids] if isinstance(visual_token_ids, int) else list(visual_token_ids)
-    if not ids or not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"visual_token_ids must be an int or a non-empty sequence of ints, got {visual_token_ids!r}")
+    ids = _visual_ids(visual_token_ids)
     visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, L]
+    if "responses" in data.batch.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
+        visual[:, input_ids.shape[1] - data.batch["responses"].shape[1]:] = False  # responses are text
 
     text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
     text.batch = data.batch.copy()
@@ -149,6 +153,16 @@ def pgpo_text_only_batch(
     return text
 
 
+def _visual_ids(visual_token_ids) -> list[int]:
+    if hasattr(visual_token_ids, "config") or hasattr(visual_token_ids, "model_type"):  # a model or its config
+        return model_family.placeholder_ids(visual_token_ids)
+    ids = [visual_token_ids] if isinstance(visual_token_ids, int) else list(visual_token_ids)
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"visual_token_ids must be an int, a non-empty sequence of ints, or the HF model/config, "
+                         f"got {visual_token_ids!r}")
+    return ids
+
+
 class PGPOVerlTrainerMixin:
     """PGPO for verl's `RayPPOTrainer` (0.9.x): `class PGPORayPPOTrainer(PGPOVerlTrainerMixin, RayPPOTrainer): pass`.
 
@@ -157,8 +171,9 @@ class PGPOVerlTrainerMixin:
     (k3 against `old_log_probs`), then verl's own update. The PGPO metrics join the actor's.
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
-    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `visual_token_ids` (default: the tokenizer's
-    `<|image_pad|>` and `<|video_pad|>`).
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `visual_token_ids` (default: the placeholder ids
+    of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's `<|image_pad|>` and
+    `<|video_pad|>`).
     """
 
     def _update_actor(self, batch):
@@ -178,9 +193,29 @@ class PGPOVerlTrainerMixin:
         ids = cfg.get("visual_token_ids", None)
         if ids:
             return [int(i) for i in ids]
+        path = _model_path(self.config)
+        if path is not None:  # the policy's config names its family and placeholder ids (any supported family)
+            from transformers import AutoConfig
+
+            return model_family.placeholder_ids(AutoConfig.from_pretrained(path, trust_remote_code=_trust(self.config)))
         vocab = self.tokenizer.get_vocab()
         ids = [vocab[t] for t in ("<|image_pad|>", "<|video_pad|>") if t in vocab]
         if not ids:
-            raise ValueError("PGPO found no <|image_pad|> / <|video_pad|> token in the tokenizer; set "
-                             "+algorithm.pgpo.visual_token_ids=[...] to the model's visual placeholder ids")
+            raise ValueError("PGPO found no model path (actor_rollout_ref.model.path) and no <|image_pad|> / "
+                             "<|video_pad|> token in the tokenizer; set +algorithm.pgpo.visual_token_ids=[...] to the "
+                             "model's visual placeholder ids")
         return ids
+
+
+def _model_path(config):
+    try:
+        return config.actor_rollout_ref.model.path
+    except (AttributeError, KeyError):
+        return None
+
+
+def _trust(config) -> bool:
+    try:
+        return bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
+    except (AttributeError, KeyError):
+        return False

@@ -1,0 +1,359 @@
+"""What PGPO needs to know about each vision-language model family, in one place (SPEC section 1, "Other model
+families").
+
+For a given HF VLM this module knows
+- its visual placeholder ids (the tokens the vision tower's outputs replace) and the visual special ids that must
+  never be sampled in a response (placeholders plus image delimiters);
+- how to build explicit position ids for a full prompt + response batch: 3-D mrope from the model's own
+  `get_rope_index` for the Qwen-VL family, `cumsum(attention_mask) - 1` for 1-D rope models;
+- the forward kwargs of the visual pass and of the text-only pass (same tensors, attention off on the visual
+  placeholders, the original positions, no pixel values: for Qwen3-VL that also means no DeepStack injection).
+
+Response tokens are always text. Positions are built with the rope index over the prompt only and the response
+continuing the text positions, and only the prompt's placeholders are masked, so a placeholder id sampled inside a
+response is never counted as an image (issue 11). The sampler should not emit them anyway: `special_ids` is what
+rollouts pass as `suppress_tokens`.
+
+Known limit (Gemma 3): its local layers' sliding window is counted in token slots, not positions. While a sequence
+is shorter than the window (1024 in Gemma 3 4B+) masking equals deleting the image tokens (tested); beyond it the
+masked image tokens still take window slots, so local layers see fewer text tokens than deletion would. The
+text-only pass stays the SPEC's masked pass.
+
+PEFT-wrapped models (and DDP/accelerate `.module` wrappers) are unwrapped for lookups; forwards run on the model as
+given, wrapper included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    """One VLM family: how its image enters the sequence and how its positions are built."""
+
+    name: str  # what users read in messages and the README table
+    model_types: tuple[str, ...]  # config.model_type values of the family
+    rope: str  # "mrope" (3-D, get_rope_index) or "1d" (cumsum of the attention mask)
+    placeholder_attrs: tuple[str, ...] = ("image_token_id", "video_token_id")
+    delimiter_attrs: tuple[str, ...] = ()  # config ids that open/close an image: suppressed in sampling too
+    # per-token ids the visual pass feeds the model: "mm_token_type_ids" (Qwen), "token_type_ids" (Gemma 3)
+    token_type_key: str | None = None
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("Qwen2-VL", ("qwen2_vl",), "mrope", delimiter_attrs=("vision_start_token_id", "vision_end_token_id"),
+           token_type_key="mm_token_type_ids"),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), "mrope", delimiter_attrs=("vision_start_token_id", "vision_end_token_id"),
+           token_type_key="mm_token_type_ids"),
+    # Qwen3-VL: interleaved mrope; its DeepStack visual features enter only with pixel values
+    Family("Qwen3-VL", ("qwen3_vl", "qwen3_vl_moe"), "mrope",
+           delimiter_attrs=("vision_start_token_id", "vision_end_token_id"), token_type_key="mm_token_type_ids"),
+    Family("Gemma 3", ("gemma3",), "1d", delimiter_attrs=("boi_token_id", "eoi_token_id"),
+           token_type_key="token_type_ids"),
+    Family("LLaVA-OneVision", ("llava_onevision",), "1d"),
+    Family("Idefics3", ("idefics3",), "1d"),
+    Family("SmolVLM", ("smolvlm",), "1d"),
+    Family("InternVL (HF)", ("internvl",), "1d"),
+)
+
+
+def supported_families() -> str:
+    """'Qwen2-VL, Qwen2.5-VL, ...' for messages and docs."""
+    return ", ".join(f.name for f in FAMILIES)
+
+
+def unwrap(model):
+    """The bare HF model under PEFT (`get_base_model`) and DDP/accelerate (`.module`) wrappers, for lookups only."""
+    for _ in range(8):  # wrappers nest (DDP around PEFT): peel a few layers, never loop forever
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+    return model
+
+
+def _config(model_or_config):
+    cfg = getattr(unwrap(model_or_config), "config", None)
+    return cfg if cfg is not None else model_or_config
+
+
+def find_family(model_or_config) -> Family | None:
+    """The family of a model (wrapped or not) or of its config, None when unsupported."""
+    model_type = getattr(_config(model_or_config), "model_type", None)
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def family_of(model_or_config, who: str = "PGPO") -> Family:
+    """The family, or one ValueError naming the supported families (text-only and unknown models alike)."""
+    fam = find_family(model_or_config)
+    if fam is None:
+        cfg = _config(model_or_config)
+        model_type = getattr(cfg, "model_type", None)
+        name = type(unwrap(model_or_config)).__name__
+        raise ValueError(
+            f"{who}: model {name} (model_type={model_type!r}) has no image tokens PGPO knows how to mask: PGPO "
+            f"masks the image's placeholder tokens out of a second forward, so it needs a VLM whose image enters as "
+            f"placeholder tokens; supported families: {supported_families()} (e.g. Qwen/Qwen2.5-VL-3B-Instruct)"
+        )
+    return fam
+
+
+def check_vlm(model, who: str = "PGPO") -> Family:
+    """Refuses an unsupported model or one whose config lacks the image placeholder id; returns its family."""
+    fam = family_of(model, who)
+    if not placeholder_ids(model):
+        raise ValueError(f"{who}: {fam.name} model {type(unwrap(model)).__name__} defines no image_token_id in its "
+                         "config: PGPO needs the image placeholder id to mask")
+    if fam.rope == "mrope" and _rope_owner(model) is None:
+        raise ValueError(f"{who}: {fam.name} model {type(unwrap(model)).__name__} has no get_rope_index")
+    return fam
+
+
+def _ids(config, attrs) -> list[int]:
+    ids = []
+    for a in attrs:
+        v = getattr(config, a, None)
+        if isinstance(v, int) and v not in ids:
+            ids.append(v)
+    return ids
+
+
+def placeholder_ids(model) -> list[int]:
+    """Ids of the visual placeholder tokens (image, and video where defined): the ones the text-only pass masks."""
+    fam = family_of(model)
+    return _ids(_config(model), fam.placeholder_attrs)
+
+
+def special_ids(model) -> list[int]:
+    """Placeholder and image-delimiter ids: never to be sampled in a response (pass as `suppress_tokens`)."""
+    fam = family_of(model)
+    return _ids(_config(model), fam.placeholder_attrs + fam.delimiter_attrs)
+
+
+def _rope_owner(model):
+    """The module that owns `get_rope_index` (the inner ...VLModel of a ...ForConditionalGeneration)."""
+    base = unwrap(model)
+    return next((m for m in (base, getattr(base, "model", None)) if hasattr(m, "get_rope_index")), None)
+
+
+def _prompt_part(x: torch.Tensor, prompt_len: int | None) -> torch.Tensor:
+    return x if prompt_len is None else x[:, :prompt_len]
+
+
+def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int | None) -> None:
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be [B, L], got {tuple(input_ids.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    if prompt_len is not None and not 0 <= prompt_len <= input_ids.shape[1]:
+        raise ValueError(f"prompt_len must be in [0, L={input_ids.shape[1]}], got {prompt_len}")
+
+
+def visual_mask(model, input_ids: torch.Tensor, prompt_len: int | None = None) -> torch.Tensor:
+    """[B, L] bool, True on the prompt's visual placeholders (response tokens, from `prompt_len` on, are text)."""
+    ids = torch.tensor(placeholder_ids(model), device=input_ids.device)
+    mask = torch.isin(input_ids, ids)
+    if prompt_len is not None:
+        mask[:, prompt_len:] = False
+    return mask
+
+
+def token_types(model, input_ids: torch.Tensor, prompt_len: int | None = None) -> torch.Tensor:
+    """[B, L] int64: 0 text, 1 image, 2 video placeholder (prompt only), as the processors write them."""
+    cfg = _config(model)
+    out = torch.zeros_like(input_ids)
+    prompt = _prompt_part(input_ids, prompt_len)
+    view = out[:, : prompt.shape[1]]
+    view[prompt == cfg.image_token_id] = 1
+    video = getattr(cfg, "video_token_id", None)
+    if video is not None and video != cfg.image_token_id:
+        view[prompt == video] = 2
+    return out
+
+
+def _text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] cumsum(attention_mask) - 1, 0 on padding (as HF generate builds them)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def position_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    prompt_len: int | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Explicit position ids of a full (prompt + response) batch: [3, B, L] (mrope) or [B, L] (1-D rope).
+
+    Build them for every forward of a training step (stale `rope_deltas` from generate(), holed masks in the
+    text-only pass: SPEC sections 1 and 4).
+
+    Args:
+        model: the policy (wrapped or not).
+        input_ids: [B, L] prompt (left-padded, placeholders expanded) then response (right-padded).
+        attention_mask: [B, L] 1 on real tokens (the visual pass's mask, not the text-only one).
+        prompt_len: where responses start; tokens from there on are text whatever their id (a sampled placeholder
+            is not an image). None = the whole sequence is prompt.
+        image_grid_thw, video_grid_thw, second_per_grid_ts: the Qwen-VL processor's outputs (mrope only).
+
+    Returns:
+        int64 positions; padding holds 0 (masked anyway).
+    """
+    _check_batch(input_ids, attention_mask, prompt_len)
+    fam = family_of(model)
+    if fam.rope == "1d":
+        return _text_positions(attention_mask)
+    prompt_ids = _prompt_part(input_ids, prompt_len)
+    prompt_mask = _prompt_part(attention_mask, prompt_len)
+    if image_grid_thw is None and video_grid_thw is None:
+        pos = _text_positions(attention_mask)  # no image: plain text positions on all three axes
+        return pos.unsqueeze(0).expand(3, -1, -1).contiguous()
+    kwargs = {"second_per_grid_ts": second_per_grid_ts} if second_per_grid_ts is not None else {}
+    prompt_pos, _ = _rope_owner(model).get_rope_index(
+        prompt_ids, mm_token_type_ids=token_types(model, prompt_ids), image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw, attention_mask=prompt_mask, **kwargs)  # [3, B, P]
+    if prompt_len is None or prompt_len == input_ids.shape[1]:
+        return prompt_pos
+    # responses continue the text positions: the next position after the prompt's largest, then one per token
+    start = prompt_pos.masked_fill(prompt_mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # [B]
+    resp_mask = attention_mask[:, prompt_len:]
+    resp = (start[:, None] + _text_positions(resp_mask)).masked_fill(resp_mask == 0, 0)  # [B, T]
+    return torch.cat([prompt_pos, resp.unsqueeze(0).expand(3, -1, -1).to(prompt_pos.dtype)], dim=2)
+
+
+def _check_positions(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+    fam = family_of(model)
+    want = (3, *input_ids.shape) if fam.rope == "mrope" else tuple(input_ids.shape)
+    if tuple(position_ids.shape) != want:
+        kind = "3-D mrope" if fam.rope == "mrope" else "1-D"
+        raise ValueError(f"position_ids must be {list(want)} for {fam.name} ({kind} positions from "
+                         f"model_family.position_ids on the full visual inputs), got {tuple(position_ids.shape)}")
+
+
+def text_only_attention_mask(model, input_ids, attention_mask, prompt_len: int | None = None) -> torch.Tensor:
+    """[B, L] the visual pass's attention mask with the prompt's visual placeholders switched off."""
+    return attention_mask * (~visual_mask(model, input_ids, prompt_len)).to(attention_mask.dtype)
+
+
+def text_only_inputs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_len: int | None = None,
+) -> dict:
+    """Forward kwargs of the text-only pass (SPEC section 1): same ids and positions, visual placeholders unattended,
+    no pixel values (no vision tower, no DeepStack features; the placeholders keep plain embeddings no token sees).
+
+    Args:
+        model: the policy. input_ids, attention_mask: [B, L] as in the visual pass. position_ids: from
+        `position_ids` on the full visual inputs. prompt_len: where responses start (None = all prompt).
+    """
+    _check_positions(model, input_ids, position_ids)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": text_only_attention_mask(model, input_ids, attention_mask, prompt_len),
+        "position_ids": position_ids,
+    }
+
+
+# multimodal kwargs the visual pass passes through as the processor wrote them
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "video_grid_thw", "pixel_values_videos", "second_per_grid_ts",
+                   "image_sizes", "pixel_attention_mask")
+
+
+def visual_inputs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    multimodal: dict | None = None,
+    prompt_len: int | None = None,
+) -> dict:
+    """Forward kwargs of the visual pass with the same explicit positions.
+
+    Args:
+        multimodal: the processor's image tensors for these rows (pixel_values, image_grid_thw, image_sizes,
+            pixel_attention_mask, ...); None or without pixel_values = no image.
+        prompt_len: where responses start; the family's token-type ids (Qwen mm_token_type_ids, Gemma 3
+            token_type_ids) mark only the prompt's placeholders.
+    """
+    _check_positions(model, input_ids, position_ids)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    multimodal = multimodal or {}
+    if multimodal.get("pixel_values") is None and multimodal.get("pixel_values_videos") is None:
+        return out
+    out.update({k: v for k, v in multimodal.items() if k in MULTIMODAL_KEYS and v is not None})
+    key = family_of(model).token_type_key
+    if key is not None:
+        out[key] = token_types(model, input_ids, prompt_len)
+    return out
+
+
+def check_responses_are_text(model, responses: torch.Tensor, response_mask: torch.Tensor | None = None) -> None:
+    """A visual placeholder inside a response makes the model's own visual forward count it as an image (its
+    feature count check fails deep inside transformers): refuse such a batch with the fix in the message."""
+    found = torch.isin(responses, torch.tensor(placeholder_ids(model), device=responses.device))
+    if response_mask is not None:
+        found &= response_mask.bool()
+    if bool(found.any()):
+        row, col = (int(i) for i in found.nonzero()[0])
+        raise ValueError(
+            f"response {row} holds the visual placeholder id {int(responses[row, col])} at position {col}: the "
+            "visual forward would count it as an image. Keep visual special ids out of sampling "
+            f"(generate(..., suppress_tokens={special_ids(model)}), pgpo_train.model_family.special_ids)"
+        )
+
+
+def select_samples(multimodal: dict, lo: int, hi: int, batch_size: int, num_images: list[int] | None = None,
+                   num_tiles: list[int] | None = None) -> dict:
+    """The multimodal tensors of samples [lo, hi) of a batch, whatever the family's layout (SPEC section 4: split
+    by image, never evenly). Layouts, as the processors write them and TRL keeps them:
+    - Qwen-VL: pixel_values [patches, C'] owned image by image through image_grid_thw.prod(-1);
+    - InternVL: pixel_values [tiles, C, H, W], `num_tiles` per sample;
+    - Gemma 3, LLaVA-OneVision: pixel_values [images, ...], `image_sizes` [images, 2];
+    - Idefics3 / SmolVLM: pixel_values [B, images, C, H, W] and pixel_attention_mask per sample.
+
+    Args:
+        multimodal: the batch's image tensors (other keys are ignored).
+        batch_size: B, the number of samples of the batch.
+        num_images: images per sample (None = one each); num_tiles: tiles per sample (InternVL).
+    """
+    counts = num_images if num_images is not None else [1] * batch_size
+    first = [0]
+    for n in counts:
+        first.append(first[-1] + n)
+    img_lo, img_hi = first[lo], first[hi]
+    out = {}
+    pixels = multimodal.get("pixel_values")
+    grid = multimodal.get("image_grid_thw")
+    if pixels is not None and grid is not None:
+        rows = grid.prod(-1).tolist()
+        row_lo, row_hi = sum(rows[:img_lo]), sum(rows[:img_hi])
+        out["pixel_values"], out["image_grid_thw"] = pixels[row_lo:row_hi], grid[img_lo:img_hi]
+    elif pixels is not None and num_tiles is not None:
+        tiles = [0]
+        for n in num_tiles:
+            tiles.append(tiles[-1] + n)
+        out["pixel_values"] = pixels[tiles[lo]:tiles[hi]]
+    elif pixels is not None and pixels.shape[0] == first[-1] and pixels.shape[0] != batch_size:
+        out["pixel_values"] = pixels[img_lo:img_hi]
+    elif pixels is not None and pixels.shape[0] == first[-1] and "pixel_attention_mask" not in multimodal:
+        out["pixel_values"] = pixels[img_lo:img_hi]  # one image per sample: image- and sample-indexed agree
+    elif pixels is not None:
+        out["pixel_values"] = pixels[lo:hi]  # per-sample layout (Idefics3 / SmolVLM)
+    if multimodal.get("pixel_attention_mask") is not None:
+        out["pixel_attention_mask"] = multimodal["pixel_attention_mask"][lo:hi]
+    if multimodal.get("image_sizes") is not None:
+        out["image_sizes"] = multimodal["image_sizes"][img_lo:img_hi]
+    if out.get("pixel_values") is not None and out["pixel_values"].numel() == 0:
+        return {}  # these samples have no image
+    return out
