@@ -6,15 +6,21 @@ and folds them into the online log-sum-exp stats of token_stats.py right away:
 
     for each (row block of BLOCK_N rows, vocab chunk of CHUNK_TILES tiles):   grid = cdiv(N, BLOCK_N) x C, grouped
         for each vocab tile of BLOCK_V columns in the chunk:
-            A = h_vis[rows] @ W[cols]^T,  B = h_txt[rows] @ W[cols]^T    tl.dot over H in BLOCK_H steps, fp32 acc
-            (+ bias), then fold A, B into (m_a, s_a, m_b, s_b, t[, u, a_x, b_x]) of each row
-        write the row block's 8 stats for this chunk                     [N, C, 8] fp32
-    combine the C chunks per row                                         (token_stats' combine kernel)
+            [A; B] = [h_vis[rows]; h_txt[rows]] @ W[cols]^T     one tl.dot over H in BLOCK_H steps on a stacked
+                                                                2 BLOCK_N-row A tile (m64n128 wgmma), fp32 acc
+            (+ bias), split into A and B, fold both into (m_a, s_a, m_b, s_b, t[, u], hit) of each row
+        write the row block's 7 stats for this chunk                     [N, C, 7] fp32
+    target logits h . W[target] (+ bias) of each row, once                [N, 2] fp32 (a small kernel)
+    combine the C chunks per row and finish                              (token_stats' combine kernel)
 
-Both passes share each W tile: it is loaded once for two dots. Memory: [N, C, 8] fp32 stats, nothing V-sized.
-Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row blocks
-fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2 while the
-chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the numbers).
+Both passes share each W tile, loaded once for one dot of twice the rows. Memory: [N, C, 7] + [N, 2] fp32, nothing
+V-sized. Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row
+blocks fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2
+while the chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the
+numbers, and the static comparison with the chunked cuBLAS matmul + token_stats alternative).
+
+Non-finite values follow token_stats: a NaN or +inf logit (from NaN/inf hidden states or weights) makes that row's
+outputs NaN; huge finite logits give the true values.
 
 The torch fallback (torch_fused_ops.py) builds logits for `chunk_size` rows at a time: O(chunk x V) extra memory.
 """
@@ -30,6 +36,7 @@ from pgpo_kernels.token_kl import LOG2E
 from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.token_stats import N_PART
+from pgpo_kernels.token_stats import UNIT
 from pgpo_kernels.token_stats import TokenStats
 from pgpo_kernels.token_stats import _fold
 from pgpo_kernels.token_stats import _init_stats
@@ -48,11 +55,12 @@ from pgpo_kernels.utils import interpreter_enabled
 from pgpo_kernels.utils import resolve_backend
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# our choice: tile sizes for sm_80 / sm_90 (not tuned on hardware yet; see csrc_notes/fused_ops.md)
+# our choice: tile sizes for sm_80 / sm_90, picked by the compiled code (csrc_notes/fused_ops.md: registers, spills,
+# MMA shape); not timed on hardware yet. BLOCK_N rows of each pass stack into a 2 BLOCK_N-row A tile.
 # CHUNK_TILES: vocab tiles per chunk (one program's sweep); GROUP_N: row blocks scheduled side by side (L2 reuse)
 GPU_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "CHUNK_TILES": 16,
               "GROUP_N": 16}
-GPU_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2, "CHUNK_TILES": 32,
+GPU_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2, "CHUNK_TILES": 32,
                    "GROUP_N": 16}
 # the interpreter runs on numpy: small tiles (tl.dot needs every dim >= 16)
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "CHUNK_TILES": 4,
@@ -75,7 +83,7 @@ def _fused_linear_stats_partial_kernel(
     stride_w_row,
     cols_per_chunk,  # a multiple of BLOCK_V
     n_chunks,  # C
-    scale2,  # 2 log2(e) / temperature
+    scale_u,  # log2(e) / (temperature UNIT)
     HAS_BIAS: tl.constexpr,
     WITH_TARGET: tl.constexpr,  # also the entropy sum
     DOT_FP32: tl.constexpr,  # upcast tiles and dot in exact fp32 (fp32 inputs; bf16 under the interpreter)
@@ -127,7 +135,7 @@ def _fused_linear_stats_partial_kernel(
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
         # split the stacked tile into the two passes' [BLOCK_N, BLOCK_V] logits, row by row aligned
         x, y = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_V)), (1, 2, 0)))
-        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale2, WITH_TARGET)
+        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
     rows_a = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_a = rows_a < n_rows
     base = part_ptr + (rows_a * n_chunks + chunk) * 7
@@ -235,7 +243,7 @@ def fused_linear_forward(
         hv, ht = hidden_vis[lo:hi], hidden_txt[lo:hi]
         _fused_linear_stats_partial_kernel[(n_blocks * c,)](
             hv, ht, weight, bias if bias is not None else part, part,
-            rows, n_cols, n_hidden, hv.stride(0), ht.stride(0), weight.stride(0), cols_per_chunk, c, 2.0 * scale,
+            rows, n_cols, n_hidden, hv.stride(0), ht.stride(0), weight.stride(0), cols_per_chunk, c, scale / UNIT,
             HAS_BIAS=bias is not None, WITH_TARGET=with_target, DOT_FP32=dot_fp32,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, NUM_STAGES=cfg["num_stages"], GROUP_N=cfg["GROUP_N"],
             num_warps=cfg["num_warps"],

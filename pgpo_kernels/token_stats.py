@@ -54,6 +54,10 @@ N_PART = 7  # per-(row, chunk) partial stats: m_a, s_a, m_b, s_b, t, u, hit
 FLT_MAX = 3.4028234663852886e38
 _NEG_MAX = tl.constexpr(-FLT_MAX)  # globals read inside @triton.jit must be constexpr
 _LN2 = tl.constexpr(0.6931471805599453)
+# the unit of the stats' logit differences: d = (x - m) * 2^-21 cannot overflow for finite x, m, and sums of up to
+# 2^20 p-weighted differences stay below FLT_MAX (V = 152064 < 2^18), so t overflows only when the KL itself does
+UNIT = 2.0 ** -21
+_UNIT = tl.constexpr(UNIT)
 _NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
 
 
@@ -76,10 +80,17 @@ def _max_nan(x, y):
 
 
 @triton.jit
-def _rel(x, m_half, scale2):
-    """(x - m) * scale from halves, so huge finite x, m never overflow; -inf (or an overflow) clamps to -FLT_MAX,
-    where 2^. is 0 and 0 * . stays 0. NaN stays NaN."""
-    return _max_nan((x * 0.5 - m_half) * scale2, _NEG_MAX)
+def _diff_u(x, m_u):
+    """(x - m) * UNIT from m_u = m * UNIT, which cannot overflow for finite x, m; -inf (masked logits) clamps to
+    -FLT_MAX, where 2^(. scale_u) is 0 and 0 * . stays 0 (never 0 * inf). NaN stays NaN."""
+    return _max_nan(x * _UNIT - m_u, _NEG_MAX)
+
+
+@triton.jit
+def _times(alpha, v):
+    """alpha * v for a rescale factor alpha in [0, 1]: a group whose alpha underflowed to 0 adds nothing, even if its
+    sum overflowed to +inf (never 0 * inf; a NaN input reaches alpha through the NaN-propagating max)."""
+    return tl.where(alpha == 0.0, 0.0, alpha * v)
 
 
 @triton.jit
@@ -95,53 +106,54 @@ def _init_stats(R: tl.constexpr):
 
 
 @triton.jit
-def _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale2, WITH_ENTROPY: tl.constexpr):
+def _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_ENTROPY: tl.constexpr):
     """Fold tiles x, y [R, K] (fp32, -inf on padded lanes) into the running stats [R] along axis 1.
 
-    token_stats calls it with R = threads and K = the columns each thread loaded (no cross-thread work); fused_linear
-    with R = rows of a logit tile."""
+    Stats are in UNITs (d = (x - m) UNIT; 2^(d scale_u) = 2^((x - m) scale)). token_stats calls it with
+    R = threads and K = the columns each thread loaded (no cross-thread work); fused_linear with R = rows of a tile."""
     new_m_a = _max_nan(m_a, tl.reduce(x, 1, _max_nan))
     new_m_b = _max_nan(m_b, tl.reduce(y, 1, _max_nan))
-    mh_a = new_m_a * 0.5
-    mh_b = new_m_b * 0.5
-    sh_a = _rel(m_a, mh_a, scale2)  # <= 0: the old sums' exponent shift
-    sh_b = _rel(m_b, mh_b, scale2)
-    alpha = tl.exp2(sh_a)
+    mu_a = new_m_a * _UNIT
+    mu_b = new_m_b * _UNIT
+    sh_a = _diff_u(m_a, mu_a)  # <= 0: the old sums' shift
+    sh_b = _diff_u(m_b, mu_b)
+    alpha = tl.exp2(sh_a * scale_u)
     w = alpha * s_a  # old a-mass at the new max
-    xa = _rel(x, mh_a[:, None], scale2)
-    yb = _rel(y, mh_b[:, None], scale2)
-    ea = tl.exp2(xa)
-    t = alpha * t + w * (sh_a - sh_b) + tl.sum(ea * (xa - yb), axis=1)
+    da = _diff_u(x, mu_a[:, None])
+    db = _diff_u(y, mu_b[:, None])
+    ea = tl.exp2(da * scale_u)
+    t = _times(alpha, t) + w * (sh_a - sh_b) + tl.sum(ea * (da - db), axis=1)
     if WITH_ENTROPY:
-        u = alpha * u + w * sh_a + tl.sum(ea * xa, axis=1)
+        u = alpha * u + w * sh_a + tl.sum(ea * da, axis=1)
     s_a = w + tl.sum(ea, axis=1)
-    s_b = tl.exp2(sh_b) * s_b + tl.sum(tl.exp2(yb), axis=1)
+    s_b = tl.exp2(sh_b * scale_u) * s_b + tl.sum(tl.exp2(db * scale_u), axis=1)
     # a finite a_i where b_i = -inf makes the KL +inf: remember the largest such a_i
     hit = tl.maximum(hit, tl.max(tl.where(y == float("-inf"), x, float("-inf")), axis=1))
     return new_m_a, s_a, new_m_b, s_b, t, u, hit
 
 
 @triton.jit
-def _merge(m_a, s_a, m_b, s_b, t, u, hit, scale2, WITH_ENTROPY: tl.constexpr):
+def _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_ENTROPY: tl.constexpr):
     """Merge groups of stats [G] (threads of a program, or chunks of a row) into scalars, by _fold's rule."""
     M_a = tl.reduce(m_a, 0, _max_nan)
     M_b = tl.reduce(m_b, 0, _max_nan)
-    sh_a = _rel(m_a, M_a * 0.5, scale2)
-    sh_b = _rel(m_b, M_b * 0.5, scale2)
-    alpha = tl.exp2(sh_a)
+    sh_a = _diff_u(m_a, M_a * _UNIT)
+    sh_b = _diff_u(m_b, M_b * _UNIT)
+    alpha = tl.exp2(sh_a * scale_u)
     w = alpha * s_a
-    T = tl.sum(alpha * t + w * (sh_a - sh_b), axis=0)
+    T = tl.sum(_times(alpha, t) + w * (sh_a - sh_b), axis=0)
     U = 0.0
     if WITH_ENTROPY:
         U = tl.sum(alpha * u + w * sh_a, axis=0)
-    S_b = tl.sum(tl.exp2(sh_b) * s_b, axis=0)
+    S_b = tl.sum(tl.exp2(sh_b * scale_u) * s_b, axis=0)
     return M_a, tl.sum(w, axis=0), M_b, S_b, T, U, tl.max(hit, axis=0)
 
 
 @triton.jit
-def _finish_kl(S_a, S_b, T, HIT):
-    """KL in nats; an all -inf row of a has no distribution (0); a finite a_i where b_i = -inf gives +inf."""
-    kl = _LN2 * (T / S_a - tl.log2(S_a) + tl.log2(S_b))
+def _finish_kl(S_a, S_b, T, HIT, inv_tu):
+    """KL in nats (T in UNITs: inv_tu = 1 / (temperature UNIT) converts); an all -inf row of a has no distribution (0); a
+    finite a_i where b_i = -inf gives +inf."""
+    kl = inv_tu * (T / S_a) + _LN2 * (tl.log2(S_b) - tl.log2(S_a))
     kl = tl.where(HIT > float("-inf"), float("inf"), kl)
     kl = tl.where(S_a == 0.0, 0.0, kl)
     kl = tl.where(kl < 0.0, 0.0, kl)  # tiny negative rounding; a where, not a max, so NaN survives
@@ -149,31 +161,31 @@ def _finish_kl(S_a, S_b, T, HIT):
 
 
 @triton.jit
-def _finish_entropy(S_a, U):
-    ent = _LN2 * (tl.log2(S_a) - U / S_a)
+def _finish_entropy(S_a, U, inv_tu):
+    ent = _LN2 * tl.log2(S_a) - inv_tu * (U / S_a)
     ent = tl.where(S_a == 0.0, 0.0, ent)
     return tl.where(ent < 0.0, 0.0, ent)
 
 
 @triton.jit
-def _finish_logp(x_t, M, S, inv_temp2):
-    """log softmax at the target in nats: (x_t - M) / T from halves, minus ln S; no distribution (S = 0) -> -inf."""
-    lp = (x_t * 0.5 - M * 0.5) * inv_temp2 - _LN2 * tl.log2(S)
+def _finish_logp(x_t, M, S, inv_tu):
+    """log softmax at the target in nats: (x_t - M) / T in UNITs (no overflow), minus ln S; no distribution (S = 0) -> -inf."""
+    lp = (x_t * _UNIT - M * _UNIT) * inv_tu - _LN2 * tl.log2(S)
     lp = tl.where(S == 0.0, float("-inf"), lp)
     return tl.where(lp > 0.0, 0.0, lp)  # clamp tiny positive rounding when p(target) ~ 1
 
 
 @triton.jit
-def _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale2,
+def _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
                 WITH_TARGET: tl.constexpr):
     """Write one row's outputs; a NaN anywhere in the row's stats (a NaN or +inf logit) makes all of them NaN."""
     bad = (S_a != S_a) | (S_b != S_b) | (T != T) | (U != U)
-    tl.store(kl_ptr + row, _finish_kl(S_a, S_b, T, HIT))
+    inv_tu = scale_u * _LN2  # 1 / (temperature UNIT)
+    tl.store(kl_ptr + row, _finish_kl(S_a, S_b, T, HIT, inv_tu))
     if WITH_TARGET:
-        inv_temp2 = scale2 * _LN2  # 2 / temperature
-        tl.store(ent_ptr + row, tl.where(bad, float("nan"), _finish_entropy(S_a, U)))
-        tl.store(logp_ptr + row, tl.where(bad, float("nan"), _finish_logp(x_t, M_a, S_a, inv_temp2)))
-        tl.store(logq_ptr + row, tl.where(bad, float("nan"), _finish_logp(y_t, M_b, S_b, inv_temp2)))
+        tl.store(ent_ptr + row, tl.where(bad, float("nan"), _finish_entropy(S_a, U, inv_tu)))
+        tl.store(logp_ptr + row, tl.where(bad, float("nan"), _finish_logp(x_t, M_a, S_a, inv_tu)))
+        tl.store(logq_ptr + row, tl.where(bad, float("nan"), _finish_logp(y_t, M_b, S_b, inv_tu)))
 
 
 @triton.jit
@@ -201,7 +213,7 @@ def _token_stats_kernel(
     stride_b_inner,
     cols_per_chunk,  # a multiple of BLOCK_V (any value >= V without SPLIT)
     n_chunks,  # C
-    scale2,  # 2 log2(e) / temperature
+    scale_u,  # log2(e) / (temperature UNIT)
     WITH_TARGET: tl.constexpr,  # also entropy and the target's log-probs
     SPLIT: tl.constexpr,  # several vocab chunks per row: write partial stats for the combine kernel
     BLOCK_V: tl.constexpr,  # columns per tile = threads x EPT
@@ -218,15 +230,19 @@ def _token_stats_kernel(
     offs = tl.arange(0, NT)[:, None] * EPT + tl.arange(0, EPT)[None, :]  # [NT, EPT]: a thread's columns in a row
 
     m_a, s_a, m_b, s_b, t, u, hit = _init_stats(NT)
-    for start in tl.range(col_start, col_end, BLOCK_V, num_stages=NUM_STAGES):
-        cols = start + offs
-        ok = cols < col_end
-        # fp32 whatever the input dtype; padded lanes are -inf, which contribute nothing
-        x = tl.load(a_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        y = tl.load(b_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale2, WITH_TARGET)
+    full_end = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
+    # whole tiles: unmasked 16-byte loads, fp32 whatever the input dtype
+    for start in tl.range(col_start, full_end, BLOCK_V, num_stages=NUM_STAGES):
+        x = tl.load(a_row + start + offs).to(tl.float32)
+        y = tl.load(b_row + start + offs).to(tl.float32)
+        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
+    if full_end < col_end:  # the ragged last tile: padded lanes are -inf, which contribute nothing
+        ok = full_end + offs < col_end
+        x = tl.load(a_row + full_end + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        y = tl.load(b_row + full_end + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
     # the one cross-thread step: merge the threads' stats
-    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale2, WITH_TARGET)
+    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
     if SPLIT:
         base = part_ptr + (row * n_chunks + chunk) * 7
         tl.store(base + 0, M_a)
@@ -243,7 +259,7 @@ def _token_stats_kernel(
             tgt = tl.load(target_ptr + row).to(tl.int64)
             x_t = tl.load(a_row + tgt).to(tl.float32)
             y_t = tl.load(b_row + tgt).to(tl.float32)
-        _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale2,
+        _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
                     WITH_TARGET)
 
 
@@ -263,7 +279,7 @@ def _token_stats_combine_kernel(
     stride_a_inner,
     stride_b_outer,
     stride_b_inner,
-    scale2,  # 2 log2(e) / temperature
+    scale_u,  # log2(e) / (temperature UNIT)
     WITH_TARGET: tl.constexpr,
     TARGET_LOGITS: tl.constexpr,  # target logits given (fused_linear computes them from the hidden states)
     BLOCK_C: tl.constexpr,
@@ -280,7 +296,7 @@ def _token_stats_combine_kernel(
     t = tl.load(base + 4, mask=ok, other=0.0)
     u = tl.load(base + 5, mask=ok, other=0.0)
     hit = tl.load(base + 6, mask=ok, other=float("-inf"))
-    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale2, WITH_TARGET)
+    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
     x_t = 0.0
     y_t = 0.0
     if WITH_TARGET:
@@ -291,7 +307,7 @@ def _token_stats_combine_kernel(
             tgt = tl.load(target_ptr + row).to(tl.int64)
             x_t = tl.load(a_ptr + _row_offset(row, n_inner, stride_a_outer, stride_a_inner) + tgt).to(tl.float32)
             y_t = tl.load(b_ptr + _row_offset(row, n_inner, stride_b_outer, stride_b_inner) + tgt).to(tl.float32)
-    _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale2,
+    _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
                 WITH_TARGET)
 
 
@@ -335,7 +351,7 @@ def combine_stats(part: torch.Tensor, target: torch.Tensor | None, scale: float,
         a_ptr, b_ptr = va.tensor, vb.tensor
         strides = (va.n_inner, va.stride_outer, va.stride_inner, vb.stride_outer, vb.stride_inner)
     _token_stats_combine_kernel[(n_rows,)](
-        part, target if with_target else kl, a_ptr, b_ptr, kl, logp, logq, ent, n_chunks, *strides, 2.0 * scale,
+        part, target if with_target else kl, a_ptr, b_ptr, kl, logp, logq, ent, n_chunks, *strides, scale / UNIT,
         WITH_TARGET=with_target, TARGET_LOGITS=given, BLOCK_C=next_power_of_2(n_chunks), num_warps=1,
     )
     if not with_target:
@@ -365,14 +381,14 @@ def token_stats_forward(
     if n_rows == 0:
         return tuple(outs)
     kl, logp, logq, ent = outs
-    scale2 = 2.0 * LOG2E / float(temperature)
+    scale_u = LOG2E / (float(temperature) * UNIT)
     cfg = stats_launch_config(n_cols, va.tensor.element_size())
     if n_chunks is None:
         n_chunks = split_chunks(n_rows, n_cols, cfg["BLOCK_V"], device_sm_count(device))
     cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, cfg["BLOCK_V"])
     strides = (va.n_inner, va.stride_outer, va.stride_inner, vb.stride_outer, vb.stride_inner)
     if n_chunks == 1:
-        args = (va.tensor, vb.tensor, target, kl, kl, logp, logq, ent, n_cols, *strides, n_cols, 1, scale2)
+        args = (va.tensor, vb.tensor, target, kl, kl, logp, logq, ent, n_cols, *strides, n_cols, 1, scale_u)
         if autotune_enabled(device):
             _token_stats_kernel_autotuned[(n_rows, 1)](*args, WITH_TARGET=True, SPLIT=False)
         else:
@@ -382,7 +398,7 @@ def token_stats_forward(
         return logp, logq, ent, kl
     part = torch.empty((n_rows, n_chunks, N_PART), dtype=torch.float32, device=device)
     _token_stats_kernel[(n_rows, n_chunks)](
-        va.tensor, vb.tensor, target, part, kl, kl, kl, kl, n_cols, *strides, cols_per_chunk, n_chunks, scale2,
+        va.tensor, vb.tensor, target, part, kl, kl, kl, kl, n_cols, *strides, cols_per_chunk, n_chunks, scale_u,
         WITH_TARGET=True, SPLIT=True, BLOCK_V=cfg["BLOCK_V"], EPT=cfg["EPT"], NUM_STAGES=cfg["NUM_STAGES"],
         num_warps=cfg["num_warps"],
     )
