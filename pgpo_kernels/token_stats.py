@@ -425,6 +425,17 @@ def check_target_ids(target_ids: torch.Tensor, lead_shape: torch.Size, n_cols: i
                          "to a valid id before the call")  # read out of bounds in the kernel
 
 
+def _row_blocks(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor):
+    """[..., V] x2 and [...] targets as [n, V] row blocks in order, views where possible: a [B, T, V] slice such as
+    logits[:, :-1] goes batch row by batch row instead of being copied whole."""
+    try:
+        return [(a.view(-1, a.shape[-1]), b.view(-1, b.shape[-1]), target.reshape(-1))]
+    except RuntimeError:
+        if a.dim() < 3:
+            return [(as_rows(a), as_rows(b), target.reshape(-1))]
+        return [blk for i in range(a.shape[0]) for blk in _row_blocks(a[i], b[i], target[i])]
+
+
 def finish_stats(logp, logq, ent, kl, estimator: str, lead: torch.Size) -> TokenStats:
     """Pick the estimator for the kl field and restore the leading shape."""
     if estimator == "k3":
@@ -469,8 +480,9 @@ def token_stats(
     backend = resolve_backend(backend, logits_vis, logits_txt, target_ids)
     with torch.no_grad():  # weights, not a loss: no output carries a grad_fn on either backend
         if backend == "torch":
-            logp, logq, ent, kl = token_stats_torch(as_rows(logits_vis), as_rows(logits_txt),
-                                                    target_ids.reshape(-1), temperature)
+            parts = [token_stats_torch(a, b, t, temperature) for a, b, t in _row_blocks(logits_vis, logits_txt,
+                                                                                          target_ids)]
+            logp, logq, ent, kl = (torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
         else:
             logp, logq, ent, kl = token_stats_forward(logits_vis, logits_txt, target_ids, temperature)
         return finish_stats(logp, logq, ent, kl, estimator, lead)

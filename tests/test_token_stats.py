@@ -336,3 +336,43 @@ def test_temperature_must_be_a_finite_positive_real(temperature, err):
     a, b = _pair((2, 10), torch.float32)
     with pytest.raises(err, match="temperature"):
         token_stats(a, b, torch.zeros(2, dtype=torch.long), temperature=temperature, backend="triton")
+
+
+# %% [B, T, V] views and temperature= (pgpo_train passes logits[:, :-1] in the model dtype, not logits.float() / T)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_bf16_view_with_temperature_matches_the_old_fp32_path(backend):
+    from pgpo_kernels.token_stats import _row_blocks
+    from pgpo_kernels.utils import row_view
+
+    B, T, V = 2, 5, 300
+    full = (torch.randn(B, T + 1, V) * 4).bfloat16()  # the model's logits_to_keep=T+1 output
+    full_txt = (full.float() + torch.randn(B, T + 1, V)).bfloat16()
+    vis, txt = full[:, :-1], full_txt[:, :-1]  # strided views: no [N, V] row view exists
+    tgt = torch.randint(0, V, (B, T))
+    new = token_stats(vis, txt, tgt, temperature=0.7, backend=backend)
+    old = token_stats(vis.float() / 0.7, txt.float() / 0.7, tgt, backend=backend)  # what train.py did before
+    for n, o, ref in zip(new, old, _refs(vis, txt, tgt, 0.7)):
+        assert n.shape == (B, T)
+        torch.testing.assert_close(n, o, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(n.double(), ref, atol=2e-5, rtol=1e-5)
+    # and neither backend copies the view: the kernels read it through a (batch, time) stride pair, the torch
+    # fallback goes batch row by batch row
+    rv = row_view(vis)
+    assert rv.tensor.data_ptr() == full.data_ptr() and (rv.n_inner, rv.stride_outer, rv.stride_inner) == (T, (T + 1) * V, V)
+    blocks = _row_blocks(vis, txt, tgt)
+    assert len(blocks) == B and all(x.data_ptr() == full[i].data_ptr() for i, (x, _, _) in enumerate(blocks))
+
+
+def test_row_view_layouts():
+    from pgpo_kernels.utils import row_view
+
+    x = torch.randn(3, 4, 5, 6)
+    v = row_view(x)  # contiguous: rows of a [12, 5, 6] view
+    assert v.n_rows == 60 and v.n_cols == 6 and v.tensor.data_ptr() == x.data_ptr()
+    s = x[:, :, :-1]  # outer dims merge by a view, the time dim stays strided
+    v = row_view(s)
+    assert v.n_rows == 48 and (v.n_inner, v.stride_outer, v.stride_inner) == (4, 30, 6)
+    assert v.tensor.data_ptr() == x.data_ptr()
+    t = x.transpose(-1, -2)  # last stride != 1: one copy
+    assert row_view(t).tensor.stride(-1) == 1
+    assert row_view(torch.randn(7)).n_rows == 1 and row_view(torch.randn(0, 7)).n_rows == 0
