@@ -13,8 +13,9 @@ and folds them into the online log-sum-exp stats of token_stats.py right away:
     target logits h . W[target] (+ bias) of each row, once                [N, 2] fp32 (a small kernel)
     combine the C chunks per row and finish                              (token_stats' combine kernel)
 
-Both passes share each W tile, loaded once for one dot of twice the rows. Memory: [N, C, 7] + [N, 2] fp32, nothing
-V-sized. Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row
+Both passes share each W tile, loaded once for one dot of twice the rows; the launcher stacks each row block's two
+passes into one contiguous [2 BLOCK_N, H] slab (stack_row_blocks) so the A tile streams like any matmul operand.
+Memory: one stacked copy of the hidden states [2 N, H] (per launch chunk) + [N, C, 7] + [N, 2] fp32, nothing V-sized. Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row
 blocks fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2
 while the chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the
 numbers, and the static comparison with the chunked cuBLAS matmul + token_stats alternative).
@@ -70,16 +71,14 @@ INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 
 # %% kernels -------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fused_linear_stats_partial_kernel(
-    hv_ptr,  # [N, H] last hidden states of the visual pass, last dim contiguous
-    ht_ptr,  # [N, H] last hidden states of the text-only pass
+    h_ptr,  # [cdiv(N, BLOCK_N), 2, BLOCK_N, H] hidden states, contiguous: per row block the visual pass's rows,
+    #          then the text-only pass's (zero rows pad the last block)
     w_ptr,  # [V, H] lm_head weight, last dim contiguous
     bias_ptr,  # [V] lm_head bias (unused without HAS_BIAS)
     part_ptr,  # [N, C, 7] float32 partial stats (layout of token_stats.py)
     n_rows,  # N
     n_cols,  # V
-    n_hidden,  # H
-    stride_hv_row,
-    stride_ht_row,
+    n_hidden,  # H (also the row stride of h)
     stride_w_row,
     cols_per_chunk,  # a multiple of BLOCK_V
     n_chunks,  # C
@@ -104,13 +103,10 @@ def _fused_linear_stats_partial_kernel(
     chunk = (pid % per_group) // group_rows
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
-    # -- the A tile: rows 0..BLOCK_N-1 are the visual pass, BLOCK_N..2 BLOCK_N-1 the text-only pass of the same
-    # -- tokens, so one tl.dot per H step issues a 2 BLOCK_N-row MMA (m64n128 wgmma and up on sm_90) -----------------
-    offs_r = tl.arange(0, 2 * BLOCK_N)
-    is_txt = offs_r >= BLOCK_N
-    rows = row_block.to(tl.int64) * BLOCK_N + tl.where(is_txt, offs_r - BLOCK_N, offs_r)  # int64: N * H > 2**31
-    row_ok = rows < n_rows
-    h_rows = tl.where(is_txt, ht_ptr + rows * stride_ht_row, hv_ptr + rows * stride_hv_row)[:, None]
+    # -- the A tile: a contiguous [2 BLOCK_N, H] slab, rows 0..BLOCK_N-1 the visual pass and BLOCK_N..2 BLOCK_N-1 the
+    # -- text-only pass of the same tokens, so one tl.dot per H step issues a 2 BLOCK_N-row MMA (m64n128 wgmma) -----
+    slab = row_block.to(tl.int64) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # int64: N * H can pass 2**31
+    h_rows = h_ptr + slab[:, None] * n_hidden
     offs_v = tl.arange(0, BLOCK_V)
     offs_h = tl.arange(0, BLOCK_H)
 
@@ -123,7 +119,7 @@ def _fused_linear_stats_partial_kernel(
         for k in tl.range(0, n_hidden, BLOCK_H, num_stages=NUM_STAGES):
             ks = k + offs_h
             k_ok = ks < n_hidden
-            h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [2 BLOCK_N, BLOCK_H]
+            h = tl.load(h_rows + ks[None, :], mask=k_ok[None, :], other=0.0)  # [2 BLOCK_N, BLOCK_H]
             w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
             if DOT_FP32:
                 acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -188,6 +184,21 @@ def _target_logits_kernel(
 
 
 # %% launchers -----------------------------------------------------------------------------------------------------
+def stack_row_blocks(hv: torch.Tensor, ht: torch.Tensor, block_n: int) -> torch.Tensor:
+    """[R, H] x2 -> [cdiv(R, block_n), 2, block_n, H] contiguous: each row block's visual rows then its text-only rows
+    (zeros pad the last block), so the kernel's stacked A tile is one contiguous slab that the pipeliner streams like
+    any matmul operand. One copy of the hidden states (2 R H elements, per launch chunk), nothing V-sized."""
+    n_rows, n_hidden = hv.shape
+    n_blocks = triton.cdiv(n_rows, block_n)
+    h = hv.new_zeros((n_blocks, 2, block_n, n_hidden))
+    full = n_rows // block_n
+    for p, src in enumerate((hv, ht)):
+        h[:full, p] = src[: full * block_n].reshape(full, block_n, n_hidden)
+        if full < n_blocks:
+            h[full, p, : n_rows - full * block_n] = src[full * block_n:]
+    return h
+
+
 def fused_linear_launch_config(dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes, warps and pipeline stages by where the kernel runs and the input dtype."""
     if device.type != "cuda":
@@ -242,8 +253,8 @@ def fused_linear_forward(
         part = torch.empty((rows, c, N_PART), dtype=torch.float32, device=device)
         hv, ht = hidden_vis[lo:hi], hidden_txt[lo:hi]
         _fused_linear_stats_partial_kernel[(n_blocks * c,)](
-            hv, ht, weight, bias if bias is not None else part, part,
-            rows, n_cols, n_hidden, hv.stride(0), ht.stride(0), weight.stride(0), cols_per_chunk, c, scale / UNIT,
+            stack_row_blocks(hv, ht, block_n), weight, bias if bias is not None else part, part,
+            rows, n_cols, n_hidden, weight.stride(0), cols_per_chunk, c, scale / UNIT,
             HAS_BIAS=bias is not None, WITH_TARGET=with_target, DOT_FP32=dot_fp32,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, NUM_STAGES=cfg["num_stages"], GROUP_N=cfg["GROUP_N"],
             num_warps=cfg["num_warps"],

@@ -57,9 +57,9 @@ for dt in ("bf16", "fp32"):
                  {"WITH_TARGET": with_target, "TARGET_LOGITS": given, "BLOCK_C": 256}, 1)
 
 for dt, cfg, dot_fp32 in (("bf16", GPU_BLOCKS, False), ("fp16", GPU_BLOCKS, False), ("fp32", GPU_BLOCKS_FP32, True)):
-    _sig = {"hv_ptr": f"*{dt}", "ht_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32",
-            "n_rows": "i32", "n_cols": "i32", "n_hidden": "i32", "stride_hv_row": "i32", "stride_ht_row": "i32",
-            "stride_w_row": "i32", "cols_per_chunk": "i32", "n_chunks": "i32", "scale_u": "fp32"}
+    _sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "n_rows": "i32",
+            "n_cols": "i32", "n_hidden": "i32", "stride_w_row": "i32", "cols_per_chunk": "i32", "n_chunks": "i32",
+            "scale_u": "fp32"}
     for has_bias, with_target in ((False, False), (True, True)):
         consts = {"HAS_BIAS": has_bias, "WITH_TARGET": with_target, "DOT_FP32": dot_fp32, "BLOCK_N": cfg["BLOCK_N"],
                   "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"], "NUM_STAGES": cfg["num_stages"],
