@@ -1,4 +1,4 @@
-"""AOT compile cases of the fused ops (token_stats, the token-KL backward, fused_linear), for tests/aot_worker.py.
+"""AOT compile cases of the fused ops (token_stats, fused_linear), for tests/aot_worker.py.
 
 Same form as tests/aot_cases.py, plus a 7th field: the arguments that get the JIT's divisibility-by-16 hint. At
 Qwen2.5 shapes (V = 152064, H = 3584, both divisible by 16; torch allocations 16-byte aligned) the JIT gives it to
@@ -8,7 +8,6 @@ gives up, which would make the tensor-core checks describe a kernel no real laun
 
 from pgpo_kernels.fused_linear import GPU_BLOCKS
 from pgpo_kernels.fused_linear import GPU_BLOCKS_FP32
-from pgpo_kernels.token_kl import kl_launch_config
 from pgpo_kernels.token_stats import _autotune_configs
 from pgpo_kernels.token_stats import stats_launch_config
 
@@ -21,7 +20,6 @@ def _add(case_id, module, name, sig, consts, num_warps):
     CASES.append((case_id, module, name, sig, consts, num_warps, hints))
 
 
-_block_v, _warps = kl_launch_config(152064)  # Qwen2.5 vocab: BLOCK_V 4096, 16 warps
 for dt, itemsize in (("bf16", 2), ("fp32", 4)):
     sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "target_ptr": "*i64", "part_ptr": "*fp32", "kl_ptr": "*fp32",
            "logp_ptr": "*fp32", "logq_ptr": "*fp32", "ent_ptr": "*fp32", "n_cols": "i32", "n_inner": "i32",
@@ -40,10 +38,7 @@ for dt, itemsize in (("bf16", 2), ("fp32", 4)):
             _add(f"token_stats_bf16_autotune_v{kw['BLOCK_V']}_e{kw['EPT']}_w{c.num_warps}_s{kw['NUM_STAGES']}",
                  "pgpo_kernels.token_stats", "_token_stats_kernel", sig,
                  {"WITH_TARGET": True, "SPLIT": False, **kw}, c.num_warps)
-    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "grad_out_ptr": "*fp32", "grad_a_ptr": f"*{dt}",
-           "grad_b_ptr": f"*{dt}", "n_cols": "i32", "stride_a_row": "i32", "stride_b_row": "i32", "scale": "fp32",
-           "inv_temp": "fp32"}
-    _add(f"token_kl_bwd_{dt}", "pgpo_kernels.token_kl", "_token_kl_bwd_kernel", sig, {"BLOCK_V": _block_v}, _warps)
+    # the token-KL backward's cases live in tests/aot_cases.py (its one-read kernel and gradient flags)
 
 for dt in ("bf16", "fp32"):
     _sig = {"part_ptr": "*fp32", "target_ptr": "*i64", "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "kl_ptr": "*fp32",
