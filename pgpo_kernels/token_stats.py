@@ -2,15 +2,16 @@
 
 The old-log-prob phase of an RL step needs log pi_vis(x_t) and the entropy of pi_vis anyway; PGPO's KL to the
 text-only pass shares their log-sum-exp, so one streaming pass over the vocabulary yields all three. Stats are kept
-relative to running maxes m_a, m_b, in base 2 of the scaled logits (scale = log2(e) / temperature):
+relative to running maxes m_a, m_b, with logit differences in units U = 2^-21 (d = (x - m) U, computed as x U - m U)
+and S = log2(e) / (T U):
 
-    s_a = sum_i 2^xa_i,  s_b = sum_i 2^yb_i,  t = sum_i 2^xa_i (xa_i - yb_i),  u = sum_i 2^xa_i xa_i
-    xa_i = (a_i - m_a) scale,  yb_i = (b_i - m_b) scale
+    s_a = sum_i 2^(da_i S),  s_b = sum_i 2^(db_i S),  t = sum_i 2^(da_i S) (da_i - db_i),  u = sum_i 2^(da_i S) da_i
 
 plus hit = max of a_i over the columns where b_i = -inf (> -inf means KL = +inf). Two groups of stats merge by
-rescaling with alpha = 2^((m - M) scale) and shifting (u by s_a sh_a, t by s_a (sh_a - sh_b)). At the end, in nats,
+rescaling with alpha = 2^(sh S), sh = (m - M) U, and shifting (u by s_a sh_a, t by s_a (sh_a - sh_b)). In nats,
 
-    KL = ln2 (t / s_a - log2 s_a + log2 s_b),   H = ln2 (log2 s_a - u / s_a),   log pi_vis(x) = (a_x - m_a) / T - ln2 log2 s_a
+    KL = (t / s_a) / (T U) + ln2 (log2 s_b - log2 s_a),   H = ln2 log2 s_a - (u / s_a) / (T U),
+    log pi_vis(x) = (a_x U - m_a U) / (T U) - ln2 log2 s_a
 
 Loop structure (csrc_notes/fused_ops.md has the compiled instruction counts): each program streams one row (or one
 vocab chunk of it) as [threads, EPT] tiles, so every thread folds the EPT contiguous columns it loaded (one 16-byte
@@ -21,9 +22,11 @@ writes 7 stats per (row, chunk) and a combine kernel merges them the same way an
 
 Non-finite inputs (the project's rules): a NaN or +inf anywhere in a row of either input makes every output of that
 row NaN (max is NaN-propagating, so NaN reaches every sum, and the finish checks the sums). Huge finite logits never
-overflow an intermediate: differences are taken of halves (a/2 - m/2 cannot overflow) and clamped at -FLT_MAX, so
-2^x underflows to 0 and 0 * x stays 0. Rows address a [B, T, V] view through a (batch, time) stride pair, so a slice
-such as logits[:, :-1] is read in place. The fold and merge helpers are shared with fused_linear.py.
+overflow an intermediate: differences are taken in units of 2^-21 (x U - m U cannot overflow, and sums of up to
+2^20 of them stay finite) and clamped at -FLT_MAX, so 2^(d S) underflows to an exact 0 and 0 * d stays 0.
+
+Rows address a [B, T, V] view through a (batch, time) stride pair, so a slice such as logits[:, :-1] is read in
+place. The fold and merge helpers are shared with fused_linear.py.
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ class TokenStats(NamedTuple):
 @triton.jit
 def _max_nan(x, y):
     return tl.maximum(x, y, propagate_nan=_NAN_ALL)
+
+
+@triton.jit
+def _is_nan(x):
+    return x != x  # noqa: PLR0124 - the NaN test
 
 
 @triton.jit
@@ -157,7 +165,7 @@ def _finish_kl(S_a, S_b, T, HIT, inv_tu):
     kl = tl.where(HIT > float("-inf"), float("inf"), kl)
     kl = tl.where(S_a == 0.0, 0.0, kl)
     kl = tl.where(kl < 0.0, 0.0, kl)  # tiny negative rounding; a where, not a max, so NaN survives
-    return tl.where((S_a != S_a) | (S_b != S_b) | (T != T), float("nan"), kl)
+    return tl.where(_is_nan(S_a) | _is_nan(S_b) | _is_nan(T), float("nan"), kl)
 
 
 @triton.jit
@@ -179,7 +187,7 @@ def _finish_logp(x_t, M, S, inv_tu):
 def _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
                 WITH_TARGET: tl.constexpr):
     """Write one row's outputs; a NaN anywhere in the row's stats (a NaN or +inf logit) makes all of them NaN."""
-    bad = (S_a != S_a) | (S_b != S_b) | (T != T) | (U != U)
+    bad = _is_nan(S_a) | _is_nan(S_b) | _is_nan(T) | _is_nan(U)
     inv_tu = scale_u * _LN2  # 1 / (temperature UNIT)
     tl.store(kl_ptr + row, _finish_kl(S_a, S_b, T, HIT, inv_tu))
     if WITH_TARGET:
