@@ -31,7 +31,6 @@ place. The fold and merge helpers are shared with fused_linear.py.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -41,6 +40,7 @@ import triton.language as tl
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.token_kl import LOG2E
+from pgpo_kernels.token_kl import autotune_enabled
 from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.torch_fused_ops import token_stats_torch
@@ -337,11 +337,6 @@ def _autotune_configs():
 
 
 _token_stats_kernel_autotuned = triton.autotune(configs=_autotune_configs(), key=["n_cols"])(_token_stats_kernel)
-
-
-def autotune_enabled(device: torch.device) -> bool:
-    """Autotune only on a real GPU (never in the interpreter); PGPO_AUTOTUNE=0 turns it off."""
-    return device.type == "cuda" and os.environ.get("PGPO_AUTOTUNE", "1") != "0"
 
 
 # %% launchers -----------------------------------------------------------------------------------------------------
