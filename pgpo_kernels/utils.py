@@ -129,3 +129,44 @@ def device_sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+from typing import NamedTuple  # kept with its only user
+
+
+class RowView(NamedTuple):
+    """[..., V] logits addressed as N rows without a copy: row r = (r // n_inner, r % n_inner) starts at element
+    (r // n_inner) * stride_outer + (r % n_inner) * stride_inner of `tensor`; the last stride is 1."""
+
+    tensor: torch.Tensor
+    n_rows: int
+    n_cols: int
+    n_inner: int
+    stride_outer: int
+    stride_inner: int
+
+
+def row_view(x: torch.Tensor) -> RowView:
+    """Rows of [..., V] as an (outer, inner) stride pair, so a [B, T, V] slice such as logits[:, :-1] is read in place.
+
+    Copies only when the last stride is not 1 or the leading dims other than the last cannot be merged by a view.
+    """
+    n_cols = x.shape[-1]
+    x3 = x.reshape(1, 1, n_cols) if x.dim() == 1 else x.unsqueeze(0) if x.dim() == 2 else x
+    if x3.dim() > 3:
+        try:
+            x3 = x3.view(-1, *x3.shape[-2:])
+        except RuntimeError:  # the outer dims do not merge: one copy
+            x3 = x3.reshape(-1, *x3.shape[-2:]).contiguous()
+    if n_cols > 1 and x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    n_inner = x3.shape[1]
+    return RowView(x3, x3.shape[0] * n_inner, n_cols, max(n_inner, 1), x3.stride(0), x3.stride(1))
+
+
+def check_positive_real(name: str, value) -> None:
+    """A real number (not bool/str), finite and > 0 (temperature: the project's non-finite rule 4)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__}")
+    if not (value > 0 and value != float("inf")):  # also false for NaN
+        raise ValueError(f"{name} must be a positive number, finite and > 0, got {value!r}")
