@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from pgpo_kernels.torch_compile import run_compiled
 from pgpo_kernels.torch_ops import _rows_per_chunk
+from pgpo_kernels.torch_ops import centred_logp
 from pgpo_kernels.torch_ops import compute_dtype
-from pgpo_kernels.torch_ops import nonfinite_rows
+from pgpo_kernels.torch_ops import eager_slices
 from pgpo_kernels.torch_ops import token_kl_torch
 
 # our choice: a fallback chunk may use up to this share of the free memory, and never more than this many rows
@@ -53,33 +54,32 @@ def default_chunk_rows(n_cols: int, itemsize: int, device: torch.device) -> int:
 def stats_block(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float, dt: torch.dtype):
     """[c, V] logits x2 + [c] targets -> (logp, logp_txt, entropy, kl) in dtype dt, every rule explicit (compilable).
 
-    As kl_block: exact in float64 for any fp32/bf16/fp16 logits; in float32 a row with overflowing differences
-    comes out non-finite (or NaN) and is recomputed in float64 by the caller.
+    As kl_block: exact in float64 for any fp32/bf16/fp16 logits; in float32 a row that needs care comes out
+    non-finite (entropy or KL) and is recomputed in float64 by the caller.
     """
-    x = a.to(dt) / temperature  # [c, V]
-    logp = x.log_softmax(-1)  # [c, V]
-    logq = (b.to(dt) / temperature).log_softmax(-1)  # [c, V]
+    logp, xs_a, lse_a, m_a = centred_logp(a, dt, temperature)  # [c, V], [c, V], [c, 1], [c, 1]
+    logq, xs_b, lse_b, m_b = centred_logp(b, dt, temperature)
     p = logp.exp()
     zero = torch.zeros((), dtype=dt, device=a.device)
-    inf = torch.full((), math.inf, dtype=dt, device=a.device)
-    pos = p > 0  # p_i = 0 (a_i = -inf, or underflow) contributes nothing, never 0 * inf
-    ent = -torch.where(pos, p * logp, zero).sum(-1)
-    kl = torch.where(pos, p * (logp - logq), zero).sum(-1)
-    support = a != -math.inf
-    has_mass = support.any(-1)
-    kl = torch.where((support & (b == -math.inf)).any(-1), inf, kl)  # a finite where b = -inf: +inf
+    support = a != -math.inf  # a_i = -inf contributes nothing (p_i = 0, never 0 * inf)
+    ent = -torch.where(support, p * logp, zero).sum(-1)
+    kl = torch.where(support, p * (logp - logq), zero).sum(-1)
+    if dt == torch.float64:  # the exact pass: a finite a_i where b_i = -inf gives +inf even if p_i underflows
+        kl = torch.where((support & (b == -math.inf)).any(-1), math.inf, kl)
     idx = target.long().unsqueeze(-1)
-    lp_t = logp.gather(-1, idx).squeeze(-1)  # [c]
-    lq_t = logq.gather(-1, idx).squeeze(-1)
-    # our choice: an all -inf row has no distribution -> entropy 0, KL 0, log-prob -inf
-    ent = torch.where(has_mass, ent, zero).clamp_min(0.0)
-    kl = torch.where(has_mass, kl, zero).clamp_min(0.0)
-    lp_t = torch.where(has_mass, lp_t, -inf).clamp_max(0.0)
-    lq_t = torch.where((b != -math.inf).any(-1), lq_t, -inf).clamp_max(0.0)
-    # NaN or +inf anywhere in either row: every output of the row is NaN
-    bad = nonfinite_rows(a) | nonfinite_rows(b)
-    nan = torch.full((), math.nan, dtype=dt, device=a.device)
-    return tuple(torch.where(bad, nan, v) for v in (lp_t, lq_t, ent, kl))
+    lp_t = (xs_a.gather(-1, idx) - lse_a).squeeze(-1)  # [c], log_softmax's own formula at the target
+    lq_t = (xs_b.gather(-1, idx) - lse_b).squeeze(-1)
+    m_a, m_b = m_a.squeeze(-1), m_b.squeeze(-1)
+    no_a, no_b = m_a == -math.inf, m_b == -math.inf  # all -inf rows: no distribution
+    kl = torch.where(no_b, math.inf, kl)
+    # our choice: an all -inf row of a has no distribution -> entropy 0, KL 0, log-prob -inf
+    ent = torch.where(no_a, zero, ent).clamp_min(0.0)
+    kl = torch.where(no_a, zero, kl).clamp_min(0.0)
+    lp_t = torch.where(no_a, -math.inf, lp_t).clamp_max(0.0)
+    lq_t = torch.where(no_b, -math.inf, lq_t).clamp_max(0.0)
+    # NaN or +inf anywhere in either row (max NaN or +inf): every output of the row is NaN
+    bad = ~(m_a < math.inf) | ~(m_b < math.inf)
+    return tuple(torch.where(bad, math.nan, v) for v in (lp_t, lq_t, ent, kl))
 
 
 def _stats_plain(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float):
@@ -91,27 +91,23 @@ def _stats_plain(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, tempera
         x, y = x / temperature, y / temperature
     logp = x.log_softmax(-1)  # [c, V] new tensors: the inputs are never written
     logq = y.log_softmax(-1)
-    del x, y
     idx = target.long().unsqueeze(-1)
     lp_t = logp.gather(-1, idx).squeeze(-1).clamp_max_(0.0)
     lq_t = logq.gather(-1, idx).squeeze(-1).clamp_max_(0.0)
     p = logp.exp()
-    ent = _rowdot(p, logp).neg_().clamp_min_(0.0)
-    diff = logq.neg_().add_(logp)  # log p - log q
-    kl = _rowdot(p, diff).clamp_min_(0.0)
+    # x is ours to overwrite unless it is the fp32 input itself (T = 1): then one more [c, V] buffer
+    tmp = x if x.data_ptr() != a.data_ptr() else torch.empty_like(p)
+    ent = torch.mul(p, logp, out=tmp).sum(-1).neg_().clamp_min_(0.0)  # sum, not a dot: pairwise, accurate
+    kl = logq.neg_().add_(logp).mul_(p).sum(-1).clamp_min_(0.0)  # sum p (log p - log q)
     return lp_t, lq_t, ent, kl
-
-
-def _rowdot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum(u * v, -1) of [c, V] x2 without a [c, V] temporary (a batched dot); NaN and inf propagate."""
-    return torch.bmm(u.unsqueeze(1), v.unsqueeze(2)).reshape(u.shape[0])
 
 
 def _stats_chunk(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float):
     """One chunk through the compiled or the eager fast path, then its special rows exactly (float64)."""
     outs = run_compiled(stats_block, a.numel(), a, b, target, temperature, compute_dtype(a.dtype))
     if outs is None:
-        outs = _stats_plain(a, b, target, temperature)
+        parts = [_stats_plain(a[lo:hi], b[lo:hi], target[lo:hi], temperature) for lo, hi in eager_slices(*a.shape)]
+        outs = tuple(torch.cat(col) for col in zip(*parts))
     lp_t, lq_t, ent, kl = outs
     special = ~torch.isfinite(kl) | ~torch.isfinite(ent) | torch.isnan(lp_t) | torch.isnan(lq_t)
     rows = special.nonzero().squeeze(-1)  # one host sync per chunk (a CPU fallback: cheap)
@@ -185,8 +181,9 @@ def kl_grad_block(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, temperature
     (no derivative). In float32 a row with overflowing differences gets a non-finite KL: recompute it in float64.
     """
     inv_t = 1.0 / temperature
-    logp = (a.to(dt) * inv_t).log_softmax(-1)  # [c, V]
-    logq = (b.to(dt) * inv_t).log_softmax(-1)
+    x, y = a.to(dt) * inv_t, b.to(dt) * inv_t
+    logp = x.log_softmax(-1)  # [c, V]
+    logq = y.log_softmax(-1)
     p = logp.exp()
     zero = torch.zeros((), dtype=dt, device=a.device)
     diff = torch.where(p > 0, logp - logq, zero)  # p_i = 0 contributes nothing, never 0 * inf
@@ -198,7 +195,9 @@ def kl_grad_block(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, temperature
     has_mass = support.any(-1, keepdim=True)  # [c, 1]
     # no distribution: KL is the constant 0; infinite KL (a finite where b = -inf) or bad logits: no derivative
     kl = torch.where((support & (b == -math.inf)).any(-1, keepdim=True), math.inf, kl)
-    bad = has_mass & ~torch.isfinite(kl) | (nonfinite_rows(a) | nonfinite_rows(b)).unsqueeze(-1)
+    # NaN or +inf anywhere in a row (max NaN or +inf; in fp32 also an overflow of a / T, redone in float64)
+    nonfinite = ~(x.amax(-1, keepdim=True) < math.inf) | ~(y.amax(-1, keepdim=True) < math.inf)
+    bad = has_mass & ~torch.isfinite(kl) | nonfinite
     nan = torch.full((), math.nan, dtype=dt, device=a.device)
     ga = torch.where(bad, nan, torch.where(has_mass, ga, zero))
     gb = torch.where(bad, nan, torch.where(has_mass, gb, zero))
@@ -219,9 +218,7 @@ def token_kl_backward_torch(
     grad_a = torch.empty_like(a)
     grad_b = torch.empty_like(b)
     dt = compute_dtype(a.dtype)
-    step = _rows_per_chunk(n_cols)
-    for lo in range(0, n_rows, step):
-        hi = min(lo + step, n_rows)
+    for lo, hi in eager_slices(n_rows, n_cols):
         ca, cb, cg = a[lo:hi], b[lo:hi], grad_out[lo:hi]
         ga, gb, kl = kl_grad_block(ca, cb, cg, temperature, dt)
         # a non-finite KL in fp32 is either a rule's case (same verdict in float64) or an overflow: redo in float64

@@ -27,8 +27,19 @@ from pgpo_kernels.torch_compile import run_compiled
 _CHUNK_ELEMS = 1 << 24
 
 
+# The eager path works on smaller slices: its ~10 passes over a slice then hit the CPU's cache, not DRAM (measured
+# 3-4x faster than one 64 MiB chunk at V = 32768, benchmarks/results/cpu-fallback-2026-11-30.md).
+_EAGER_ELEMS = 1 << 17
+
+
 def _rows_per_chunk(n_cols: int) -> int:
     return max(1, _CHUNK_ELEMS // max(n_cols, 1))
+
+
+def eager_slices(n_rows: int, n_cols: int):
+    """(lo, hi) row slices of about _EAGER_ELEMS elements (at least one row) covering n_rows."""
+    step = max(1, min(_EAGER_ELEMS, _CHUNK_ELEMS) // max(n_cols, 1))
+    return [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,32 +47,38 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
-    """[c, V] -> [c] bool: a NaN or +inf anywhere in the row (amax propagates NaN). -inf is a legal logit."""
-    return ~(t.amax(-1) < math.inf)
+def centred_logp(t: torch.Tensor, dt: torch.dtype, temperature: float):
+    """log_softmax(t / T) as (x - max) - log(sum(exp(x - max))), written out so that inductor fuses it into the
+    reductions that use it instead of writing a [c, V] buffer -> (logp [c, V], x - max [c, V], log-sum [c, 1],
+    max [c, 1]). The max also says what kind of row it is: NaN or +inf (a bad row), -inf (no mass), else finite."""
+    x = t.to(dt) / temperature
+    m = x.amax(-1, keepdim=True)  # propagates NaN
+    xs = x - m  # centred: no cancellation of large logits
+    lse = xs.exp().sum(-1, keepdim=True).log()
+    return xs - lse, xs, lse, m
 
 
 def kl_block(a: torch.Tensor, b: torch.Tensor, temperature: float, dt: torch.dtype) -> torch.Tensor:
     """[c, V] logits x2 -> [c] KL in dtype dt with every rule explicit; no data-dependent control flow (compilable).
 
-    In float64 it is exact for any fp32/bf16/fp16 logits, huge ones included (their differences fit); in float32 a
-    row whose differences overflow comes out non-finite, and the caller recomputes it in float64.
+    In float64 it is exact for any fp32/bf16/fp16 logits, huge ones included (their differences fit). In float32 a
+    row that needs care (differences that overflow, a logit that overflows on / T, p_i underflowing where b_i = -inf)
+    comes out non-finite, and the caller recomputes it in float64.
     """
-    x = a.to(dt) / temperature
-    logp = x.log_softmax(-1)  # [c, V], centred: no cancellation of large logits
-    logq = (b.to(dt) / temperature).log_softmax(-1)
-    p = logp.exp()
+    logp, _, _, m_a = centred_logp(a, dt, temperature)  # [c, V], [c, 1]
+    logq, _, _, m_b = centred_logp(b, dt, temperature)
     zero = torch.zeros((), dtype=dt, device=a.device)
-    inf = torch.full((), math.inf, dtype=dt, device=a.device)
-    # p_i = 0 (a_i = -inf, or underflow) contributes nothing, never 0 * inf
-    kl = torch.where(p > 0, p * (logp - logq), zero).sum(-1)
-    support = a != -math.inf
-    # a finite a_i where b_i = -inf gives +inf even if p_i underflows (also an all -inf row of b)
-    kl = torch.where((support & (b == -math.inf)).any(-1), inf, kl)
+    # a_i = -inf contributes nothing (p_i = 0, never 0 * inf); any other 0 * inf is a NaN for the float64 redo
+    kl = torch.where(a != -math.inf, logp.exp() * (logp - logq), zero).sum(-1)
+    if dt == torch.float64:  # the exact pass: a finite a_i where b_i = -inf gives +inf even if p_i underflows
+        kl = torch.where(((a != -math.inf) & (b == -math.inf)).any(-1), math.inf, kl)
+    m_a, m_b = m_a.squeeze(-1), m_b.squeeze(-1)
+    # an all -inf row of b (with mass in a) has no q: +inf
+    kl = torch.where(m_b == -math.inf, math.inf, kl)
     # our choice (SPEC 1 is silent): an all -inf row of a has no distribution -> KL 0
-    kl = torch.where(support.any(-1), kl, zero).clamp_min(0.0)
-    # NaN or +inf anywhere in either row: the row's KL is NaN (never 0, never finite garbage)
-    return torch.where(nonfinite_rows(a) | nonfinite_rows(b), torch.full_like(kl, math.nan), kl)
+    kl = torch.where(m_a == -math.inf, zero, kl).clamp_min(0.0)
+    # NaN or +inf anywhere in either row (max NaN or +inf): the row's KL is NaN, never 0 or finite garbage
+    return torch.where(~(m_a < math.inf) | ~(m_b < math.inf), math.nan, kl)
 
 
 def _kl_plain(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,7 +107,7 @@ def _kl_rows(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     """One chunk: [c, V] logits x2 -> [c] KL in the compute dtype. Never writes into its inputs."""
     kl = run_compiled(kl_block, a.numel(), a, b, temperature, compute_dtype(a.dtype))
     if kl is None:
-        kl = _kl_plain(a, b, temperature)
+        kl = torch.cat([_kl_plain(a[lo:hi], b[lo:hi], temperature) for lo, hi in eager_slices(*a.shape)])
     fix_rows(kl, ~torch.isfinite(kl), lambda r: kl_block(a[r], b[r], temperature, torch.float64))
     return kl.clamp_min_(0.0)
 
