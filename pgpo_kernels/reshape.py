@@ -49,7 +49,7 @@ def _load_chunk(s_ptr, m_ptr, idx, n, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         valid = valid & (tl.load(m_ptr + idx, mask=in_seq, other=0) != 0)
     raw = tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    bad = valid & ((raw != raw) | (raw < -1.0))
+    bad = valid & ((raw != raw) | (raw < -1.0))  # noqa: PLR0124 - raw != raw is the NaN test
     return in_seq, valid, bad, _log1p(raw)
 
 

@@ -50,11 +50,10 @@ def _logit_rows(dtype: torch.dtype):
     a = torch.randn(16, V, generator=g) * 2
     b = a + torch.randn(16, V, generator=g)
     tgt = torch.randint(0, V, (16,), generator=g)
-    bad = torch.zeros(16, dtype=torch.bool)
-    a[1, 5] = NAN; bad[1] = True  # noqa: E702
-    a[2, 7] = INF; bad[2] = True  # noqa: E702
-    b[3, 3] = NAN; bad[3] = True  # noqa: E702
-    b[4, 9] = INF; bad[4] = True  # noqa: E702
+    a[1, 5] = NAN
+    a[2, 7] = INF
+    b[3, 3] = NAN
+    b[4, 9] = INF
     # huge finite: p on token 0, q on token 1 -> KL ~ 2 max, +inf in fp32
     a[5, 0], a[5, 1], b[5, 0], b[5, 1] = big, -big, -big, big
     # huge finite with a finite KL ~ max / 2: p = (1/2, 1/2, 0..), q = (1, 0, ..), log q_1 = -max
@@ -63,17 +62,24 @@ def _logit_rows(dtype: torch.dtype):
     # huge and equal: KL 0, never NaN
     a[7] = a[7].sign() * big
     b[7] = a[7]
-    a[8, 2] = -INF; b[8, 4] = -INF; tgt[8] = 2  # noqa: E702  an -inf target; a finite where b = -inf -> +inf
+    # an -inf target; a finite where b = -inf -> +inf
+    a[8, 2] = -INF
+    b[8, 4] = -INF
+    tgt[8] = 2
     a[9] = -INF  # all -inf row of a: no distribution -> 0 (logp -inf)
     b[10] = -INF  # all -inf row of b with finite a -> +inf
-    a[11] = -INF; b[11, 0] = NAN; bad[11] = True  # noqa: E702  NaN wins over the all -inf rule
-    a[12, 0] = NAN; b[12] = -INF; bad[12] = True  # noqa: E702
+    # NaN wins over the all -inf rule
+    a[11] = -INF
+    b[11, 0] = NAN
+    a[12, 0] = NAN
+    b[12] = -INF
     a[13, 3] = -INF; b[13, 3] = -INF  # both -inf at the same token: fine
     a[14] *= 1e30  # large but far from overflow
     b[14] = a[14] + torch.randn(V, generator=g) * 1e30
     a[15, 11] = -big  # one huge negative logit, the rest ordinary
     a, b = a.to(dtype), b.to(dtype)
-    bad |= (torch.isnan(a) | (a == INF) | torch.isnan(b) | (b == INF)).any(-1)  # fp16: row 14 overflows to +-inf
+    # rows 1-4, 11, 12; in fp16 also row 14 (it overflows to +-inf)
+    bad = (torch.isnan(a) | (a == INF) | torch.isnan(b) | (b == INF)).any(-1)
     return a, b, tgt, bad
 
 
