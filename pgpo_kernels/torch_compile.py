@@ -1,7 +1,8 @@
 """torch.compile for the torch fallback's per-chunk math, where it works; the caller's eager path otherwise.
 
-PGPO_TORCH_COMPILE selects: "auto" (the default: compile chunks of at least COMPILE_MIN_ELEMS logits, where the
-one-off compile time pays back), "1" (always) or "0" (never). A function whose compile or compiled call fails (no C++
+PGPO_TORCH_COMPILE selects: "auto" (the default: compile from the second chunk of at least COMPILE_MIN_ELEMS logits
+on, so a one-off call stays eager and a loop or a big multi-chunk call pays the compile once), "1" (always) or "0"
+(never). Compiling costs ~10-20 s per process on a 2-core CPU (Inductor's disk cache helps later processes). A function whose compile or compiled call fails (no C++
 compiler on the CPU, no Triton on a GPU, an op inductor cannot handle) is reported once with a RuntimeWarning and runs
 eagerly from then on: the eager path computes the same values under the same rules.
 """
@@ -19,6 +20,7 @@ COMPILE_MIN_ELEMS = 1 << 20
 
 _compiled: dict[Callable, Callable] = {}
 _failed: set[Callable] = set()
+_large_calls: dict[Callable, int] = {}  # "auto": chunks of >= COMPILE_MIN_ELEMS seen per function
 
 
 def compile_mode() -> str:
@@ -31,17 +33,22 @@ def compile_mode() -> str:
     return "auto"
 
 
-def wants_compile(n_elems: int) -> bool:
+def wants_compile(fn: Callable, n_elems: int) -> bool:
     mode = compile_mode()
     if mode == "never" or torch.compiler.is_compiling():  # inside someone else's compiled region: stay plain
         return False
-    return mode == "always" or n_elems >= COMPILE_MIN_ELEMS
+    if mode == "always":
+        return True
+    if n_elems < COMPILE_MIN_ELEMS:
+        return False
+    _large_calls[fn] = _large_calls.get(fn, 0) + 1
+    return _large_calls[fn] >= 2  # the first large chunk runs eagerly: a one-off call never waits for a compile
 
 
 def run_compiled(fn: Callable, n_elems: int, *args):
     """fn(*args) through torch.compile, or None when compiling is not wanted here or does not work (then the caller
     runs its eager path)."""
-    if fn in _failed or not wants_compile(n_elems):
+    if fn in _failed or not wants_compile(fn, n_elems):
         return None
     try:
         compiled = _compiled.get(fn)

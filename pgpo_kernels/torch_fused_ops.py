@@ -96,7 +96,7 @@ def _stats_plain(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, tempera
     lq_t = logq.gather(-1, idx).squeeze(-1).clamp_max_(0.0)
     p = logp.exp()
     # x is ours to overwrite unless it is the fp32 input itself (T = 1): then one more [c, V] buffer
-    tmp = x if x.data_ptr() != a.data_ptr() else torch.empty_like(p)
+    tmp = x if x is not a else torch.empty_like(p)
     ent = torch.mul(p, logp, out=tmp).sum(-1).neg_().clamp_min_(0.0)  # sum, not a dot: pairwise, accurate
     kl = logq.neg_().add_(logp).mul_(p).sum(-1).clamp_min_(0.0)  # sum p (log p - log q)
     return lp_t, lq_t, ent, kl

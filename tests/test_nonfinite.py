@@ -414,3 +414,49 @@ def test_real_number_types_accepted(backend):
     a, b = torch.randn(3, V), torch.randn(3, V)
     torch.testing.assert_close(token_kl(a, b, temperature=np.float64(1.0), backend="torch"),
                                token_kl(a, b, temperature=1, backend="torch"))
+
+
+def test_compile_policy(monkeypatch):
+    # auto: small chunks never compile, a large one compiles from its second call; 0 never; 1 always
+    import pgpo_kernels.torch_compile as tc
+
+    monkeypatch.setattr(tc, "_large_calls", {})
+
+    def fn():
+        pass
+
+    monkeypatch.setenv("PGPO_TORCH_COMPILE", "auto")
+    assert not tc.wants_compile(fn, tc.COMPILE_MIN_ELEMS - 1)
+    assert not tc.wants_compile(fn, tc.COMPILE_MIN_ELEMS)  # one-off calls stay eager
+    assert tc.wants_compile(fn, tc.COMPILE_MIN_ELEMS)
+    monkeypatch.setenv("PGPO_TORCH_COMPILE", "0")
+    assert not tc.wants_compile(fn, 1 << 30)
+    monkeypatch.setenv("PGPO_TORCH_COMPILE", "1")
+    assert tc.wants_compile(fn, 1)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    # a compiler that fails (no C++ compiler, no Triton on a GPU) warns once and the eager path gives the values
+    import pgpo_kernels.torch_compile as tc
+
+    def broken_compile(fn):
+        def run(*args):
+            raise RuntimeError("no working C++ compiler")
+        return run
+
+    monkeypatch.setenv("PGPO_TORCH_COMPILE", "1")
+    monkeypatch.setattr(tc, "_compiled", {})
+    monkeypatch.setattr(tc, "_failed", set())
+    monkeypatch.setattr(tc.torch, "compile", broken_compile)
+    a, b, tgt, bad = _logit_rows(torch.float32)
+    with pytest.warns(RuntimeWarning, match="no working C"):
+        kl = token_kl(a, b, backend="torch")
+    _close(kl, _expected(a, b, tgt, bad, 1.0)[3])
+    import warnings
+
+    from pgpo_kernels.torch_ops import kl_block
+
+    assert kl_block in tc._failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not retried, not warned again
+        _close(token_kl(a, b, backend="torch"), _expected(a, b, tgt, bad, 1.0)[3])
