@@ -1,4 +1,4 @@
-"""The project's non-finite and bad-parameter rules (README "Kernels API"; _notes/NONFINITE_RULES) on every op.
+"""The project's non-finite and bad-parameter rules (README "Kernels API", SPEC 1-2) on every op.
 
 Logit ops (token_kl and its gradient, token_stats full and k3, fused_linear_*, pgpo_token_weights):
   NaN or +inf anywhere in a row of either input -> every output of that row NaN, other rows untouched;
