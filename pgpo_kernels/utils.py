@@ -6,6 +6,8 @@ the argument and what was expected.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -70,18 +72,34 @@ def check_logits_pair(logits_vis: torch.Tensor, logits_txt: torch.Tensor) -> Non
                          f"{logits_txt.device}")
 
 
+def check_real(name: str, value) -> float:
+    """A finite real number (int, float or a numpy scalar; not bool, not str, not a tensor) -> float, else
+    TypeError/ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
 def check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    """temperature: a finite real number > 0 (NONFINITE rule 4)."""
+    if not check_real("temperature", temperature) > 0.0:
+        raise ValueError(f"temperature must be a positive number (> 0), got {temperature!r}")
 
 
-def check_reshape_params(tau: float, beta: float, eps: float) -> None:
-    if not 0.0 <= tau <= 1.0:
+def check_reshape_params(tau: float, beta: float, eps: float, renormalize: bool = True) -> None:
+    """tau in [0, 1], beta >= 0, eps > 0, all finite real numbers; renormalize a bool (NONFINITE rule 6)."""
+    if not 0.0 <= check_real("tau", tau) <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
-    if not beta >= 0.0:
+    if not check_real("beta", beta) >= 0.0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
-    if not eps > 0.0:
+    if not check_real("eps", eps) > 0.0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool (True or False), got {type(renormalize).__name__} "
+                        f"{renormalize!r}")
 
 
 def check_mask(mask: torch.Tensor | None, shape: torch.Size, name: str = "mask") -> None:
