@@ -49,7 +49,6 @@ from pgpo_kernels.torch_fused_ops import fused_linear_token_kl_torch
 from pgpo_kernels.torch_fused_ops import fused_linear_token_stats_torch
 from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_float
-from pgpo_kernels.utils import check_positive_real
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import interpreter_enabled
@@ -352,7 +351,6 @@ def fused_linear_token_kl(
         [...] float32 KL in nats, >= 0.
     """
     check_fused_linear_args(hidden_vis, hidden_txt, lm_head_weight, bias, chunk_size)
-    check_positive_real("temperature", temperature)
     check_temperature(temperature)
     lead = hidden_vis.shape[:-1]
     backend, hv, ht, weight, bias = _prepare(hidden_vis, hidden_txt, lm_head_weight, bias, backend)
@@ -388,7 +386,6 @@ def fused_linear_token_stats(
         TokenStats(logp, entropy, kl), each [...] float32 (no gradient).
     """
     check_fused_linear_args(hidden_vis, hidden_txt, lm_head_weight, bias, chunk_size)
-    check_positive_real("temperature", temperature)
     check_temperature(temperature)
     check_estimator(estimator)
     lead = hidden_vis.shape[:-1]

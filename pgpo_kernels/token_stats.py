@@ -46,7 +46,6 @@ from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.torch_fused_ops import token_stats_torch
 from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_logits_pair
-from pgpo_kernels.utils import check_positive_real
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import next_power_of_2
@@ -476,7 +475,6 @@ def token_stats(
         all three NaN for that row; huge finite logits give the true values.
     """
     check_logits_pair(logits_vis, logits_txt)
-    check_positive_real("temperature", temperature)
     check_temperature(temperature)
     check_estimator(estimator)
     lead = logits_vis.shape[:-1]

@@ -180,11 +180,3 @@ def row_view(x: torch.Tensor) -> RowView:
         x3 = x3.contiguous()
     n_inner = x3.shape[1]
     return RowView(x3, x3.shape[0] * n_inner, n_cols, max(n_inner, 1), x3.stride(0), x3.stride(1))
-
-
-def check_positive_real(name: str, value) -> None:
-    """A real number (not bool/str), finite and > 0 (temperature: the project's non-finite rule 4)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__}")
-    if not (value > 0 and value != float("inf")):  # also false for NaN
-        raise ValueError(f"{name} must be a positive number, finite and > 0, got {value!r}")
