@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 from typing import Any
 
@@ -192,6 +193,12 @@ def title(report: dict) -> str:
     return f"pgpo-bench on {label}{copy_s}"
 
 
+def table_width() -> int:
+    """The terminal's width (COLUMNS, else the tty's size); 200 when output goes to no terminal (a file keeps long
+    rows whole). Rich folds cells to fit."""
+    return shutil.get_terminal_size(fallback=(200, 24)).columns
+
+
 def print_table(report: dict, file=None) -> None:
     """The results as a rich table (plain text when rich is not installed), then the targets."""
     file = file or sys.stdout
@@ -210,7 +217,7 @@ def print_table(report: dict, file=None) -> None:
             table.add_column(c, overflow="fold", justify="right" if c in ("tokens", "GB/s", "% copy") else "left")
         for cells in rows:
             table.add_row(*cells)
-        Console(file=file, width=200).print(table)
+        Console(file=file, width=table_width()).print(table)
     print(f"peak extra memory: {report['peak_memory_method']}", file=file)
     for line in target_lines(report):
         print(line, file=file)

@@ -6,15 +6,22 @@ and folds them into the online log-sum-exp stats of token_stats.py right away:
 
     for each (row block of BLOCK_N rows, vocab chunk of CHUNK_TILES tiles):   grid = cdiv(N, BLOCK_N) x C, grouped
         for each vocab tile of BLOCK_V columns in the chunk:
-            A = h_vis[rows] @ W[cols]^T,  B = h_txt[rows] @ W[cols]^T    tl.dot over H in BLOCK_H steps, fp32 acc
-            (+ bias), then fold A, B into (m_a, s_a, m_b, s_b, t[, u, a_x, b_x]) of each row
-        write the row block's 8 stats for this chunk                     [N, C, 8] fp32
-    combine the C chunks per row                                         (token_stats' combine kernel)
+            [A; B] = [h_vis[rows]; h_txt[rows]] @ W[cols]^T     one tl.dot over H in BLOCK_H steps on a stacked
+                                                                2 BLOCK_N-row A tile (m64n128 wgmma), fp32 acc
+            (+ bias), split into A and B, fold both into (m_a, s_a, m_b, s_b, t[, u], hit) of each row
+        write the row block's 7 stats for this chunk                     [N, C, 7] fp32
+    target logits h . W[target] (+ bias) of each row, once                [N, 2] fp32 (a small kernel)
+    combine the C chunks per row and finish                              (token_stats' combine kernel)
 
-Both passes share each W tile: it is loaded once for two dots. Memory: [N, C, 8] fp32 stats, nothing V-sized.
-Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row blocks
-fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2 while the
-chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the numbers).
+Both passes share each W tile, loaded once for one dot of twice the rows; the launcher stacks each row block's two
+passes into one contiguous [2 BLOCK_N, H] slab (stack_row_blocks) so the A tile streams like any matmul operand.
+Memory: one stacked copy of the hidden states [2 N, H] (per launch chunk) + [N, C, 7] + [N, 2] fp32, nothing V-sized. Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row
+blocks fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2
+while the chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the
+numbers, and the static comparison with the chunked cuBLAS matmul + token_stats alternative).
+
+Non-finite values follow token_stats: a NaN or +inf logit (from NaN/inf hidden states or weights) makes that row's
+outputs NaN; huge finite logits give the true values.
 
 The torch fallback (torch_fused_ops.py) builds logits for `chunk_size` rows at a time: O(chunk x V) extra memory.
 """
@@ -30,11 +37,10 @@ from pgpo_kernels.token_kl import LOG2E
 from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.token_stats import N_PART
+from pgpo_kernels.token_stats import UNIT
 from pgpo_kernels.token_stats import TokenStats
-from pgpo_kernels.token_stats import _fold_tile
+from pgpo_kernels.token_stats import _fold
 from pgpo_kernels.token_stats import _init_stats
-from pgpo_kernels.token_stats import _load_targets
-from pgpo_kernels.token_stats import _store_partial
 from pgpo_kernels.token_stats import check_target_ids
 from pgpo_kernels.token_stats import combine_stats
 from pgpo_kernels.token_stats import finish_stats
@@ -49,39 +55,37 @@ from pgpo_kernels.utils import interpreter_enabled
 from pgpo_kernels.utils import resolve_backend
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# our choice: tile sizes for sm_80 / sm_90 (not tuned on hardware yet; see csrc_notes/fused_ops.md)
+# our choice: tile sizes for sm_80 / sm_90, picked by the compiled code (csrc_notes/fused_ops.md: registers, spills,
+# MMA shape); not timed on hardware yet. BLOCK_N rows of each pass stack into a 2 BLOCK_N-row A tile.
 # CHUNK_TILES: vocab tiles per chunk (one program's sweep); GROUP_N: row blocks scheduled side by side (L2 reuse)
 GPU_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "CHUNK_TILES": 16,
               "GROUP_N": 16}
-GPU_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2, "CHUNK_TILES": 32,
+GPU_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2, "CHUNK_TILES": 32,
                    "GROUP_N": 16}
 # the interpreter runs on numpy: small tiles (tl.dot needs every dim >= 16)
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "CHUNK_TILES": 4,
                       "GROUP_N": 2}
 
 
-# %% kernel --------------------------------------------------------------------------------------------------------
+# %% kernels -------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fused_linear_stats_partial_kernel(
-    hv_ptr,  # [N, H] last hidden states of the visual pass, last dim contiguous
-    ht_ptr,  # [N, H] last hidden states of the text-only pass
+    h_ptr,  # [cdiv(N, BLOCK_N), 2, BLOCK_N, H] hidden states, contiguous: per row block the visual pass's rows,
+    #          then the text-only pass's (zero rows pad the last block)
     w_ptr,  # [V, H] lm_head weight, last dim contiguous
     bias_ptr,  # [V] lm_head bias (unused without HAS_BIAS)
-    target_ptr,  # [N] int target ids in [0, V) (unused without WITH_TARGET)
-    part_ptr,  # [N, C, 8] float32 partial stats (layout of token_stats.py)
+    part_ptr,  # [N, C, 7] float32 partial stats (layout of token_stats.py)
     n_rows,  # N
     n_cols,  # V
-    n_hidden,  # H
-    stride_hv_row,
-    stride_ht_row,
+    n_hidden,  # H (also the row stride of h)
     stride_w_row,
     cols_per_chunk,  # a multiple of BLOCK_V
     n_chunks,  # C
-    scale,  # log2(e) / temperature
+    scale_u,  # log2(e) / (temperature UNIT)
     HAS_BIAS: tl.constexpr,
-    WITH_TARGET: tl.constexpr,  # also entropy and the target logits
+    WITH_TARGET: tl.constexpr,  # also the entropy sum
     DOT_FP32: tl.constexpr,  # upcast tiles and dot in exact fp32 (fp32 inputs; bf16 under the interpreter)
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # rows per pass; the A tile stacks both passes: 2 BLOCK_N rows
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software-pipeline depth of the loads feeding tl.dot
@@ -96,55 +100,104 @@ def _fused_linear_stats_partial_kernel(
     group_rows = tl.minimum(n_row_blocks - first_block, GROUP_N)
     row_block = first_block + (pid % per_group) % group_rows
     chunk = (pid % per_group) // group_rows
-    # int64 ids: N * H and V * H can pass 2**31
-    rows = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
-    tgt = _load_targets(target_ptr, rows, row_ok, WITH_TARGET, BLOCK_N)
+    # -- the A tile: a contiguous [2 BLOCK_N, H] slab, rows 0..BLOCK_N-1 the visual pass and BLOCK_N..2 BLOCK_N-1 the
+    # -- text-only pass of the same tokens, so one tl.dot per H step issues a 2 BLOCK_N-row MMA (m64n128 wgmma) -----
+    slab = row_block.to(tl.int64) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # int64: N * H can pass 2**31
+    h_rows = h_ptr + slab[:, None] * n_hidden
     offs_v = tl.arange(0, BLOCK_V)
     offs_h = tl.arange(0, BLOCK_H)
-    hv_rows = hv_ptr + rows[:, None] * stride_hv_row  # [BLOCK_N, 1]
-    ht_rows = ht_ptr + rows[:, None] * stride_ht_row
 
-    m_a, s_a, m_b, s_b, t, u, x_a, x_b = _init_stats(BLOCK_N)
+    m_a, s_a, m_b, s_b, t, u, hit = _init_stats(BLOCK_N)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + offs_v.to(tl.int64)
         col_ok = cols < col_end
         w_cols = w_ptr + cols[None, :] * stride_w_row  # [1, BLOCK_V]
-
-        # -- logit tiles of both passes: one W tile feeds two dots, fp32 accumulators -------------------------------
-        acc_a = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        acc_b = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        acc = tl.zeros((2 * BLOCK_N, BLOCK_V), tl.float32)  # fp32 logits of both passes
         for k in tl.range(0, n_hidden, BLOCK_H, num_stages=NUM_STAGES):
             ks = k + offs_h
             k_ok = ks < n_hidden
-            h_ok = row_ok[:, None] & k_ok[None, :]
-            ha = tl.load(hv_rows + ks[None, :], mask=h_ok, other=0.0)  # [BLOCK_N, BLOCK_H]
-            hb = tl.load(ht_rows + ks[None, :], mask=h_ok, other=0.0)
+            h = tl.load(h_rows + ks[None, :], mask=k_ok[None, :], other=0.0)  # [2 BLOCK_N, BLOCK_H]
             w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
             if DOT_FP32:
-                w = w.to(tl.float32)
-                acc_a = tl.dot(ha.to(tl.float32), w, acc_a, input_precision="ieee")
-                acc_b = tl.dot(hb.to(tl.float32), w, acc_b, input_precision="ieee")
+                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc_a = tl.dot(ha, w, acc_a)
-                acc_b = tl.dot(hb, w, acc_b)
+                acc = tl.dot(h, w, acc)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            acc_a += bias[None, :]
-            acc_b += bias[None, :]
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         # columns past the chunk are -inf: they contribute nothing to any sum
-        x = tl.where(col_ok[None, :], acc_a, float("-inf"))
-        y = tl.where(col_ok[None, :], acc_b, float("-inf"))
+        acc = tl.where(col_ok[None, :], acc, float("-inf"))
+        # split the stacked tile into the two passes' [BLOCK_N, BLOCK_V] logits, row by row aligned
+        x, y = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_V)), (1, 2, 0)))
+        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
+    rows_a = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_a = rows_a < n_rows
+    base = part_ptr + (rows_a * n_chunks + chunk) * 7
+    tl.store(base + 0, m_a, mask=ok_a)
+    tl.store(base + 1, s_a, mask=ok_a)
+    tl.store(base + 2, m_b, mask=ok_a)
+    tl.store(base + 3, s_b, mask=ok_a)
+    tl.store(base + 4, t, mask=ok_a)
+    tl.store(base + 5, u, mask=ok_a)
+    tl.store(base + 6, hit, mask=ok_a)
 
-        # -- fold the tiles into each row's online stats -------------------------------------------------------------
-        m_a, s_a, m_b, s_b, t, u, x_a, x_b = _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale,
-                                                        WITH_TARGET)
-    _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b)
+
+@triton.jit
+def _target_logits_kernel(
+    hv_ptr,  # [N, H] hidden states of the visual pass
+    ht_ptr,  # [N, H] of the text-only pass
+    w_ptr,  # [V, H] lm_head weight
+    bias_ptr,  # [V] bias (unused without HAS_BIAS)
+    target_ptr,  # [N] int target ids in [0, V)
+    out_ptr,  # [N, 2] float32: the target's logits (a_x, b_x)
+    n_rows,
+    n_hidden,
+    stride_hv_row,
+    stride_ht_row,
+    stride_w_row,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # the target logit h . W[target] of each row, once, outside the vocab loop (fp32 sums of exact products)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    acc_a = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
+    for k in range(0, n_hidden, BLOCK_H):
+        ks = k + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (ks < n_hidden)[None, :]
+        w = tl.load(w_ptr + tgt[:, None] * stride_w_row + ks[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc_a += tl.load(hv_ptr + rows[:, None] * stride_hv_row + ks[None, :], mask=ok, other=0.0).to(tl.float32) * w
+        acc_b += tl.load(ht_ptr + rows[:, None] * stride_ht_row + ks[None, :], mask=ok, other=0.0).to(tl.float32) * w
+    x_t = tl.sum(acc_a, axis=1)
+    y_t = tl.sum(acc_b, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
+        x_t += bias
+        y_t += bias
+    tl.store(out_ptr + rows * 2, x_t, mask=row_ok)
+    tl.store(out_ptr + rows * 2 + 1, y_t, mask=row_ok)
 
 
 # %% launchers -----------------------------------------------------------------------------------------------------
+def stack_row_blocks(hv: torch.Tensor, ht: torch.Tensor, block_n: int) -> torch.Tensor:
+    """[R, H] x2 -> [cdiv(R, block_n), 2, block_n, H] contiguous: each row block's visual rows then its text-only rows
+    (zeros pad the last block), so the kernel's stacked A tile is one contiguous slab that the pipeliner streams like
+    any matmul operand. One copy of the hidden states (2 R H elements, per launch chunk), nothing V-sized."""
+    n_rows, n_hidden = hv.shape
+    n_blocks = triton.cdiv(n_rows, block_n)
+    h = hv.new_zeros((n_blocks, 2, block_n, n_hidden))
+    full = n_rows // block_n
+    for p, src in enumerate((hv, ht)):
+        h[:full, p] = src[: full * block_n].reshape(full, block_n, n_hidden)
+        if full < n_blocks:
+            h[full, p, : n_rows - full * block_n] = src[full * block_n:]
+    return h
+
+
 def fused_linear_launch_config(dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes, warps and pipeline stages by where the kernel runs and the input dtype."""
     if device.type != "cuda":
@@ -167,7 +220,7 @@ def fused_linear_forward(
 
     Args:
         target: [N] ids for log-probs and entropy, or None for the KL alone.
-        chunk_rows: rows per launch (None = all): bounds the [rows, C, 8] partial buffer.
+        chunk_rows: rows per launch (None = all): bounds the [rows, C, 7] partial buffer.
         n_chunks: vocab split per row block, None = from the shape and the SM count.
         config: override of fused_linear_launch_config (tests use it to force several tiles and chunks).
 
@@ -190,23 +243,31 @@ def fused_linear_forward(
         hi = min(lo + step, n_rows)
         rows = hi - lo
         n_blocks = triton.cdiv(rows, block_n)
-        # our choice: chunks of CHUNK_TILES vocab tiles (partial stats stay small: [rows, V / (CHUNK_TILES BLOCK_V), 8]
-        # fp32, 19 MiB at 8192 x 152064) and never fewer chunks than it takes to fill the SMs
+        # our choice: chunks of CHUNK_TILES vocab tiles (partial stats stay small: [rows, V / (CHUNK_TILES BLOCK_V), 7]
+        # fp32, 17 MiB at 8192 x 152064) and never fewer chunks than it takes to fill the SMs
         c = n_chunks if n_chunks is not None else max(triton.cdiv(n_cols, cfg["CHUNK_TILES"] * block_v),
                                                       split_chunks(n_blocks, n_cols, block_v,
                                                                    device_sm_count(device)))
         cols_per_chunk, c = chunk_layout(n_cols, c, block_v)
         part = torch.empty((rows, c, N_PART), dtype=torch.float32, device=device)
         hv, ht = hidden_vis[lo:hi], hidden_txt[lo:hi]
-        tgt = target[lo:hi] if with_target else None
         _fused_linear_stats_partial_kernel[(n_blocks * c,)](
-            hv, ht, weight, bias if bias is not None else part, tgt if with_target else part, part,
-            rows, n_cols, n_hidden, hv.stride(0), ht.stride(0), weight.stride(0), cols_per_chunk, c, scale,
+            stack_row_blocks(hv, ht, block_n), weight, bias if bias is not None else part, part,
+            rows, n_cols, n_hidden, weight.stride(0), cols_per_chunk, c, scale / UNIT,
             HAS_BIAS=bias is not None, WITH_TARGET=with_target, DOT_FP32=dot_fp32,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, NUM_STAGES=cfg["num_stages"], GROUP_N=cfg["GROUP_N"],
             num_warps=cfg["num_warps"],
         )
-        for out, val in zip(outs, combine_stats(part, tgt, cols_per_chunk, scale)):
+        tgt, tgt_logits = None, None
+        if with_target:
+            tgt = target[lo:hi]
+            tgt_logits = torch.empty((rows, 2), dtype=torch.float32, device=device)
+            _target_logits_kernel[(triton.cdiv(rows, 16),)](
+                hv, ht, weight, bias if bias is not None else part, tgt, tgt_logits, rows, n_hidden,
+                hv.stride(0), ht.stride(0), weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=16,
+                BLOCK_H=min(256, max(16, triton.next_power_of_2(n_hidden))), num_warps=4,
+            )
+        for out, val in zip(outs, combine_stats(part, tgt, scale, target_logits=tgt_logits)):
             out[lo:hi] = val
     if not with_target:
         return outs[0], None, None, None

@@ -41,19 +41,24 @@ def _log1p(x):
 
 @triton.jit
 def _load_chunk(s_ptr, m_ptr, idx, n, HAS_MASK: tl.constexpr):
-    """(in_seq, valid, s = log1p(S)) of one chunk of token indices; padding loads nothing."""
+    """(in_seq, valid, bad, s = log1p(S)) of one chunk of token indices; padding loads nothing.
+
+    bad: a valid score log1p cannot take (NaN, -inf, < -1), which makes the sequence's weights NaN."""
     in_seq = idx < n
     valid = in_seq
     if HAS_MASK:
         valid = valid & (tl.load(m_ptr + idx, mask=in_seq, other=0) != 0)
-    s = _log1p(tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32))
-    return in_seq, valid, s
+    raw = tl.load(s_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    bad = valid & ((raw != raw) | (raw < -1.0))  # noqa: PLR0124 - raw != raw is the NaN test
+    return in_seq, valid, bad, _log1p(raw)
 
 
 @triton.jit
-def _normalized(s, m, denom, m_inf):
-    # min-max normalize; when the maximum is +inf, +inf scores sit at I = 1 and finite ones at I = 0
-    return tl.where(m_inf, tl.where(s == float("inf"), 1.0, 0.0), (s - m) / denom)
+def _normalized(s, m, denom, big_inf, small_inf):
+    # min-max normalize; when the maximum is +inf, +inf scores sit at I = 1 and finite ones at I = 0; failing that,
+    # when the minimum is -inf (a score of -1), -inf sits at I = 0 and finite ones at I = 1 (the formula's limits)
+    I = tl.where(small_inf, tl.where(s == float("-inf"), 0.0, 1.0), (s - m) / denom)
+    return tl.where(big_inf, tl.where(s == float("inf"), 1.0, 0.0), I)
 
 
 @triton.jit
@@ -96,22 +101,27 @@ def _reshape_weights_fwd_kernel(
     lo = tl.full((BLOCK_T,), float("inf"), tl.float32)
     hi = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     cnt = tl.zeros((BLOCK_T,), tl.float32)
+    n_bad = tl.zeros((BLOCK_T,), tl.float32)
     for off in range(0, n, BLOCK_T):
-        _, valid, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
-        lo = tl.minimum(lo, tl.where(valid, s, float("inf")))
-        hi = tl.maximum(hi, tl.where(valid, s, float("-inf")))
+        _, valid, bad, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
+        ok = valid & ~bad  # bad scores are NaN/garbage after log1p: kept out of min and max
+        lo = tl.minimum(lo, tl.where(ok, s, float("inf")))
+        hi = tl.maximum(hi, tl.where(ok, s, float("-inf")))
         cnt += valid.to(tl.float32)
+        n_bad += bad.to(tl.float32)
     m = tl.min(lo, axis=0)
     M = tl.max(hi, axis=0)
     n_valid = tl.sum(cnt, axis=0)
-    m_inf = M == float("inf")
-    denom = tl.where(m_inf, 1.0, M - m + eps)
+    poisoned = tl.sum(n_bad, axis=0) > 0.0
+    big_inf = M == float("inf")
+    small_inf = m == float("-inf")
+    denom = tl.where(big_inf | small_inf, 1.0, M - m + eps)
 
     # -- 2. gated weights and their mass -----------------------------------------------------------------------
     acc = tl.zeros((BLOCK_T,), tl.float32)
     for off in range(0, n, BLOCK_T):
-        _, valid, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
-        acc += tl.where(valid, _gate(_normalized(s, m, denom, m_inf), tau, beta, eps), 0.0)
+        _, valid, _, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
+        acc += tl.where(valid, _gate(_normalized(s, m, denom, big_inf, small_inf), tau, beta, eps), 0.0)
     total = tl.sum(acc, axis=0)
     # our choice (SPEC 2): all-equal, single token or zero mass -> uniform weights 1, never NaN
     degenerate = (n_valid <= 1.0) | (M == m) | (total <= 0.0)
@@ -120,11 +130,12 @@ def _reshape_weights_fwd_kernel(
     else:
         scale = 1.0
 
-    # -- 3. write renormalized weights; 0 at padding ------------------------------------------------------------
+    # -- 3. write renormalized weights; 0 at padding, NaN at every valid token of a poisoned sequence -----------
     for off in range(0, n, BLOCK_T):
         idx = off + offs
-        in_seq, valid, s = _load_chunk(s_ptr, m_ptr, idx, n, HAS_MASK)
-        w = tl.where(degenerate, 1.0, _gate(_normalized(s, m, denom, m_inf), tau, beta, eps) * scale)
+        in_seq, valid, _, s = _load_chunk(s_ptr, m_ptr, idx, n, HAS_MASK)
+        w = tl.where(degenerate, 1.0, _gate(_normalized(s, m, denom, big_inf, small_inf), tau, beta, eps) * scale)
+        w = tl.where(poisoned, float("nan"), w)
         tl.store(o_ptr + idx, tl.where(valid, w, 0.0), mask=in_seq)
 
 
@@ -176,11 +187,12 @@ def reshape_weights_forward(
 
 
 # %% public functional ---------------------------------------------------------------------------------------------
-def check_reshape_args(scores, mask, cu_seqlens, tau, beta, eps, device: torch.device | None = None) -> None:
+def check_reshape_args(scores, mask, cu_seqlens, tau, beta, eps, renormalize=True,
+                       device: torch.device | None = None) -> None:
     """All argument checks of reshape_weights, before any launch (device: where the scores will live)."""
     check_float("scores", scores)
     device = scores.device if device is None else device
-    check_reshape_params(tau, beta, eps)
+    check_reshape_params(tau, beta, eps, renormalize)
     if cu_seqlens is not None:
         if mask is not None:
             raise ValueError("pass either mask (padded [B, T] layout) or cu_seqlens (packed [total] layout), not both")
@@ -222,9 +234,11 @@ def reshape_weights(
         backend: "triton", "torch" or "auto".
 
     Returns:
-        float32 weights in the scores' layout, 0 at padding; sequences with no spread in their scores get 1.
+        float32 weights in the scores' layout, 0 at padding; sequences with no spread in their scores get 1. A NaN,
+        -inf or < -1 score at a valid position makes its sequence's weights NaN (the others are unaffected); +inf is
+        the sequence maximum. Never carries a gradient.
     """
-    check_reshape_args(scores, mask, cu_seqlens, tau, beta, eps)
+    check_reshape_args(scores, mask, cu_seqlens, tau, beta, eps, renormalize)
     return reshape_weights_checked(scores, mask, cu_seqlens, tau, beta, eps, renormalize, backend)
 
 

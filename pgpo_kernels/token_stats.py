@@ -1,22 +1,32 @@
 """Per-token log pi(target), entropy and KL from the two passes' [N, V] logits, in one read of each.
 
 The old-log-prob phase of an RL step needs log pi_vis(x_t) and the entropy of pi_vis anyway; PGPO's KL to the
-text-only pass shares their log-sum-exp, so one streaming pass over the vocabulary yields all three. Per row it keeps,
-relative to the running maxes m_a, m_b and in base 2 of the scaled logits (scale = log2(e) / temperature),
+text-only pass shares their log-sum-exp, so one streaming pass over the vocabulary yields all three. Stats are kept
+relative to running maxes m_a, m_b, with logit differences in units U = 2^-21 (d = (x - m) U, computed as x U - m U)
+and S = log2(e) / (T U):
 
-    s_a = sum_i 2^xa_i,  s_b = sum_i 2^yb_i,  t = sum_i 2^xa_i (xa_i - yb_i),  u = sum_i 2^xa_i xa_i
-    xa_i = (a_i - m_a) scale,  yb_i = (b_i - m_b) scale
+    s_a = sum_i 2^(da_i S),  s_b = sum_i 2^(db_i S),  t = sum_i 2^(da_i S) (da_i - db_i),  u = sum_i 2^(da_i S) da_i
 
-plus the target's logits a_x, b_x; when a max grows, t and u are rescaled by alpha = 2^((m_a - m_a') scale) and
-shifted (u by s_a (m_a - m_a') scale; t also by -s_a (m_b - m_b') scale). At the end, in nats,
+plus hit = max of a_i over the columns where b_i = -inf (> -inf means KL = +inf). Two groups of stats merge by
+rescaling with alpha = 2^(sh S), sh = (m - M) U, and shifting (u by s_a sh_a, t by s_a (sh_a - sh_b)). In nats,
 
-    KL = ln2 (t / s_a - log2 s_a + log2 s_b),   H = ln2 (log2 s_a - u / s_a),
-    log pi_vis(x) = ln2 ((a_x - m_a) scale - log2 s_a)          (and the same for pi_txt with b)
+    KL = (t / s_a) / (T U) + ln2 (log2 s_b - log2 s_a),   H = ln2 log2 s_a - (u / s_a) / (T U),
+    log pi_vis(x) = (a_x U - m_a U) / (T U) - ln2 log2 s_a
 
-Layout: a partial kernel over (row blocks, vocab chunks) writes 8 stats per (row, chunk) and a combine kernel merges
-them (the split keeps all SMs busy on few rows, as token_kl's split path). Bytes per row: V * 2 * itemsize read,
-8 * 4 * chunks written and re-read, 16 written. The stats helpers here are shared with fused_linear.py, which feeds
-them logit tiles computed by tl.dot instead of loaded ones.
+Loop structure (csrc_notes/fused_ops.md has the compiled instruction counts): each program streams one row (or one
+vocab chunk of it) as [threads, EPT] tiles, so every thread folds the EPT contiguous columns it loaded (one 16-byte
+load per tensor) into its *own* running stats; nothing crosses threads inside the vocab loop, which is software
+pipelined (tl.range num_stages). After the loop the threads' stats merge once. With one chunk per row the program
+also finishes the row, reading the target's logits as two scalars (a[row, tgt], b[row, tgt]); with several chunks it
+writes 7 stats per (row, chunk) and a combine kernel merges them the same way and finishes.
+
+Non-finite inputs (the project's rules): a NaN or +inf anywhere in a row of either input makes every output of that
+row NaN (max is NaN-propagating, so NaN reaches every sum, and the finish checks the sums). Huge finite logits never
+overflow an intermediate: differences are taken in units of 2^-21 (x U - m U cannot overflow, and sums of up to
+2^20 of them stay finite) and clamped at -FLT_MAX, so 2^(d S) underflows to an exact 0 and 0 * d stays 0.
+
+Rows address a [B, T, V] view through a (batch, time) stride pair, so a slice such as logits[:, :-1] is read in
+place. The fold and merge helpers are shared with fused_linear.py.
 """
 
 from __future__ import annotations
@@ -29,15 +39,9 @@ import triton.language as tl
 
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.k3 import k3_kl
-from pgpo_kernels.token_kl import _LN2_C
 from pgpo_kernels.token_kl import LOG2E
-from pgpo_kernels.token_kl import _kl_finish
-from pgpo_kernels.token_kl import _load_chunk_stats
-from pgpo_kernels.token_kl import _merge_chunks
-from pgpo_kernels.token_kl import _rescale_t
-from pgpo_kernels.token_kl import _safe_max
+from pgpo_kernels.token_kl import autotune_enabled
 from pgpo_kernels.token_kl import chunk_layout
-from pgpo_kernels.token_kl import kl_launch_config
 from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.torch_fused_ops import token_stats_torch
 from pgpo_kernels.utils import as_rows
@@ -46,8 +50,17 @@ from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import next_power_of_2
 from pgpo_kernels.utils import resolve_backend
+from pgpo_kernels.utils import row_view
 
-N_PART = 8  # per-(row, chunk) partial stats: m_a, s_a, m_b, s_b, t, u, a_x, b_x
+N_PART = 7  # per-(row, chunk) partial stats: m_a, s_a, m_b, s_b, t, u, hit
+FLT_MAX = 3.4028234663852886e38
+_NEG_MAX = tl.constexpr(-FLT_MAX)  # globals read inside @triton.jit must be constexpr
+_LN2 = tl.constexpr(0.6931471805599453)
+# the unit of the stats' logit differences: d = (x - m) * 2^-21 cannot overflow for finite x, m, and sums of up to
+# 2^20 p-weighted differences stay below FLT_MAX (V = 152064 < 2^18), so t overflows only when the KL itself does
+UNIT = 2.0 ** -21
+_UNIT = tl.constexpr(UNIT)
+_NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
 
 
 class TokenStats(NamedTuple):
@@ -64,177 +77,285 @@ class TokenStats(NamedTuple):
 
 # %% shared device helpers -----------------------------------------------------------------------------------------
 @triton.jit
-def _init_stats(BLOCK_N: tl.constexpr):
-    """Running stats of BLOCK_N rows before any column: (m_a, s_a, m_b, s_b, t, u, x_a, x_b), maxes -inf, rest 0."""
-    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_a = tl.zeros((BLOCK_N,), tl.float32)
-    s_b = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    u = tl.zeros((BLOCK_N,), tl.float32)
-    x_a = tl.zeros((BLOCK_N,), tl.float32)
-    x_b = tl.zeros((BLOCK_N,), tl.float32)
-    return m_a, s_a, m_b, s_b, t, u, x_a, x_b
+def _max_nan(x, y):
+    return tl.maximum(x, y, propagate_nan=_NAN_ALL)
 
 
 @triton.jit
-def _load_targets(target_ptr, rows, row_ok, WITH_TARGET: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_N] int64 target ids of the rows (0 where out of range, or all 0 without WITH_TARGET)."""
-    if WITH_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tgt = tl.zeros((BLOCK_N,), tl.int64)
-    return tgt
+def _is_nan(x):
+    return x != x  # noqa: PLR0124 - the NaN test
 
 
 @triton.jit
-def _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale, WITH_TARGET: tl.constexpr):
-    """Fold a tile of logits x, y [R, BLOCK_V] (fp32, -inf on padded lanes) at columns cols [BLOCK_V] into the
-    running stats [R] of its rows; with WITH_TARGET also the entropy sum u and the target logits x_a, x_b."""
-    m_a, s_a, m_b, s_b, t, u = _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_TARGET)
-    if WITH_TARGET:
-        # the target's logit sits in exactly one tile of one chunk; the combine reads that chunk's value
-        hit = cols[None, :] == tgt[:, None]
-        x_a += tl.sum(tl.where(hit, x, 0.0), axis=1)
-        x_b += tl.sum(tl.where(hit, y, 0.0), axis=1)
-    return m_a, s_a, m_b, s_b, t, u, x_a, x_b
+def _diff_u(x, m_u):
+    """(x - m) * UNIT from m_u = m * UNIT, which cannot overflow for finite x, m; -inf (masked logits) clamps to
+    -FLT_MAX, where 2^(. scale_u) is 0 and 0 * . stays 0 (never 0 * inf). NaN stays NaN."""
+    return _max_nan(x * _UNIT - m_u, _NEG_MAX)
 
 
 @triton.jit
-def _stats_update(m_a, s_a, m_b, s_b, t, u, x, y, scale, WITH_ENTROPY: tl.constexpr):
-    """Online log-sum-exp update of (m_a, s_a, m_b, s_b, t[, u]) [R] by a tile x, y [R, BLOCK_V]."""
-    new_m_a = tl.maximum(m_a, tl.max(x, axis=1))
-    new_m_b = tl.maximum(m_b, tl.max(y, axis=1))
-    ma_old, ma_new = _safe_max(m_a), _safe_max(new_m_a)
-    mb_old, mb_new = _safe_max(m_b), _safe_max(new_m_b)
-    # rescale factors of the old sums (0 when nothing was seen yet: the sums are 0 then, avoid inf * 0)
-    alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - ma_new) * scale))
-    gamma = tl.where(m_b == float("-inf"), 0.0, tl.exp2((m_b - mb_new) * scale))
-    # subtract the max before scaling: the rounding of a large logit * scale never enters the result
-    xa = (x - ma_new[:, None]) * scale
-    yb = (y - mb_new[:, None]) * scale
-    ea = tl.exp2(xa)  # x = -inf -> 0
-    eb = tl.exp2(yb)
-    a_in = x != float("-inf")
-    # p_i = 0 contributes nothing (never 0 * inf); finite a_i where b_i = -inf gives +inf even if 2^xa underflows
-    term_t = tl.where(a_in, tl.where(y == float("-inf"), float("inf"), ea * (xa - yb)), 0.0)
-    shift_a = (ma_old - ma_new) * scale
-    t = _rescale_t(t, alpha, s_a, shift_a - (mb_old - mb_new) * scale) + tl.sum(term_t, axis=1)
+def _times(alpha, v):
+    """alpha * v for a rescale factor alpha in [0, 1]: a group whose alpha underflowed to 0 adds nothing, even if its
+    sum overflowed to +inf (never 0 * inf; a NaN input reaches alpha through the NaN-propagating max)."""
+    return tl.where(alpha == 0.0, 0.0, alpha * v)
+
+
+@triton.jit
+def _init_stats(R: tl.constexpr):
+    """Running stats of R groups before any column: (m_a, s_a, m_b, s_b, t, u, hit).
+
+    The maxes start at -FLT_MAX, not -inf, so no rescale ever computes -inf - (-inf)."""
+    m_a = tl.full((R,), _NEG_MAX, tl.float32)
+    m_b = tl.full((R,), _NEG_MAX, tl.float32)
+    zero = tl.zeros((R,), tl.float32)
+    hit = tl.full((R,), float("-inf"), tl.float32)
+    return m_a, zero, m_b, zero, zero, zero, hit
+
+
+@triton.jit
+def _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_ENTROPY: tl.constexpr):
+    """Fold tiles x, y [R, K] (fp32, -inf on padded lanes) into the running stats [R] along axis 1.
+
+    Stats are in UNITs (d = (x - m) UNIT; 2^(d scale_u) = 2^((x - m) scale)). token_stats calls it with
+    R = threads and K = the columns each thread loaded (no cross-thread work); fused_linear with R = rows of a tile."""
+    new_m_a = _max_nan(m_a, tl.reduce(x, 1, _max_nan))
+    new_m_b = _max_nan(m_b, tl.reduce(y, 1, _max_nan))
+    mu_a = new_m_a * _UNIT
+    mu_b = new_m_b * _UNIT
+    sh_a = _diff_u(m_a, mu_a)  # <= 0: the old sums' shift
+    sh_b = _diff_u(m_b, mu_b)
+    alpha = tl.exp2(sh_a * scale_u)
+    w = alpha * s_a  # old a-mass at the new max
+    da = _diff_u(x, mu_a[:, None])
+    db = _diff_u(y, mu_b[:, None])
+    ea = tl.exp2(da * scale_u)
+    t = _times(alpha, t) + w * (sh_a - sh_b) + tl.sum(ea * (da - db), axis=1)
     if WITH_ENTROPY:
-        u = alpha * (u + s_a * shift_a) + tl.sum(tl.where(a_in, ea * xa, 0.0), axis=1)
-    s_a = alpha * s_a + tl.sum(ea, axis=1)
-    s_b = gamma * s_b + tl.sum(eb, axis=1)
-    return new_m_a, s_a, new_m_b, s_b, t, u
+        u = alpha * u + w * sh_a + tl.sum(ea * da, axis=1)
+    s_a = w + tl.sum(ea, axis=1)
+    s_b = tl.exp2(sh_b * scale_u) * s_b + tl.sum(tl.exp2(db * scale_u), axis=1)
+    # a finite a_i where b_i = -inf makes the KL +inf: remember the largest such a_i
+    hit = tl.maximum(hit, tl.max(tl.where(y == float("-inf"), x, float("-inf")), axis=1))
+    return new_m_a, s_a, new_m_b, s_b, t, u, hit
 
 
 @triton.jit
-def _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b):
-    base = part_ptr + (rows * n_chunks + chunk) * 8
-    tl.store(base + 0, m_a, mask=row_ok)
-    tl.store(base + 1, s_a, mask=row_ok)
-    tl.store(base + 2, m_b, mask=row_ok)
-    tl.store(base + 3, s_b, mask=row_ok)
-    tl.store(base + 4, t, mask=row_ok)
-    tl.store(base + 5, u, mask=row_ok)
-    tl.store(base + 6, x_a, mask=row_ok)
-    tl.store(base + 7, x_b, mask=row_ok)
+def _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_ENTROPY: tl.constexpr):
+    """Merge groups of stats [G] (threads of a program, or chunks of a row) into scalars, by _fold's rule."""
+    M_a = tl.reduce(m_a, 0, _max_nan)
+    M_b = tl.reduce(m_b, 0, _max_nan)
+    sh_a = _diff_u(m_a, M_a * _UNIT)
+    sh_b = _diff_u(m_b, M_b * _UNIT)
+    alpha = tl.exp2(sh_a * scale_u)
+    w = alpha * s_a
+    T = tl.sum(_times(alpha, t) + w * (sh_a - sh_b), axis=0)
+    U = 0.0
+    if WITH_ENTROPY:
+        U = tl.sum(alpha * u + w * sh_a, axis=0)
+    S_b = tl.sum(tl.exp2(sh_b * scale_u) * s_b, axis=0)
+    return M_a, tl.sum(w, axis=0), M_b, S_b, T, U, tl.max(hit, axis=0)
 
 
 @triton.jit
-def _target_logp(x_t, m, s, scale):
-    """log softmax at the target in nats from base-2 stats; no distribution (s = 0) -> -inf (our choice)."""
-    lp = _LN2_C * ((x_t - _safe_max(m)) * scale - tl.log2(s))
-    lp = tl.where(s == 0.0, float("-inf"), lp)
-    return tl.minimum(lp, 0.0)  # clamp tiny positive rounding when p(target) ~ 1
+def _finish_kl(S_a, S_b, T, HIT, inv_tu):
+    """KL in nats (T in UNITs: inv_tu = 1 / (temperature UNIT) converts); an all -inf row of a has no distribution (0); a
+    finite a_i where b_i = -inf gives +inf."""
+    kl = inv_tu * (T / S_a) + _LN2 * (tl.log2(S_b) - tl.log2(S_a))
+    kl = tl.where(HIT > float("-inf"), float("inf"), kl)
+    kl = tl.where(S_a == 0.0, 0.0, kl)
+    kl = tl.where(kl < 0.0, 0.0, kl)  # tiny negative rounding; a where, not a max, so NaN survives
+    return tl.where(_is_nan(S_a) | _is_nan(S_b) | _is_nan(T), float("nan"), kl)
+
+
+@triton.jit
+def _finish_entropy(S_a, U, inv_tu):
+    ent = _LN2 * tl.log2(S_a) - inv_tu * (U / S_a)
+    ent = tl.where(S_a == 0.0, 0.0, ent)
+    return tl.where(ent < 0.0, 0.0, ent)
+
+
+@triton.jit
+def _finish_logp(x_t, M, S, inv_tu):
+    """log softmax at the target in nats: (x_t - M) / T in UNITs (no overflow), minus ln S; no distribution (S = 0) -> -inf."""
+    lp = (x_t * _UNIT - M * _UNIT) * inv_tu - _LN2 * tl.log2(S)
+    lp = tl.where(S == 0.0, float("-inf"), lp)
+    return tl.where(lp > 0.0, 0.0, lp)  # clamp tiny positive rounding when p(target) ~ 1
+
+
+@triton.jit
+def _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
+                WITH_TARGET: tl.constexpr):
+    """Write one row's outputs; a NaN anywhere in the row's stats (a NaN or +inf logit) makes all of them NaN."""
+    bad = _is_nan(S_a) | _is_nan(S_b) | _is_nan(T) | _is_nan(U)
+    inv_tu = scale_u * _LN2  # 1 / (temperature UNIT)
+    tl.store(kl_ptr + row, _finish_kl(S_a, S_b, T, HIT, inv_tu))
+    if WITH_TARGET:
+        tl.store(ent_ptr + row, tl.where(bad, float("nan"), _finish_entropy(S_a, U, inv_tu)))
+        tl.store(logp_ptr + row, tl.where(bad, float("nan"), _finish_logp(x_t, M_a, S_a, inv_tu)))
+        tl.store(logq_ptr + row, tl.where(bad, float("nan"), _finish_logp(y_t, M_b, S_b, inv_tu)))
+
+
+@triton.jit
+def _row_offset(row, n_inner, stride_outer, stride_inner):
+    """Element offset of a row of a [outer, inner, V] view (row ids int64: N * V can pass 2**31)."""
+    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
 
 
 # %% kernels -------------------------------------------------------------------------------------------------------
 @triton.jit
-def _token_stats_partial_kernel(
-    a_ptr,  # [N, V] logits of the visual pass, last dim contiguous
-    b_ptr,  # [N, V] logits of the text-only pass
+def _token_stats_kernel(
+    a_ptr,  # [outer, inner, V] logits of the visual pass, last dim contiguous
+    b_ptr,  # [outer, inner, V] logits of the text-only pass
     target_ptr,  # [N] int32/int64 target ids in [0, V) (unused without WITH_TARGET)
-    part_ptr,  # [N, C, 8] float32 partial stats
-    n_rows,  # N
+    part_ptr,  # SPLIT: [N, C, 7] float32 partial stats
+    kl_ptr,  # not SPLIT: [N] float32 outputs
+    logp_ptr,
+    logq_ptr,
+    ent_ptr,
     n_cols,  # V
-    stride_a_row,
-    stride_b_row,
-    cols_per_chunk,  # a multiple of BLOCK_V
+    n_inner,  # rows per outer index (T of a [B, T, V] view)
+    stride_a_outer,
+    stride_a_inner,
+    stride_b_outer,
+    stride_b_inner,
+    cols_per_chunk,  # a multiple of BLOCK_V (any value >= V without SPLIT)
     n_chunks,  # C
-    scale,  # log2(e) / temperature
-    WITH_TARGET: tl.constexpr,  # also entropy and the target logits
-    BLOCK_N: tl.constexpr,  # rows per program
-    BLOCK_V: tl.constexpr,
+    scale_u,  # log2(e) / (temperature UNIT)
+    WITH_TARGET: tl.constexpr,  # also entropy and the target's log-probs
+    SPLIT: tl.constexpr,  # several vocab chunks per row: write partial stats for the combine kernel
+    BLOCK_V: tl.constexpr,  # columns per tile = threads x EPT
+    EPT: tl.constexpr,  # contiguous columns per thread per tile (one 16-byte load per tensor in bf16)
+    NUM_STAGES: tl.constexpr,  # software-pipeline depth of the vocab loop
 ):
-    # widen row ids before multiplying by a stride: N * V can pass 2**31
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
+    row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    a_row = a_ptr + _row_offset(row, n_inner, stride_a_outer, stride_a_inner)
+    b_row = b_ptr + _row_offset(row, n_inner, stride_b_outer, stride_b_inner)
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, n_cols)
-    tgt = _load_targets(target_ptr, rows, row_ok, WITH_TARGET, BLOCK_N)
-    a_rows = a_ptr + rows[:, None] * stride_a_row
-    b_rows = b_ptr + rows[:, None] * stride_b_row
+    NT: tl.constexpr = BLOCK_V // EPT
+    offs = tl.arange(0, NT)[:, None] * EPT + tl.arange(0, EPT)[None, :]  # [NT, EPT]: a thread's columns in a row
 
-    m_a, s_a, m_b, s_b, t, u, x_a, x_b = _init_stats(BLOCK_N)
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(col_start, col_end, BLOCK_V):
-        cols = start + offs
-        ok = row_ok[:, None] & (cols < col_end)[None, :]
-        # fp32 whatever the input dtype; padded lanes are -inf, which contribute nothing
-        x = tl.load(a_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        y = tl.load(b_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        m_a, s_a, m_b, s_b, t, u, x_a, x_b = _fold_tile(m_a, s_a, m_b, s_b, t, u, x_a, x_b, x, y, cols, tgt, scale,
-                                                        WITH_TARGET)
-    _store_partial(part_ptr, rows, row_ok, chunk, n_chunks, m_a, s_a, m_b, s_b, t, u, x_a, x_b)
+    m_a, s_a, m_b, s_b, t, u, hit = _init_stats(NT)
+    full_end = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
+    # whole tiles: unmasked 16-byte loads, fp32 whatever the input dtype
+    for start in tl.range(col_start, full_end, BLOCK_V, num_stages=NUM_STAGES):
+        x = tl.load(a_row + start + offs).to(tl.float32)
+        y = tl.load(b_row + start + offs).to(tl.float32)
+        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
+    if full_end < col_end:  # the ragged last tile: padded lanes are -inf, which contribute nothing
+        ok = full_end + offs < col_end
+        x = tl.load(a_row + full_end + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        y = tl.load(b_row + full_end + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
+    # the one cross-thread step: merge the threads' stats
+    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
+    if SPLIT:
+        base = part_ptr + (row * n_chunks + chunk) * 7
+        tl.store(base + 0, M_a)
+        tl.store(base + 1, S_a)
+        tl.store(base + 2, M_b)
+        tl.store(base + 3, S_b)
+        tl.store(base + 4, T)
+        tl.store(base + 5, U)
+        tl.store(base + 6, HIT)
+    else:
+        x_t = 0.0
+        y_t = 0.0
+        if WITH_TARGET:  # the target's logits: two scalar loads
+            tgt = tl.load(target_ptr + row).to(tl.int64)
+            x_t = tl.load(a_row + tgt).to(tl.float32)
+            y_t = tl.load(b_row + tgt).to(tl.float32)
+        _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
+                    WITH_TARGET)
 
 
 @triton.jit
 def _token_stats_combine_kernel(
-    part_ptr,  # [N, C, 8] float32 partial stats
+    part_ptr,  # [N, C, 7] float32 partial stats
     target_ptr,  # [N] int target ids (unused without WITH_TARGET)
+    a_ptr,  # TARGET_LOGITS: [N, 2] float32 target logits (a_x, b_x); else the [outer, inner, V] logits of a
+    b_ptr,  # the [outer, inner, V] logits of b (unused with TARGET_LOGITS)
     kl_ptr,  # [N] float32 KL
     logp_ptr,  # [N] float32 log pi_vis(target) (unused without WITH_TARGET)
     logq_ptr,  # [N] float32 log pi_txt(target)
     ent_ptr,  # [N] float32 entropy of pi_vis
     n_chunks,  # C
-    cols_per_chunk,
-    scale,  # log2(e) / temperature
+    n_inner,
+    stride_a_outer,
+    stride_a_inner,
+    stride_b_outer,
+    stride_b_inner,
+    scale_u,  # log2(e) / (temperature UNIT)
     WITH_TARGET: tl.constexpr,
+    TARGET_LOGITS: tl.constexpr,  # target logits given (fused_linear computes them from the hidden states)
     BLOCK_C: tl.constexpr,
 ):
-    # merge C chunk stats with the same rescale-and-shift rule as the streaming update
+    # merge C chunk stats with the streaming rule, then finish the row
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     ok = offs < n_chunks
-    base = part_ptr + row * n_chunks * 8 + offs * 8
-    m_a, s_a, m_b, s_b, t = _load_chunk_stats(base, ok)
-    M_a, M_b, S_a, S_b, t_all, alpha, shift_a = _merge_chunks(m_a, s_a, m_b, s_b, t, scale)
-    tl.store(kl_ptr + row, _kl_finish(S_a, S_b, t_all))
+    base = part_ptr + row * n_chunks * 7 + offs * 7
+    m_a = tl.load(base + 0, mask=ok, other=_NEG_MAX)
+    s_a = tl.load(base + 1, mask=ok, other=0.0)
+    m_b = tl.load(base + 2, mask=ok, other=_NEG_MAX)
+    s_b = tl.load(base + 3, mask=ok, other=0.0)
+    t = tl.load(base + 4, mask=ok, other=0.0)
+    u = tl.load(base + 5, mask=ok, other=0.0)
+    hit = tl.load(base + 6, mask=ok, other=float("-inf"))
+    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
+    x_t = 0.0
+    y_t = 0.0
     if WITH_TARGET:
-        u = tl.load(base + 5, mask=ok, other=0.0)
-        u_all = tl.sum(tl.where(m_a == float("-inf"), 0.0, alpha * (u + s_a * shift_a)), axis=0)
-        ent = _LN2_C * (tl.log2(S_a) - u_all / S_a)
-        ent = tl.where(S_a == 0.0, 0.0, ent)
-        tl.store(ent_ptr + row, tl.maximum(ent, 0.0))
-        # the target's logits come from the chunk that holds the target column
-        tgt = tl.load(target_ptr + row).to(tl.int64)
-        home = part_ptr + (row * n_chunks + tgt // cols_per_chunk) * 8
-        tl.store(logp_ptr + row, _target_logp(tl.load(home + 6), M_a, S_a, scale))
-        tl.store(logq_ptr + row, _target_logp(tl.load(home + 7), M_b, S_b, scale))
+        if TARGET_LOGITS:
+            x_t = tl.load(a_ptr + row * 2)
+            y_t = tl.load(a_ptr + row * 2 + 1)
+        else:
+            tgt = tl.load(target_ptr + row).to(tl.int64)
+            x_t = tl.load(a_ptr + _row_offset(row, n_inner, stride_a_outer, stride_a_inner) + tgt).to(tl.float32)
+            y_t = tl.load(b_ptr + _row_offset(row, n_inner, stride_b_outer, stride_b_inner) + tgt).to(tl.float32)
+    _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
+                WITH_TARGET)
+
+
+# %% launch configuration ------------------------------------------------------------------------------------------
+def stats_launch_config(n_cols: int, itemsize: int) -> dict:
+    """The heuristic config (what the interpreter, the split path and the AOT tests use): 16-byte loads per thread,
+    16 warps on long rows, 2 pipeline stages."""
+    ept = max(1, 16 // itemsize)
+    block_v = min(4096, max(next_power_of_2(n_cols), 32 * ept))
+    num_warps = max(1, min(16, block_v // (32 * ept)))
+    return {"BLOCK_V": 32 * num_warps * ept, "EPT": ept, "NUM_STAGES": 2, "num_warps": num_warps}
+
+
+def _autotune_configs():
+    # (EPT, warps, stages): 16-byte loads (EPT 8 in bf16/fp16, 4 in fp32) or 32-byte ones, 8 or 16 warps; EPT 4 runs
+    # 2 stages only (3 stages spend > 32 SASS per pair on the pipeline at 4 columns per thread, compiled for sm_90a)
+    return [triton.Config({"BLOCK_V": 32 * w * e, "EPT": e, "NUM_STAGES": s}, num_warps=w)
+            for e in (4, 8, 16) for w in (8, 16) for s in ((2,) if e == 4 else (2, 3))]
+
+
+_token_stats_kernel_autotuned = triton.autotune(configs=_autotune_configs(), key=["n_cols"])(_token_stats_kernel)
 
 
 # %% launchers -----------------------------------------------------------------------------------------------------
-def combine_stats(part: torch.Tensor, target: torch.Tensor | None, cols_per_chunk: int, scale: float):
-    """Launch the combine on [N, C, 8] partial stats -> (kl, logp, logp_txt, entropy), [N] float32 each (the last
-    three None without target)."""
+def combine_stats(part: torch.Tensor, target: torch.Tensor | None, scale: float, target_logits=None, views=None):
+    """Launch the combine on [N, C, 7] partial stats -> (kl, logp, logp_txt, entropy), [N] float32 each (the last
+    three None without target). The target logits come from target_logits [N, 2] fp32 or from the two RowViews."""
     n_rows, n_chunks, _ = part.shape
     kl = torch.empty(n_rows, dtype=torch.float32, device=part.device)
     with_target = target is not None
     logp, logq, ent = (torch.empty_like(kl) for _ in range(3)) if with_target else (kl, kl, kl)
+    given = target_logits is not None
+    if given or not with_target:
+        a_ptr, b_ptr, strides = (target_logits if given else kl), kl, (1, 0, 0, 0, 0)
+    else:
+        va, vb = views
+        a_ptr, b_ptr = va.tensor, vb.tensor
+        strides = (va.n_inner, va.stride_outer, va.stride_inner, vb.stride_outer, vb.stride_inner)
     _token_stats_combine_kernel[(n_rows,)](
-        part, target if with_target else kl, kl, logp, logq, ent, n_chunks, cols_per_chunk, scale,
-        WITH_TARGET=with_target, BLOCK_C=next_power_of_2(n_chunks), num_warps=1,
+        part, target if with_target else kl, a_ptr, b_ptr, kl, logp, logq, ent, n_chunks, *strides, scale / UNIT,
+        WITH_TARGET=with_target, TARGET_LOGITS=given, BLOCK_C=next_power_of_2(n_chunks), num_warps=1,
     )
     if not with_target:
         return kl, None, None, None
@@ -248,28 +369,43 @@ def token_stats_forward(
     temperature: float = 1.0,
     n_chunks: int | None = None,
 ):
-    """Launch the stats kernels on [N, V] logits and [N] targets (checked by the caller).
+    """Launch the stats kernels on [..., V] logits and [...] targets (checked by the caller).
 
-    Returns (logp, logp_txt, entropy, kl), [N] float32 each. n_chunks: vocab split per row, None = from the shape
-    and the device's SM count.
+    [B, T, V] views (e.g. logits[:, :-1]) are read in place through their strides. Returns (logp, logp_txt,
+    entropy, kl), [N] float32 each. n_chunks: vocab split per row, None = from the shape and the SM count.
     """
-    a, b = as_rows(logits_vis), as_rows(logits_txt)
+    va, vb = row_view(logits_vis), row_view(logits_txt)
+    if va.n_inner != vb.n_inner:  # different leading-dim merges: fall back to plain rows for both
+        va, vb = row_view(as_rows(logits_vis)), row_view(as_rows(logits_txt))
     target = target_ids.reshape(-1).contiguous()
-    n_rows, n_cols = a.shape
+    n_rows, n_cols = va.n_rows, va.n_cols
+    device = va.tensor.device
+    outs = [torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4)]
     if n_rows == 0:
-        empty = torch.empty(0, dtype=torch.float32, device=a.device)
-        return empty, empty.clone(), empty.clone(), empty.clone()
-    scale = LOG2E / float(temperature)
-    block_v, num_warps = kl_launch_config(n_cols)
+        return tuple(outs)
+    kl, logp, logq, ent = outs
+    scale_u = LOG2E / (float(temperature) * UNIT)
+    cfg = stats_launch_config(n_cols, va.tensor.element_size())
     if n_chunks is None:
-        n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device))
-    cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, block_v)
-    part = torch.empty((n_rows, n_chunks, N_PART), dtype=torch.float32, device=a.device)
-    _token_stats_partial_kernel[(n_rows, n_chunks)](
-        a, b, target, part, n_rows, n_cols, a.stride(0), b.stride(0), cols_per_chunk, n_chunks, scale,
-        WITH_TARGET=True, BLOCK_N=1, BLOCK_V=block_v, num_warps=num_warps,
+        n_chunks = split_chunks(n_rows, n_cols, cfg["BLOCK_V"], device_sm_count(device))
+    cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, cfg["BLOCK_V"])
+    strides = (va.n_inner, va.stride_outer, va.stride_inner, vb.stride_outer, vb.stride_inner)
+    if n_chunks == 1:
+        args = (va.tensor, vb.tensor, target, kl, kl, logp, logq, ent, n_cols, *strides, n_cols, 1, scale_u)
+        if autotune_enabled(device):
+            _token_stats_kernel_autotuned[(n_rows, 1)](*args, WITH_TARGET=True, SPLIT=False)
+        else:
+            _token_stats_kernel[(n_rows, 1)](*args, WITH_TARGET=True, SPLIT=False, BLOCK_V=cfg["BLOCK_V"],
+                                             EPT=cfg["EPT"], NUM_STAGES=cfg["NUM_STAGES"],
+                                             num_warps=cfg["num_warps"])
+        return logp, logq, ent, kl
+    part = torch.empty((n_rows, n_chunks, N_PART), dtype=torch.float32, device=device)
+    _token_stats_kernel[(n_rows, n_chunks)](
+        va.tensor, vb.tensor, target, part, kl, kl, kl, kl, n_cols, *strides, cols_per_chunk, n_chunks, scale_u,
+        WITH_TARGET=True, SPLIT=True, BLOCK_V=cfg["BLOCK_V"], EPT=cfg["EPT"], NUM_STAGES=cfg["NUM_STAGES"],
+        num_warps=cfg["num_warps"],
     )
-    kl, logp, logq, ent = combine_stats(part, target, cols_per_chunk, scale)
+    kl, logp, logq, ent = combine_stats(part, target, LOG2E / float(temperature), views=(va, vb))
     return logp, logq, ent, kl
 
 
@@ -290,6 +426,17 @@ def check_target_ids(target_ids: torch.Tensor, lead_shape: torch.Size, n_cols: i
     if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= n_cols)).any()):  # host sync: a bad id would
         raise ValueError(f"target_ids must lie in [0, V) = [0, {n_cols}); mask ignored positions (e.g. -100) "
                          "to a valid id before the call")  # read out of bounds in the kernel
+
+
+def _row_blocks(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor):
+    """[..., V] x2 and [...] targets as [n, V] row blocks in order, views where possible: a [B, T, V] slice such as
+    logits[:, :-1] goes batch row by batch row instead of being copied whole."""
+    try:
+        return [(a.view(-1, a.shape[-1]), b.view(-1, b.shape[-1]), target.reshape(-1))]
+    except RuntimeError:
+        if a.dim() < 3:
+            return [(as_rows(a), as_rows(b), target.reshape(-1))]
+        return [blk for i in range(a.shape[0]) for blk in _row_blocks(a[i], b[i], target[i])]
 
 
 def finish_stats(logp, logq, ent, kl, estimator: str, lead: torch.Size) -> TokenStats:
@@ -323,8 +470,9 @@ def token_stats(
         backend: "triton", "torch" or "auto" (triton on CUDA tensors, torch otherwise).
 
     Returns:
-        TokenStats(logp, entropy, kl), each [...] float32. A row whose visual logits are all -inf has no
-        distribution: logp -inf, entropy 0, kl 0 (our choice).
+        TokenStats(logp, entropy, kl), each [...] float32, no gradient. A row whose visual logits are all -inf has
+        no distribution: logp -inf, entropy 0, kl 0 (our choice). A NaN or +inf logit in a row of either input makes
+        all three NaN for that row; huge finite logits give the true values.
     """
     check_logits_pair(logits_vis, logits_txt)
     check_temperature(temperature)
@@ -332,10 +480,12 @@ def token_stats(
     lead = logits_vis.shape[:-1]
     check_target_ids(target_ids, lead, logits_vis.shape[-1], logits_vis.device)
     backend = resolve_backend(backend, logits_vis, logits_txt, target_ids)
-    if backend == "torch":
-        logp, logq, ent, kl = token_stats_torch(as_rows(logits_vis), as_rows(logits_txt), target_ids.reshape(-1),
-                                                temperature)
-    else:
-        logp, logq, ent, kl = token_stats_forward(logits_vis, logits_txt, target_ids, temperature)
-    return finish_stats(logp, logq, ent, kl, estimator, lead)
+    with torch.no_grad():  # weights, not a loss: no output carries a grad_fn on either backend
+        if backend == "torch":
+            parts = [token_stats_torch(a, b, t, temperature) for a, b, t in _row_blocks(logits_vis, logits_txt,
+                                                                                          target_ids)]
+            logp, logq, ent, kl = (torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+        else:
+            logp, logq, ent, kl = token_stats_forward(logits_vis, logits_txt, target_ids, temperature)
+        return finish_stats(logp, logq, ent, kl, estimator, lead)
 

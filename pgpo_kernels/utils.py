@@ -6,6 +6,8 @@ the argument and what was expected.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -70,18 +72,34 @@ def check_logits_pair(logits_vis: torch.Tensor, logits_txt: torch.Tensor) -> Non
                          f"{logits_txt.device}")
 
 
+def check_real(name: str, value) -> float:
+    """A finite real number (int, float or a numpy scalar; not bool, not str, not a tensor) -> float, else
+    TypeError/ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
 def check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    """temperature: a finite real number > 0 (NONFINITE rule 4)."""
+    if not check_real("temperature", temperature) > 0.0:
+        raise ValueError(f"temperature must be a positive number (> 0), got {temperature!r}")
 
 
-def check_reshape_params(tau: float, beta: float, eps: float) -> None:
-    if not 0.0 <= tau <= 1.0:
+def check_reshape_params(tau: float, beta: float, eps: float, renormalize: bool = True) -> None:
+    """tau in [0, 1], beta >= 0, eps > 0, all finite real numbers; renormalize a bool (NONFINITE rule 6)."""
+    if not 0.0 <= check_real("tau", tau) <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau!r}")
-    if not beta >= 0.0:
+    if not check_real("beta", beta) >= 0.0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
-    if not eps > 0.0:
+    if not check_real("eps", eps) > 0.0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool (True or False), got {type(renormalize).__name__} "
+                        f"{renormalize!r}")
 
 
 def check_mask(mask: torch.Tensor | None, shape: torch.Size, name: str = "mask") -> None:
@@ -129,3 +147,36 @@ def device_sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+from typing import NamedTuple  # kept with its only user
+
+
+class RowView(NamedTuple):
+    """[..., V] logits addressed as N rows without a copy: row r = (r // n_inner, r % n_inner) starts at element
+    (r // n_inner) * stride_outer + (r % n_inner) * stride_inner of `tensor`; the last stride is 1."""
+
+    tensor: torch.Tensor
+    n_rows: int
+    n_cols: int
+    n_inner: int
+    stride_outer: int
+    stride_inner: int
+
+
+def row_view(x: torch.Tensor) -> RowView:
+    """Rows of [..., V] as an (outer, inner) stride pair, so a [B, T, V] slice such as logits[:, :-1] is read in place.
+
+    Copies only when the last stride is not 1 or the leading dims other than the last cannot be merged by a view.
+    """
+    n_cols = x.shape[-1]
+    x3 = x.reshape(1, 1, n_cols) if x.dim() == 1 else x.unsqueeze(0) if x.dim() == 2 else x
+    if x3.dim() > 3:
+        try:
+            x3 = x3.view(-1, *x3.shape[-2:])
+        except RuntimeError:  # the outer dims do not merge: one copy
+            x3 = x3.reshape(-1, *x3.shape[-2:]).contiguous()
+    if n_cols > 1 and x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    n_inner = x3.shape[1]
+    return RowView(x3, x3.shape[0] * n_inner, n_cols, max(n_inner, 1), x3.stride(0), x3.stride(1))

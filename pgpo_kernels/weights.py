@@ -46,7 +46,9 @@ def pgpo_token_weights(
 
     Returns:
         (weights, kl): float32, both [B, T] (or [total]); weights are 0 at padding, kl is computed for every row.
-        Multiply the sequence advantage [B, 1] by weights to get token advantages.
+        Multiply the sequence advantage [B, 1] by weights to get token advantages. No gradient flows through
+        either. A NaN or +inf logit makes its row's kl NaN and so its sequence's weights NaN (other sequences are
+        unaffected); huge finite logits give the true KL.
     """
     check_logits_pair(logits_vis, logits_txt)
     check_temperature(temperature)
@@ -60,12 +62,13 @@ def pgpo_token_weights(
         raise ValueError(f"logits_vis must have shape [B, T, V] (or [total, V] with cu_seqlens), got "
                          f"{tuple(logits_vis.shape)}")
     # every reshape check runs here, before the KL launch: a bad mask must not cost a pass over [N, V]
-    check_reshape_args(torch.empty(score_shape, device="meta"), mask, cu_seqlens, tau, beta, eps,
+    check_reshape_args(torch.empty(score_shape, device="meta"), mask, cu_seqlens, tau, beta, eps, renormalize,
                        device=logits_vis.device)
-    if estimator == "k3":  # token_stats checks target_ids (shape, dtype, range) before reading the logits
-        kl = token_stats(logits_vis, logits_txt, target_ids, temperature=temperature, estimator="k3",
-                         backend=backend).kl  # [B, T] float32
-    else:
-        kl = token_kl(logits_vis, logits_txt, temperature=temperature, backend=backend)  # [B, T] float32
-    weights = reshape_weights_checked(kl, mask, cu_seqlens, tau, beta, eps, renormalize, backend)
+    with torch.no_grad():  # weights, never a loss (SPEC 1): neither output carries a gradient on any backend
+        if estimator == "k3":  # token_stats checks target_ids (shape, dtype, range) before reading the logits
+            kl = token_stats(logits_vis, logits_txt, target_ids, temperature=temperature, estimator="k3",
+                             backend=backend).kl  # [B, T] float32
+        else:
+            kl = token_kl(logits_vis, logits_txt, temperature=temperature, backend=backend)  # [B, T] float32
+        weights = reshape_weights_checked(kl, mask, cu_seqlens, tau, beta, eps, renormalize, backend)
     return weights, kl

@@ -55,6 +55,46 @@ def _smooth(ys: list[float], k: int) -> list[float]:
     return out
 
 
+def run_colours(n_runs: int) -> list:
+    """One colour per run, fixed across every panel (matplotlib's default cycle, repeated past its length)."""
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color") or ["C0"]
+    return [cycle[i % len(cycle)] for i in range(n_runs)]
+
+
+def build_figure(runs: list[tuple[str, list[dict]]], smooth: int = 5):
+    """The figure of every PANELS metric any run logged: run i has colour i in every panel, whether or not it logged
+    that panel's metric, and the legend lists every run (not only those of the first panel)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    colours = run_colours(len(runs))
+    panels = [(k, t) for k, t in PANELS if any(k in r for _, rows in runs for r in rows)]
+    ncols = 3
+    nrows = max(1, (len(panels) + ncols - 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for (label, rows), colour in zip(runs, colours):
+            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            k = 1 if key.startswith(("eval/", "sft/")) else smooth
+            ax.plot(xs, _smooth(list(ys), k), label=label, color=colour,
+                    marker="o" if key.startswith("eval/") else None, ms=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if runs:
+        handles = [Line2D([], [], color=c, label=label) for (label, _), c in zip(runs, colours)]
+        fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 3), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
 def plot_runs(run_dirs: list[str], out: str | None = None, smooth: int = 5) -> str:
     """Draws every PANELS metric any run logged; returns the PNG path (default RUN_DIR/curves.png)."""
     try:
@@ -64,28 +104,7 @@ def plot_runs(run_dirs: list[str], out: str | None = None, smooth: int = 5) -> s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(run_label(d), read_metrics(d)) for d in run_dirs]
-    panels = [(k, t) for k, t in PANELS if any(k in r for _, rows in runs for r in rows)]
-    ncols = 3
-    nrows = max(1, (len(panels) + ncols - 1) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, panels):
-        for label, rows in runs:
-            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            k = 1 if key.startswith(("eval/", "sft/")) else smooth
-            ax.plot(xs, _smooth(list(ys), k), label=label, marker="o" if key.startswith("eval/") else None, ms=3)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig = build_figure([(run_label(d), read_metrics(d)) for d in run_dirs], smooth)
     out = out or os.path.join(run_dirs[0], "curves.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)

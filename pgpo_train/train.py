@@ -205,10 +205,11 @@ def visual_kwargs(batch: dict) -> dict:
     return visual_inputs(*(batch[k] for k in keys))
 
 
-def response_logits(model, inputs: dict, n_resp: int, temperature: float) -> torch.Tensor:
-    """[mb, T, V] temperature-scaled logits predicting the response tokens (only those positions are computed)."""
+def response_logits(model, inputs: dict, n_resp: int, temperature: float | None) -> torch.Tensor:
+    """[mb, T, V] temperature-scaled fp32 logits predicting the response tokens (only those positions are computed);
+    temperature None: the model-dtype view itself, no copy (for kernels that take temperature= and a strided view)."""
     logits = model(**inputs, logits_to_keep=n_resp + 1, use_cache=False).logits[:, :-1]  # [mb, T, V]
-    return logits.float() / temperature
+    return logits if temperature is None else logits.float() / temperature
 
 
 def logp_entropy(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True):
@@ -281,6 +282,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     fused = pgpo and fused_lm_head
     # PGPO_NO_TOKEN_STATS=1: the logits path's unfused ops (torch log-softmax + token_kl / k3), to compare with
     unfused = os.environ.get("PGPO_NO_TOKEN_STATS") == "1"
+    logits_temp = None if pgpo and not unfused else cfg.temperature  # None: token_stats scales bf16 logits itself
     for start in range(0, B, cfg.micro_batch_size):
         mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
@@ -288,7 +290,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
             if fused:
                 vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
             else:
-                vis = response_logits(model, kw, T, cfg.temperature)  # [mb, T, V]
+                vis = response_logits(model, kw, T, logits_temp)  # [mb, T, V]
                 if not pgpo or unfused:
                     lp, ent = logp_entropy(vis, mb["responses"])
         if not pgpo:
@@ -298,7 +300,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
             continue
         with timed(times, "timing/text_only"):
             kw = text_only_inputs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
-            txt = response_hidden(model, kw, T) if fused else response_logits(model, kw, T, cfg.temperature)
+            txt = response_hidden(model, kw, T) if fused else response_logits(model, kw, T, logits_temp)
         with timed(times, "timing/kl_reshape"):
             if fused:
                 weight, bias = lm_head_params(model)
@@ -314,8 +316,9 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
                 )
                 lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
             elif not unfused:
-                # one read of each logit tensor gives log-prob, entropy and S_t (logits are already / temperature)
-                st = token_stats(vis, txt, mb["responses"], estimator=cfg.pgpo.estimator, backend=cfg.pgpo.backend)
+                # one read of each [mb, T, V] logit view gives log-prob, entropy and S_t (no fp32 / temperature copy)
+                st = token_stats(vis, txt, mb["responses"], temperature=cfg.temperature,
+                                 estimator=cfg.pgpo.estimator, backend=cfg.pgpo.backend)
                 lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
             elif cfg.pgpo.estimator == "full":
                 s = token_kl(vis, txt, backend=cfg.pgpo.backend)  # [mb, T]

@@ -121,3 +121,19 @@ def test_liger_missing_is_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.ops.kl_div", None)
     with pytest.raises(Unavailable, match="liger-kernel not installed"):
         liger_kl_function()
+
+
+@pytest.mark.parametrize("columns", [100, 160])
+def test_rich_table_uses_the_terminal_width(report, monkeypatch, capsys, columns):
+    import os
+    import shutil
+
+    from benchmarks.report import print_table
+
+    pytest.importorskip("rich")
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((columns, 24)))
+    print_table(report)
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line[:1] in "┏┃┡│└"]
+    assert table and max(len(line) for line in table) <= columns  # never the old fixed 200 columns
+    assert max(len(line) for line in table) > columns - 20  # and it uses the width it has

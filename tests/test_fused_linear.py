@@ -209,3 +209,69 @@ def test_gpu_qwen_shapes_and_memory(N):
                                rtol=1e-4)
     torch.testing.assert_close(st.entropy[rows].cpu().double(), token_entropy_ref(la), atol=1e-3, rtol=1e-4)
     _ranges(st, V)
+
+
+# %% non-finite and huge inputs on the Triton path (the project's rules 2-4 and 7; the interpreter runs the kernels)
+def _log_softmax_ref(la, lb, tgt):
+    """float64 truth via log_softmax (row max subtracted first: logits near +-3e38 do not cancel)."""
+    lpa, lpb = la.log_softmax(-1), lb.log_softmax(-1)
+    p = lpa.exp()
+    zero = torch.zeros((), dtype=torch.float64)
+    kl = torch.where(p > 0, p * (lpa - lpb), zero).sum(-1).clamp_min(0.0)
+    ent = -torch.where(p > 0, p * lpa, zero).sum(-1)
+    return lpa.gather(-1, tgt.unsqueeze(-1)).squeeze(-1), ent.clamp_min(0.0), kl
+
+
+@pytest.mark.parametrize("bad", ["nan_hidden_vis", "inf_hidden_txt", "nan_bias"])
+def test_triton_nan_or_inf_input_makes_the_row_nan(bad):
+    # rule 2: a NaN or +inf logit in a row -> every output of that row NaN (before: 0 or finite garbage)
+    N, H, V = 6, 32, 70
+    hv, ht, w, b = _inputs(N, H, V, torch.float32)
+    tgt = torch.randint(0, V, (N,))
+    rows = torch.tensor([2]) if bad != "nan_bias" else torch.arange(N)
+    if bad == "nan_hidden_vis":
+        hv[2, 5] = float("nan")
+    elif bad == "inf_hidden_txt":
+        ht[2, 0] = float("inf")  # +-inf logits in that row of the text pass: +inf among them -> NaN
+    else:
+        b[33] = float("nan")  # a NaN column: every row
+    st = fused_linear_token_stats(hv, ht, w, tgt, b, backend="triton")
+    for out in st:
+        assert torch.isnan(out[rows]).all(), (bad, st)
+    ok = torch.ones(N, dtype=torch.bool)
+    ok[rows] = False
+    la, lb = linear_logits_ref(hv[ok], w, b), linear_logits_ref(ht[ok], w, b)
+    torch.testing.assert_close(st.kl[ok].double(), token_kl_ref(la, lb), atol=_TRITON_ATOL, rtol=1e-5)
+    k3 = fused_linear_token_stats(hv, ht, w, tgt, b, estimator="k3", backend="triton").kl
+    assert torch.isnan(k3[rows]).all()
+
+
+def test_triton_huge_finite_logits_give_the_true_values():
+    # rule 3: a bias of +-3e38 makes huge finite logits: the true values (finite, or +inf where they overflow fp32)
+    N, H, V = 5, 16, 40
+    hv, ht, w, _ = _inputs(N, H, V, torch.float32, bias=False)
+    b = torch.zeros(V)
+    b[3], b[7], b[20:30] = 3e38, -3e38, 1e38
+    tgt = torch.tensor([3, 7, 25, 0, 3])
+    st = fused_linear_token_stats(hv, ht, w, tgt, b, temperature=0.8, backend="triton")
+    kl = fused_linear_token_kl(hv, ht, w, b, temperature=0.8, backend="triton")
+    la, lb = linear_logits_ref(hv, w, b) / 0.8, linear_logits_ref(ht, w, b) / 0.8
+    for name, got, ref in zip(("logp", "entropy", "kl"), st, _log_softmax_ref(la, lb, tgt)):
+        assert not torch.isnan(got).any(), (name, got)
+        over = ref.abs() > torch.finfo(torch.float32).max
+        assert torch.equal(torch.isinf(got), over), (name, got, ref)
+        torch.testing.assert_close(got.double()[~over], ref[~over], atol=1e-4, rtol=1e-4, msg=name)
+    torch.testing.assert_close(kl, st.kl)
+
+
+def test_triton_outputs_carry_no_grad_and_temperature_is_checked():
+    # rules 7 and 4 on the Triton path
+    hv, ht, w, b = _inputs(4, 16, 20, torch.float32)
+    w.requires_grad_(True)
+    hv.requires_grad_(True)
+    st = fused_linear_token_stats(hv, ht, w, torch.zeros(4, dtype=torch.long), b, backend="triton")
+    assert all(x.grad_fn is None and not x.requires_grad for x in st)
+    assert fused_linear_token_kl(hv, ht, w, b, backend="triton").grad_fn is None
+    for temperature, err in ((float("inf"), ValueError), (True, TypeError), ("2", TypeError)):
+        with pytest.raises(err, match="temperature"):
+            fused_linear_token_kl(hv, ht, w, b, temperature=temperature, backend="triton")

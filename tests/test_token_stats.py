@@ -224,3 +224,155 @@ def test_k3_edge_cases_match_reference():
     out = k3_kl(lv, lt)
     assert ref[0] == float("inf") and ref[2] == 0 and ref[3] == 0 and ref[4] == 0
     torch.testing.assert_close(out.double(), ref)
+
+
+# %% non-finite and huge inputs on the Triton path (the project's rules 1-4 and 7; the interpreter runs the kernels)
+_FLT_MAX = torch.finfo(torch.float32).max
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+def _log_softmax_ref(a, b, tgt, temperature=1.0):
+    """float64 truth via log_softmax (which subtracts the row max first), so logits near +-3e38 do not cancel as
+    `sum p (a - b) - lse_a + lse_b` would: -> (logp, entropy, kl), each [N] float64."""
+    la = (a.double() / temperature).log_softmax(-1)
+    lb = (b.double() / temperature).log_softmax(-1)
+    p = la.exp()
+    zero = torch.zeros((), dtype=torch.float64)
+    ent = -torch.where(p > 0, p * la, zero).sum(-1)
+    kl = torch.where(p > 0, p * (la - lb), zero).sum(-1)
+    logp = la.gather(-1, tgt.long().unsqueeze(-1)).squeeze(-1)
+    return logp, ent.clamp_min(0.0), kl.clamp_min(0.0)
+
+
+def _stats_triton(a, b, tgt, n_chunks, temperature=1.0):
+    if n_chunks is None:
+        return token_stats(a, b, tgt, temperature=temperature, backend="triton")
+    logp, _, ent, kl = token_stats_forward(a, b, tgt, temperature, n_chunks=n_chunks)
+    return TokenStats(logp, ent, kl)
+
+
+@pytest.mark.parametrize("n_chunks", [None, 3])
+@pytest.mark.parametrize("bad", ["nan_a", "nan_b", "posinf_a", "posinf_b", "nan_target", "nan_where_a_masked"])
+def test_triton_nan_or_posinf_makes_the_row_nan(bad, n_chunks):
+    # rule 2: a NaN or +inf anywhere in a row of either input -> every output of that row NaN (before: 0 / finite)
+    V = 700
+    a, b = _pair((4, V), torch.float32)
+    tgt = torch.tensor([5, 650, 9, 100])
+    a[1, :50] = float("-inf")
+    row, col = 1, {"nan_a": 3, "nan_b": 640, "posinf_a": 699, "posinf_b": 0, "nan_target": 650,
+                   "nan_where_a_masked": 10}[bad]
+    t = b if bad.endswith("_b") or bad == "nan_where_a_masked" else a
+    t[row, col] = float("inf") if bad.startswith("posinf") else float("nan")
+    st = _stats_triton(a, b, tgt, n_chunks)
+    for out in st:
+        assert torch.isnan(out[row]), (bad, st)
+    ok = torch.tensor([0, 2, 3])
+    for got, ref in zip(st, _refs(a[ok], b[ok], tgt[ok], 1.0)):
+        torch.testing.assert_close(got[ok].double(), ref, atol=2e-5, rtol=1e-5)
+    k3 = token_stats(a, b, tgt, estimator="k3", backend="triton").kl
+    assert torch.isnan(k3[row]) and torch.isfinite(k3[ok]).all()
+
+
+@pytest.mark.parametrize("n_chunks", [None, 2])
+def test_triton_whole_minus_inf_rows(n_chunks):
+    # rule 1: an all -inf row of a -> kl 0, entropy 0, logp -inf; an all -inf row of b with finite a -> kl +inf
+    a, b = _pair((3, 300), torch.float32)
+    a[0] = float("-inf")
+    b[1] = float("-inf")
+    a[2] = float("-inf")
+    b[2] = float("-inf")
+    st = _stats_triton(a, b, torch.tensor([1, 2, 3]), n_chunks)
+    assert st.kl[0] == 0 and st.entropy[0] == 0 and st.logp[0] == float("-inf")
+    assert st.kl[1] == float("inf") and torch.isfinite(st.logp[1]) and torch.isfinite(st.entropy[1])
+    assert st.kl[2] == 0 and st.entropy[2] == 0 and st.logp[2] == float("-inf")
+    assert not any(torch.isnan(x).any() for x in st)
+
+
+def _huge_rows(dtype):
+    big = _BF16_MAX if dtype == torch.bfloat16 else torch.finfo(dtype).max if dtype == torch.float16 else 3e38
+    V = 300
+    a, b = _pair((6, V), torch.float32)
+    a[0, 7], b[0, 7] = big, big  # one dominant entry in both: p = q ~ one-hot, KL ~ 0
+    a[1, 3], a[1, 4], b[1, 4] = big, -big, big  # a and b peak on different entries: the true KL overflows fp32
+    a[2] = -big  # a whole row at -max: uniform
+    a[2, 11] = -big / 2
+    b[2] = big
+    a[3] += big / 2  # a shift by a huge constant keeps the KL (up to fp32 rounding of the shifted logits)
+    b[3] += big / 2
+    a[4, ::2], b[4, 1::2] = -big, -big  # +-max interleaved
+    a[5, 0], b[5, 0] = big, -big  # p one-hot where q is ~0: KL ~ 2 big / T overflows; logp_txt too
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("n_chunks", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_huge_finite_logits_give_the_true_values(dtype, n_chunks):
+    # rule 3: huge finite logits -> the true value (finite, or +inf where it overflows fp32); never 0, never NaN
+    a, b = _huge_rows(dtype)
+    tgt = torch.tensor([7, 4, 11, 0, 1, 0])
+    st = _stats_triton(a, b, tgt, n_chunks, temperature=0.9)
+    for name, got, ref in zip(("logp", "entropy", "kl"), st, _log_softmax_ref(a, b, tgt, 0.9)):
+        assert not torch.isnan(got).any(), (name, got)
+        over = ref.abs() > _FLT_MAX
+        assert torch.equal(torch.isinf(got), over), (name, got, ref)
+        torch.testing.assert_close(got.double()[~over], ref[~over], atol=1e-4, rtol=1e-4, msg=name)
+        assert bool((got[ref != 0] != 0).all()), (name, got, ref)  # never a silent 0
+
+
+def test_triton_outputs_carry_no_grad():
+    # rule 7: weights, not a loss
+    a, b = _pair((2, 3, 40), torch.float32)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    st = token_stats(a, b, torch.zeros(2, 3, dtype=torch.long), backend="triton")
+    assert all(x.grad_fn is None and not x.requires_grad for x in st)
+
+
+@pytest.mark.parametrize("temperature, err", [(float("inf"), ValueError), (float("nan"), ValueError),
+                                              (-1.0, ValueError), (0, ValueError), (True, TypeError),
+                                              ("1.0", TypeError)])
+def test_temperature_must_be_a_finite_positive_real(temperature, err):
+    # rule 4, on the Triton path (before: inf accepted, "1.0" a raw comparison TypeError)
+    a, b = _pair((2, 10), torch.float32)
+    with pytest.raises(err, match="temperature"):
+        token_stats(a, b, torch.zeros(2, dtype=torch.long), temperature=temperature, backend="triton")
+
+
+# %% [B, T, V] views and temperature= (pgpo_train passes logits[:, :-1] in the model dtype, not logits.float() / T)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_bf16_view_with_temperature_matches_the_old_fp32_path(backend):
+    from pgpo_kernels.token_stats import _row_blocks
+    from pgpo_kernels.utils import row_view
+
+    B, T, V = 2, 5, 300
+    full = (torch.randn(B, T + 1, V) * 4).bfloat16()  # the model's logits_to_keep=T+1 output
+    full_txt = (full.float() + torch.randn(B, T + 1, V)).bfloat16()
+    vis, txt = full[:, :-1], full_txt[:, :-1]  # strided views: no [N, V] row view exists
+    tgt = torch.randint(0, V, (B, T))
+    new = token_stats(vis, txt, tgt, temperature=0.7, backend=backend)
+    old = token_stats(vis.float() / 0.7, txt.float() / 0.7, tgt, backend=backend)  # what train.py did before
+    for n, o, ref in zip(new, old, _refs(vis, txt, tgt, 0.7)):
+        assert n.shape == (B, T)
+        torch.testing.assert_close(n, o, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(n.double(), ref, atol=2e-5, rtol=1e-5)
+    # and neither backend copies the view: the kernels read it through a (batch, time) stride pair, the torch
+    # fallback goes batch row by batch row
+    rv = row_view(vis)
+    assert rv.tensor.data_ptr() == full.data_ptr() and (rv.n_inner, rv.stride_outer, rv.stride_inner) == (T, (T + 1) * V, V)
+    blocks = _row_blocks(vis, txt, tgt)
+    assert len(blocks) == B and all(x.data_ptr() == full[i].data_ptr() for i, (x, _, _) in enumerate(blocks))
+
+
+def test_row_view_layouts():
+    from pgpo_kernels.utils import row_view
+
+    x = torch.randn(3, 4, 5, 6)
+    v = row_view(x)  # contiguous: rows of a [12, 5, 6] view
+    assert v.n_rows == 60 and v.n_cols == 6 and v.tensor.data_ptr() == x.data_ptr()
+    s = x[:, :, :-1]  # outer dims merge by a view, the time dim stays strided
+    v = row_view(s)
+    assert v.n_rows == 48 and (v.n_inner, v.stride_outer, v.stride_inner) == (4, 30, 6)
+    assert v.tensor.data_ptr() == x.data_ptr()
+    t = x.transpose(-1, -2)  # last stride != 1: one copy
+    assert row_view(t).tensor.stride(-1) == 1
+    assert row_view(torch.randn(7)).n_rows == 1 and row_view(torch.randn(0, 7)).n_rows == 0
