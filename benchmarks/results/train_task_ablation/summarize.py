@@ -1,0 +1,194 @@
+"""Tables and curves of the ablation: per task, every variant's greedy eval accuracy over RL (seed mean with a
+min-max band), paired differences vs DAPO (mean +- sd over seeds, sign count), the measured PGPO overhead share.
+
+python benchmarks/results/train_task_ablation/summarize.py runs/ablation   # -> summary.json, curves_*.png, tables
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import shutil
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ORDER = ["grpo", "dapo", "pgpo", "pgpo-k3", "pgpo-beta0", "pgpo-tau0", "pgpo-spread"]
+
+
+def rows(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def load(root):
+    """{task: {seed: {"sft": acc, variant: {"evals": [(rl_step, acc)], "rl": [rows]}}}} of finished runs only."""
+    out = {}
+    for d in sorted(glob.glob(os.path.join(root, "*-s*"))):
+        task, seed = os.path.basename(d).rsplit("-s", 1)
+        sft = os.path.join(d, "sft", "summary.json")
+        if not os.path.exists(sft):
+            continue
+        with open(sft) as f:
+            s = json.load(f)
+        entry = {"sft": s["eval/acc"], "sft_steps": s["sft_steps"]}
+        for v in ORDER:
+            vd = os.path.join(d, v)
+            if not os.path.exists(os.path.join(vd, "summary.json")):
+                continue
+            r = rows(os.path.join(vd, "metrics.jsonl"))
+            rl = [x for x in r if x.get("phase") == "rl"]
+            entry[v] = {
+                "evals": [(0, s["eval/acc"])] + [(x["step"], x["eval/acc"]) for x in rl if "eval/acc" in x],
+                "rl": rl,
+            }
+        out.setdefault(task, {})[int(seed)] = entry
+    return out
+
+
+def msd(xs):
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def per_run(v):
+    accs = [a for _, a in v["evals"][1:]]
+    rl = v["rl"]
+    share = [
+        (x.get("timing/text_only", 0) + x.get("timing/kl_reshape", 0)) / x["timing/step"]
+        for x in rl
+        if "timing/text_only" in x
+    ]
+    return {
+        "final": accs[-1],
+        "last3": statistics.mean(accs[-3:]),
+        "auc": statistics.mean(accs),  # mean eval accuracy over the RL evals: how fast it learned
+        "train_reward": statistics.mean(x["reward/mean"] for x in rl[-20:]),
+        "groups": statistics.mean(x.get("data/groups", 0) for x in rl),
+        "refill_rounds": statistics.mean(x.get("data/refill_rounds", 0) for x in rl),
+        "overhead_share": statistics.mean(share) if share else None,
+        "step_s": statistics.mean(x["timing/step"] for x in rl),
+    }
+
+
+def summarize(root):
+    data = load(root)
+    res = {}
+    for task, seeds in data.items():
+        variants = [v for v in ORDER if any(v in e for e in seeds.values())]
+        t = {
+            "seeds": sorted(seeds),
+            "sft": {s: e["sft"] for s, e in seeds.items()},
+            "sft_steps": {s: e["sft_steps"] for s, e in seeds.items()},
+            "variants": {},
+        }
+        for v in variants:
+            runs = {s: per_run(e[v]) for s, e in seeds.items() if v in e}
+            vt = {"n_seeds": len(runs), "per_seed": runs}
+            for key in ("final", "last3", "auc", "train_reward", "groups", "refill_rounds", "step_s"):
+                vt[key] = msd([r[key] for r in runs.values()])
+            sh = [r["overhead_share"] for r in runs.values() if r["overhead_share"] is not None]
+            vt["overhead_share"] = msd(sh) if sh else None
+            vt["gain_over_sft"] = msd([runs[s]["final"] - seeds[s]["sft"] for s in runs])
+            if v != "dapo":
+                paired = [s for s in runs if "dapo" in seeds[s]]
+                dap = {s: per_run(seeds[s]["dapo"]) for s in paired}
+                vt["vs_dapo"] = {}
+                for key in ("final", "last3", "auc"):
+                    d = [runs[s][key] - dap[s][key] for s in paired]
+                    if d:
+                        vt["vs_dapo"][key] = {
+                            "mean": statistics.mean(d),
+                            "sd": msd(d)[1],
+                            "n": len(d),
+                            "wins": sum(x > 1e-9 for x in d),
+                            "ties": sum(abs(x) <= 1e-9 for x in d),
+                            "losses": sum(x < -1e-9 for x in d),
+                        }
+            t["variants"][v] = vt
+        res[task] = t
+        plot(task, seeds, variants)
+    return res
+
+
+def plot(task, seeds, variants):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, v in enumerate(variants):
+        curves = [e[v]["evals"] for e in seeds.values() if v in e]
+        n = min(len(c) for c in curves)
+        xs = [curves[0][j][0] for j in range(n)]  # RL step of each eval (the variants run no SFT: step = RL step)
+        ys = [[c[j][1] for c in curves] for j in range(n)]
+        mean = [statistics.mean(y) for y in ys]
+        c = f"C{i}"
+        ax.plot(xs, mean, color=c, label=f"{v} ({len(curves)} seeds)", lw=2)
+        ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=c, alpha=0.08)
+    ax.set_xlabel("RL step (0 = after the SFT warm-up)")
+    ax.set_ylabel("greedy eval accuracy (256 prompts)")
+    ax.set_title(f"{task}: seed mean, band = min-max over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, f"curves_{task}.png"), dpi=110)
+    plt.close(fig)
+
+
+def _ms(x) -> str:
+    return f"{x[0]:.3f} +- {x[1]:.3f}"
+
+
+def _paired(d: dict, k: str) -> str:
+    """Paired difference vs DAPO in points: mean +- sd (wins/ties/losses over seeds)."""
+    if k not in d:
+        return "-"
+    x = d[k]
+    return f"{100 * x['mean']:+.1f} +- {100 * x['sd']:.1f} ({x['wins']}/{x['ties']}/{x['losses']})"
+
+
+def table(res):
+    lines = []
+    for task, t in res.items():
+        sft = list(t["sft"].values())
+        lines.append(
+            f"\n### {task} ({len(t['seeds'])} seeds: {t['seeds']}; eval after SFT {statistics.mean(sft):.3f}"
+            f" mean, range {min(sft):.3f}-{max(sft):.3f})\n"
+        )
+        lines.append(
+            "| variant | seeds | final acc | mean of last 3 evals | mean over RL evals | final - SFT | "
+            "final vs DAPO: mean +- sd (W/T/L) | last-3 vs DAPO | RL-mean vs DAPO | groups/step | "
+            "overhead share |"
+        )
+        lines.append("|" + "---|" * 11)
+        for v, vt in t["variants"].items():
+            d = vt.get("vs_dapo", {})
+            oh = f"{100 * vt['overhead_share'][0]:.1f}%" if vt["overhead_share"] else "-"
+            lines.append(
+                f"| {v} | {vt['n_seeds']} | {_ms(vt['final'])} | {_ms(vt['last3'])} | {_ms(vt['auc'])} | "
+                f"{100 * vt['gain_over_sft'][0]:+.1f} +- {100 * vt['gain_over_sft'][1]:.1f} | {_paired(d, 'final')} | "
+                f"{_paired(d, 'last3')} | {_paired(d, 'auc')} | {vt['groups'][0]:.2f} | {oh} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    root = (argv or sys.argv[1:] or ["runs/ablation"])[0]
+    res = summarize(root)
+    with open(os.path.join(HERE, "summary.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    # the raw per-step logs, compressed, so every number here can be recomputed
+    logs = os.path.join(HERE, "logs")
+    for path in glob.glob(os.path.join(root, "*-s*", "*", "metrics.jsonl")):
+        rel = os.path.relpath(path, root).replace(os.sep, "__")
+        os.makedirs(logs, exist_ok=True)
+        with open(path, "rb") as src, gzip.open(os.path.join(logs, rel + ".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
