@@ -107,7 +107,7 @@ class TrainConfig:
     sft_steps: int = -1  # max warm-up steps; -1 = auto: 600 grid-count, 300 count-copy, 0 with --model/--dataset
     # the grid-count warm-up sits at chance, then learns to count within ~100 steps, at a step that varies by seed;
     # stopping on accuracy leaves RL the same room in every seed
-    sft_stop_acc: float = -1.0  # end SFT once its last 3 batches' exact match reaches this; -1 = auto: 0.5 grid-count
+    sft_stop_acc: float = -1.0  # end SFT once its last 3 batches' exact match reaches this; -1 = auto: 0.75 grid-count
     sft_batch_size: int = 32  # reference responses per SFT step
     sft_lr: float = 2e-3  # AdamW learning rate of the warm-up (RL starts with a fresh optimizer at --lr)
     # --- eval
@@ -143,7 +143,7 @@ class TrainConfig:
         if c.sft_steps == -1:
             c.sft_steps = (600 if c.task == "grid-count" else 300) if embedded else 0
         if c.sft_stop_acc == -1.0:
-            c.sft_stop_acc = 0.5 if embedded and c.task == "grid-count" else 0.0
+            c.sft_stop_acc = 0.75 if embedded and c.task == "grid-count" else 0.0
         for name in (
             "prompts_per_step",
             "group_size",

@@ -3,7 +3,8 @@
 grid-count (default): an 84x84 image holds a 3x3 grid of cells; N of them (N = 0..9, balanced) hold a red, green or
     blue shape. The question is always "How many shapes?", so the text alone says nothing about N: a text-only
     predictor is at chance (1/10). The response is `<think></think>\\boxed{N}`: the one token that decides the
-    reward is read off the image, which is the case PGPO's visual-dependency weighting is designed for.
+    reward is read off the image, which is the case PGPO's visual-dependency weighting is designed for. The warm-up
+    references come from a teacher that undercounts crowded grids (TEACHER_UNDERCOUNT_FROM), which leaves RL room.
 count-copy (the previous default, tiny.make_count_records): a 2x2 grid; "How many <colour> shapes?"; the response
     counts every colour inside <think> and copies the asked one into \\boxed{}. After the warm-up the errors are in
     that copy, a text-only token with almost no token KL, so PGPO (as the paper defines it) moves advantage away
@@ -30,6 +31,14 @@ GRID_IMAGE_SIZE = 84  # 6x6 patches of 14 -> 3x3 = 9 image tokens after the 2x2 
 GRID_SIDE = 3
 GRID_MAX = GRID_SIDE * GRID_SIDE  # answers 0..9
 GRID_QUESTION = "How many shapes?"
+# The warm-up's reference answers come from an imperfect teacher that undercounts crowded grids: for N >= 5 shapes
+# it writes N - 1 in 3 of 4 records (the "answer" column, which the reward checks, is always the true N). Why: SFT
+# makes the policy calibrated to its references, and a calibrated policy's greedy answer is already the best its
+# perception allows, so on exact references RL only sharpens sampling and greedy accuracy barely moves in a few
+# minutes (measured, issue 10). The teacher's bias leaves a systematic error on the visual answer token that only
+# the verifiable reward reveals: the room RL (and PGPO's weighting) can visibly use.
+TEACHER_UNDERCOUNT_FROM = 5
+TEACHER_UNDERCOUNT_P = 0.75
 
 
 def grid_response(n: int) -> str:
@@ -62,11 +71,23 @@ def draw_grid(cells: list[str | None], rng: random.Random) -> Image.Image:
     return img
 
 
+def teacher_count(n: int, rng: random.Random) -> int:
+    """The warm-up teacher's count of n shapes: n - 1 with probability TEACHER_UNDERCOUNT_P when n is large."""
+    return n - 1 if n >= TEACHER_UNDERCOUNT_FROM and rng.random() < TEACHER_UNDERCOUNT_P else n
+
+
 def make_grid_example(n: int, rng: random.Random) -> dict:
-    """One record with exactly n shapes in random cells: {"image", "problem", "answer", "solution"}."""
+    """One record with exactly n shapes in random cells: {"image", "problem", "answer" (true n), "solution" (the
+    teacher's reference response, see TEACHER_UNDERCOUNT_FROM)}."""
     filled = set(rng.sample(range(GRID_MAX), n))
     cells = [rng.choice(list(COLORS)) if i in filled else None for i in range(GRID_MAX)]
-    return {"image": draw_grid(cells, rng), "problem": GRID_QUESTION, "answer": str(n), "solution": grid_response(n)}
+    image = draw_grid(cells, rng)
+    return {
+        "image": image,
+        "problem": GRID_QUESTION,
+        "answer": str(n),
+        "solution": grid_response(teacher_count(n, rng)),
+    }
 
 
 def make_grid_records(n: int, seed: int = 0) -> list[dict]:
@@ -96,7 +117,7 @@ class Task:
 TASKS = {
     "grid-count": Task(
         "grid-count",
-        "grid-count-v1",
+        "grid-count-v2",
         make_grid_records,
         "3x3 grid, 'How many shapes?', answer 0-9 read off the image (PGPO's case)",
     ),

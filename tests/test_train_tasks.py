@@ -8,6 +8,8 @@ import pytest
 from pgpo_train.config import TrainConfig
 from pgpo_train.tasks import GRID_MAX
 from pgpo_train.tasks import TASKS
+from pgpo_train.tasks import TEACHER_UNDERCOUNT_FROM
+from pgpo_train.tasks import TEACHER_UNDERCOUNT_P
 from pgpo_train.tasks import get_task
 from pgpo_train.tasks import make_grid_records
 from pgpo_train.tasks import save_task_dataset
@@ -27,7 +29,18 @@ def test_grid_answers_balanced_and_match_the_image():
             for y in range(3)
         )
         assert filled == int(r["answer"])
-        assert r["solution"].endswith(f"\\boxed{{{r['answer']}}}")
+
+
+def test_grid_teacher_undercounts_only_crowded_grids():
+    """The warm-up references: exact below TEACHER_UNDERCOUNT_FROM shapes, N - 1 at about the documented rate above."""
+    recs = make_grid_records(2000, seed=5)
+    told = [(int(r["answer"]), int(r["solution"].split("{")[-1].rstrip("}"))) for r in recs]
+    assert all(t == n for n, t in told if n < TEACHER_UNDERCOUNT_FROM)
+    crowded = [(n, t) for n, t in told if n >= TEACHER_UNDERCOUNT_FROM]
+    assert all(t in (n, n - 1) for n, t in crowded)
+    rate = sum(t == n - 1 for n, t in crowded) / len(crowded)
+    assert abs(rate - TEACHER_UNDERCOUNT_P) < 0.04  # 1000 draws: sd ~0.014
+    assert all(r["solution"] == f"<think></think>\\boxed{{{t}}}" for r, (_, t) in zip(recs, told))
 
 
 def test_grid_text_only_predictor_is_at_chance():
@@ -40,8 +53,8 @@ def test_grid_text_only_predictor_is_at_chance():
     guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
     acc = sum(guess.get(r["problem"], "0") == r["answer"] for r in test) / len(test)
     assert acc == pytest.approx(0.1, abs=0.005)  # balanced blocks: exactly 50 of each answer in 500
-    template = {r["solution"].replace(r["answer"], "N") for r in test}
-    assert len(template) == 1  # the response's text carries no information either
+    template = {r["solution"].split("{")[0] for r in test}
+    assert template == {"<think></think>\\boxed"}  # the response's text before the answer carries nothing either
 
 
 def test_count_copy_answer_is_partly_guessable_from_text():
@@ -56,7 +69,7 @@ def test_task_is_selectable_and_validated(tmp_path):
     c = TrainConfig(task="count-copy", out_dir=str(tmp_path)).resolved()
     assert (c.sft_steps, c.sft_stop_acc) == (300, 0.0)  # the old default warm-up
     g = TrainConfig(out_dir=str(tmp_path)).resolved()
-    assert (g.sft_steps, g.sft_stop_acc) == (600, 0.5)
+    assert (g.sft_steps, g.sft_stop_acc) == (600, 0.75)
     with pytest.raises(ValueError, match="--task"):
         TrainConfig(task="nope", out_dir=str(tmp_path)).resolved()
     with pytest.raises(ValueError, match="--task"):

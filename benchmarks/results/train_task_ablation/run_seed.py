@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--rl-steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=0.0, help="RL learning rate; 0 = pgpo-train's embedded default")
+    p.add_argument("--sft-stop-acc", type=float, default=-1.0, help="-1 = pgpo-train's default for the task")
     p.add_argument("--min-spread", type=float, default=0.1, help="pgpo-spread's --pgpo.min-spread")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -54,7 +55,9 @@ def main(argv=None) -> int:
     common = {"seed": a.seed, "eval_size": a.eval_size, "tensorboard": False, "progress": False, "overwrite": True}
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         t0 = time.perf_counter()
-        warm = train(TrainConfig(task=a.task, steps=0, out_dir=sft_dir, eval_every=1, **common))
+        warm = train(
+            TrainConfig(task=a.task, steps=0, out_dir=sft_dir, eval_every=1, sft_stop_acc=a.sft_stop_acc, **common)
+        )
         save_tiny_checkpoint(ckpt, model=warm["model"], processor=warm["processor"])
         print(
             f"[{a.task} s{a.seed}] sft: {warm['sft_steps']} steps, eval {warm.get('eval/acc')}, "
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     data = tiny_dataset_path(seed=0, task=a.task)
+    lr = a.lr or TrainConfig(task=a.task, out_dir=base).resolved().lr  # the embedded run's RL learning rate
     for name in a.variants.split(","):
         out = os.path.join(base, name)
         if os.path.exists(os.path.join(out, "summary.json")):
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
             prompt_template="tiny",
             max_new_tokens=24,
             sft_steps=0,
-            lr=a.lr,
+            lr=lr,
             algo=algo,
             steps=a.rl_steps,
             eval_every=a.eval_every,
