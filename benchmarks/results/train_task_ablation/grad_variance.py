@@ -28,6 +28,7 @@ from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
+from pgpo_train.train import flat_sequences
 from pgpo_train.train import load_policy
 from pgpo_train.train import logp_entropy
 from pgpo_train.train import old_logp_and_scores
@@ -133,6 +134,15 @@ def main(argv=None) -> int:
     }
     for k, gs in grads.items():
         res[k] = stats(torch.stack(gs))
+    # how spread the visual dependency is per sequence: what --pgpo.min-spread would flag as flat
+    ls = torch.log1p(batch["scores"].float())
+    m = mask.bool()
+    spread = ls.masked_fill(~m, float("-inf")).amax(-1) - ls.masked_fill(~m, float("inf")).amin(-1)  # [B]
+    q = torch.quantile(spread[torch.isfinite(spread)], torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
+    res["log1p_kl_spread_quantiles_10_25_50_75_90"] = [round(float(x), 4) for x in q]
+    res["flat_frac"] = {
+        str(t): float((flat_sequences(batch["scores"], mask, t)).float().mean()) for t in (0.01, 0.05, 0.1, 0.2, 0.5)
+    }
     res["rel_var_ratio_pgpo_over_dapo"] = res["pgpo"]["rel_var"] / res["dapo"]["rel_var"]
     res["total_var_ratio_pgpo_over_dapo"] = res["pgpo"]["total_var"] / res["dapo"]["total_var"]
     line = json.dumps(res)

@@ -11,6 +11,8 @@ TASKS=${TASKS:-"grid-count count-copy"}
 RL_STEPS=${RL_STEPS:-40}
 VARIANTS=${VARIANTS:-grpo,dapo,pgpo,pgpo-k3,pgpo-beta0,pgpo-tau0}
 HERE=$(dirname "$0")
+# this checkout's pgpo_train, not whichever copy is installed
+export PYTHONPATH="$(cd "$HERE/../../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 jobs=()
 for seed in $SEEDS; do for task in $TASKS; do jobs+=("$task $seed"); done; done
