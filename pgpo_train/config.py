@@ -90,11 +90,11 @@ class TrainConfig:
     micro_batch_size: int = 16  # responses per forward (memory knob; never changes the math)
     ppo_epochs: int = 1  # passes over each step's batch
     clip_ratio_low: float = 0.2  # PPO clip below 1 (ratio >= 1 - this)
-    clip_ratio_high: float = 0.0  # 0 = by algo: 0.28 for dapo/pgpo, 0.2 for grpo
-    loss_agg_mode: str = ""  # empty = by algo: token-mean for dapo/pgpo, seq-mean-token-mean for grpo
+    clip_ratio_high: float = 0.0  # PPO clip above 1 (ratio <= 1 + this); 0 = by algo: 0.28 dapo/pgpo, 0.2 grpo
+    loss_agg_mode: str = ""  # how token losses average; empty = by algo: token-mean dapo/pgpo, seq-mean-token-mean grpo
     dynamic_sampling: str = "auto"  # auto (on for dapo/pgpo) | on | off: drop groups whose rewards are all equal
     max_refill: int = 4  # dynamic sampling: at most this many extra rollout rounds refill the batch (0: it shrinks)
-    lr: float = 0.0  # 0 = auto: 1e-4 for the embedded tiny model, the paper's 1e-6 with --model
+    lr: float = 0.0  # RL learning rate; 0 = auto: 1e-4 for the embedded tiny model, the paper's 1e-6 with --model
     weight_decay: float = 0.01  # AdamW weight decay (SFT and RL)
     grad_clip: float = 1.0  # max global gradient norm
     acc_weight: float = 0.9  # reward = acc_weight x accuracy + format_weight x format (paper: 0.9 / 0.1)
@@ -102,7 +102,7 @@ class TrainConfig:
     # --- rollout
     max_new_tokens: int = 0  # 0 = auto: 24 for the tiny task, the paper's 2048 with --model or --dataset
     temperature: float = 1.0  # sampling temperature; log-probs use the same
-    top_p: float = 1.0  # paper: 0.99
+    top_p: float = 1.0  # nucleus sampling of the rollouts; paper: 0.99
     # --- SFT warm-up (gives the random tiny model a start)
     sft_steps: int = -1  # max warm-up steps; -1 = auto: 600 grid-count, 300 count-copy, 0 with --model/--dataset
     # the grid-count warm-up sits at chance, then learns to count within ~100 steps, at a step that varies by seed;

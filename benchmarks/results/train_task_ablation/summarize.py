@@ -175,8 +175,32 @@ def table(res):
     return "\n".join(lines)
 
 
+def variance_table(path: str) -> str:
+    """grad_variance.py's lines: relative variance (tr Cov / ||mean||^2) of the mini-batch gradient per checkpoint."""
+    with open(path) as f:
+        recs = [json.loads(x) for x in f if x.strip()]
+    lines = [
+        (
+            "| checkpoint | kept groups | DAPO rel. var | PGPO rel. var | PGPO / DAPO | PGPO / DAPO total var | "
+            "flat share at min-spread 0.1 / 0.5 | PGPO+min-spread 0.1 rel. var |"
+        ),
+        "|" + "---|" * 8,
+    ]
+    for r in recs:
+        lines.append(
+            f"| {r['task']} s{r['seed']} | {r['kept_groups']} | {r['dapo']['rel_var']:.3f} | {r['pgpo']['rel_var']:.3f}"
+            f" | {r['rel_var_ratio_pgpo_over_dapo']:.3f} | {r['total_var_ratio_pgpo_over_dapo']:.1f} | "
+            f"{r['flat_frac']['0.1']:.3f} / {r['flat_frac']['0.5']:.3f} | {r['pgpo-spread0.1']['rel_var']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    root = (argv or sys.argv[1:] or ["runs/ablation"])[0]
+    args = argv or sys.argv[1:] or ["runs/ablation"]
+    root = args[0]
+    if len(args) > 1:  # grad_variance.py's output
+        shutil.copy(args[1], os.path.join(HERE, "grad_variance.jsonl"))
+        print(variance_table(args[1]))
     res = summarize(root)
     with open(os.path.join(HERE, "summary.json"), "w") as f:
         json.dump(res, f, indent=1)
