@@ -15,8 +15,8 @@ HERE=$(dirname "$0")
 export PYTHONPATH="$(cd "$HERE/../../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 jobs=()
-for seed in $SEEDS; do for task in $TASKS; do jobs+=("$task $seed"); done; done
-worker() {  # worker i takes every second job: both tasks advance seed by seed
+for task in $TASKS; do for seed in $SEEDS; do jobs+=("$task $seed"); done; done
+worker() {  # worker i takes every second job: the first task's seeds first, two at a time
   local i=$1
   for ((j = i; j < ${#jobs[@]}; j += 2)); do
     read -r task seed <<< "${jobs[$j]}"
