@@ -113,12 +113,14 @@ def summarize(root):
 
 
 def plot(task, seeds, variants):
+    """Panel 1: every variant's seed mean; then one panel per variant: each seed thin, mean thick, min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8), sharey=True)
+    axes = axes.flat
     for i, v in enumerate(variants):
         curves = [e[v]["evals"] for e in seeds.values() if v in e]
         n = min(len(c) for c in curves)
@@ -126,15 +128,23 @@ def plot(task, seeds, variants):
         ys = [[c[j][1] for c in curves] for j in range(n)]
         mean = [statistics.mean(y) for y in ys]
         c = f"C{i}"
-        ax.plot(xs, mean, color=c, label=f"{v} ({len(curves)} seeds)", lw=2)
-        ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=c, alpha=0.08)
-    ax.set_xlabel("RL step (0 = after the SFT warm-up)")
-    ax.set_ylabel("greedy eval accuracy (256 prompts)")
-    ax.set_title(f"{task}: seed mean, band = min-max over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        axes[0].plot(xs, mean, color=c, label=f"{v} ({len(curves)} seeds)", lw=2)
+        ax = axes[i + 1]
+        for cur in curves:
+            ax.plot([p[0] for p in cur[:n]], [p[1] for p in cur[:n]], color=c, lw=0.7, alpha=0.5)
+        ax.plot(xs, mean, color=c, lw=2.5)
+        ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=c, alpha=0.12)
+        ax.set_title(f"{v}: {len(curves)} seeds (thin), mean (thick)", fontsize=10)
+    axes[0].set_title(f"{task}: seed means", fontsize=10)
+    axes[0].legend(fontsize=8)
+    for ax in list(axes)[len(variants) + 1 :]:
+        ax.axis("off")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("RL step (0 = after the SFT warm-up)")
+    fig.supylabel("greedy eval accuracy (256 prompts)")
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, f"curves_{task}.png"), dpi=110)
+    fig.savefig(os.path.join(HERE, f"curves_{task}.png"), dpi=100)
     plt.close(fig)
 
 
