@@ -92,3 +92,27 @@ def test_min_spread_uniform_weights_on_flat_sequences():
     assert torch.equal(guarded[1], paper[1]) and torch.equal(guarded[3], paper[3])
     assert not torch.equal(paper[0], torch.ones(4))  # without the guard the noise is stretched to full weights
     assert torch.equal(pgpo_weights(scores, mask, _cfg(1e9)), mask.float().where(~scores.isinf().any(-1, True), paper))
+
+
+def test_cli_run_reports_learning_writes_png_and_stops_sft_early(tmp_path, monkeypatch, capsys):
+    """End to end through `pgpo-train`: the warm-up stops once its exact-match probe reaches --sft-stop-acc (forced
+    here), the last lines give both evals with their SE, and RUN_DIR/curves.png exists."""
+    from pgpo_train import train as train_mod
+    from pgpo_train.tiny import save_count_dataset
+    from pgpo_train.tiny import save_tiny_checkpoint
+
+    real = train_mod.sft_step
+    monkeypatch.setattr(train_mod, "sft_step", lambda *a, **k: {**real(*a, **k), "sft/seq_acc": 1.0})
+    model = save_tiny_checkpoint(tmp_path / "m", seed=0)
+    data = save_count_dataset(tmp_path / "d", n_train=16, n_test=4, seed=0)
+    out = tmp_path / "run"
+    argv = ["--model", model, "--dataset", data, "--prompt-template", "tiny", "--out-dir", str(out), "--steps", "1"]
+    argv += ["--sft-steps", "10", "--sft-stop-acc", "0.5", "--sft-batch-size", "2", "--prompts-per-step", "2"]
+    argv += ["--max-new-tokens", "8", "--eval-every", "1", "--eval-size", "4", "--no-progress", "--no-tensorboard"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "3 SFT warm-up steps + 1 PGPO steps" in text
+    assert "eval accuracy (greedy, 4 prompts):" in text and "after the warm-up ->" in text and "after RL" in text
+    assert (out / "curves.png").stat().st_size > 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in lines] == ["sft", "sft", "sft", "rl"] and "eval/acc" in lines[2]
