@@ -78,7 +78,10 @@ def rollout(model, processor, records, n: int, max_new_tokens: int):
                                            tokenize=False) for r in records]
     enc = processor(images=[[r["image"]] for r in records], text=texts, padding=True, return_tensors="pt")
     P = enc["input_ids"].shape[1]
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=n)
+    visual = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                       "vision_end_token_id")]
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=n,
+                         suppress_tokens=[t for t in visual if t is not None])  # a sampled <|image_pad|> has no image
     responses = out[:, P:]  # [B, T]
     eos = model.generation_config.eos_token_id
     response_mask = response_mask_from(responses, [eos] if isinstance(eos, int) else list(eos))  # [B, T]
