@@ -104,7 +104,7 @@ class TrainConfig:
     temperature: float = 1.0  # sampling temperature; log-probs use the same
     top_p: float = 1.0  # nucleus sampling of the rollouts; paper: 0.99
     # --- SFT warm-up (gives the random tiny model a start)
-    sft_steps: int = -1  # max warm-up steps; -1 = auto: 600 grid-count, 300 count-copy, 0 with --model/--dataset
+    sft_steps: int = -1  # max warm-up steps; -1 = auto: 1000 grid-count, 300 count-copy, 0 with --model/--dataset
     # the grid-count warm-up sits at chance, then learns to count within ~100 steps, at a step that varies by seed;
     # stopping on accuracy leaves RL the same room in every seed
     sft_stop_acc: float = -1.0  # end SFT once its last 3 batches' exact match reaches this; -1 = auto: 0.75 grid-count
@@ -141,7 +141,7 @@ class TrainConfig:
         if c.max_new_tokens == 0:
             c.max_new_tokens = 24 if embedded else 2048
         if c.sft_steps == -1:
-            c.sft_steps = (600 if c.task == "grid-count" else 300) if embedded else 0
+            c.sft_steps = (1000 if c.task == "grid-count" else 300) if embedded else 0
         if c.sft_stop_acc == -1.0:
             c.sft_stop_acc = 0.75 if embedded and c.task == "grid-count" else 0.0
         for name in (

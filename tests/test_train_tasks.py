@@ -69,7 +69,7 @@ def test_task_is_selectable_and_validated(tmp_path):
     c = TrainConfig(task="count-copy", out_dir=str(tmp_path)).resolved()
     assert (c.sft_steps, c.sft_stop_acc) == (300, 0.0)  # the old default warm-up
     g = TrainConfig(out_dir=str(tmp_path)).resolved()
-    assert (g.sft_steps, g.sft_stop_acc) == (600, 0.75)
+    assert (g.sft_steps, g.sft_stop_acc) == (1000, 0.75)
     with pytest.raises(ValueError, match="--task"):
         TrainConfig(task="nope", out_dir=str(tmp_path)).resolved()
     with pytest.raises(ValueError, match="--task"):
