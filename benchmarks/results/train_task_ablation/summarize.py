@@ -91,14 +91,16 @@ def summarize(root):
             sh = [r["overhead_share"] for r in runs.values() if r["overhead_share"] is not None]
             vt["overhead_share"] = msd(sh) if sh else None
             vt["gain_over_sft"] = msd([runs[s]["final"] - seeds[s]["sft"] for s in runs])
-            if v != "dapo":
-                paired = [s for s in runs if "dapo" in seeds[s]]
-                dap = {s: per_run(seeds[s]["dapo"]) for s in paired}
-                vt["vs_dapo"] = {}
+            for ref in ("dapo", "pgpo"):  # paired differences against DAPO, and against PGPO for its ablations
+                if v == ref or (ref == "pgpo" and not v.startswith("pgpo-")):
+                    continue
+                paired = [s for s in runs if ref in seeds[s]]
+                base = {s: per_run(seeds[s][ref]) for s in paired}
+                vt[f"vs_{ref}"] = {}
                 for key in ("final", "last3", "auc"):
-                    d = [runs[s][key] - dap[s][key] for s in paired]
+                    d = [runs[s][key] - base[s][key] for s in paired]
                     if d:
-                        vt["vs_dapo"][key] = {
+                        vt[f"vs_{ref}"][key] = {
                             "mean": statistics.mean(d),
                             "sd": msd(d)[1],
                             "n": len(d),
@@ -171,16 +173,17 @@ def table(res):
         lines.append(
             "| variant | seeds | final acc | mean of last 3 evals | mean over RL evals | final - SFT | "
             "final vs DAPO: mean +- sd (W/T/L) | last-3 vs DAPO | RL-mean vs DAPO | groups/step | "
-            "overhead share |"
+            "overhead share | last-3 vs PGPO |"
         )
-        lines.append("|" + "---|" * 11)
+        lines.append("|" + "---|" * 12)
         for v, vt in t["variants"].items():
             d = vt.get("vs_dapo", {})
             oh = f"{100 * vt['overhead_share'][0]:.1f}%" if vt["overhead_share"] else "-"
             lines.append(
                 f"| {v} | {vt['n_seeds']} | {_ms(vt['final'])} | {_ms(vt['last3'])} | {_ms(vt['auc'])} | "
                 f"{100 * vt['gain_over_sft'][0]:+.1f} +- {100 * vt['gain_over_sft'][1]:.1f} | {_paired(d, 'final')} | "
-                f"{_paired(d, 'last3')} | {_paired(d, 'auc')} | {vt['groups'][0]:.2f} | {oh} |"
+                f"{_paired(d, 'last3')} | {_paired(d, 'auc')} | {vt['groups'][0]:.2f} | {oh} | "
+                f"{_paired(vt.get('vs_pgpo', {}), 'last3')} |"
             )
     return "\n".join(lines)
 
@@ -191,14 +194,14 @@ def variance_table(path: str) -> str:
         recs = [json.loads(x) for x in f if x.strip()]
     lines = [
         (
-            "| checkpoint | kept groups | DAPO rel. var | PGPO rel. var | PGPO / DAPO | PGPO / DAPO total var | "
+            "| task, warm-up checkpoint, rollout pool seed | kept groups | DAPO rel. var | PGPO rel. var | PGPO / DAPO | PGPO / DAPO total var | "
             "flat share at min-spread 0.1 / 0.5 | PGPO+min-spread 0.1 rel. var |"
         ),
         "|" + "---|" * 8,
     ]
     for r in recs:
         lines.append(
-            f"| {r['task']} s{r['seed']} | {r['kept_groups']} | {r['dapo']['rel_var']:.3f} | {r['pgpo']['rel_var']:.3f}"
+            f"| {r['task']}, {os.path.basename(os.path.dirname(r['checkpoint']))}, pool seed {r['seed']} | {r['kept_groups']} | {r['dapo']['rel_var']:.3f} | {r['pgpo']['rel_var']:.3f}"
             f" | {r['rel_var_ratio_pgpo_over_dapo']:.3f} | {r['total_var_ratio_pgpo_over_dapo']:.1f} | "
             f"{r['flat_frac']['0.1']:.3f} / {r['flat_frac']['0.5']:.3f} | {r['pgpo-spread0.1']['rel_var']:.3f} |"
         )
