@@ -72,10 +72,19 @@ def per_run(v):
     }
 
 
+CHANCE_PLUS = 0.15  # a warm-up that ends below this eval accuracy never left chance (0.10 on grid-count)
+
+
 def summarize(root):
     data = load(root)
     res = {}
     for task, seeds in data.items():
+        failed = {s: e for s, e in seeds.items() if e["sft"] < CHANCE_PLUS}
+        seeds = {s: e for s, e in seeds.items() if s not in failed}  # uninformative: every variant stays at chance
+        res[f"{task}_warmup_failed"] = {
+            s: {"sft_steps": e["sft_steps"], "sft": e["sft"], **{v: e[v]["evals"][-1][1] for v in ORDER if v in e}}
+            for s, e in failed.items()
+        }
         variants = [v for v in ORDER if any(v in e for e in seeds.values())]
         t = {
             "seeds": sorted(seeds),
@@ -165,6 +174,10 @@ def _paired(d: dict, k: str) -> str:
 def table(res):
     lines = []
     for task, t in res.items():
+        if task.endswith("_warmup_failed"):
+            if t:
+                lines.append(f"\n{task} (excluded above; final eval per variant): {json.dumps(t)}")
+            continue
         sft = list(t["sft"].values())
         lines.append(
             f"\n### {task} ({len(t['seeds'])} seeds: {t['seeds']}; eval after SFT {statistics.mean(sft):.3f}"
