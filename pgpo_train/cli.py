@@ -14,6 +14,12 @@ import shlex
 import sys
 import time
 
+SUBCOMMANDS = """\
+  pgpo-train [train] [OPTIONS]        train (the default subcommand); options below
+  pgpo-train plot RUN_DIR...          draw runs' curves (metrics.jsonl) to RUN_DIR/curves.png
+  pgpo-train inspect --run RUN_DIR    one response's tokens coloured by visual dependency (.html/.png)
+"""
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """A bad flag is one line on stderr and exit 2 (argparse's default prints the whole usage first)."""
@@ -45,10 +51,14 @@ def resume_command(argv: list[str], out_dir: str) -> str:
 def _train_parser() -> argparse.ArgumentParser:
     from pgpo_train.config import add_train_args
 
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Defaults in every option's help; the description's lines kept as written."""
+
     p = _OneLineParser(
         prog="pgpo-train",
-        description="Train a Qwen2.5-VL policy with PGPO / DAPO / GRPO. Subcommands: plot RUN_DIR..., inspect.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a Qwen2.5-VL policy with PGPO / DAPO / GRPO (no arguments: the embedded tiny model on the\n"
+        "generated grid-count task, a few minutes on CPU).\n\nsubcommands:\n" + SUBCOMMANDS,
+        formatter_class=Formatter,
     )
     add_train_args(p)
     return p
@@ -86,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         from pgpo_train.plot import plot_runs
 
         a = _plot_parser().parse_args(argv[1:])
+        import os
+
+        for d in a.run_dirs:
+            if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+                msg = f"pgpo-train plot: error: {d} is not a pgpo-train run directory (no metrics.jsonl)"
+                print(msg, file=sys.stderr)
+                return 2
         out = plot_runs(a.run_dirs, a.out or None, smooth=a.smooth)
         print(f"pgpo-train: wrote {out}")
         return 0
@@ -135,11 +152,33 @@ def main(argv: list[str] | None = None) -> int:
         teardown()
     if not say:
         return 0
-    keys = [k for k in ("eval/acc", "eval/reward") if k in summary]
-    res = ", ".join(f"{k} {summary[k]:.3f}" for k in keys)
-    print(f"pgpo-train: done in {time.perf_counter() - t0:.0f}s, {summary['steps']} steps; {res}")
-    print(f"pgpo-train: run dir {summary['out_dir']} (curves: pgpo-train plot {summary['out_dir']})")
+    print(
+        f"pgpo-train: done in {time.perf_counter() - t0:.0f}s: {summary['sft_steps']} SFT warm-up steps + "
+        f"{summary['rl_steps']} {cfg.algo.upper()} steps"
+    )
+    for line in learned_lines(summary):
+        print(f"pgpo-train: {line}")
+    curves = f"curves {summary['curves']}" if summary.get("curves") else f"curves: pgpo-train plot {summary['out_dir']}"
+    print(f"pgpo-train: run dir {summary['out_dir']} ({curves})")
     return 0
+
+
+def learned_lines(summary: dict) -> list[str]:
+    """What the run learned: greedy eval accuracy after the warm-up and at the end, +- one standard error."""
+    if "eval/acc_final" not in summary:
+        return ["no eval ran (--eval-every 0 or no eval split)"]
+    n = summary["eval/n"]
+    fmt = lambda k: f"{summary[k]:.3f} +- {summary[k + '_se']:.3f}"
+    out = []
+    if "eval/acc_sft" in summary and summary["rl_steps"] > 0:
+        diff = summary["eval/acc_final"] - summary["eval/acc_sft"]
+        out.append(
+            f"eval accuracy (greedy, {n} prompts): {fmt('eval/acc_sft')} after the warm-up -> "
+            f"{fmt('eval/acc_final')} after RL ({diff:+.3f})"
+        )
+    else:
+        out.append(f"eval accuracy (greedy, {n} prompts): {fmt('eval/acc_final')} at the end")
+    return out
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ PAPER_PROMPT_TEMPLATE = (
 # the values each string option takes: argparse's choices and resolved()'s checks ("" = auto where listed)
 CHOICES = {
     "algo": ["grpo", "dapo", "pgpo"],
+    "task": ["grid-count", "count-copy"],
     "estimator": ["full", "k3"],
     "fused_lm_head": ["auto", "on", "off"],
     "dynamic_sampling": ["auto", "on", "off"],
@@ -40,8 +41,10 @@ class PGPOConfig:
     estimator: str = "full"  # "full": exact token KL over the vocab; "k3": (r-1)-log r on the sampled token
     tau: float = 0.4  # gate threshold on the min-max normalized score (paper best: 0.4)
     beta: float = 2.0  # amplification of tokens above tau (paper best: 2.0)
-    eps: float = 1e-6
+    eps: float = 1e-6  # added to the min-max denominator (a sequence of equal scores gets I = 0)
     renormalize: bool = True  # keep each sequence's advantage mass (paper ablates False)
+    # our choice, off by default (the paper has no such guard): min-max normalization stretches any spread to [0, 1]
+    min_spread: float = 0.0  # uniform weights for a sequence whose log1p(KL) spread (max - min) is below this; 0 = off
     backend: str = "auto"  # pgpo_kernels backend: triton on CUDA, torch otherwise
     # our choice: off by default: with a bf16 policy the fused kernel's fp32 logits give old log-probs that differ
     # from the update's bf16-logit log-probs (up to 0.03 nats on the tiny model); turn it on when logits memory binds
@@ -65,12 +68,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory (real models)
     freeze_vision: bool = False  # paper trains the vision tower too
     # --- data
-    dataset: str = ""  # hub name or local path for datasets.load_dataset; empty = the generated tiny count task
-    split: str = "train"
-    eval_split: str = "test"
-    image_column: str = "image"
-    problem_column: str = "problem"
-    answer_column: str = "answer"
+    dataset: str = ""  # hub name or local path for datasets.load_dataset; empty = the generated --task
+    # grid-count: 3x3 grid, "How many shapes?", answer 0-9 read off the image. count-copy: the previous default,
+    # where the errors are a text-only copy of a count into the box, so PGPO is expected not to help (issue 10)
+    task: str = "grid-count"  # embedded task when --dataset is empty: grid-count | count-copy
+    split: str = "train"  # dataset split to train on
+    eval_split: str = "test"  # dataset split for the greedy evals (missing: no eval)
+    image_column: str = "image"  # column holding the image (PIL, {bytes, path} or a path)
+    problem_column: str = "problem"  # column holding the question text
+    answer_column: str = "answer"  # column holding the ground-truth answer (math-verify compares the boxed one)
     solution_column: str = "solution"  # reference responses for the SFT warm-up (only needed when sft_steps > 0)
     prompt_template: str = ""  # "{question}" is replaced; empty = "tiny" for the tiny task, the paper's otherwise
     max_samples: int = 0  # 0 = whole split
@@ -82,33 +88,35 @@ class TrainConfig:
     group_size: int = 4  # G responses per prompt; paper: 5
     mini_batch_size: int = 16  # responses per optimizer step; paper: 128 prompts x G
     micro_batch_size: int = 16  # responses per forward (memory knob; never changes the math)
-    ppo_epochs: int = 1
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.0  # 0 = by algo: 0.28 for dapo/pgpo, 0.2 for grpo
-    loss_agg_mode: str = ""  # empty = by algo: token-mean for dapo/pgpo, seq-mean-token-mean for grpo
+    ppo_epochs: int = 1  # passes over each step's batch
+    clip_ratio_low: float = 0.2  # PPO clip below 1 (ratio >= 1 - this)
+    clip_ratio_high: float = 0.0  # PPO clip above 1 (ratio <= 1 + this); 0 = by algo: 0.28 dapo/pgpo, 0.2 grpo
+    loss_agg_mode: str = ""  # how token losses average; empty = by algo: token-mean dapo/pgpo, seq-mean-token-mean grpo
     dynamic_sampling: str = "auto"  # auto (on for dapo/pgpo) | on | off: drop groups whose rewards are all equal
-    lr: float = 0.0  # 0 = auto: 1e-4 for the embedded tiny model, the paper's 1e-6 with --model
-    weight_decay: float = 0.01
+    max_refill: int = 4  # dynamic sampling: at most this many extra rollout rounds refill the batch (0: it shrinks)
+    lr: float = 0.0  # RL learning rate; 0 = auto: 1e-4 for the embedded tiny model, the paper's 1e-6 with --model
+    weight_decay: float = 0.01  # AdamW weight decay (SFT and RL)
     grad_clip: float = 1.0  # max global gradient norm (0: off)
-    acc_weight: float = 0.9
-    format_weight: float = 0.1
+    acc_weight: float = 0.9  # reward = acc_weight x accuracy + format_weight x format (paper: 0.9 / 0.1)
+    format_weight: float = 0.1  # see --acc-weight
     # --- rollout
     max_new_tokens: int = 0  # 0 = auto: 24 for the tiny task, the paper's 2048 with --model or --dataset
-    temperature: float = 1.0
-    top_p: float = 1.0  # paper: 0.99
+    temperature: float = 1.0  # sampling temperature; log-probs use the same
+    top_p: float = 1.0  # nucleus sampling of the rollouts; paper: 0.99
     # --- SFT warm-up (gives the random tiny model a start)
-    sft_steps: int = -1  # -1 = auto: 300 for the embedded default, 0 with --model or --dataset
-    sft_batch_size: int = 32
-    sft_lr: float = 2e-3
+    sft_steps: int = -1  # max warm-up steps; -1 = auto: 1000 grid-count, 300 count-copy, 0 with --model/--dataset
+    # the grid-count warm-up sits at chance, then learns to count within ~100 steps, at a step that varies by seed;
+    # stopping on accuracy leaves RL the same room in every seed
+    sft_stop_acc: float = -1.0  # end SFT once its last 3 batches' exact match reaches this; -1 = auto: 0.75 grid-count
+    sft_batch_size: int = 32  # reference responses per SFT step
+    sft_lr: float = 2e-3  # AdamW learning rate of the warm-up (RL starts with a fresh optimizer at --lr)
     # --- eval
     eval_every: int = 20  # RL steps between greedy evals on eval_split (0: off)
-    eval_size: int = 128
+    eval_size: int = 128  # eval prompts (the first of eval_split; the embedded tasks have 256)
     # --- system
-    seed: int = 0
+    seed: int = 0  # model init (embedded), data order, sampling
     device: str = "auto"  # auto: cuda when available
-    threads: int = (
-        0  # torch CPU threads; 0 = auto: 1 for the tiny model on CPU (tiny matmuls thrash with more), else torch's
-    )
+    threads: int = 0  # torch CPU threads; 0 = auto: 1 for the tiny model on CPU (more thrash), else torch's
     fsdp_cpu_offload: bool = False  # torchrun only: FSDP2 CPUOffloadPolicy (sharded params, grads, AdamW state on CPU)
 
     def resolved(self) -> TrainConfig:
@@ -127,7 +135,9 @@ class TrainConfig:
         if c.max_new_tokens == 0:
             c.max_new_tokens = 24 if embedded else 2048
         if c.sft_steps == -1:
-            c.sft_steps = 300 if embedded else 0
+            c.sft_steps = (1000 if c.task == "grid-count" else 300) if embedded else 0
+        if c.sft_stop_acc == -1.0:
+            c.sft_stop_acc = 0.75 if embedded and c.task == "grid-count" else 0.0
         if not c.out_dir:
             if c.resume:
                 raise ValueError("--resume needs --out-dir (the run directory to continue)")

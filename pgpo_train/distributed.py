@@ -223,6 +223,9 @@ SAME_KEYS = (
     "data/skipped_images",
     "data/skipped_empty",
     "data/epoch",
+    "data/kept_frac",  # refill's counts are global (gathered in refill_groups)
+    "data/groups",
+    "data/refill_rounds",
     "pgpo/fused_lm_head",
 )
 

@@ -144,7 +144,7 @@ def inspect_main(args) -> str:
         state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
     cols = {"image": cfg.image_column, "problem": cfg.problem_column, "answer": cfg.answer_column}
-    ds = load_split(cfg.dataset or tiny_dataset_path(seed=0), args.split, cols)
+    ds = load_split(cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task), args.split, cols)
     if not 0 <= args.index < len(ds):
         raise SystemExit(f"pgpo-train inspect: --index {args.index} out of range for {len(ds)} records")
     record = RecordStream(ds.select([args.index]), cols, Sampler(1, 0)).next_batch(1)[0]

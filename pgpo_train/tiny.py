@@ -1,9 +1,10 @@
-"""The embedded default: a tiny random Qwen2.5-VL, its tokenizer and processor, and a synthetic visual task.
+"""The embedded default: a tiny random Qwen2.5-VL, its tokenizer and processor, and the count-copy visual task
+(the default task, grid-count, and the task registry are in pgpo_train.tasks).
 
 Everything here is built locally (no downloads) so `pgpo-train` with no arguments runs anywhere, and tests exercise
 the real-run path (`from_pretrained` on a saved checkpoint, `load_dataset` on a saved local dataset).
 
-The task ("count"): a 56x56 image holds a 2x2 grid of cells, each empty or holding a red, green or blue shape. The
+The count-copy task: a 56x56 image holds a 2x2 grid of cells, each empty or holding a red, green or blue shape. The
 question asks how many shapes of one colour there are. The answer needs the image: without it the model can only
 guess from the prior. The reference response counts every colour inside <think> and boxes the asked one, so the
 visually grounded tokens (the counts in the think) and the text-grounded ones (the boxed copy) are both present.
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 56  # pixels; 56x56 -> 4x4 patches of 14 -> 2x2 = 4 image tokens after the 2x2 merge
 GRID = 2  # cells per side: one merged image token per cell
+MAX_IMAGE_SIZE = 84  # the grid-count task's images (pgpo_train.tasks)
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220)}
 SHAPES = ("square", "circle", "triangle")
 EMPTY = "none"
@@ -150,6 +152,10 @@ def tokenizer_corpus() -> list[str]:
     for _ in range(200):
         ex = make_count_example(rng)
         lines.append(TINY_PROMPT_TEMPLATE.format(question=ex["problem"]) + " " + ex["solution"])
+    from pgpo_train.tasks import GRID_QUESTION  # lazy: tasks imports this module
+    from pgpo_train.tasks import grid_response
+
+    lines += [TINY_PROMPT_TEMPLATE.format(question=GRID_QUESTION) + " " + grid_response(n) for n in range(10)] * 20
     lines.append("0123456789 +-*/=()[]{}.,:;!?'\" the a is are of to and")
     return lines
 
@@ -207,8 +213,9 @@ def _image_only_processor_class():
     return ImageOnlyQwen2_5_VLProcessor
 
 
-def build_image_processor(min_pixels: int = IMAGE_SIZE * IMAGE_SIZE, max_pixels: int = IMAGE_SIZE * IMAGE_SIZE):
-    """Qwen2-VL's PIL image processor (no torchvision needed), pinned to the tiny task's image size by default."""
+def build_image_processor(min_pixels: int = IMAGE_SIZE * IMAGE_SIZE, max_pixels: int = MAX_IMAGE_SIZE**2):
+    """Qwen2-VL's PIL image processor (no torchvision needed); by default the tiny tasks' 56x56 and 84x84 images
+    pass unresized (both are multiples of 28)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)

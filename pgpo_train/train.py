@@ -99,9 +99,11 @@ def check_vlm(model, processor) -> None:
     """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
     family = model_family.check_vlm(model, "pgpo-train")
     if family.rope != "mrope":  # this loop passes Qwen-VL image kwargs (pixel_values + image_grid_thw)
-        raise ValueError(f"pgpo-train's loop runs the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); for a "
-                         f"{family.name} model use the TRL adapter (pgpo_train.integrations.PGPOGRPOTrainer), which "
-                         "runs every supported family")
+        raise ValueError(
+            f"pgpo-train's loop runs the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); for a "
+            f"{family.name} model use the TRL adapter (pgpo_train.integrations.PGPOGRPOTrainer), which "
+            "runs every supported family"
+        )
     image_token_id = model.config.image_token_id
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", "<|image_pad|>")
@@ -171,8 +173,13 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
     input_ids = torch.cat([prompt["input_ids"], responses], dim=1)  # [B, L]
     attention_mask = torch.cat([prompt["attention_mask"], response_mask.to(prompt["attention_mask"].dtype)], dim=1)
     # the response is text (rope index over the prompt, responses continue the text positions)
-    position_ids = model_family.position_ids(model, input_ids, attention_mask, prompt_len=prompt["input_ids"].shape[1],
-                                             image_grid_thw=prompt.get("image_grid_thw"))
+    position_ids = model_family.position_ids(
+        model,
+        input_ids,
+        attention_mask,
+        prompt_len=prompt["input_ids"].shape[1],
+        image_grid_thw=prompt.get("image_grid_thw"),
+    )
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -317,8 +324,14 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
                 lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
             elif not unfused:
                 # one read of each [mb, T, V] logit view gives log-prob, entropy and S_t (no fp32 / temperature copy)
-                st = token_stats(vis, txt, mb["responses"], temperature=cfg.temperature,
-                                 estimator=cfg.pgpo.estimator, backend=cfg.pgpo.backend)
+                st = token_stats(
+                    vis,
+                    txt,
+                    mb["responses"],
+                    temperature=cfg.temperature,
+                    estimator=cfg.pgpo.estimator,
+                    backend=cfg.pgpo.backend,
+                )
                 lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
             elif cfg.pgpo.estimator == "full":
                 s = token_kl(vis, txt, backend=cfg.pgpo.backend)  # [mb, T]
@@ -336,8 +349,9 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
 
 
 def pgpo_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """[B, T] PGPO token weights from scores [B, T] with the run's tau, beta, eps, renormalize and backend."""
-    return core_algos.get_token_weight_fn("pgpo")(
+    """[B, T] PGPO token weights from scores [B, T] with the run's tau, beta, eps, renormalize and backend; sequences
+    whose log1p(score) spread is below --pgpo.min-spread get uniform weights (flat_sequences)."""
+    w = core_algos.get_token_weight_fn("pgpo")(
         scores,
         mask,
         tau=cfg.pgpo.tau,
@@ -346,6 +360,23 @@ def pgpo_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig) -> 
         renormalize=cfg.pgpo.renormalize,
         backend=cfg.pgpo.backend,
     )
+    if cfg.pgpo.min_spread > 0:
+        flat = flat_sequences(scores, mask, cfg.pgpo.min_spread)  # [B]
+        w = torch.where(flat[:, None], mask.to(w.dtype), w)
+    return w
+
+
+def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) -> torch.Tensor:
+    """[B] bool: max - min of log1p(scores) over a row's valid tokens is below min_spread (or the row is empty).
+
+    Min-max normalization stretches any spread to [0, 1]: on a sequence where the image barely changed any
+    prediction, the PGPO weights would only be stretched noise (issue 10). Torch ops only, no host sync.
+    """
+    m = mask.bool()
+    ls = torch.log1p(scores.float())  # [B, T]; +inf stays +inf (a huge spread: never flat)
+    hi = ls.masked_fill(~m, float("-inf")).amax(-1)
+    lo = ls.masked_fill(~m, float("inf")).amin(-1)
+    return (hi - lo) < min_spread  # a NaN spread (NaN score) is not flat: the reshape's own rules apply
 
 
 def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
@@ -451,11 +482,14 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
     if dp.world > 1:
         n_tok = float(batch["response_mask"].sum())
         loss = loss * (n_tok / dp.sum(n_tok))
+    with torch.no_grad():  # before the update, on records not trained on yet: a free held-out accuracy probe
+        hit = (logits.argmax(-1) == batch["responses"]) | ~batch["response_mask"].bool()
+        seq_acc = float(hit.all(-1).float().mean())  # every response token the argmax: ~ greedy accuracy
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: off
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"sft/loss": loss.item(), "sft/grad_norm": float(gn)}
+    return {"sft/loss": loss.item(), "sft/grad_norm": float(gn), "sft/seq_acc": seq_acc}
 
 
 @torch.no_grad()
@@ -498,6 +532,76 @@ def evaluate_on_ranks(model, processor, records: list[dict], cfg: TrainConfig, d
     return dp.merge_metrics(out, len(mine), 0.0)
 
 
+def sample_batch(model, processor, stream, cfg: TrainConfig, device, times: dict, dp=distributed.SINGLE):
+    """The step's rollouts: prompts_per_step groups, scored, with group advantages; with dynamic sampling, groups of
+    equal rewards dropped and (max_refill > 0) refilled from more prompts (pgpo_train.refill).
+
+    Under torchrun (dp) each rank samples its share of every round's prompts and the refill counts are global.
+
+    Returns:
+        (batch or None when no group was kept, rollout metrics averaged over every response sampled, the first
+        round's response texts, and under torchrun when this rank kept nothing: one row for zero-weight forwards).
+    """
+    from pgpo_train.refill import concat_rollouts
+    from pgpo_train.refill import refill_groups
+
+    G, seen, texts = cfg.group_size, [], []
+
+    def sample_round(n_prompts: int) -> dict:
+        records = dp.shard(stream.next_batch(n_prompts))  # torchrun: this rank's prompts
+        with dp.full_params(model):  # torchrun: one all-gather per layer for the whole rollout
+            batch, m = rollout(model, processor, records, cfg, device, times)
+        batch["advantages"], adv_m = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], G)
+        seen.append((len(records), {**m, **adv_m}))
+        texts.append(batch.pop("texts"))
+        return batch
+
+    on = cfg.dynamic_sampling == "on"
+    rounds, metrics = refill_groups(sample_round, cfg.prompts_per_step, G, cfg.max_refill if on else 0, on, dp)
+    n = sum(k for k, _ in seen)
+    metrics.update({key: sum(k * m[key] for k, m in seen) / n for key in seen[0][1]})
+    for key in ("response/length_max",):
+        metrics[key] = max(m[key] for _, m in seen)
+    parts = [
+        r["batch"] if r["keep"].all() else select_rows(r["batch"], r["keep"].nonzero().squeeze(-1))
+        for r in rounds
+        if r["keep"].any()
+    ]
+    batch = concat_rollouts(model, parts, processor.tokenizer.pad_token_id) if parts else None
+    filler = select_rows(rounds[0]["batch"], torch.arange(1)) if batch is None and dp.world > 1 else None
+    return batch, metrics, texts[0], filler
+
+
+def eval_summary(metrics_path: str, sft_end: int, n_eval: int) -> dict:
+    """Greedy eval accuracy after the warm-up (the eval at step sft_end) and at the last eval, each with its
+    binomial standard error sqrt(p (1 - p) / n), read back from metrics.jsonl (so a resumed run reports both)."""
+    if not n_eval or not os.path.exists(metrics_path):
+        return {}
+    with open(metrics_path) as f:
+        evals = [(r["step"], r["eval/acc"]) for r in map(json.loads, filter(str.strip, f)) if "eval/acc" in r]
+    out = {}
+    for key, hit in (("sft", [a for s, a in evals if s == sft_end]), ("final", [a for _, a in evals[-1:]])):
+        if hit:
+            out[f"eval/acc_{key}"] = hit[0]
+            out[f"eval/acc_{key}_se"] = math.sqrt(hit[0] * (1 - hit[0]) / n_eval)
+    out["eval/n"] = n_eval
+    return out
+
+
+def write_curves(out_dir: str) -> str | None:
+    """RUN_DIR/curves.png via pgpo-train plot's code; None when nothing was logged or (with a one-line notice)
+    without matplotlib."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    if importlib.util.find_spec("matplotlib") is None:
+        print("pgpo-train: matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return None
+    from pgpo_train.plot import plot_runs
+
+    return plot_runs([out_dir])
+
+
 # %% logging
 
 
@@ -516,7 +620,9 @@ class Logger:
         elif truncate_after is None and os.path.exists(self.path):
             os.remove(self.path)
         self.tb = None
-        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+        if tensorboard and importlib.util.find_spec("tensorboard") is None:
+            print("pgpo-train: tensorboard is not installed: metrics go to metrics.jsonl only (--no-tensorboard)")
+        elif tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
@@ -578,7 +684,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     # data: the generated tiny task unless a dataset is given
-    data_path = cfg.dataset or tiny_dataset_path(seed=0)
+    data_path = cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task)
     columns = {"image": cfg.image_column, "problem": cfg.problem_column, "answer": cfg.answer_column}
     if cfg.sft_steps > 0:
         columns["solution"] = cfg.solution_column
@@ -612,18 +718,22 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             print(f"pgpo-train: no eval ({e})")
 
     # state; resume restores all of it. Checkpoints are written in both phases; the optimizer a checkpoint holds is
-    # the one of its phase ("sft" before step sft_steps, "rl" from the SFT -> RL switch on).
+    # the one of its phase ("sft" before step sft_end, "rl" from the SFT -> RL switch on).
     step, data_pos, skipped, skipped_empty, resumed_from = 0, 0, 0, 0, None
+    sft_end, sft_accs = cfg.sft_steps, []  # sft_end: the step the warm-up ends at (earlier with --sft-stop-acc)
     optimizer = make_optimizer(model, cfg.sft_lr if cfg.sft_steps > 0 else cfg.lr, cfg.weight_decay)
     if cfg.resume:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
-        in_sft = read_trainer_state(path)["step"] < cfg.sft_steps
+        saved = read_trainer_state(path)
+        in_sft = saved["step"] < saved.get("sft_end", cfg.sft_steps)
         optimizer = make_optimizer(model, cfg.sft_lr if in_sft else cfg.lr, cfg.weight_decay)
         st = dist_checkpoint.load(path, model, optimizer, dp, cfg.seed)
         step, data_pos, skipped = st["step"], st["data_pos"], st["skipped_images"]
         skipped_empty = st.get("skipped_empty", 0)
+        sft_end = st.get("sft_end", cfg.sft_steps)
+        sft_accs = list(st.get("sft_accs", []))
         resumed_from = path
     sampler = Sampler(len(train_ds), cfg.seed, data_pos)
     stream = RecordStream(train_ds, columns, sampler)
@@ -636,14 +746,16 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
     def state():
         return {
             "step": step,
-            "phase": "sft" if step < cfg.sft_steps else "rl",
+            "phase": "sft" if step < sft_end else "rl",
             "data_pos": sampler.position,
             "skipped_images": stream.skipped_images,
             "skipped_empty": stream.skipped_empty,
+            "sft_end": sft_end,
+            "sft_accs": list(sft_accs),
             "config": dataclasses.asdict(cfg),
         }
 
-    total = cfg.sft_steps + cfg.steps
+    total = sft_end + cfg.steps
     bar = None
     if cfg.progress and dp.is_writer:
         from tqdm.auto import tqdm
@@ -664,19 +776,24 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
                 logger.close()
             raise TrainingInterrupted(requested, step, latest_checkpoint(ckpt_dir), cfg.out_dir)
         # --- SFT warm-up
-        if step < cfg.sft_steps:
+        if step < sft_end:
             recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
             m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp), len(recs), 0.0)
             step += 1
             check_finite_metrics(step, m, ("sft/loss", "sft/grad_norm"))
-            if step == cfg.sft_steps:
+            sft_accs = (sft_accs + [m["sft/seq_acc"]])[-3:]
+            if cfg.sft_stop_acc > 0 and len(sft_accs) == 3 and sum(sft_accs) / 3 >= cfg.sft_stop_acc:
+                sft_end, total = step, step + cfg.steps  # warm enough: RL starts now
+                if bar:
+                    bar.total = total
+            if step == sft_end:
                 if eval_records:
                     last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
                     m.update(last_eval)
                 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
             if logger:
                 logger.log(step, {"phase": "sft", **m})
-            if step == cfg.sft_steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+            if step == sft_end or (cfg.save_every > 0 and step % cfg.save_every == 0):
                 save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
                 saved_at = step
             if bar:
@@ -687,23 +804,13 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         # --- RL step
         times: dict = {}
         t0 = time.perf_counter()
-        records = dp.shard(stream.next_batch(cfg.prompts_per_step))  # torchrun: this rank's prompts
-        with dp.full_params(model):  # torchrun: one all-gather per layer for the whole rollout
-            batch, metrics = rollout(model, processor, records, cfg, device, times)
-        adv, adv_m = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], cfg.group_size)
-        batch["advantages"] = adv
-        metrics.update(adv_m)
-        keep = torch.ones_like(batch["rewards"], dtype=torch.bool)
-        if cfg.dynamic_sampling == "on":
-            keep = core_algos.dynamic_sampling_keep(batch["rewards"], cfg.group_size)
-        metrics["data/kept_frac"] = float(keep.float().mean())
+        batch, metrics, texts, filler = sample_batch(model, processor, stream, cfg, device, times, dp)
         if cfg.algo == "pgpo":
             metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which old-log-prob path ran (1: hidden states)
-        texts = batch.pop("texts")
-        n_resp, n_tok = len(keep), 0.0  # this rank's share, to weigh its metrics (torchrun)
-        kept_anywhere = dp.any(bool(keep.any()))
-        if keep.any():
-            batch = select_rows(batch, keep.nonzero().squeeze(-1)) if not keep.all() else batch
+        # this rank's responses and kept tokens, to weigh its metrics (torchrun: every rank samples as many)
+        n_resp, n_tok = len(texts), 0.0
+        kept_anywhere = dp.any(batch is not None)
+        if batch is not None:
             with dp.full_params(model):
                 batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
             tok_adv, w_m = token_advantages(batch, cfg, times)
@@ -716,16 +823,16 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         elif kept_anywhere:  # torchrun: another rank kept groups; this one pairs their collectives with zero weight
             with dp.full_params(model):
                 pass
-            metrics.update(policy_update(model, optimizer, select_rows(batch, torch.arange(1)), None, cfg, times, dp))
+            metrics.update(policy_update(model, optimizer, filler, None, cfg, times, dp))
             check_finite_metrics(step + 1, metrics, ("actor/grad_norm",))  # global: every rank stops together
-        # else: every group had equal rewards -> no gradient signal this step (our choice: no resampling)
+        # else: every group had equal rewards, also after the refill rounds -> no gradient signal this step
         step += 1
         metrics.update(times)
         metrics["timing/step"] = time.perf_counter() - t0
         metrics["data/skipped_images"] = stream.skipped_images
         metrics["data/skipped_empty"] = stream.skipped_empty
         metrics["data/epoch"] = sampler.position / sampler.n
-        rl_step = step - cfg.sft_steps
+        rl_step = step - sft_end
         metrics = dp.merge_metrics(metrics, n_resp, n_tok)
         if eval_records and cfg.eval_every > 0 and (rl_step % cfg.eval_every == 0 or step == total):
             last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
@@ -743,6 +850,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         bar.close()
     if logger:
         logger.close()
+    curves = write_curves(cfg.out_dir) if dp.is_writer else None
     summary = {
         "out_dir": cfg.out_dir,
         "steps": step,
@@ -750,7 +858,11 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         "skipped_images": stream.skipped_images,
         "skipped_empty": stream.skipped_empty,
         "resumed_from": resumed_from,
+        "sft_steps": sft_end,
+        "rl_steps": step - sft_end,
+        "curves": curves,
         **last_eval,
+        **eval_summary(os.path.join(cfg.out_dir, "metrics.jsonl"), sft_end, len(eval_records)),
     }
     if dp.is_writer:
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:

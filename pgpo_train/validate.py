@@ -134,6 +134,8 @@ def check_values(c) -> None:
     _range("format_weight", c.format_weight, c.format_weight >= 0, ">= 0")
     if c.acc_weight == 0 and c.format_weight == 0:
         raise ValueError("--acc-weight and --format-weight are both 0: every reward would be 0")
+    _range("sft_stop_acc", c.sft_stop_acc, 0 <= c.sft_stop_acc <= 1, "in [0, 1] (0 = off, -1 = auto)")
+    _range("pgpo.min_spread", c.pgpo.min_spread, c.pgpo.min_spread >= 0, ">= 0 (0 = off: the paper's reshape)")
     _range("group_size", c.group_size, c.group_size >= 2, ">= 2 (advantages are relative to the group)")
     for name in (
         "prompts_per_step",
