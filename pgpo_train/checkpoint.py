@@ -73,6 +73,16 @@ def save_checkpoint(ckpt_dir: str, step: int, model, optimizer, trainer_state: d
         json.dump(trainer_state, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    publish_checkpoint(ckpt_dir, tmp, name, keep)
+    return final
+
+
+def publish_checkpoint(ckpt_dir: str, tmp: str, name: str, keep: int) -> None:
+    """Renames the finished tmp dir to ckpt_dir/name, moves the `latest` pointer atomically, drops old checkpoints.
+
+    Shared by the one-process and the sharded (torch.distributed.checkpoint) saves: a kill at any point leaves
+    `latest` on a complete checkpoint."""
+    final = os.path.join(ckpt_dir, name)
     _fsync_dir(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -88,7 +98,6 @@ def save_checkpoint(ckpt_dir: str, step: int, model, optimizer, trainer_state: d
     old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and d != name)
     for d in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:

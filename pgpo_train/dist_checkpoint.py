@@ -19,9 +19,8 @@ import shutil
 
 import torch
 
-from pgpo_train.checkpoint import LATEST
-from pgpo_train.checkpoint import _fsync_dir
 from pgpo_train.checkpoint import load_checkpoint
+from pgpo_train.checkpoint import publish_checkpoint
 from pgpo_train.checkpoint import rng_state
 from pgpo_train.checkpoint import set_rng_state
 from pgpo_train.distributed import SINGLE
@@ -56,29 +55,9 @@ def save(dp, ckpt_dir: str, step: int, model, optimizer, trainer_state: dict, ke
             os.fsync(f.fileno())
     dp.barrier()  # every rank's shards and RNG are on disk
     if dp.is_writer:
-        _publish(ckpt_dir, tmp, name, keep)
+        publish_checkpoint(ckpt_dir, tmp, name, keep)
     dp.barrier()
     return final
-
-
-def _publish(ckpt_dir: str, tmp: str, name: str, keep: int) -> None:
-    """Renames tmp to ckpt_dir/name, replaces the `latest` pointer atomically, drops old checkpoints."""
-    final = os.path.join(ckpt_dir, name)
-    _fsync_dir(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
-    pointer_tmp = os.path.join(ckpt_dir, f".{LATEST}.tmp-{os.getpid()}")
-    with open(pointer_tmp, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, os.path.join(ckpt_dir, LATEST))
-    _fsync_dir(ckpt_dir)
-    old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and d != name)
-    for d in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
 
 
 def load(path: str, model, optimizer, dp=SINGLE, seed: int = 0) -> dict:
