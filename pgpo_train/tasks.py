@@ -19,10 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
-from PIL import ImageDraw
 
 from pgpo_train.tiny import COLORS
-from pgpo_train.tiny import SHAPES
+from pgpo_train.tiny import draw_shapes
 from pgpo_train.tiny import make_count_records
 
 # %% grid-count
@@ -52,23 +51,7 @@ def draw_grid(cells: list[str | None], rng: random.Random) -> Image.Image:
     Args:
         cells: [9] colour names or None, in reading order.
     """
-    img = Image.new("RGB", (GRID_IMAGE_SIZE, GRID_IMAGE_SIZE), (245, 245, 245))
-    draw = ImageDraw.Draw(img)
-    cell = GRID_IMAGE_SIZE // GRID_SIDE
-    for i, color in enumerate(cells):
-        if color is None:
-            continue
-        x0, y0 = (i % GRID_SIDE) * cell, (i // GRID_SIDE) * cell
-        pad = rng.randint(3, 8)
-        box = (x0 + pad + rng.randint(-2, 2), y0 + pad + rng.randint(-2, 2), x0 + cell - pad, y0 + cell - pad)
-        kind = rng.choice(SHAPES)
-        if kind == "square":
-            draw.rectangle(box, fill=COLORS[color])
-        elif kind == "circle":
-            draw.ellipse(box, fill=COLORS[color])
-        else:
-            draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLORS[color])
-    return img
+    return draw_shapes(cells, GRID_SIDE, GRID_IMAGE_SIZE, rng, max_pad=8)
 
 
 def teacher_count(n: int, rng: random.Random) -> int:

@@ -77,14 +77,20 @@ def draw_cells(cells: list[str], rng: random.Random) -> Image.Image:
         cells: [GRID * GRID] colour names or EMPTY, in reading order.
         rng: source of shape kind and jitter.
     """
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+    return draw_shapes([None if c == EMPTY else c for c in cells], GRID, IMAGE_SIZE, rng, max_pad=6)
+
+
+def draw_shapes(cells: list[str | None], side: int, size: int, rng: random.Random, max_pad: int) -> Image.Image:
+    """A size x size image of a side x side grid: one shape of random kind per non-None cell (reading order), its
+    box inset by a random pad in [3, max_pad] and jittered by +-2 px. Shared by the embedded tasks' generators."""
+    img = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(img)
-    cell = IMAGE_SIZE // GRID
+    cell = size // side
     for i, color in enumerate(cells):
-        if color == EMPTY:
+        if color is None:
             continue
-        x0, y0 = (i % GRID) * cell, (i // GRID) * cell
-        pad = rng.randint(3, 6)
+        x0, y0 = (i % side) * cell, (i // side) * cell
+        pad = rng.randint(3, max_pad)
         box = (x0 + pad + rng.randint(-2, 2), y0 + pad + rng.randint(-2, 2), x0 + cell - pad, y0 + cell - pad)
         kind = rng.choice(SHAPES)
         if kind == "square":
