@@ -109,8 +109,9 @@ def concat_rollouts(model, parts: list[dict], pad_id: int) -> dict:
         rmask.append(torch.nn.functional.pad(p["response_mask"], right, value=0))
     prompt = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(att)}
     prompt["mm_token_type_ids"] = mm_token_type_ids_for(prompt["input_ids"], model.config)
-    prompt["pixel_values"] = torch.cat([p["pixel_values"] for p in parts])
-    prompt["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in parts])
+    for k in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"):  # one image per row
+        if parts[0].get(k) is not None:
+            prompt[k] = torch.cat([p[k] for p in parts])
     out = build_sequences(model, prompt, torch.cat(resp), torch.cat(rmask), pad_id)
     for k in ROW_KEYS:
         if k in parts[0]:

@@ -98,15 +98,15 @@ def load_policy(cfg: TrainConfig, device: torch.device):
 def check_vlm(model, processor) -> None:
     """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
     family = model_family.check_vlm(model, "pgpo-train")
-    if family.rope != "mrope":  # this loop passes Qwen-VL image kwargs (pixel_values + image_grid_thw)
+    if family.name == "InternVL (HF)":  # its processor tiles an image into a size-dependent number of crops
         raise ValueError(
-            f"pgpo-train's loop runs the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); for a "
-            f"{family.name} model use the TRL adapter (pgpo_train.integrations.PGPOGRPOTrainer), which "
-            "runs every supported family"
+            "pgpo-train's loop selects one pixel_values entry per prompt row; InternVL's processor tiles each image "
+            "into several crops: use the TRL adapter (pgpo_train.integrations.PGPOGRPOTrainer) for InternVL"
         )
     image_token_id = model.config.image_token_id
     tok = processor.tokenizer
-    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    # the placeholder the image expands to (Gemma 3's processor names its <start_of_image>, the tokenizer the soft token)
+    image_token = getattr(tok, "image_token", None) or getattr(processor, "image_token", "<|image_pad|>")
     if tok.convert_tokens_to_ids(image_token) != image_token_id:
         raise ValueError(
             f"tokenizer's {image_token!r} id {tok.convert_tokens_to_ids(image_token)} != model image_token_id "
@@ -146,7 +146,7 @@ def encode_prompts(processor, records: list[dict], template: str, repeat: int, d
             build_prompt(r["problem"], template), add_generation_prompt=True, tokenize=False
         )
         texts += [text] * repeat
-        images += [r["image"]] * repeat
+        images += [[r["image"]]] * repeat  # one image per prompt (Gemma 3 reads a flat list as one prompt's)
     enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
     return {k: v.to(device) for k, v in enc.items()}
 
@@ -166,8 +166,8 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
         responses: [B, T] token ids; response_mask: [B, T].
 
     Returns:
-        dict with input_ids/attention_mask [B, L], position_ids [3, B, L], pixel_values, image_grid_thw,
-        responses/response_mask [B, T].
+        dict with input_ids/attention_mask [B, L], position_ids [3, B, L] (mrope) or [B, L] (1-D rope),
+        pixel_values, image_grid_thw (Qwen) or the 1-D family's ONE_D_IMAGE_KEYS, responses/response_mask [B, T].
     """
     responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
     input_ids = torch.cat([prompt["input_ids"], responses], dim=1)  # [B, L]
@@ -180,7 +180,7 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
         prompt_len=prompt["input_ids"].shape[1],
         image_grid_thw=prompt.get("image_grid_thw"),
     )
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
@@ -189,6 +189,10 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
         "responses": responses,
         "response_mask": response_mask,
     }
+    if model_family.family_of(model).rope == "1d":  # its image tensors (one image per row) and full-length token types
+        P = prompt["input_ids"].shape[1]
+        out.update(model_family.visual_inputs(model, input_ids, attention_mask, position_ids, prompt, prompt_len=P))
+    return out
 
 
 def select_rows(batch: dict, idx: torch.Tensor) -> dict:
@@ -197,19 +201,29 @@ def select_rows(batch: dict, idx: torch.Tensor) -> dict:
     for k, v in batch.items():
         if v is None or k in ("pixel_values", "image_grid_thw"):
             continue
-        out[k] = v[:, idx] if k == "position_ids" else v[idx]
+        out[k] = v[:, idx] if k == "position_ids" and v.dim() == 3 else v[idx]
     out["pixel_values"], out["image_grid_thw"] = None, None
-    if batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
+    if batch.get("pixel_values") is not None and batch.get("image_grid_thw") is None:  # 1-D families: image per row
+        out["pixel_values"] = batch["pixel_values"][idx]
+    elif batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
         out["pixel_values"], out["image_grid_thw"] = select_images(
             batch["pixel_values"], batch["image_grid_thw"], idx.tolist()
         )
     return out
 
 
+# what build_sequences keeps for 1-D rope families beside pixel_values (model_family.visual_inputs' outputs)
+ONE_D_IMAGE_KEYS = ("image_sizes", "pixel_attention_mask", "token_type_ids")
+
+
 def visual_kwargs(batch: dict) -> dict:
-    """Forward kwargs of the visual pass for a build_sequences / select_rows batch (explicit 3-D positions)."""
+    """Forward kwargs of the visual pass for a build_sequences / select_rows batch (explicit positions)."""
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")
-    return visual_inputs(*(batch[k] for k in keys))
+    kw = visual_inputs(*(batch[k] for k in keys))
+    if batch.get("image_grid_thw") is None and batch.get("pixel_values") is not None:  # 1-D rope families
+        kw.pop("image_grid_thw")
+        kw.update({k: batch[k] for k in ONE_D_IMAGE_KEYS if batch.get(k) is not None})
+    return kw
 
 
 def response_logits(model, inputs: dict, n_resp: int, temperature: float | None) -> torch.Tensor:

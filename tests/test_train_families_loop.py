@@ -1,0 +1,88 @@
+"""pgpo-train's own loop (rollout, old log-probs with both passes, PGPO weights, update) on the 1-D rope families
+of pgpo_train.model_family, with their tiny random models (pgpo_train.tiny_families)."""
+
+import pytest
+import torch
+
+from pgpo_train import core_algos
+from pgpo_train import model_family as mf
+from pgpo_train import train as tr
+from pgpo_train.config import TrainConfig
+from pgpo_train.tiny import make_count_records
+from pgpo_train.tiny_families import build_tiny_family
+
+ONE_D = ["gemma3", "llava_onevision", "idefics3", "smolvlm"]
+
+
+@pytest.mark.parametrize("name", ONE_D)
+def test_pgpo_train_step_runs_on_1d_rope_families(name):
+    """One RL step: the loop accepts the family, micro-batches keep each row's image (micro_batch_size 1 < B), old
+    log-probs match the update's forward (ppo_kl ~ 0), the PGPO weights are non-uniform, gradients flow."""
+    cfg = TrainConfig(algo="pgpo", max_new_tokens=6, micro_batch_size=1).resolved()
+    cfg.pgpo.backend = "torch"
+    model, processor = build_tiny_family(name)
+    tr.check_vlm(model, processor)  # no refusal
+    opt = tr.make_optimizer(model, 1e-3, 0.0)
+    batch, _ = tr.rollout(model, processor, make_count_records(2, seed=0), cfg, "cpu", {})
+    batch.pop("texts")
+    assert batch["position_ids"].shape == batch["input_ids"].shape  # 1-D positions
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0]  # one image per row
+    assert not torch.isin(batch["responses"], torch.tensor(mf.special_ids(model))).any()
+    noisy = batch["rewards"] + torch.arange(len(batch["rewards"])).float()
+    batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(noisy, cfg.group_size)
+    batch.update(tr.old_logp_and_scores(model, batch, cfg, {}))
+    _, w = tr.token_advantages(batch, cfg, {})
+    assert w["pgpo/weight_max"] > 1.0 > w["pgpo/weight_min"]
+    tok_adv, _ = tr.token_advantages(batch, cfg, {})
+    m = tr.policy_update(model, opt, batch, tok_adv, cfg, {})
+    assert abs(m["actor/ppo_kl"]) < 1e-5 and m["actor/grad_norm"] > 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["gemma3", "idefics3"])
+def test_micro_batch_rows_see_their_own_image(name):
+    """select_rows keeps row i's image with row i: a micro-batch's visual logits equal the full batch's rows."""
+    cfg = TrainConfig(algo="grpo", max_new_tokens=4).resolved()
+    model, processor = build_tiny_family(name)
+    model.eval()
+    recs = make_count_records(2, seed=1)
+    batch, _ = tr.rollout(model, processor, recs, cfg, "cpu", {})
+    batch.pop("texts")
+    T = batch["responses"].shape[1]
+    full = tr.response_logits(model, tr.visual_kwargs(batch), T, 1.0)
+    idx = torch.tensor([batch["input_ids"].shape[0] - 1, 0])
+    part = tr.response_logits(model, tr.visual_kwargs(tr.select_rows(batch, idx)), T, 1.0)
+    torch.testing.assert_close(part, full[idx], atol=1e-5, rtol=1e-5)
+
+
+def test_internvl_is_refused_with_the_way_out():
+    model, processor = build_tiny_family("internvl")
+    with pytest.raises(ValueError, match="use the TRL adapter"):
+        tr.check_vlm(model, processor)
+
+
+@torch.no_grad()
+def test_refill_concat_keeps_the_1d_families_image_tensors():
+    """Dynamic sampling's concat_rollouts merges two rounds' image tensors (LLaVA-OneVision's image_sizes too): each
+    merged row's visual logits equal its own round's."""
+    from pgpo_train.refill import concat_rollouts
+
+    cfg = TrainConfig(algo="grpo", max_new_tokens=4).resolved()
+    model, processor = build_tiny_family("llava_onevision")
+    model.eval()
+    parts = []
+    for seed in (2, 3):
+        b, _ = tr.rollout(model, processor, make_count_records(1, seed=seed), cfg, "cpu", {})
+        b.pop("texts")
+        parts.append(b)
+    merged = concat_rollouts(model, parts, processor.tokenizer.pad_token_id)
+    assert merged["image_sizes"].shape[0] == merged["pixel_values"].shape[0] == merged["input_ids"].shape[0]
+    T = merged["responses"].shape[1]
+    logits = tr.response_logits(model, tr.visual_kwargs(merged), T, 1.0)
+    n0 = parts[0]["input_ids"].shape[0]
+    for i, p in enumerate(parts):
+        t = p["responses"].shape[1]
+        own = tr.response_logits(model, tr.visual_kwargs(p), t, 1.0)
+        rows = slice(i * n0, i * n0 + p["input_ids"].shape[0])
+        mask = p["response_mask"].bool()
+        torch.testing.assert_close(logits[rows, :t][mask], own[mask], atol=1e-4, rtol=1e-4)
