@@ -97,12 +97,7 @@ def load_policy(cfg: TrainConfig, device: torch.device):
 
 def check_vlm(model, processor) -> None:
     """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
-    family = model_family.check_vlm(model, "pgpo-train")
-    if family.name == "InternVL (HF)":  # its processor tiles an image into a size-dependent number of crops
-        raise ValueError(
-            "pgpo-train's loop selects one pixel_values entry per prompt row; InternVL's processor tiles each image "
-            "into several crops: use the TRL adapter (pgpo_train.integrations.PGPOGRPOTrainer) for InternVL"
-        )
+    model_family.check_vlm(model, "pgpo-train")
     image_token_id = model.config.image_token_id
     tok = processor.tokenizer
     # the placeholder the image expands to (Gemma 3's processor names its <start_of_image>, the tokenizer the soft token)
@@ -192,6 +187,10 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
     if model_family.family_of(model).rope == "1d":  # its image tensors (one image per row) and full-length token types
         P = prompt["input_ids"].shape[1]
         out.update(model_family.visual_inputs(model, input_ids, attention_mask, position_ids, prompt, prompt_len=P))
+        if out.get("pixel_values") is not None and model_family.family_of(model).name == "InternVL (HF)":
+            # InternVL tiles an image into crops of equal token counts: a row's tiles = its share of the placeholders
+            n_ph = model_family.visual_mask(model, input_ids, P).sum(-1)  # [B]
+            out["num_tiles"] = n_ph * out["pixel_values"].shape[0] // n_ph.sum().clamp(min=1)
     return out
 
 
@@ -203,7 +202,10 @@ def select_rows(batch: dict, idx: torch.Tensor) -> dict:
             continue
         out[k] = v[:, idx] if k == "position_ids" and v.dim() == 3 else v[idx]
     out["pixel_values"], out["image_grid_thw"] = None, None
-    if batch.get("pixel_values") is not None and batch.get("image_grid_thw") is None:  # 1-D families: image per row
+    if batch.get("num_tiles") is not None:  # InternVL: pixel_values [tiles, C, H, W], num_tiles [B] per row
+        tiles = torch.split(batch["pixel_values"], batch["num_tiles"].tolist())
+        out["pixel_values"] = torch.cat([tiles[i] for i in idx.tolist()])
+    elif batch.get("pixel_values") is not None and batch.get("image_grid_thw") is None:  # 1-D: one image per row
         out["pixel_values"] = batch["pixel_values"][idx]
     elif batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
         out["pixel_values"], out["image_grid_thw"] = select_images(

@@ -11,7 +11,7 @@ from pgpo_train.config import TrainConfig
 from pgpo_train.tiny import make_count_records
 from pgpo_train.tiny_families import build_tiny_family
 
-ONE_D = ["gemma3", "llava_onevision", "idefics3", "smolvlm"]
+ONE_D = ["gemma3", "llava_onevision", "idefics3", "smolvlm", "internvl"]
 
 
 @pytest.mark.parametrize("name", ONE_D)
@@ -26,7 +26,7 @@ def test_pgpo_train_step_runs_on_1d_rope_families(name):
     batch, _ = tr.rollout(model, processor, make_count_records(2, seed=0), cfg, "cpu", {})
     batch.pop("texts")
     assert batch["position_ids"].shape == batch["input_ids"].shape  # 1-D positions
-    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0]  # one image per row
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] or name == "internvl"  # one image per row
     assert not torch.isin(batch["responses"], torch.tensor(mf.special_ids(model))).any()
     noisy = batch["rewards"] + torch.arange(len(batch["rewards"])).float()
     batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(noisy, cfg.group_size)
@@ -39,7 +39,7 @@ def test_pgpo_train_step_runs_on_1d_rope_families(name):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["gemma3", "idefics3"])
+@pytest.mark.parametrize("name", ["gemma3", "idefics3", "internvl"])
 def test_micro_batch_rows_see_their_own_image(name):
     """select_rows keeps row i's image with row i: a micro-batch's visual logits equal the full batch's rows."""
     cfg = TrainConfig(algo="grpo", max_new_tokens=4).resolved()
@@ -53,12 +53,6 @@ def test_micro_batch_rows_see_their_own_image(name):
     idx = torch.tensor([batch["input_ids"].shape[0] - 1, 0])
     part = tr.response_logits(model, tr.visual_kwargs(tr.select_rows(batch, idx)), T, 1.0)
     torch.testing.assert_close(part, full[idx], atol=1e-5, rtol=1e-5)
-
-
-def test_internvl_is_refused_with_the_way_out():
-    model, processor = build_tiny_family("internvl")
-    with pytest.raises(ValueError, match="use the TRL adapter"):
-        tr.check_vlm(model, processor)
 
 
 @torch.no_grad()
@@ -86,3 +80,16 @@ def test_refill_concat_keeps_the_1d_families_image_tensors():
         rows = slice(i * n0, i * n0 + p["input_ids"].shape[0])
         mask = p["response_mask"].bool()
         torch.testing.assert_close(logits[rows, :t][mask], own[mask], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_internvl_rows_own_their_tiles():
+    """InternVL's processor tiles each image into crops: num_tiles counts each row's, select_rows keeps them whole."""
+    cfg = TrainConfig(algo="grpo", max_new_tokens=4).resolved()
+    model, processor = build_tiny_family("internvl")
+    batch, _ = tr.rollout(model, processor, make_count_records(2, seed=4), cfg, "cpu", {})
+    tiles = batch["num_tiles"]
+    assert int(tiles.sum()) == batch["pixel_values"].shape[0] and bool((tiles > 1).all())
+    sel = tr.select_rows(batch, torch.tensor([3]))
+    first = int(tiles[:3].sum())
+    torch.testing.assert_close(sel["pixel_values"], batch["pixel_values"][first : first + int(tiles[3])])
