@@ -77,6 +77,21 @@ def unwrap(model):
     return model
 
 
+VISION_TOWER_ATTRS = ("visual", "vision_tower", "vision_model")  # Qwen-VL | Gemma 3, LLaVA, InternVL | Idefics3
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The vision encoder module of a supported VLM (for --freeze-vision): `visual` on the Qwen-VL family,
+    `vision_tower` or `vision_model` on the others, on the model or its inner `.model`."""
+    base = unwrap(model)
+    for owner in (getattr(base, "model", None), base):
+        for attr in VISION_TOWER_ATTRS:
+            tower = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(tower, torch.nn.Module):
+                return tower
+    raise ValueError(f"{type(base).__name__} has none of {VISION_TOWER_ATTRS}: cannot find its vision tower")
+
+
 def _config(model_or_config):
     cfg = getattr(unwrap(model_or_config), "config", None)
     return cfg if cfg is not None else model_or_config

@@ -90,7 +90,7 @@ def load_policy(cfg: TrainConfig, device: torch.device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.freeze_vision:
-        for p in model.model.visual.parameters():
+        for p in model_family.vision_tower(model).parameters():
             p.requires_grad_(False)
     return model.to(device), processor
 

@@ -93,3 +93,17 @@ def test_internvl_rows_own_their_tiles():
     sel = tr.select_rows(batch, torch.tensor([3]))
     first = int(tiles[:3].sum())
     torch.testing.assert_close(sel["pixel_values"], batch["pixel_values"][first : first + int(tiles[3])])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava_onevision", "idefics3", "internvl"])
+def test_vision_tower_found_for_freeze_vision(family):
+    """--freeze-vision freezes the family's own vision encoder (Qwen `visual`, others `vision_tower`/`vision_model`)."""
+    from pgpo_train import model_family
+    from pgpo_train.tiny_families import build_tiny_family
+
+    built = build_tiny_family(family)
+    model = built[0] if isinstance(built, tuple) else built
+    tower = model_family.vision_tower(model)
+    ids = {id(p) for p in tower.parameters()}
+    assert ids and ids < {id(p) for p in model.parameters()}
+    assert not any(id(p) in ids for p in model.get_output_embeddings().parameters())
