@@ -37,7 +37,8 @@ def measure_copy_bandwidth(device: torch.device, *, n_bytes: int | None = None, 
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for reports."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -54,7 +55,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         p = torch.cuda.get_device_properties(device)
         return {"type": "cuda", "name": p.name, "sm_count": p.multi_processor_count,
                 "total_memory_bytes": p.total_memory, "capability": f"{p.major}.{p.minor}"}
-    return {"type": "cpu", "name": f"CPU: {_cpu_model()}", "threads": torch.get_num_threads(),
+    return {"type": "cpu", "name": f"CPU: {cpu_model()}", "threads": torch.get_num_threads(),
             "cores_visible": os.cpu_count()}
 
 

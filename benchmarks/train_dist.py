@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -26,16 +25,7 @@ import subprocess
 import sys
 import time
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from benchmarks.roofline import cpu_model
 
 
 def run_throughput(nproc: int, a, data: str) -> dict:
@@ -145,7 +135,7 @@ def main(argv=None) -> int:
     import torch
 
     machine = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cpu_cores_visible": os.cpu_count(),
         "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
         "gpus": torch.cuda.device_count() if a.device == "cuda" else 0,

@@ -23,6 +23,7 @@ from PIL import Image
 from pgpo_train.tiny import COLORS
 from pgpo_train.tiny import draw_shapes
 from pgpo_train.tiny import make_count_records
+from pgpo_train.tiny import save_records_dataset
 
 # %% grid-count
 
@@ -122,19 +123,4 @@ def get_task(name: str) -> Task:
 
 def save_task_dataset(task: str, path: str | os.PathLike, n_train: int = 2048, n_test: int = 256, seed: int = 0) -> str:
     """Writes a task as parquet splits under path, loadable by `datasets.load_dataset(path)`; returns path."""
-    import datasets
-
-    make = get_task(task).make_records
-    os.makedirs(path, exist_ok=True)
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "problem": datasets.Value("string"),
-            "answer": datasets.Value("string"),
-            "solution": datasets.Value("string"),
-        }
-    )
-    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):
-        ds = datasets.Dataset.from_list(make(n, s), features=features)
-        ds.to_parquet(os.path.join(path, f"{split}.parquet"))
-    return str(path)
+    return save_records_dataset(path, get_task(task).make_records, n_train, n_test, seed)

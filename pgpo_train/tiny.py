@@ -129,6 +129,12 @@ def save_count_dataset(path: str | os.PathLike, n_train: int = 2048, n_test: int
     Returns:
         path, as a string.
     """
+    return save_records_dataset(path, make_count_records, n_train, n_test, seed)
+
+
+def save_records_dataset(path: str | os.PathLike, make_records, n_train: int, n_test: int, seed: int) -> str:
+    """Writes make_records(n, seed) as train/test parquet splits (image, problem, answer, solution) under path, the
+    test split from its own seed; returns path. Shared by every embedded task."""
     import datasets
 
     os.makedirs(path, exist_ok=True)
@@ -141,8 +147,7 @@ def save_count_dataset(path: str | os.PathLike, n_train: int = 2048, n_test: int
         }
     )
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):
-        recs = make_count_records(n, s)
-        ds = datasets.Dataset.from_list(recs, features=features)
+        ds = datasets.Dataset.from_list(make_records(n, s), features=features)
         ds.to_parquet(os.path.join(path, f"{split}.parquet"))
     return str(path)
 
