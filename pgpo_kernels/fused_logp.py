@@ -42,7 +42,7 @@ from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import interpreter_enabled
 from pgpo_kernels.utils import resolve_backend
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 N_PART = 4  # per (row, chunk): m, s, t, target logit
 # our choice: tiles picked by the compiled code (registers, spills, MMA shape: `pgpo-bench sass`); not timed on a GPU
