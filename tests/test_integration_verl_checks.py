@@ -19,17 +19,17 @@ import torch
 ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")
 omegaconf = pytest.importorskip("omegaconf")
 
-import verl  # noqa: E402
-import verl.utils.tensordict_utils as tu  # noqa: E402
+import verl
+import verl.utils.tensordict_utils as tu
 
-from pgpo_kernels.reference import k3_kl_ref  # noqa: E402
-from pgpo_kernels.reference import reshape_weights_ref  # noqa: E402
-from pgpo_train.integrations import PGPOVerlTrainerMixin  # noqa: E402
-from pgpo_train.integrations.checks import PGPO_RAN_METRIC  # noqa: E402
-from pgpo_train.integrations.checks import PGPODidNotRunError  # noqa: E402
-from pgpo_train.integrations.checks import check_pgpo_ran  # noqa: E402
-from pgpo_train.integrations.checks import check_verl_config  # noqa: E402
-from pgpo_train.integrations.checks import guard_actor_updates  # noqa: E402
+from pgpo_kernels.reference import k3_kl_ref
+from pgpo_kernels.reference import reshape_weights_ref
+from pgpo_train.integrations import PGPOVerlTrainerMixin
+from pgpo_train.integrations.checks import PGPO_RAN_METRIC
+from pgpo_train.integrations.checks import PGPODidNotRunError
+from pgpo_train.integrations.checks import check_pgpo_ran
+from pgpo_train.integrations.checks import check_verl_config
+from pgpo_train.integrations.checks import guard_actor_updates
 
 OmegaConf = omegaconf.OmegaConf
 RayPPOTrainer = ray_trainer.RayPPOTrainer

@@ -136,7 +136,7 @@ def guard_actor_updates(trainer, worker_group_attr: str = "actor_rollout_wg") ->
     if wg is None:
         raise RuntimeError(f"{type(trainer).__name__} has no {worker_group_attr}: guard_actor_updates needs the "
                            "actor worker group (call it after init_workers)")
-    update = getattr(wg, "update_actor")
+    update = wg.update_actor
     if getattr(update, "_pgpo_guarded", False):
         return
     cls = type(trainer).__name__
@@ -154,7 +154,7 @@ def guard_actor_updates(trainer, worker_group_attr: str = "actor_rollout_wg") ->
         return update(*args, **kwargs)
 
     guarded_update_actor._pgpo_guarded = True
-    setattr(wg, "update_actor", guarded_update_actor)
+    wg.update_actor = guarded_update_actor
 
 
 # %% TRL + vLLM generation
@@ -189,11 +189,27 @@ def vllm_generation_kwargs(generation_kwargs: dict | None, special_ids: list[int
     return out
 
 
+def check_no_tool_images(model, completion_ids, completion_mask, tool_mask) -> None:
+    """TRL `tools` that return images put image placeholders inside the completions; PGPO's text-only pass masks
+    the prompt's image only and numbers completions as text, so such a batch is refused, naming the option."""
+    import torch
+
+    from pgpo_train import model_family
+
+    ids = torch.tensor(model_family.placeholder_ids(model), device=completion_ids.device)
+    from_tools = completion_mask.bool() & ~tool_mask.bool()  # TRL's tool_mask is 0 on tool-response tokens
+    if bool((torch.isin(completion_ids, ids) & from_tools).any()):
+        raise ValueError("PGPOGRPOTrainer does not support tools that return images: a tool response put image "
+                         "placeholders inside a completion, and PGPO's text-only pass masks only the prompt's image "
+                         "(SPEC section 1). Use tools that return text, or train without `tools`.")
+
+
 __all__ = [
     "MEGATRON_ERROR",
     "PGPO_RAN_METRIC",
-    "PGPODidNotRunError",
     "VLLM_BAN_BIAS",
+    "PGPODidNotRunError",
+    "check_no_tool_images",
     "check_pgpo_ran",
     "check_verl_config",
     "guard_actor_updates",
