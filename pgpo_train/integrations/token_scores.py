@@ -117,3 +117,46 @@ def weight_metrics(weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tens
         "pgpo/weight_min": torch.where(any_valid, torch.where(valid, weights, inf).min(), zero),
         "pgpo/frac_amplified": ((weights > 1.0) & valid).sum() / n_valid,
     }
+
+
+def apply_variants(
+    weights: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    control: str = "none",
+    tau_mode: str = "absolute",
+    floor: float = 0.0,
+    generator: torch.Generator | None = None,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+    renormalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The issue-17 options on an adapter's weights: `weights` unchanged at the defaults (the paper's formula),
+    else `core_algos.pgpo_variant_weights` from the same scores (the loop's code: one definition of every variant)."""
+    from pgpo_train import core_algos
+    from pgpo_train import weight_variants
+
+    weight_variants.check_variant_args(control, tau_mode, floor)
+    if weight_variants.is_default(control, tau_mode, floor):
+        return weights
+    return core_algos.pgpo_variant_weights(
+        scores.to(weights.device), mask.to(weights.device), tau=tau, beta=beta, eps=eps, renormalize=renormalize,
+        backend=backend, control=control, tau_mode=tau_mode, floor=floor, generator=generator)
+
+
+def diagnostic_metrics(
+    weights: torch.Tensor, scores: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor, tau: float, eps: float
+) -> dict[str, torch.Tensor]:
+    """The weight diagnostics every PGPO metrics row carries (loop, TRL, verl: same keys), as 0-d tensors:
+    pgpo/frac_above_tau (valid tokens with I >= tau, I = the normalized score before any inversion / quantile) and
+    core_algos.weight_diagnostics (Gini, effective token ratio, top-1% / top-10% advantage mass)."""
+    from pgpo_train import core_algos
+
+    valid = mask.bool()
+    I = core_algos.normalized_scores(scores, valid, eps)
+    out = {"pgpo/frac_above_tau": ((I >= tau) & valid).sum() / valid.sum().clamp(min=1)}
+    out.update(core_algos.weight_diagnostics(weights, token_adv, valid))
+    return out

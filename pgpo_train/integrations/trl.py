@@ -32,9 +32,13 @@ from pgpo_kernels.utils import check_temperature
 from pgpo_train import model_family
 from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import ESTIMATORS
+from pgpo_train.integrations.token_scores import apply_variants
 from pgpo_train.integrations.token_scores import check_estimator
+from pgpo_train.integrations.token_scores import diagnostic_metrics
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.integrations.token_scores import weight_metrics
+from pgpo_train.weight_variants import check_variant_args
+from pgpo_train.weight_variants import control_generator
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,12 @@ class PGPOConfig(GRPOConfig):
     )
     pgpo_renormalize: bool = field(default=True, metadata={"help": "Keep each sequence's weight mass (SPEC 2)."})
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
+    # issue 17 (README "PGPO variants and controls"); defaults: the paper's formula
+    pgpo_control: str = field(default="none", metadata={"help": "none, shuffled (weights permuted within each "
+                              "completion) or inverted (I -> 1 - I before the gate): controls."})
+    pgpo_tau_mode: str = field(default="absolute", metadata={"help": "absolute (gate at I = tau) or quantile (at "
+                               "each completion's tau-quantile of I)."})
+    pgpo_floor: float = field(default=0.0, metadata={"help": "Minimum weight after the gate, before renormalizing."})
     pgpo_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
@@ -86,6 +96,7 @@ def check_pgpo_args(args) -> None:
         raise ValueError(LIGER_ERROR)
     check_estimator(args.pgpo_estimator)
     check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
+    check_variant_args(args.pgpo_control, args.pgpo_tau_mode, args.pgpo_floor)
     if args.pgpo_temperature is not None:
         check_temperature(args.pgpo_temperature)
         if args.pgpo_estimator == "k3":
@@ -107,6 +118,9 @@ class PGPOGRPOTrainer(GRPOTrainer):
     """
 
     _pgpo_metric_names = ("pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified")
+    # the weight diagnostics the loop logs too (token_scores.diagnostic_metrics), averaged over processes
+    _pgpo_diag_names = ("pgpo/frac_above_tau", "pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass",
+                        "pgpo/top10_mass")
 
     def __init__(self, model, reward_funcs=None, args: PGPOConfig | None = None, *pos, **kwargs):
         if args is None:  # as GRPOTrainer does, with the PGPO options at their defaults
@@ -157,9 +171,27 @@ class PGPOGRPOTrainer(GRPOTrainer):
         mask = mask.bool()  # [B, T]
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             weights, scores = self._pgpo_weights(output, mask)  # [B, T] each
+            if _has_image(output):
+                weights = self._pgpo_variants(weights, scores, mask)
         output["advantages"] = output["advantages"].unsqueeze(1) * weights  # [B, 1] x [B, T] -> [B, T]
-        self._pgpo_log(weights, scores, mask, has_image=_has_image(output))
+        self._pgpo_log(weights, scores, mask, has_image=_has_image(output), token_adv=output["advantages"])
         return output
+
+    def _pgpo_variants(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """pgpo_control / pgpo_tau_mode / pgpo_floor (issue 17). The shuffled control's generator is a function of
+        (seed, process, global step, rollout batch within the step): a run resumed at a step draws the same."""
+        args = self.args
+        gen = None
+        if args.pgpo_control == "shuffled":
+            step = self.state.global_step
+            if getattr(self, "_pgpo_shuffle_step", None) != step:
+                self._pgpo_shuffle_step, self._pgpo_shuffle_k = step, 0
+            self._pgpo_shuffle_k += 1
+            gen = control_generator(args.seed + 7919 * self.accelerator.process_index,
+                                    step * 1024 + self._pgpo_shuffle_k, weights.device)
+        return apply_variants(weights, scores, mask, control=args.pgpo_control, tau_mode=args.pgpo_tau_mode,
+                              floor=args.pgpo_floor, generator=gen, tau=args.pgpo_tau, beta=args.pgpo_beta,
+                              eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
 
     # ------------------------------------------------------------------ the two passes
 
@@ -237,7 +269,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             out = model(**kwargs, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -T:].float()
 
-    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, has_image: bool = True):
+    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, has_image: bool = True,
+                  token_adv: torch.Tensor | None = None):
         mode = "train" if self.model.training else "eval"
         counts = self._pgpo_batches[mode]
         counts[0] += 1
@@ -251,8 +284,13 @@ class PGPOGRPOTrainer(GRPOTrainer):
             logger.warning(msg)
             warnings.warn(msg, stacklevel=2)
         stats = weight_metrics(weights, scores, mask)
-        values = self.accelerator.gather(torch.stack([stats[k].float() for k in self._pgpo_metric_names])[None])
-        kl_mean, _, _, frac = values.mean(0).tolist()  # host sync, once per rollout batch
+        token_adv = weights if token_adv is None else token_adv
+        stats.update(diagnostic_metrics(weights, scores, token_adv, mask, self.args.pgpo_tau, self.args.pgpo_eps))
+        names = self._pgpo_metric_names + self._pgpo_diag_names
+        values = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None])
+        kl_mean, _, _, frac = values.mean(0).tolist()[:4]  # host sync, once per rollout batch
+        for i, k in enumerate(self._pgpo_diag_names, start=len(self._pgpo_metric_names)):
+            self._metrics[mode][k].append(values[:, i].mean().item())
         self._metrics[mode]["pgpo/kl_mean"].append(kl_mean)
         self._metrics[mode]["pgpo/weight_max"].append(values[:, 1].max().item())
         self._metrics[mode]["pgpo/weight_min"].append(values[:, 2].min().item())

@@ -21,6 +21,8 @@ import torch
 
 from pgpo_train import model_family
 from pgpo_train.integrations import checks
+from pgpo_train.integrations.token_scores import apply_variants
+from pgpo_train.integrations.token_scores import diagnostic_metrics
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.integrations.token_scores import weight_metrics
 
@@ -58,6 +60,10 @@ def pgpo_reshape_advantages_(
     temperature: float = 1.0,
     renormalize: bool = True,
     backend: str = "auto",
+    control: str = "none",
+    tau_mode: str = "absolute",
+    floor: float = 0.0,
+    generator: torch.Generator | None = None,
     advantages_key: str = "advantages",
     mask_key: str = "response_mask",
     logp_vis_key: str = "old_log_probs",
@@ -76,6 +82,9 @@ def pgpo_reshape_advantages_(
     Args:
         data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
         tau, beta, eps, renormalize, backend: the PGPO reshape (SPEC 2); temperature: only for the logits source.
+        control, tau_mode, floor: the issue-17 variants and controls (README "PGPO variants and controls"; the
+            defaults are the paper's formula); generator: the "shuffled" control's permutations (e.g.
+            `pgpo_train.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
 
@@ -102,10 +111,14 @@ def pgpo_reshape_advantages_(
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
         temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
+    weights = apply_variants(weights, s, valid, control=control, tau_mode=tau_mode, floor=floor, generator=generator,
+                             tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
-    metrics = {k: float(v) for k, v in weight_metrics(weights, s, valid).items()}  # host sync (driver-side)
+    stats = weight_metrics(weights, s, valid)
+    stats.update(diagnostic_metrics(weights, s, advantages.to(weights.device), valid, tau, eps))
+    metrics = {k: float(v) for k, v in stats.items()}  # host sync (driver-side)
     return weights, metrics
 
 
@@ -179,7 +192,8 @@ class PGPOVerlTrainerMixin:
     log-probs are recomputed on the actor, so both k3 sides come from the same engine: one more forward.
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
-    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `visual_token_ids` (default: the placeholder ids
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `control` / `tau_mode` / `floor` (issue 17's
+    variants and controls; `seed` seeds the shuffled control, default data.seed), `visual_token_ids` (default: the placeholder ids
     of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's `<|image_pad|>` and
     `<|video_pad|>`).
     """
@@ -211,11 +225,23 @@ class PGPOVerlTrainerMixin:
         _, metrics = pgpo_reshape_advantages_(
             batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
             beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
-            weights_key=None)
+            control=cfg.get("control", "none"), tau_mode=cfg.get("tau_mode", "absolute"),
+            floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg), weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)
         out.meta_info.setdefault("metrics", {}).update(metrics)
         return out
+
+    def _pgpo_generator(self, cfg):
+        """The shuffled control's generator: a function of (trainer.seed, verl's global step), so resumable."""
+        if cfg.get("control", "none") != "shuffled":
+            return None
+        from pgpo_train.weight_variants import control_generator
+
+        seed = cfg.get("seed", None)
+        if seed is None:
+            seed = self.config.get("data", {}).get("seed", 0) if hasattr(self.config, "get") else 0
+        return control_generator(int(seed or 0), int(getattr(self, "global_steps", 0)))
 
     def _pgpo_visual_token_ids(self, cfg) -> list[int]:
         ids = cfg.get("visual_token_ids", None)
