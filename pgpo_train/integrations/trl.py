@@ -12,6 +12,7 @@ Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
             _check_vllm_bans(self.vllm_generation, model_family.special_ids(self.model))
         self._pgpo_batches = {"train": [0, 0], "eval": [0, 0]}  # [batches, batches without any image]
         self._pgpo_warned_no_image = False
+        self._pgpo_warned_log_images = False
         if not self.use_vllm:  # a sampled placeholder would be counted as an image by the model's visual forward
             ids = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(
                 model_family.special_ids(self.model)))
@@ -141,6 +143,9 @@ class PGPOGRPOTrainer(GRPOTrainer):
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
         seen, no_image = self._pgpo_batches["train"]
+        if self.accelerator.num_processes > 1:  # the run's verdict, not one rank's (every rank calls this)
+            counts = torch.tensor([float(seen), float(no_image)], device=self.accelerator.device)
+            seen, no_image = (int(c) for c in self.accelerator.reduce(counts, reduction="sum").tolist())
         if seen and no_image == seen:
             raise ValueError(f"PGPOGRPOTrainer: none of the {seen} rollout batches held an image, so every PGPO "
                              "weight was 1 and this run trained as plain GRPO. Check the dataset's image column "
@@ -150,7 +155,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ the hook
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        with self._pgpo_log_images_only_if_every_rank_has_some(inputs):
+            output = super()._generate_and_score_completions(inputs)
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]  # the tokens the loss counts
@@ -161,16 +167,59 @@ class PGPOGRPOTrainer(GRPOTrainer):
         self._pgpo_log(weights, scores, mask, has_image=_has_image(output))
         return output
 
+    @contextlib.contextmanager
+    def _pgpo_log_images_only_if_every_rank_has_some(self, inputs):
+        """TRL 1.16 gathers the batch's images for its logs (`log_multimodal`, on by default) only on ranks whose
+        batch holds some (`if images is not None and self.log_multimodal: gather_object(images)`): with one rank
+        without images the collectives pair wrongly and the run crashes or hangs. For such a batch the image log is
+        skipped on every rank (warned once); training is unaffected."""
+        if self.accelerator.num_processes == 1 or not self.log_multimodal:
+            yield
+            return
+        none_here = torch.tensor([float(_trl_batch_images_none(inputs))], device=self.accelerator.device)
+        flags = self.accelerator.gather(none_here)
+        mixed = bool(flags.max() > 0) and bool(flags.min() == 0)
+        if mixed and not self._pgpo_warned_log_images:
+            self._pgpo_warned_log_images = True
+            logger.warning("PGPOGRPOTrainer: some ranks' rollout batches hold no image; TRL 1.16's image log "
+                           "(log_multimodal) would gather on the others only (a collective mismatch), so images are "
+                           "not logged for such batches.")
+        self.log_multimodal = not mixed
+        try:
+            yield
+        finally:
+            self.log_multimodal = True
+
     # ------------------------------------------------------------------ the two passes
 
     def _pgpo_weights(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token weights [B, T] from the visual and text-only passes over prompt + completion."""
         args = self.args
         B, T = output["completion_ids"].shape
-        if not _has_image(output):
+        if not self._pgpo_any_rank_has_image(output):
             # no image in the batch means no visual dependency to measure: uniform weights (logged, counted)
             ones = mask.float()
             return ones, torch.zeros_like(ones)
+        if not _has_image(output):
+            # another rank holds images and runs the PGPO forwards; under FSDP / ZeRO-3 each forward gathers
+            # parameters (a collective), so this rank runs the same forwards, text only, with weight zero on the
+            # result: uniform weights, as for any batch without an image
+            self._pgpo_passes(output, mask)
+            ones = mask.float()
+            return ones, torch.zeros_like(ones)
+        return self._pgpo_passes(output, mask)
+
+    def _pgpo_any_rank_has_image(self, output: dict) -> bool:
+        """Whether this batch, or any other rank's, holds an image (one small all-gather, called on every rank)."""
+        if self.accelerator.num_processes == 1:
+            return _has_image(output)
+        flag = torch.tensor([float(_has_image(output))], device=self.accelerator.device)
+        return bool(self.accelerator.gather(flag).max() > 0)
+
+    def _pgpo_passes(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual and text-only forwards per chunk, and the weights [B, T] they give."""
+        args = self.args
+        B, T = output["completion_ids"].shape
         model = self.model
         P = output["prompt_ids"].shape[1]
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # [B, L]
@@ -257,6 +306,19 @@ class PGPOGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["pgpo/weight_max"].append(values[:, 1].max().item())
         self._metrics[mode]["pgpo/weight_min"].append(values[:, 2].min().item())
         self._metrics[mode]["pgpo/frac_amplified"].append(frac)
+
+
+def _trl_batch_images_none(inputs: list[dict]) -> bool:
+    """Whether TRL 1.16's _generate_and_score_completions sees this rollout batch as holding no image (its rule)."""
+    if not inputs:
+        return True
+    if "images" in inputs[0]:
+        images = [x.get("images") for x in inputs]
+    elif "image" in inputs[0]:
+        images = [[x["image"]] if x.get("image") is not None else None for x in inputs]
+    else:
+        return True
+    return all(i == [] for i in images)
 
 
 def _has_image(output: dict) -> bool:
