@@ -11,7 +11,7 @@ Providers (same inputs: hidden [N, H] and lm_head [V, H] requiring grad, N targe
                    temperature and no entropy output, so it computes less; on a CPU its Triton kernels run in the
                    interpreter: its time is not comparable there)
     trl_chunked    TRL 1.16's ChunkedLogProbFunction (the kernel of trl's add_fused_lm_head), entropy on
-    ours_torch     fused_linear_logp(backend='torch'): row chunks of ~32 MiB fp32 logits
+    ours_torch     fused_linear_logp(backend='torch'): row chunks of ~8 MiB fp32 logits
     ours_triton    fused_linear_logp(backend='triton') (CUDA only; the interpreter is never timed)
 
 Each (provider, N) runs in a fresh subprocess. Peak extra memory: on the CPU the process's peak RSS (VmHWM, reset with
