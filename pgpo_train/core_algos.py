@@ -14,6 +14,7 @@ import torch
 
 from pgpo_kernels import reshape_weights
 from pgpo_kernels.k3 import k3_kl
+from pgpo_train import weight_variants
 
 # %% registries
 
@@ -143,6 +144,62 @@ def pgpo_token_weights_from_scores(
     return reshape_weights(
         scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
     )
+
+
+@torch.no_grad()
+def pgpo_variant_weights(
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+    renormalize: bool = True,
+    backend: str = "auto",
+    control: str = "none",
+    tau_mode: str = "absolute",
+    floor: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PGPO weights with the issue-17 options (pgpo_train.weight_variants): the fused reshape kernel when the gate
+    is the paper's (absolute tau, no floor, not inverted), else the torch variant math; "shuffled" then permutes
+    each sequence's weights among its valid tokens with `generator` (weight_variants.control_generator).
+
+    Args:
+        scores: [B, T] S_t >= 0; response_mask: [B, T] 1 on valid tokens.
+
+    Returns:
+        [B, T] float32 weights, 0 on padding.
+    """
+    weight_variants.check_variant_args(control, tau_mode, floor)
+    if tau_mode == "absolute" and floor == 0.0 and control != "inverted":
+        w = pgpo_token_weights_from_scores(
+            scores, response_mask, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
+        )
+    else:
+        w = weight_variants.variant_weights(
+            scores,
+            response_mask,
+            tau=tau,
+            beta=beta,
+            eps=eps,
+            renormalize=renormalize,
+            tau_mode=tau_mode,
+            floor=floor,
+            inverted=control == "inverted",
+        )
+    if control == "shuffled":
+        if generator is None:
+            raise ValueError("control 'shuffled' needs a generator (weight_variants.control_generator(seed, step))")
+        w = weight_variants.shuffle_within_rows(w, response_mask, generator)
+    return w
+
+
+@torch.no_grad()
+def weight_diagnostics(weights: torch.Tensor, token_adv: torch.Tensor, response_mask: torch.Tensor) -> dict:
+    """Weight concentration metrics (Gini, effective token ratio, top-1% / top-10% advantage mass) as 0-d tensors:
+    pgpo_train.weight_variants.weight_diagnostics."""
+    return weight_variants.weight_diagnostics(weights, token_adv, response_mask)
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ from pgpo_train.rundir import repair_metrics
 from pgpo_train.signals import StopOnSignal
 from pgpo_train.signals import TrainingInterrupted
 from pgpo_train.signals import stop_requested_anywhere
+from pgpo_train.tasks import probe_ignored_ids
 from pgpo_train.text_only import select_images
 from pgpo_train.text_only import text_only_inputs
 from pgpo_train.text_only import visual_inputs
@@ -364,17 +365,28 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     return out
 
 
-def pgpo_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """[B, T] PGPO token weights from scores [B, T] with the run's tau, beta, eps, renormalize and backend; sequences
-    whose log1p(score) spread is below --pgpo.min-spread get uniform weights (flat_sequences)."""
-    w = core_algos.get_token_weight_fn("pgpo")(
+def pgpo_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, step: int = 0) -> torch.Tensor:
+    """[B, T] PGPO token weights from scores [B, T] with the run's tau, beta, eps, renormalize, backend and the
+    issue-17 options (tau_mode, floor, control; the shuffled control's permutations are seeded by (seed, step));
+    sequences whose log1p(score) spread is below --pgpo.min-spread get uniform weights (flat_sequences)."""
+    p = cfg.pgpo
+    gen = None
+    if p.control == "shuffled":
+        from pgpo_train.weight_variants import control_generator
+
+        gen = control_generator(cfg.seed, step, scores.device)
+    w = core_algos.pgpo_variant_weights(
         scores,
         mask,
-        tau=cfg.pgpo.tau,
-        beta=cfg.pgpo.beta,
-        eps=cfg.pgpo.eps,
-        renormalize=cfg.pgpo.renormalize,
-        backend=cfg.pgpo.backend,
+        tau=p.tau,
+        beta=p.beta,
+        eps=p.eps,
+        renormalize=p.renormalize,
+        backend=p.backend,
+        control=p.control,
+        tau_mode=p.tau_mode,
+        floor=p.floor,
+        generator=gen,
     )
     if cfg.pgpo.min_spread > 0:
         flat = flat_sequences(scores, mask, cfg.pgpo.min_spread)  # [B]
@@ -395,15 +407,19 @@ def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) 
     return (hi - lo) < min_spread  # a NaN spread (NaN score) is not flat: the reshape's own rules apply
 
 
-def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
-    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and weight/KL metrics."""
+def token_advantages(batch: dict, cfg: TrainConfig, times: dict, step: int = 0) -> tuple[torch.Tensor, dict]:
+    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and weight/KL metrics; `step` seeds the shuffled
+    control."""
     mask = batch["response_mask"]
     adv = batch["advantages"][:, None]  # [B, 1]
     if cfg.algo != "pgpo":
         return adv * mask.float(), {}
     with timed(times, "timing/kl_reshape"):
-        w = pgpo_weights(batch["scores"], mask, cfg)  # [B, T]
-    return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
+        w = pgpo_weights(batch["scores"], mask, cfg, step)  # [B, T]
+    tok_adv = adv * w
+    m = score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
+    m.update({k: float(v) for k, v in core_algos.weight_diagnostics(w, tok_adv, mask).items()})
+    return tok_adv, m
 
 
 @torch.no_grad()
@@ -500,6 +516,9 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
         loss = loss * (n_tok / dp.sum(n_tok))
     with torch.no_grad():  # before the update, on records not trained on yet: a free held-out accuracy probe
         hit = (logits.argmax(-1) == batch["responses"]) | ~batch["response_mask"].bool()
+        skip = probe_ignored_ids(cfg.task, tok) if not cfg.dataset else []  # grid-reason: its random filler
+        if skip:
+            hit |= torch.isin(batch["responses"], torch.tensor(skip, device=hit.device))
         seq_acc = float(hit.all(-1).float().mean())  # every response token the argmax: ~ greedy accuracy
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: off
@@ -700,7 +719,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     # data: the generated tiny task unless a dataset is given
-    data_path = cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task)
+    data_path = cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task, filler=cfg.task_filler)
     columns = {"image": cfg.image_column, "problem": cfg.problem_column, "answer": cfg.answer_column}
     if cfg.sft_steps > 0:
         columns["solution"] = cfg.solution_column
@@ -829,7 +848,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         if batch is not None:
             with dp.full_params(model):
                 batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
-            tok_adv, w_m = token_advantages(batch, cfg, times)
+            tok_adv, w_m = token_advantages(batch, cfg, times, step)
             check_token_advantages(step + 1, batch["advantages"], tok_adv, batch["response_mask"])
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())

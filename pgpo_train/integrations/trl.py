@@ -4,7 +4,8 @@ Where it hooks in (trl >= 1.x): `GRPOTrainer._generate_and_score_completions` re
 group-normalized advantage per completion, [B]. We run the two PGPO passes over that batch (visual, and text-only as
 SPEC section 1 builds it, both under no_grad with explicit position ids), turn them into token weights with
 pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compute_loss` accepts 2-D advantages as
-they are. `use_liger_kernel=True` is refused (see LIGER_ERROR): TRL's Liger loss path took [B] advantages only.
+they are. `use_liger_kernel=True` is allowed where TRL only applies Liger's layer kernels (TRL 1.16) and refused
+where it swaps in Liger's GRPO loss, which takes [B] advantages only (`liger_problem`).
 
 Every family of `pgpo_train.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
 Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused before a model is loaded.
@@ -32,6 +33,7 @@ from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
 from pgpo_train import model_family
 from pgpo_train.integrations import checks
+from pgpo_train.integrations import fused_passes
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
@@ -40,12 +42,33 @@ from pgpo_train.integrations.token_scores import weight_metrics
 logger = logging.getLogger(__name__)
 
 LIGER_ERROR = (
-    "PGPOGRPOTrainer does not support use_liger_kernel=True. PGPO hands the loss per-token advantages [B, T]; "
-    "TRL's Liger GRPO loss (older TRL releases) takes one advantage per sequence [B] and would drop the PGPO "
-    "weights silently, and in TRL 1.16 the flag patches the model's layers with Liger kernels, a stack of fused "
-    "patches on Qwen2.5-VL that PGPO's extra passes are not tested with (SPEC section 4). Set "
-    "use_liger_kernel=False (PGPO's own fused kernels compute the weights)."
+    "PGPOGRPOTrainer does not support use_liger_kernel=True with the installed TRL: its use_liger_kernel path swaps "
+    "in Liger's fused GRPO loss, which takes one advantage per sequence [B] and would drop the PGPO weights "
+    "[B, T] silently. TRL >= 1.16 only applies Liger's layer kernels there (its own loss, fused LM head and [B, T] "
+    "advantages stay): upgrade TRL, or set use_liger_kernel=False."
 )
+LIGER_UNKNOWN_ERROR = (
+    "PGPOGRPOTrainer does not support use_liger_kernel=True with the installed TRL: its GRPOTrainer neither uses "
+    "Liger's GRPO loss nor keeps Liger's fused linear cross-entropy off as TRL 1.16 does, so what the flag replaces "
+    "(the model's forward or the loss) is unknown to PGPO. Set use_liger_kernel=False."
+)
+
+
+def liger_problem() -> str | None:
+    """Why use_liger_kernel=True would not keep PGPO's [B, T] advantages under the installed TRL (None: it does).
+
+    TRL 1.16's GRPOTrainer turns Liger's fused linear cross-entropy off and applies only its layer kernels (RMSNorm,
+    RoPE, SwiGLU); its own loss takes [B, T] advantages. Older TRL replaced the loss with Liger's GRPO loss."""
+    import inspect
+
+    from trl.trainer import grpo_trainer
+
+    src = inspect.getsource(grpo_trainer)
+    if "LigerFusedLinearGRPOLoss" in src or "liger_grpo_loss" in src:
+        return LIGER_ERROR
+    if '"fused_linear_cross_entropy": False' not in src:
+        return LIGER_UNKNOWN_ERROR
+    return None
 
 
 # GRPOConfig already owns `beta` (the KL-penalty coefficient) and `temperature` (sampling): the PGPO symbols
@@ -75,16 +98,16 @@ class PGPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if self.use_liger_kernel:  # before GRPOConfig's own checks, so this is the error the user sees
-            raise ValueError(LIGER_ERROR)
+        if self.use_liger_kernel and liger_problem():  # before GRPOConfig's own checks: the error the user sees
+            raise ValueError(liger_problem())
         super().__post_init__()
         check_pgpo_args(self)
 
 
 def check_pgpo_args(args) -> None:
     """Clear errors for PGPO options and for combinations the adapter refuses, before any model work."""
-    if getattr(args, "use_liger_kernel", False):
-        raise ValueError(LIGER_ERROR)
+    if getattr(args, "use_liger_kernel", False) and liger_problem():
+        raise ValueError(liger_problem())
     check_estimator(args.pgpo_estimator)
     check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
     if args.pgpo_temperature is not None:
@@ -249,7 +272,16 @@ class PGPOGRPOTrainer(GRPOTrainer):
             mm = model_family.select_samples(output, lo, hi, B, output.get("num_images"), output.get("num_tiles"))
             vis_kw = model_family.visual_inputs(model, ids, am, pos, mm, prompt_len=P)
             txt_kw = model_family.text_only_inputs(model, ids, am, pos, prompt_len=P)
-            if args.pgpo_estimator == "full":
+            if args.pgpo_estimator == "full" and fused_passes.plain_head_problem(model) is None:
+                # TRL's own passes hold no [b, T, V] logits: neither do these (hidden states + fused lm_head KL)
+                temperature = args.pgpo_temperature if args.pgpo_temperature is not None else self.temperature
+                with self.accelerator.autocast():
+                    kl = fused_passes.fused_token_kl(model, vis_kw, txt_kw, T, temperature, args.pgpo_backend)
+                kl = torch.where(mask[lo:hi], kl, 0.0)  # padding positions hold no token
+                w, s = pgpo_weights_from_passes(
+                    mask[lo:hi], scores=kl, tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps,
+                    renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+            elif args.pgpo_estimator == "full":  # a head the fused path cannot reproduce: the model's own logits
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
                 logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
                 temperature = args.pgpo_temperature if args.pgpo_temperature is not None else self.temperature
