@@ -69,7 +69,6 @@ def _recording_trainer_cls():
                         self.pgpo_forwards[0] += 1
                         if dist.is_initialized():
                             dist.all_reduce(torch.ones(1))
-                    return None
 
                 self.model.register_forward_pre_hook(gather_like_a_shard, with_kwargs=True)
             self._in_pgpo = True

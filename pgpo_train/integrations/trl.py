@@ -217,8 +217,6 @@ class PGPOGRPOTrainer(GRPOTrainer):
 
     def _pgpo_weights(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token weights [B, T] from the visual and text-only passes over prompt + completion."""
-        args = self.args
-        B, T = output["completion_ids"].shape
         if not self._pgpo_any_rank_has_image(output):
             # no image in the batch means no visual dependency to measure: uniform weights (logged, counted)
             ones = mask.float()
