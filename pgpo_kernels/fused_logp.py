@@ -396,7 +396,7 @@ def fused_linear_logp(
         weight: [V, H] lm_head weight, same dtype. targets: [N] / [B, T] integer ids. bias: optional [V].
         temperature: softmax temperature T > 0. with_entropy: also return the entropy.
         backend: "triton", "torch" or "auto" (triton on CUDA tensors, torch otherwise).
-        chunk_size: torch backend only, rows whose logits are built at a time (None: ~32 MiB of fp32 logits).
+        chunk_size: torch backend only, rows whose logits are built at a time (None: ~8 MiB of fp32 logits).
 
     Returns:
         logp [...] float32, or (logp, entropy) with with_entropy (float64 for float64 inputs on the torch backend).

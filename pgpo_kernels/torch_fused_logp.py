@@ -17,9 +17,11 @@ import torch.nn.functional as F
 
 from pgpo_kernels.torch_ops import compute_dtype
 
-# our choice: one [chunk, V] fp32 buffer of at most this many bytes (the backward holds about three of them):
-# 55 rows at V = 152064, ~100 MiB of transient memory whatever N is
-CHUNK_BYTES = 32 << 20
+# our choice: one [chunk, V] fp32 buffer of at most this many bytes (a pass holds a few of them): 13 rows at
+# V = 152064. Measured on this CPU (H = 64, N = 1024, fwd + bwd, peak RSS): 52 MB extra with 8 MiB chunks (39 MB of it
+# the fp32 weight gradient), 100 MB with 16 MiB, 265 MB with 32 MiB (more than the buffers add up to; the cause, the
+# allocator or BLAS packing, is not pinned down); 8 MiB chunks were not slower than 32 MiB ones
+CHUNK_BYTES = 8 << 20
 
 
 def default_logp_chunk_rows(n_cols: int) -> int:

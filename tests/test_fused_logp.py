@@ -136,7 +136,7 @@ def test_torch_qwen_vocab_and_chunk_bound(monkeypatch):
     r_lp, r_ent = fused_linear_logp_ref(h.detach(), w, t, b)
     torch.testing.assert_close(lp.detach().double(), r_lp, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(ent.detach().double(), r_ent, atol=1e-4, rtol=2e-5)
-    assert tfl.default_logp_chunk_rows(152064) == 55
+    assert tfl.default_logp_chunk_rows(152064) == 13
 
 
 def test_empty_rows():

@@ -175,7 +175,12 @@ def test_shuffled_control_keeps_each_completions_weights(tmp_path, capture):
     assert 0 < logged["pgpo/eff_token_ratio"] <= 1 and 0 < logged["pgpo/top1_mass"] <= logged["pgpo/top10_mass"] <= 1
 
 
-def test_refuses_liger_and_bad_options(tmp_path):
+def test_refuses_liger_and_bad_options(tmp_path, monkeypatch):
+    import pgpo_train.integrations.trl as pgpo_trl
+
+    assert pgpo_trl.liger_problem() is None  # TRL 1.16: layer kernels only, its own [B, T] loss (test_integration_trl_fused)
+    # a TRL whose use_liger_kernel swaps in Liger's [B]-advantage GRPO loss: refused, before and after construction
+    monkeypatch.setattr(pgpo_trl, "liger_problem", lambda: pgpo_trl.LIGER_ERROR)
     with pytest.raises(ValueError, match="control"):
         _config(tmp_path, pgpo_control="random")
     with pytest.raises(ValueError, match="floor"):

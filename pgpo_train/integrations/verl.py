@@ -141,7 +141,8 @@ def pgpo_text_only_batch(
     Args:
         data: a verl DataProto with `input_ids` [B, L], `attention_mask` [B, L] and `position_ids`.
         visual_token_ids: the image (and video) placeholder ids (e.g. Qwen2.5-VL's `<|image_pad|>` 151655), or the
-            HF model / config, whose family gives them (`pgpo_train.model_family.placeholder_ids`).
+            HF model / config, whose family's text-only mask is used (`pgpo_train.model_family.text_only_mask`:
+            the placeholders; for Idefics3 / SmolVLM each image's whole span, grid tags included).
         multimodal_keys: non-tensor keys whose per-sample dicts are replaced by {} (verl's own text-only form).
 
     Returns:
@@ -152,10 +153,16 @@ def pgpo_text_only_batch(
     input_ids = _get(data.batch, "input_ids", "prompt + response token ids [B, L]")
     attention_mask = _get(data.batch, "attention_mask", "[B, L]")
     _get(data.batch, "position_ids", "the original position ids; the text-only pass must reuse them")
-    ids = _visual_ids(visual_token_ids)
-    visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, L]
+    prompt_len = None
     if "responses" in data.batch.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
-        visual[:, input_ids.shape[1] - data.batch["responses"].shape[1]:] = False  # responses are text
+        prompt_len = input_ids.shape[1] - data.batch["responses"].shape[1]  # responses are text
+    if _is_model_or_config(visual_token_ids):  # the family's own text-only mask (Idefics3 / SmolVLM: image spans)
+        visual = model_family.text_only_mask(visual_token_ids, input_ids, prompt_len)
+    else:
+        ids = _visual_ids(visual_token_ids)
+        visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, L]
+        if prompt_len is not None:
+            visual[:, prompt_len:] = False
 
     text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
     text.batch = data.batch.copy()
@@ -167,8 +174,12 @@ def pgpo_text_only_batch(
     return text
 
 
+def _is_model_or_config(x) -> bool:
+    return hasattr(x, "config") or hasattr(x, "model_type")
+
+
 def _visual_ids(visual_token_ids) -> list[int]:
-    if hasattr(visual_token_ids, "config") or hasattr(visual_token_ids, "model_type"):  # a model or its config
+    if _is_model_or_config(visual_token_ids):  # a model or its config
         return model_family.placeholder_ids(visual_token_ids)
     ids = [visual_token_ids] if isinstance(visual_token_ids, int) else list(visual_token_ids)
     if not ids or not all(isinstance(i, int) for i in ids):
@@ -217,7 +228,7 @@ class PGPOVerlTrainerMixin:
         cfg = self.config.algorithm.get("pgpo", None) or {}
         if not cfg.get("enable", False):
             return super()._update_actor(batch)
-        text_batch = pgpo_text_only_batch(batch, self._pgpo_visual_token_ids(cfg))
+        text_batch = pgpo_text_only_batch(batch, self._pgpo_text_only_spec(cfg))
         text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
         logp_vis = None  # verl's old_log_probs: the actor's with-image pass
         if checks.verl_bypass_mode(self.config):  # old_log_probs are the rollout engine's: recompute on the actor
@@ -242,6 +253,18 @@ class PGPOVerlTrainerMixin:
         if seed is None:
             seed = self.config.get("data", {}).get("seed", 0) if hasattr(self.config, "get") else 0
         return control_generator(int(seed or 0), int(getattr(self, "global_steps", 0)))
+
+    def _pgpo_text_only_spec(self, cfg):
+        """What pgpo_text_only_batch masks by: the explicit ids, else the policy's config (its family's text-only
+        mask, image spans included), else the tokenizer's Qwen placeholder ids."""
+        if not cfg.get("visual_token_ids", None) and _model_path(self.config) is not None:
+            if getattr(self, "_pgpo_policy_config", None) is None:
+                from transformers import AutoConfig
+
+                self._pgpo_policy_config = AutoConfig.from_pretrained(_model_path(self.config),
+                                                                      trust_remote_code=_trust(self.config))
+            return self._pgpo_policy_config
+        return self._pgpo_visual_token_ids(cfg)
 
     def _pgpo_visual_token_ids(self, cfg) -> list[int]:
         ids = cfg.get("visual_token_ids", None)
