@@ -113,3 +113,28 @@ def response_hidden(model, inputs: dict, n_resp: int) -> torch.Tensor:
 def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [V, H], bias [V] or None) of the plain nn.Linear lm_head."""
     return model.lm_head.weight, model.lm_head.bias
+
+
+def hidden_logp(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, backend: str = "auto",
+                with_entropy: bool = False):
+    """Log-probs [mb, T] (and entropy) of targets from hidden states [mb, T, H] and the model's lm_head, through
+    pgpo_kernels.fused_linear_logp: differentiable, no [mb, T, V] logits (the policy update's and SFT's loss head).
+
+    Same values as logp_entropy(lm_head(hidden).float() / temperature): the torch fallback rounds each logit chunk
+    to the model dtype as lm_head does; the Triton kernels keep fp32 accumulators."""
+    from pgpo_kernels import fused_linear_logp
+
+    weight, bias = lm_head_params(model)
+    return fused_linear_logp(hidden, weight, targets, bias, temperature=temperature, with_entropy=with_entropy,
+                             backend=backend)
+
+
+@torch.no_grad()
+def hidden_argmax(model, hidden: torch.Tensor, chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """Greedy next-token ids [mb, T] from hidden states, a few rows of logits at a time (never [mb, T, V])."""
+    weight, bias = lm_head_params(model)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    step = max(1, chunk_bytes // (4 * weight.shape[0]))
+    out = torch.cat([torch.nn.functional.linear(rows[lo:lo + step], weight, bias).argmax(-1)
+                     for lo in range(0, rows.shape[0], step)]) if rows.shape[0] else rows.new_zeros(0, dtype=torch.long)
+    return out.reshape(hidden.shape[:-1])
