@@ -183,7 +183,7 @@ def test_bad_input_named_before_launch(kwargs, exc, words, monkeypatch):
 def test_cuda_qwen_shape_against_reference(dtype):
     """The compiled kernels at V = 152064 (not a multiple of 1024), H = 3584, odd N, with ignored rows and entropy."""
     N, H, V = 129, 3584, 152064
-    h, w, b, t = (x.cuda() if x is not None else None for x in _inputs(N, H, V, dtype, bias=False, n_ignored=5))
+    h, w, _, t = (x.cuda() if x is not None else None for x in _inputs(N, H, V, dtype, bias=False, n_ignored=5))
     g_lp = torch.randn(N, dtype=torch.float64, device="cuda")
     g_ent = torch.randn(N, dtype=torch.float64, device="cuda")
     got = _loss_grads(lambda h_, w_: fused_linear_logp(h_, w_, t, temperature=0.9, with_entropy=True,
