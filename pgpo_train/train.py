@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from pgpo_kernels import fused_linear_logp
 from pgpo_kernels import fused_linear_token_stats
 from pgpo_kernels import token_kl
 from pgpo_kernels import token_stats
@@ -42,6 +43,8 @@ from pgpo_train.data import build_prompt
 from pgpo_train.data import check_first_rows
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
+from pgpo_train.lm_head import fused_head_forward
+from pgpo_train.lm_head import hidden_argmax
 from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
@@ -247,6 +250,24 @@ def logp_entropy(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool
     return logp, ent
 
 
+def response_logp(model, inputs: dict, targets: torch.Tensor, temperature: float, fused: bool = False,
+                  backend: str = "auto", with_entropy: bool = False):
+    """(log-prob [mb, T], entropy [mb, T] or None) of the response tokens, differentiable in the log-prob.
+
+    fused: hidden states + pgpo_kernels.fused_linear_logp, so no [mb, T, V] tensor exists in forward or backward
+    (issue 16); else the logits path (logits, log-softmax and their autograd buffers)."""
+    n_resp = targets.shape[1]
+    if fused:
+        def head(hidden, weight, bias):  # [mb, T, 2]: log-prob and entropy, the "logits" of this forward
+            lp, ent = fused_linear_logp(hidden, weight, targets, bias, temperature=temperature, with_entropy=True,
+                                        backend=backend)
+            return torch.stack([lp, ent], -1)
+
+        out = fused_head_forward(model, inputs, n_resp, head)
+        return out[..., 0], (out[..., 1] if with_entropy else None)
+    return logp_entropy(response_logits(model, inputs, n_resp, temperature), targets, with_entropy)
+
+
 # %% step phases
 
 
@@ -292,9 +313,9 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) ->
 def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused_lm_head: bool = False) -> dict:
     """Old log-probs with the image and, for pgpo, token visual-dependency scores from the text-only pass.
 
-    Works micro-batch by micro-batch. With `fused_lm_head` (pgpo only) both passes stop at the last hidden states
-    [mb, T, H] and pgpo_kernels.fused_linear_token_stats applies the lm_head tile by tile: no [mb, T, V] logits
-    exist. Otherwise at most one micro-batch's [mb, T, V] logits of each pass are alive, at response positions only.
+    Works micro-batch by micro-batch. With `fused_lm_head` both passes stop at the last hidden states [mb, T, H]
+    and pgpo_kernels.fused_linear_token_stats (grpo/dapo: fused_linear_logp) applies the lm_head tile by tile: no
+    [mb, T, V] logits exist. Otherwise at most one micro-batch's [mb, T, V] logits of each pass are alive, at response positions only.
 
     Returns:
         dict with old_logp [B, T], entropy [B, T] and (pgpo) scores [B, T].
@@ -311,7 +332,10 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
         mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
             kw = visual_kwargs(mb)
-            if fused:
+            if fused_lm_head and not pgpo:  # [mb, T] straight from hidden states
+                vis = None
+                lp, ent = response_logp(model, kw, mb["responses"], cfg.temperature, True, cfg.pgpo.backend, True)
+            elif fused:
                 vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
             else:
                 vis = response_logits(model, kw, T, logits_temp)  # [mb, T, V]
@@ -446,7 +470,8 @@ def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tenso
 
 
 def policy_update(
-    model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict, dp=distributed.SINGLE
+    model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict, dp=distributed.SINGLE,
+    fused_lm_head: bool = False,
 ) -> dict:
     """ppo_epochs x mini-batches of the clipped loss; micro-batches accumulate to each mini-batch's mean.
 
@@ -454,7 +479,7 @@ def policy_update(
     rank with the most (distributed.py); tok_adv None: this rank kept no rows and only runs zero-weight forwards."""
     model.train()
     policy_loss = core_algos.get_policy_loss_fn("vanilla")
-    B, T = batch["responses"].shape
+    B = batch["responses"].shape[0]
     B = 0 if tok_adv is None else B
     sums = {"actor/loss": 0.0, "actor/clip_frac": 0.0, "actor/ppo_kl": 0.0, "actor/grad_norm": 0.0}
     n_mb = 0
@@ -467,11 +492,13 @@ def policy_update(
                 for idx in dp.micro_batches(mini, cfg.micro_batch_size):
                     if len(idx) == 0:  # torchrun: another rank has a micro-batch more; FSDP's collectives must pair
                         mb = select_rows(batch, torch.arange(1))
-                        (response_logits(model, visual_kwargs(mb), T, cfg.temperature).sum() * 0.0).backward()
+                        lp0, _ = response_logp(model, visual_kwargs(mb), mb["responses"], cfg.temperature,
+                                               fused_lm_head, cfg.pgpo.backend)
+                        (lp0.sum() * 0.0).backward()
                         continue
                     mb = select_rows(batch, idx)
-                    logits = response_logits(model, visual_kwargs(mb), T, cfg.temperature)
-                    logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
+                    logp, _ = response_logp(model, visual_kwargs(mb), mb["responses"], cfg.temperature, fused_lm_head,
+                                            cfg.pgpo.backend)
                     loss, m = policy_loss(
                         batch["old_logp"][idx],
                         logp,
@@ -496,7 +523,8 @@ def policy_update(
     return {k: v / max(n_mb, 1) for k, v in sums.items()}
 
 
-def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=distributed.SINGLE) -> dict:
+def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=distributed.SINGLE,
+             fused_lm_head: bool = False) -> dict:
     """One supervised step on the reference responses (the warm-up): mean token NLL with the image.
 
     Under torchrun each rank holds its share of the records; its loss is weighed by its share of the tokens, so the
@@ -508,14 +536,24 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
     enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
     responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
-    logits = response_logits(model, visual_kwargs(batch), responses.shape[1], 1.0)
-    logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
+    if fused_lm_head:  # hidden states + fused_linear_logp: no [B, T, V] logits (issue 16)
+        greedy_ids = []
+
+        def head(hidden, weight, bias):
+            greedy_ids.append(hidden_argmax(hidden.detach(), weight, bias))  # the accuracy probe, chunked
+            return fused_linear_logp(hidden, weight, batch["responses"], bias, backend=cfg.pgpo.backend)
+
+        logp = fused_head_forward(model, visual_kwargs(batch), responses.shape[1], head)
+    else:
+        logits = response_logits(model, visual_kwargs(batch), responses.shape[1], 1.0)
+        logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
     if dp.world > 1:
         n_tok = float(batch["response_mask"].sum())
         loss = loss * (n_tok / dp.sum(n_tok))
     with torch.no_grad():  # before the update, on records not trained on yet: a free held-out accuracy probe
-        hit = (logits.argmax(-1) == batch["responses"]) | ~batch["response_mask"].bool()
+        greedy = greedy_ids[0] if fused_lm_head else logits.argmax(-1)  # [B, T]
+        hit = (greedy == batch["responses"]) | ~batch["response_mask"].bool()
         skip = probe_ignored_ids(cfg.task, tok) if not cfg.dataset else []  # grid-reason: its random filler
         if skip:
             hit |= torch.isin(batch["responses"], torch.tensor(skip, device=hit.device))
@@ -732,7 +770,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"--model {cfg.model or '(embedded tiny)'}: cannot load it: {first}") from e
     # resolved once, before any step: "on" with an unsupported lm_head fails here, not mid-run
-    fused_lm_head = cfg.algo == "pgpo" and use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)
+    fused_lm_head = use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)  # every algo's passes (issue 16)
     small = sum(p.numel() for p in model.parameters()) < 50_000_000
     if not cfg.threads and device.type == "cpu" and small:
         # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
@@ -813,7 +851,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         # --- SFT warm-up
         if step < sft_end:
             recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
-            m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp), len(recs), 0.0)
+            m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp, fused_lm_head), len(recs), 0.0)
             step += 1
             check_finite_metrics(step, m, ("sft/loss", "sft/grad_norm"))
             sft_accs = (sft_accs + [m["sft/seq_acc"]])[-3:]
@@ -840,8 +878,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         times: dict = {}
         t0 = time.perf_counter()
         batch, metrics, texts, filler = sample_batch(model, processor, stream, cfg, device, times, dp)
-        if cfg.algo == "pgpo":
-            metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which old-log-prob path ran (1: hidden states)
+        metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which path every pass took (1: hidden states)
         # this rank's responses and kept tokens, to weigh its metrics (torchrun: every rank samples as many)
         n_resp, n_tok = len(texts), 0.0
         kept_anywhere = dp.any(batch is not None)
@@ -852,13 +889,13 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             check_token_advantages(step + 1, batch["advantages"], tok_adv, batch["response_mask"])
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
-            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp))
+            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp, fused_lm_head))
             check_finite_metrics(step + 1, metrics, ("actor/loss", "actor/grad_norm"))
             n_tok = float(batch["response_mask"].sum())
         elif kept_anywhere:  # torchrun: another rank kept groups; this one pairs their collectives with zero weight
             with dp.full_params(model):
                 pass
-            metrics.update(policy_update(model, optimizer, filler, None, cfg, times, dp))
+            metrics.update(policy_update(model, optimizer, filler, None, cfg, times, dp, fused_lm_head))
             check_finite_metrics(step + 1, metrics, ("actor/grad_norm",))  # global: every rank stops together
         # else: every group had equal rewards, also after the refill rounds -> no gradient signal this step
         step += 1
