@@ -136,6 +136,18 @@ def fused_head_forward(model, inputs: dict, n_resp: int, head_fn):
         del head.forward
 
 
+def fallback_chunk_rows(weight: torch.Tensor, backend: str) -> int | None:
+    """Rows per chunk of the fused ops' torch fallback in the training loop: ~8 MiB of fp32 logits (13 rows at
+    V = 152064), as fused_linear_logp's default; None (the op's own choice) where the Triton kernels run. The
+    fallback's default otherwise sizes chunks from a quarter of the free memory: on a CPU host a whole micro-batch
+    of [mb, T, V] logits (issue 16: pgpo-train step benchmark, benchmarks/results/logp)."""
+    from pgpo_kernels.torch_fused_logp import default_logp_chunk_rows
+
+    if backend == "torch" or not weight.is_cuda:
+        return default_logp_chunk_rows(weight.shape[0])
+    return None
+
+
 @torch.no_grad()
 def hidden_argmax(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   chunk_bytes: int = 8 << 20) -> torch.Tensor:

@@ -43,6 +43,7 @@ from pgpo_train.data import build_prompt
 from pgpo_train.data import check_first_rows
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
+from pgpo_train.lm_head import fallback_chunk_rows
 from pgpo_train.lm_head import fused_head_forward
 from pgpo_train.lm_head import hidden_argmax
 from pgpo_train.lm_head import lm_head_params
@@ -359,6 +360,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
                     mb["responses"],
                     bias,
                     temperature=cfg.temperature,
+                    chunk_size=fallback_chunk_rows(weight, cfg.pgpo.backend),
                     estimator=cfg.pgpo.estimator,
                     backend=cfg.pgpo.backend,
                 )
