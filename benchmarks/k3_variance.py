@@ -71,13 +71,13 @@ def sampling_gap(model, processor, cfg, records) -> float:
 
     k3 is unbiased only if x_t ~ pi_vis exactly; this rules out a position-id or cache mismatch between the two.
     """
-    from pgpo_train.text_only import visual_inputs
+    from pgpo_train import model_family
     from pgpo_train.train import build_sequences
     from pgpo_train.train import encode_prompts
     from pgpo_train.train import eos_ids
     from pgpo_train.train import response_logits
     from pgpo_train.train import response_mask_from
-    from pgpo_train.train import visual_special_ids
+    from pgpo_train.train import visual_kwargs
 
     model.eval()
     prompt = encode_prompts(processor, records, cfg.prompt_template, 1, torch.device("cpu"))
@@ -85,15 +85,13 @@ def sampling_gap(model, processor, cfg, records) -> float:
     out = model.generate(
         **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
         max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=processor.tokenizer.pad_token_id,
-        suppress_tokens=visual_special_ids(model), output_logits=True, return_dict_in_generate=True,
+        suppress_tokens=model_family.special_ids(model), output_logits=True, return_dict_in_generate=True,
     )
     resp = out.sequences[:, prompt["input_ids"].shape[1]:]  # [B, T]
     mask = response_mask_from(resp, stop).bool()
     gen = torch.stack(out.logits, 1).float()  # [B, T, V] raw logits generate() sampled from (before processors)
     batch = build_sequences(model, prompt, resp, mask.long(), processor.tokenizer.pad_token_id)
-    kw = visual_inputs(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["pixel_values"],
-                       batch["image_grid_thw"])
-    scored = response_logits(model, kw, resp.shape[1], 1.0)  # [B, T, V]
+    scored = response_logits(model, visual_kwargs(model, batch), resp.shape[1], 1.0)  # [B, T, V]
     return float((gen - scored).abs().amax(-1)[mask].max())
 
 

@@ -132,7 +132,7 @@ def main(argv=None):
     for row in trainer.state.log_history:
         if "pgpo/kl_mean" in row:
             print({k: row[k] for k in ("step", "loss", "reward", "reward_std", "pgpo/kl_mean", "pgpo/weight_max",
-                                       "pgpo/frac_amplified")})
+                                       "pgpo/frac_above_tau")})
     return trainer
 
 

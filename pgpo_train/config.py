@@ -50,6 +50,11 @@ class PGPOConfig:
     # from the update's bf16-logit log-probs (up to 0.03 nats on the tiny model); turn it on when logits memory binds
     fused_lm_head: str = "off"  # off | on | auto (on with CUDA): hidden states + fused lm_head, no [B, T, V] logits
 
+    def weight_kwargs(self) -> dict:
+        """The reshape options, as core_algos.pgpo_weights takes them."""
+        keys = ("tau", "beta", "eps", "renormalize", "min_spread", "backend")
+        return {k: getattr(self, k) for k in keys}
+
 
 @dataclass
 class TrainConfig:

@@ -24,14 +24,13 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
         {"tokens": [T] strings, "kl", "intensity" (I_t), "weights": [T] floats, "text": str, "score": dict}
     """
     from pgpo_train import core_algos
+    from pgpo_train import model_family
     from pgpo_train.rewards import compute_score
     from pgpo_train.train import build_sequences
     from pgpo_train.train import encode_prompts
     from pgpo_train.train import eos_ids
     from pgpo_train.train import old_logp_and_scores
-    from pgpo_train.train import pgpo_weights
     from pgpo_train.train import response_mask_from
-    from pgpo_train.train import visual_special_ids
 
     device = next(model.parameters()).device
     model.eval()
@@ -44,13 +43,13 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
         max_new_tokens=cfg.max_new_tokens,
         eos_token_id=stop,
         pad_token_id=processor.tokenizer.pad_token_id,
-        suppress_tokens=visual_special_ids(model),
+        suppress_tokens=model_family.special_ids(model),
     )
     responses = out[:, prompt["input_ids"].shape[1] :]
     mask = response_mask_from(responses, stop)
     batch = build_sequences(model, prompt, responses, mask, processor.tokenizer.pad_token_id)
     stats = old_logp_and_scores(model, batch, cfg, {})
-    w = pgpo_weights(stats["scores"], mask, cfg)  # [1, T], as the training step weights them
+    w = core_algos.pgpo_weights(stats["scores"], mask, **cfg.pgpo.weight_kwargs())  # [1, T], as the step does
     intensity = core_algos.normalized_scores(stats["scores"], mask, cfg.pgpo.eps)  # [1, T], PGPO's I_t
     n = int(mask.sum())
     ids = batch["responses"][0, :n].tolist()

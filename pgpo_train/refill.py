@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from pgpo_train import core_algos
-from pgpo_train.text_only import mm_token_type_ids_for
+from pgpo_train import model_family
 
 # keys of a rollout batch with one row per response; the rest are per-prompt-image or built from these
 ROW_KEYS = ("rewards", "advantages")
@@ -108,8 +108,7 @@ def concat_rollouts(model, parts: list[dict], pad_id: int) -> dict:
         resp.append(torch.nn.functional.pad(p["responses"], right, value=pad_id))
         rmask.append(torch.nn.functional.pad(p["response_mask"], right, value=0))
     prompt = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(att)}
-    prompt["mm_token_type_ids"] = mm_token_type_ids_for(prompt["input_ids"], model.config)
-    for k in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"):  # one image per row
+    for k in model_family.MULTIMODAL_KEYS:  # one image per row
         if parts[0].get(k) is not None:
             prompt[k] = torch.cat([p[k] for p in parts])
     out = build_sequences(model, prompt, torch.cat(resp), torch.cat(rmask), pad_id)

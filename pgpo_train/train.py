@@ -53,9 +53,6 @@ from pgpo_train.rundir import repair_metrics
 from pgpo_train.signals import StopOnSignal
 from pgpo_train.signals import TrainingInterrupted
 from pgpo_train.signals import stop_requested_anywhere
-from pgpo_train.text_only import select_images
-from pgpo_train.text_only import text_only_inputs
-from pgpo_train.text_only import visual_inputs
 from pgpo_train.validate import check_sources
 
 # %% setup helpers
@@ -85,7 +82,7 @@ def load_policy(cfg: TrainConfig, device: torch.device):
             cfg.model, dtype=getattr(torch, dtype), attn_implementation=attn
         )
         processor = load_processor(cfg.model)
-    check_vlm(model, processor)
+    model_family.check_processor(model, processor, "pgpo-train")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -95,20 +92,6 @@ def load_policy(cfg: TrainConfig, device: torch.device):
     return model.to(device), processor
 
 
-def check_vlm(model, processor) -> None:
-    """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
-    model_family.check_vlm(model, "pgpo-train")
-    image_token_id = model.config.image_token_id
-    tok = processor.tokenizer
-    # the placeholder the image expands to (Gemma 3's processor names its <start_of_image>, the tokenizer the soft token)
-    image_token = getattr(tok, "image_token", None) or getattr(processor, "image_token", "<|image_pad|>")
-    if tok.convert_tokens_to_ids(image_token) != image_token_id:
-        raise ValueError(
-            f"tokenizer's {image_token!r} id {tok.convert_tokens_to_ids(image_token)} != model image_token_id "
-            f"{image_token_id}: model and processor do not match"
-        )
-
-
 def eos_ids(model, processor) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
@@ -116,11 +99,6 @@ def eos_ids(model, processor) -> list[int]:
         if t is not None and t not in ids:
             ids.append(t)
     return ids
-
-
-def visual_special_ids(model) -> list[int]:
-    """Vision placeholder/delimiter ids: never sampled in a response (a sampled <|image_pad|> would need an image)."""
-    return model_family.special_ids(model)
 
 
 @contextmanager
@@ -162,7 +140,8 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
 
     Returns:
         dict with input_ids/attention_mask [B, L], position_ids [3, B, L] (mrope) or [B, L] (1-D rope),
-        pixel_values, image_grid_thw (Qwen) or the 1-D family's ONE_D_IMAGE_KEYS, responses/response_mask [B, T].
+        the processor's image tensors (model_family.MULTIMODAL_KEYS it wrote; InternVL also num_tiles [B]),
+        responses/response_mask [B, T].
     """
     responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
     input_ids = torch.cat([prompt["input_ids"], responses], dim=1)  # [B, L]
@@ -179,53 +158,47 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
-        "pixel_values": prompt.get("pixel_values"),
-        "image_grid_thw": prompt.get("image_grid_thw"),
         "responses": responses,
         "response_mask": response_mask,
     }
-    if model_family.family_of(model).rope == "1d":  # its image tensors (one image per row) and full-length token types
-        P = prompt["input_ids"].shape[1]
-        out.update(model_family.visual_inputs(model, input_ids, attention_mask, position_ids, prompt, prompt_len=P))
-        if out.get("pixel_values") is not None and model_family.family_of(model).name == "InternVL (HF)":
-            # InternVL tiles an image into crops of equal token counts: a row's tiles = its share of the placeholders
-            n_ph = model_family.visual_mask(model, input_ids, P).sum(-1)  # [B]
-            out["num_tiles"] = n_ph * out["pixel_values"].shape[0] // n_ph.sum().clamp(min=1)
+    out.update({k: prompt[k] for k in model_family.MULTIMODAL_KEYS if prompt.get(k) is not None})  # as processed
+    tiles = model_family.num_tiles(model, input_ids, out.get("pixel_values"), prompt["input_ids"].shape[1])
+    if tiles is not None:  # InternVL: a row's tiles, so select_rows keeps them whole
+        out["num_tiles"] = tiles
     return out
 
 
-def select_rows(batch: dict, idx: torch.Tensor) -> dict:
-    """Rows idx of a batch; pixel_values are split per sample by image_grid_thw.prod(-1), not evenly (SPEC sec. 4)."""
+def select_rows(model, batch: dict, idx: torch.Tensor) -> dict:
+    """Rows idx of a build_sequences batch: per-row tensors indexed, the image tensors selected image by image in
+    the family's pixel layout (model_family.select_images; SPEC sec. 4: never split evenly)."""
     out = {}
     for k, v in batch.items():
-        if v is None or k in ("pixel_values", "image_grid_thw"):
+        if v is None or k in model_family.MULTIMODAL_KEYS:
             continue
         out[k] = v[:, idx] if k == "position_ids" and v.dim() == 3 else v[idx]
-    out["pixel_values"], out["image_grid_thw"] = None, None
-    if batch.get("num_tiles") is not None:  # InternVL: pixel_values [tiles, C, H, W], num_tiles [B] per row
-        tiles = torch.split(batch["pixel_values"], batch["num_tiles"].tolist())
-        out["pixel_values"] = torch.cat([tiles[i] for i in idx.tolist()])
-    elif batch.get("pixel_values") is not None and batch.get("image_grid_thw") is None:  # 1-D: one image per row
-        out["pixel_values"] = batch["pixel_values"][idx]
-    elif batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
-        out["pixel_values"], out["image_grid_thw"] = select_images(
-            batch["pixel_values"], batch["image_grid_thw"], idx.tolist()
-        )
+    tiles = batch.get("num_tiles")
+    tiles = None if tiles is None else tiles.tolist()
+    out.update(model_family.select_images(model, batch, idx.tolist(), num_tiles=tiles))
     return out
 
 
-# what build_sequences keeps for 1-D rope families beside pixel_values (model_family.visual_inputs' outputs)
-ONE_D_IMAGE_KEYS = ("image_sizes", "pixel_attention_mask", "token_type_ids")
+def prompt_len(batch: dict) -> int:
+    """Where a build_sequences batch's responses start (every row: left-padded prompt, then the response)."""
+    return batch["input_ids"].shape[1] - batch["responses"].shape[1]
 
 
-def visual_kwargs(batch: dict) -> dict:
-    """Forward kwargs of the visual pass for a build_sequences / select_rows batch (explicit positions)."""
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")
-    kw = visual_inputs(*(batch[k] for k in keys))
-    if batch.get("image_grid_thw") is None and batch.get("pixel_values") is not None:  # 1-D rope families
-        kw.pop("image_grid_thw")
-        kw.update({k: batch[k] for k in ONE_D_IMAGE_KEYS if batch.get(k) is not None})
-    return kw
+def visual_kwargs(model, batch: dict) -> dict:
+    """Forward kwargs of the visual pass of a build_sequences / select_rows batch (model_family.visual_inputs)."""
+    return model_family.visual_inputs(
+        model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch, prompt_len=prompt_len(batch)
+    )
+
+
+def text_only_kwargs(model, batch: dict) -> dict:
+    """Forward kwargs of the text-only pass of the same batch (model_family.text_only_inputs, SPEC section 1)."""
+    return model_family.text_only_inputs(
+        model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], prompt_len=prompt_len(batch)
+    )
 
 
 def response_logits(model, inputs: dict, n_resp: int, temperature: float | None) -> torch.Tensor:
@@ -266,7 +239,7 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) ->
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=stop,
             pad_token_id=processor.tokenizer.pad_token_id,
-            suppress_tokens=visual_special_ids(model),
+            suppress_tokens=model_family.special_ids(model),
             repetition_penalty=1.0,  # checkpoints' generation configs set one (Qwen: 1.05); logp must see plain softmax
         )
         responses = out[:, prompt["input_ids"].shape[1] :]  # [B, T]
@@ -307,9 +280,9 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     unfused = os.environ.get("PGPO_NO_TOKEN_STATS") == "1"
     logits_temp = None if pgpo and not unfused else cfg.temperature  # None: token_stats scales bf16 logits itself
     for start in range(0, B, cfg.micro_batch_size):
-        mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
+        mb = select_rows(model, batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
-            kw = visual_kwargs(mb)
+            kw = visual_kwargs(model, mb)
             if fused:
                 vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
             else:
@@ -322,7 +295,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
             del vis
             continue
         with timed(times, "timing/text_only"):
-            kw = text_only_inputs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+            kw = text_only_kwargs(model, mb)
             txt = response_hidden(model, kw, T) if fused else response_logits(model, kw, T, logits_temp)
         with timed(times, "timing/kl_reshape"):
             if fused:
@@ -353,7 +326,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
                 s = token_kl(vis, txt, backend=cfg.pgpo.backend)  # [mb, T]
             else:
                 lp_txt, _ = logp_entropy(txt, mb["responses"], with_entropy=False)
-                s = core_algos.k3_token_kl(lp, lp_txt)  # [mb, T]
+                s = core_algos.k3_scores(lp, lp_txt)  # [mb, T]
         old_logp.append(lp)
         entropy.append(ent)
         scores.append(s)
@@ -364,69 +337,16 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     return out
 
 
-def pgpo_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """[B, T] PGPO token weights from scores [B, T] with the run's tau, beta, eps, renormalize and backend; sequences
-    whose log1p(score) spread is below --pgpo.min-spread get uniform weights (flat_sequences)."""
-    w = core_algos.get_token_weight_fn("pgpo")(
-        scores,
-        mask,
-        tau=cfg.pgpo.tau,
-        beta=cfg.pgpo.beta,
-        eps=cfg.pgpo.eps,
-        renormalize=cfg.pgpo.renormalize,
-        backend=cfg.pgpo.backend,
-    )
-    if cfg.pgpo.min_spread > 0:
-        flat = flat_sequences(scores, mask, cfg.pgpo.min_spread)  # [B]
-        w = torch.where(flat[:, None], mask.to(w.dtype), w)
-    return w
-
-
-def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) -> torch.Tensor:
-    """[B] bool: max - min of log1p(scores) over a row's valid tokens is below min_spread (or the row is empty).
-
-    Min-max normalization stretches any spread to [0, 1]: on a sequence where the image barely changed any
-    prediction, the PGPO weights would only be stretched noise (issue 10). Torch ops only, no host sync.
-    """
-    m = mask.bool()
-    ls = torch.log1p(scores.float())  # [B, T]; +inf stays +inf (a huge spread: never flat)
-    hi = ls.masked_fill(~m, float("-inf")).amax(-1)
-    lo = ls.masked_fill(~m, float("inf")).amin(-1)
-    return (hi - lo) < min_spread  # a NaN spread (NaN score) is not flat: the reshape's own rules apply
-
-
 def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
-    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and weight/KL metrics."""
+    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and the weight/KL metrics (core_algos.weight_metrics)."""
     mask = batch["response_mask"]
     adv = batch["advantages"][:, None]  # [B, 1]
     if cfg.algo != "pgpo":
         return adv * mask.float(), {}
     with timed(times, "timing/kl_reshape"):
-        w = pgpo_weights(batch["scores"], mask, cfg)  # [B, T]
-    return adv * w, score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
-
-
-@torch.no_grad()
-def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float, eps: float) -> dict:
-    """KL statistics (mean over finite KLs as the TRL adapter logs it, share of +inf, max, fraction of tokens whose
-    normalized score I_t is >= tau) and weight statistics."""
-    m = mask.bool()
-    s = scores[m]
-    if s.numel() == 0:
-        return {}
-    I = core_algos.normalized_scores(scores, m, eps)  # [B, T], as the reshape defines it (SPEC section 2)
-    w = weights[m]
-    finite = s[torch.isfinite(s)]  # a +inf KL (text-only pass rules the token out) would swamp the mean
-    return {
-        "pgpo/kl_mean": float(finite.mean()) if finite.numel() else 0.0,
-        "pgpo/kl_inf_frac": float((s == float("inf")).float().mean()),
-        "pgpo/kl_max": float(s.max()),
-        "pgpo/frac_above_tau": float((I[m] >= tau).float().mean()),
-        "pgpo/weight_mean": float(w.mean()),
-        "pgpo/weight_std": float(w.std()) if w.numel() > 1 else 0.0,
-        "pgpo/weight_max": float(w.max()),
-        "pgpo/weight_min": float(w.min()),
-    }
+        w = core_algos.pgpo_weights(batch["scores"], mask, **cfg.pgpo.weight_kwargs())  # [B, T]
+    stats = core_algos.weight_metrics(w, batch["scores"], mask, tau=cfg.pgpo.tau, eps=cfg.pgpo.eps)
+    return adv * w, dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync
 
 
 def policy_update(
@@ -450,11 +370,11 @@ def policy_update(
                 n_seq = dp.sum(float(len(mini)))
                 for idx in dp.micro_batches(mini, cfg.micro_batch_size):
                     if len(idx) == 0:  # torchrun: another rank has a micro-batch more; FSDP's collectives must pair
-                        mb = select_rows(batch, torch.arange(1))
-                        (response_logits(model, visual_kwargs(mb), T, cfg.temperature).sum() * 0.0).backward()
+                        mb = select_rows(model, batch, torch.arange(1))
+                        (response_logits(model, visual_kwargs(model, mb), T, cfg.temperature).sum() * 0.0).backward()
                         continue
-                    mb = select_rows(batch, idx)
-                    logits = response_logits(model, visual_kwargs(mb), T, cfg.temperature)
+                    mb = select_rows(model, batch, idx)
+                    logits = response_logits(model, visual_kwargs(model, mb), T, cfg.temperature)
                     logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
                     loss, m = policy_loss(
                         batch["old_logp"][idx],
@@ -492,7 +412,7 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
     enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
     responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
-    logits = response_logits(model, visual_kwargs(batch), responses.shape[1], 1.0)
+    logits = response_logits(model, visual_kwargs(model, batch), responses.shape[1], 1.0)
     logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
     if dp.world > 1:
@@ -523,7 +443,7 @@ def evaluate(model, processor, records: list[dict], cfg: TrainConfig, device, ba
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=stop,
             pad_token_id=processor.tokenizer.pad_token_id,
-            suppress_tokens=visual_special_ids(model),
+            suppress_tokens=model_family.special_ids(model),
         )
         texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         for t, r in zip(texts, recs):
@@ -579,12 +499,12 @@ def sample_batch(model, processor, stream, cfg: TrainConfig, device, times: dict
     for key in ("response/length_max",):
         metrics[key] = max(m[key] for _, m in seen)
     parts = [
-        r["batch"] if r["keep"].all() else select_rows(r["batch"], r["keep"].nonzero().squeeze(-1))
+        r["batch"] if r["keep"].all() else select_rows(model, r["batch"], r["keep"].nonzero().squeeze(-1))
         for r in rounds
         if r["keep"].any()
     ]
     batch = concat_rollouts(model, parts, processor.tokenizer.pad_token_id) if parts else None
-    filler = select_rows(rounds[0]["batch"], torch.arange(1)) if batch is None and dp.world > 1 else None
+    filler = select_rows(model, rounds[0]["batch"], torch.arange(1)) if batch is None and dp.world > 1 else None
     return batch, metrics, texts[0], filler
 
 

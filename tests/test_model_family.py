@@ -220,7 +220,7 @@ def test_pgpo_train_step_runs_on_the_other_qwen_families(name):
     cfg = TrainConfig(algo="pgpo", max_new_tokens=6).resolved()
     cfg.pgpo.backend = "torch"
     model, processor = build_tiny_family(name)
-    tr.check_vlm(model, processor)
+    mf.check_processor(model, processor)
     opt = tr.make_optimizer(model, 1e-3, 0.0)
     recs = make_count_records(2, seed=0)
     batch, _ = tr.rollout(model, processor, recs, cfg, "cpu", {})

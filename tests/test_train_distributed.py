@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pgpo_train import dist_checkpoint
+from pgpo_train import model_family
 from pgpo_train import train as train_mod
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.config import TrainConfig
@@ -43,7 +44,7 @@ def _patched_rollout(mode: str):
     def rollout(model, processor, records, cfg, device, times):
         tok = processor.tokenizer
         G, T = cfg.group_size, cfg.max_new_tokens
-        banned = set(train_mod.visual_special_ids(model))
+        banned = set(model_family.special_ids(model))
         allowed = torch.tensor([i for i in range(len(tok)) if i not in banned])
 
         def generate(**kw):

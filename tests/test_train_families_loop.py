@@ -21,7 +21,7 @@ def test_pgpo_train_step_runs_on_1d_rope_families(name):
     cfg = TrainConfig(algo="pgpo", max_new_tokens=6, micro_batch_size=1).resolved()
     cfg.pgpo.backend = "torch"
     model, processor = build_tiny_family(name)
-    tr.check_vlm(model, processor)  # no refusal
+    mf.check_processor(model, processor)  # no refusal
     opt = tr.make_optimizer(model, 1e-3, 0.0)
     batch, _ = tr.rollout(model, processor, make_count_records(2, seed=0), cfg, "cpu", {})
     batch.pop("texts")
@@ -49,9 +49,9 @@ def test_micro_batch_rows_see_their_own_image(name):
     batch, _ = tr.rollout(model, processor, recs, cfg, "cpu", {})
     batch.pop("texts")
     T = batch["responses"].shape[1]
-    full = tr.response_logits(model, tr.visual_kwargs(batch), T, 1.0)
+    full = tr.response_logits(model, tr.visual_kwargs(model, batch), T, 1.0)
     idx = torch.tensor([batch["input_ids"].shape[0] - 1, 0])
-    part = tr.response_logits(model, tr.visual_kwargs(tr.select_rows(batch, idx)), T, 1.0)
+    part = tr.response_logits(model, tr.visual_kwargs(model, tr.select_rows(model, batch, idx)), T, 1.0)
     torch.testing.assert_close(part, full[idx], atol=1e-5, rtol=1e-5)
 
 
@@ -72,11 +72,11 @@ def test_refill_concat_keeps_the_1d_families_image_tensors():
     merged = concat_rollouts(model, parts, processor.tokenizer.pad_token_id)
     assert merged["image_sizes"].shape[0] == merged["pixel_values"].shape[0] == merged["input_ids"].shape[0]
     T = merged["responses"].shape[1]
-    logits = tr.response_logits(model, tr.visual_kwargs(merged), T, 1.0)
+    logits = tr.response_logits(model, tr.visual_kwargs(model, merged), T, 1.0)
     n0 = parts[0]["input_ids"].shape[0]
     for i, p in enumerate(parts):
         t = p["responses"].shape[1]
-        own = tr.response_logits(model, tr.visual_kwargs(p), t, 1.0)
+        own = tr.response_logits(model, tr.visual_kwargs(model, p), t, 1.0)
         rows = slice(i * n0, i * n0 + p["input_ids"].shape[0])
         mask = p["response_mask"].bool()
         torch.testing.assert_close(logits[rows, :t][mask], own[mask], atol=1e-4, rtol=1e-4)
@@ -90,7 +90,7 @@ def test_internvl_rows_own_their_tiles():
     batch, _ = tr.rollout(model, processor, make_count_records(2, seed=4), cfg, "cpu", {})
     tiles = batch["num_tiles"]
     assert int(tiles.sum()) == batch["pixel_values"].shape[0] and bool((tiles > 1).all())
-    sel = tr.select_rows(batch, torch.tensor([3]))
+    sel = tr.select_rows(model, batch, torch.tensor([3]))
     first = int(tiles[:3].sum())
     torch.testing.assert_close(sel["pixel_values"], batch["pixel_values"][first : first + int(tiles[3])])
 

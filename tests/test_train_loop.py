@@ -206,12 +206,12 @@ def test_undecodable_image_is_skipped_and_counted(assets, tmp_path):
 def test_model_without_image_tokens_is_refused(assets):
     from types import SimpleNamespace
 
+    from pgpo_train.model_family import check_processor
     from pgpo_train.tiny import load_processor
-    from pgpo_train.train import check_vlm
 
     processor = load_processor(assets["model"])
     with pytest.raises(ValueError, match="no image tokens"):
-        check_vlm(SimpleNamespace(config=SimpleNamespace()), processor)
+        check_processor(SimpleNamespace(config=SimpleNamespace()), processor)
 
 
 def test_fused_token_stats_path_matches_unfused(assets, tmp_path, monkeypatch):

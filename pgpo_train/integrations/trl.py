@@ -30,10 +30,12 @@ from pgpo_kernels.utils import BACKENDS
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
 from pgpo_train import model_family
+from pgpo_train.core_algos import WEIGHT_METRIC_MAX
+from pgpo_train.core_algos import WEIGHT_METRIC_MIN
+from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.integrations.token_scores import weight_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ class PGPOConfig(GRPOConfig):
         metadata={"help": "Softmax temperature of the token KL ('full' only); None = the sampling temperature."},
     )
     pgpo_renormalize: bool = field(default=True, metadata={"help": "Keep each sequence's weight mass (SPEC 2)."})
+    pgpo_min_spread: float = field(
+        default=0.0,
+        metadata={"help": "Uniform weights for a sequence whose log1p(KL) spread is below this; 0 = off (our "
+                  "choice, as pgpo-train's --pgpo.min-spread)."},
+    )
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
     pgpo_chunk_size: int | None = field(
         default=None,
@@ -85,6 +92,8 @@ def check_pgpo_args(args) -> None:
         raise ValueError(LIGER_ERROR)
     check_estimator(args.pgpo_estimator)
     check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
+    if not args.pgpo_min_spread >= 0:
+        raise ValueError(f"pgpo_min_spread must be >= 0 (0 = off), got {args.pgpo_min_spread}")
     if args.pgpo_temperature is not None:
         check_temperature(args.pgpo_temperature)
         if args.pgpo_estimator == "k3":
@@ -104,8 +113,6 @@ class PGPOGRPOTrainer(GRPOTrainer):
     log-probs and the estimator is k3, one visual forward (both no_grad) over prompt + completion; the loss is
     TRL's, unchanged, fed advantages [B, T]. Rollouts never sample visual special ids (suppressed in generate).
     """
-
-    _pgpo_metric_names = ("pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified")
 
     def __init__(self, model, reward_funcs=None, args: PGPOConfig | None = None, *pos, **kwargs):
         if args is None:  # as GRPOTrainer does, with the PGPO options at their defaults
@@ -188,7 +195,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             ids, am = input_ids[lo:hi], attention_mask[lo:hi]
             pos = position_ids[:, lo:hi] if position_ids.dim() == 3 else position_ids[lo:hi]
             # pixel_values rows belong to images, images to samples (SPEC 4): split by the family's layout
-            mm = model_family.select_samples(output, lo, hi, B, output.get("num_images"), output.get("num_tiles"))
+            mm = model_family.select_images(model, output, range(lo, hi), num_images=output.get("num_images"),
+                                            num_tiles=output.get("num_tiles"))
             vis_kw = model_family.visual_inputs(model, ids, am, pos, mm, prompt_len=P)
             txt_kw = model_family.text_only_inputs(model, ids, am, pos, prompt_len=P)
             if args.pgpo_estimator == "full":
@@ -198,7 +206,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logits_vis=logits_vis, logits_txt=logits_txt, temperature=temperature,
                     tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
-                    backend=args.pgpo_backend)
+                    min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
                 del logits_vis, logits_txt
             else:  # k3: sampled-token log-probs from TRL's fused LM head, no [b, T, V] logits
                 labels = ids.masked_fill(am == 0, -100)
@@ -210,7 +218,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 logp_txt = self._pgpo_completion_logps(model, txt_kw, labels, T)
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logp_vis=logp_vis, logp_txt=logp_txt, tau=args.pgpo_tau, beta=args.pgpo_beta,
-                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, min_spread=args.pgpo_min_spread,
+                    backend=args.pgpo_backend)
             weights.append(w)
             scores.append(s)
         return torch.cat(weights), torch.cat(scores)
@@ -241,13 +250,13 @@ class PGPOGRPOTrainer(GRPOTrainer):
                    "this is not intended.")
             logger.warning(msg)
             warnings.warn(msg, stacklevel=2)
-        stats = weight_metrics(weights, scores, mask)
-        values = self.accelerator.gather(torch.stack([stats[k].float() for k in self._pgpo_metric_names])[None])
-        kl_mean, _, _, frac = values.mean(0).tolist()  # host sync, once per rollout batch
-        self._metrics[mode]["pgpo/kl_mean"].append(kl_mean)
-        self._metrics[mode]["pgpo/weight_max"].append(values[:, 1].max().item())
-        self._metrics[mode]["pgpo/weight_min"].append(values[:, 2].min().item())
-        self._metrics[mode]["pgpo/frac_amplified"].append(frac)
+        stats = weight_metrics(weights, scores, mask, tau=self.args.pgpo_tau, eps=self.args.pgpo_eps)
+        names = sorted(stats)
+        values = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None])  # [ranks, keys]
+        merged = torch.stack([col.max() if k in WEIGHT_METRIC_MAX else col.min() if k in WEIGHT_METRIC_MIN
+                              else col.mean() for k, col in zip(names, values.unbind(1))])
+        for k, v in zip(names, merged.tolist()):  # one host sync per rollout batch
+            self._metrics[mode][k].append(v)
 
 
 def _has_image(output: dict) -> bool:

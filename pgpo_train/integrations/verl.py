@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from pgpo_train import model_family
+from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.integrations.token_scores import weight_metrics
 
 TEXT_LOGP_KEY = "pgpo_text_log_probs"  # where the recipe stores the text-only pass's log-probs
 WEIGHTS_KEY = "pgpo_weights"
@@ -56,6 +56,7 @@ def pgpo_reshape_advantages_(
     eps: float = 1e-6,
     temperature: float = 1.0,
     renormalize: bool = True,
+    min_spread: float = 0.0,
     backend: str = "auto",
     advantages_key: str = "advantages",
     mask_key: str = "response_mask",
@@ -74,7 +75,8 @@ def pgpo_reshape_advantages_(
 
     Args:
         data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
-        tau, beta, eps, renormalize, backend: the PGPO reshape (SPEC 2); temperature: only for the logits source.
+        tau, beta, eps, renormalize, min_spread, backend: the PGPO reshape (SPEC 2, `core_algos.pgpo_weights`);
+            temperature: only for the logits source.
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
 
@@ -100,11 +102,13 @@ def pgpo_reshape_advantages_(
             logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
-        temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
+        temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, min_spread=min_spread,
+        backend=backend)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
-    metrics = {k: float(v) for k, v in weight_metrics(weights, s, valid).items()}  # host sync (driver-side)
+    stats = weight_metrics(weights, s, valid, tau=tau, eps=eps)
+    metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync (driver-side)
     return weights, metrics
 
 
@@ -139,13 +143,13 @@ def pgpo_text_only_batch(
     attention_mask = _get(data.batch, "attention_mask", "[B, L]")
     _get(data.batch, "position_ids", "the original position ids; the text-only pass must reuse them")
     ids = _visual_ids(visual_token_ids)
-    visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, L]
+    prompt_len = None  # responses are text: only the prompt part is masked
     if "responses" in data.batch.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
-        visual[:, input_ids.shape[1] - data.batch["responses"].shape[1]:] = False  # responses are text
+        prompt_len = input_ids.shape[1] - data.batch["responses"].shape[1]
 
     text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
     text.batch = data.batch.copy()
-    text.batch["attention_mask"] = attention_mask.masked_fill(visual, 0)
+    text.batch["attention_mask"] = model_family.mask_out_ids(input_ids, attention_mask, ids, prompt_len)
     text.non_tensor_batch = dict(data.non_tensor_batch)
     for key in multimodal_keys:
         if key in text.non_tensor_batch:
@@ -171,9 +175,9 @@ class PGPOVerlTrainerMixin:
     (k3 against `old_log_probs`), then verl's own update. The PGPO metrics join the actor's.
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
-    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `visual_token_ids` (default: the placeholder ids
-    of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's `<|image_pad|>` and
-    `<|video_pad|>`).
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `visual_token_ids` (default: the
+    placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's
+    `<|image_pad|>` and `<|video_pad|>`).
     """
 
     def _update_actor(self, batch):
@@ -184,7 +188,8 @@ class PGPOVerlTrainerMixin:
         text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
         _, metrics = pgpo_reshape_advantages_(
             batch, logp_txt=text_logp.batch["old_log_probs"], tau=cfg.get("tau", 0.4), beta=cfg.get("beta", 2.0),
-            eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True), weights_key=None)
+            eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
+            min_spread=cfg.get("min_spread", 0.0), weights_key=None)
         out = super()._update_actor(batch)
         out.meta_info.setdefault("metrics", {}).update(metrics)
         return out
