@@ -149,6 +149,9 @@ def analyze_sass(text: str, itemsize: int | None = None) -> dict:
         "bar_total": sum(ins.opcode.startswith("BAR") for ins in instrs),
         "shfl_total": sum(ins.opcode.startswith("SHFL") for ins in instrs),
         "spill_ops_total": sum(ins.opcode.startswith(("STL", "LDL")) for ins in instrs),
+        # tensor-core instructions: HGMMA = sm_90 warpgroup MMA (wgmma), HMMA = mma.sync
+        "hgmma_total": sum(ins.opcode.startswith("HGMMA") for ins in instrs),
+        "hmma_total": sum(ins.opcode.startswith("HMMA") for ins in instrs),
         "hot_loop": None,
     }
     if itemsize:
@@ -358,6 +361,21 @@ def _drive_fused_linear(n, v, dtype, temperature, split_rows, hidden):
                             _meta((n,), torch.int64), temperature, config=cfg)
 
 
+def _drive_fused_logp(backward):
+    def drive(n, v, dtype, temperature, split_rows, hidden):
+        import torch
+
+        fl = _mod("pgpo_kernels.fused_logp")
+        fwd, bwd = fl.logp_launch_configs(dtype, torch.device("cuda"))  # the GPU tiles (meta tensors are not cuda)
+        h, w, t = _meta((n, hidden), dtype), _meta((v, hidden), dtype), _meta((n,), torch.int64)
+        if not backward:
+            fl.logp_forward(h, w, None, t, temperature, True, config=fwd)
+        else:
+            fl.logp_backward(h, w, None, t, _meta((n, 2), torch.float32), _meta((n, 2), torch.float32), temperature,
+                             True, (True, True, False), config=bwd)
+    return drive
+
+
 def _drive_reshape(n, v, dtype, temperature, split_rows, hidden):
     import torch
 
@@ -376,6 +394,9 @@ DRIVERS = {
     "token_stats": ("token_stats, N = tokens", _drive_token_stats("tokens"), True),
     "token_stats_split": ("token_stats, N = split rows", _drive_token_stats("split"), True),
     "fused_linear": ("fused_linear_token_stats (targets), N = tokens", _drive_fused_linear, False),
+    "fused_logp_fwd": ("fused_linear_logp forward (with entropy), N = tokens", _drive_fused_logp(False), False),
+    "fused_logp_bwd": ("fused_linear_logp backward (grad hidden + weight), N = tokens", _drive_fused_logp(True),
+                       False),
     "reshape": ("reshape_weights, N / 2048 sequences of 2048", _drive_reshape, False),
 }
 
@@ -459,12 +480,12 @@ def markdown(report: dict) -> str:
              "global memory (= global reads per logit element for the streaming kernels); warps/SM: resident, from "
              "registers, warps and shared memory.", ""]
     head = ("| arch | launch | kernel | config | tags | regs | spill st/ld B | smem B | CTAs/SM | warps/SM (limit) | "
-            "instr/pair | loop instr | BAR | SHFL | LDG.128 | reads | waves |")
+            "instr/pair | loop instr | BAR | SHFL | LDG.128 | reads | waves | HGMMA/HMMA |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["kernels"]:
         if "error" in r:
             lines.append(f"| sm_{r['arch']} | {r['driver']} | {r.get('kernel', '-')} | error: "
-                         f"{r['error'].splitlines()[0][:120]} |" + " |" * 13)
+                         f"{r['error'].splitlines()[0][:120]} |" + " |" * 14)
             continue
         hot = r["sass"]["hot_loop"] or {}
         per_pair = "+".join(str(s["instr_per_pair"]) for s in r["sass"]["loading_loops"] if "instr_per_pair" in s)
@@ -474,7 +495,7 @@ def markdown(report: dict) -> str:
             f"{r['warps_per_sm']} ({r['limited_by']}) | {per_pair or '-'} | "
             f"{hot.get('instructions', '-')} | {hot.get('bar', '-')} | {hot.get('shfl', '-')} | "
             f"{'yes' if hot.get('ldg_128') else 'no' if hot else '-'} | {r['sass']['loops_loading_global']} | "
-            f"{r.get('waves', '-')} |")
+            f"{r.get('waves', '-')} | {r['sass'].get('hgmma_total', '-')}/{r['sass'].get('hmma_total', '-')} |")
     return "\n".join(lines) + "\n"
 
 

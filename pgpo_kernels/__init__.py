@@ -17,6 +17,7 @@ Needs only torch and triton. `pgpo_kernels.reference` holds float64 oracles of e
 
 from pgpo_kernels.fused_linear import fused_linear_token_kl
 from pgpo_kernels.fused_linear import fused_linear_token_stats
+from pgpo_kernels.fused_logp import fused_linear_logp
 from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.reshape import reshape_weights
 from pgpo_kernels.token_kl import TokenKLFunction
@@ -25,7 +26,7 @@ from pgpo_kernels.token_stats import TokenStats
 from pgpo_kernels.token_stats import token_stats
 from pgpo_kernels.weights import pgpo_token_weights
 
-__all__ = ["token_kl", "reshape_weights", "pgpo_token_weights"]
-__all__ += ["fused_linear_token_kl", "fused_linear_token_stats", "token_stats", "TokenStats", "k3_kl"]
-__all__ += ["TokenKLFunction"]
+__all__ = ["pgpo_token_weights", "reshape_weights", "token_kl"]
+__all__ += ["TokenStats", "fused_linear_token_kl", "fused_linear_token_stats", "k3_kl", "token_stats"]
+__all__ += ["TokenKLFunction", "fused_linear_logp"]
 __version__ = "0.1.0"

@@ -168,3 +168,25 @@ def token_kl_grad_ref(
     grad_a = torch.where(support, g * p * (diff - kl), torch.zeros_like(p))
     grad_b = g * (logq.exp() - p)
     return grad_a, grad_b
+
+
+def fused_linear_logp_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(z / T)[target], entropy of softmax(z / T)) per row, z = hidden W^T + bias, all in float64.
+
+    Differentiable (plain autograd through the float64 formulas): the tests take the three gradients from it. Rows with
+    target == ignore_index get 0 for both. [..., H], [V, H], [...] -> [...] x2 float64.
+    """
+    x = linear_logits_ref(hidden, weight, bias) / temperature
+    logp = torch.log_softmax(x, -1)
+    valid = targets != ignore_index
+    picked = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    return torch.where(valid, picked, zero), torch.where(valid, ent, zero)

@@ -24,7 +24,9 @@ PAPER_PROMPT_TEMPLATE = (
 # the values each string option takes: argparse's choices and resolved()'s checks ("" = auto where listed)
 CHOICES = {
     "algo": ["grpo", "dapo", "pgpo"],
-    "task": ["grid-count", "count-copy"],
+    "task": ["grid-count", "grid-reason", "count-copy"],
+    "control": ["none", "shuffled", "inverted"],  # pgpo.control
+    "tau_mode": ["absolute", "quantile"],  # pgpo.tau_mode
     "estimator": ["full", "k3"],
     "fused_lm_head": ["auto", "on", "off"],
     "dynamic_sampling": ["auto", "on", "off"],
@@ -43,6 +45,10 @@ class PGPOConfig:
     beta: float = 2.0  # amplification of tokens above tau (paper best: 2.0)
     eps: float = 1e-6  # added to the min-max denominator (a sequence of equal scores gets I = 0)
     renormalize: bool = True  # keep each sequence's advantage mass (paper ablates False)
+    # issue 17 (README "PGPO variants and controls"); the defaults are the paper's formula (the fused kernel runs)
+    tau_mode: str = "absolute"  # absolute: gate at I = tau; quantile: at each response's tau-quantile of I
+    floor: float = 0.0  # minimum weight after the gate, before renormalization (authors' dev code: 0.1)
+    control: str = "none"  # none | shuffled (weights permuted within each response) | inverted (I -> 1 - I)
     # our choice, off by default (the paper has no such guard): min-max normalization stretches any spread to [0, 1]
     min_spread: float = 0.0  # uniform weights for a sequence whose log1p(KL) spread (max - min) is below this; 0 = off
     backend: str = "auto"  # pgpo_kernels backend: triton on CUDA, torch otherwise
@@ -51,8 +57,8 @@ class PGPOConfig:
     fused_lm_head: str = "off"  # off | on | auto (on with CUDA): hidden states + fused lm_head, no [B, T, V] logits
 
     def weight_kwargs(self) -> dict:
-        """The reshape options, as core_algos.pgpo_weights takes them."""
-        keys = ("tau", "beta", "eps", "renormalize", "min_spread", "backend")
+        """The reshape options, as core_algos.pgpo_weights takes them (its generator aside)."""
+        keys = ("tau", "beta", "eps", "renormalize", "min_spread", "backend", "control", "tau_mode", "floor")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -76,7 +82,8 @@ class TrainConfig:
     dataset: str = ""  # hub name or local path for datasets.load_dataset; empty = the generated --task
     # grid-count: 3x3 grid, "How many shapes?", answer 0-9 read off the image. count-copy: the previous default,
     # where the errors are a text-only copy of a count into the box, so PGPO is expected not to help (issue 10)
-    task: str = "grid-count"  # embedded task when --dataset is empty: grid-count | count-copy
+    task: str = "grid-count"  # embedded task when --dataset is empty: grid-count | grid-reason | count-copy
+    task_filler: int = -1  # grid-reason: filler words per response (0 = none); -1 = auto: 24 (other tasks: none)
     split: str = "train"  # dataset split to train on
     eval_split: str = "test"  # dataset split for the greedy evals (missing: no eval)
     image_column: str = "image"  # column holding the image (PIL, {bytes, path} or a path)
@@ -137,12 +144,18 @@ class TrainConfig:
         embedded = not (c.model or c.dataset)
         if c.lr == 0.0:
             c.lr = 1e-6 if c.model else 1e-4
+        from pgpo_train.tasks import grid_reason_max_tokens
+        from pgpo_train.tasks import task_filler
+
+        c.task_filler = task_filler(c.task, c.task_filler)  # ValueError naming --task-filler off grid-reason
+        grid = c.task in ("grid-count", "grid-reason")
         if c.max_new_tokens == 0:
-            c.max_new_tokens = 24 if embedded else 2048
+            tiny_tokens = grid_reason_max_tokens(c.task_filler) if c.task == "grid-reason" else 24
+            c.max_new_tokens = tiny_tokens if embedded else 2048
         if c.sft_steps == -1:
-            c.sft_steps = (1000 if c.task == "grid-count" else 300) if embedded else 0
+            c.sft_steps = (1000 if grid else 300) if embedded else 0
         if c.sft_stop_acc == -1.0:
-            c.sft_stop_acc = 0.75 if embedded and c.task == "grid-count" else 0.0
+            c.sft_stop_acc = 0.75 if embedded and grid else 0.0
         if not c.out_dir:
             if c.resume:
                 raise ValueError("--resume needs --out-dir (the run directory to continue)")

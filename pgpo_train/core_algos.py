@@ -16,6 +16,7 @@ from pgpo_kernels import reshape_weights
 from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.utils import check_float
 from pgpo_kernels.utils import check_mask
+from pgpo_train import weight_variants
 
 # %% registries
 
@@ -133,9 +134,17 @@ def pgpo_weights(
     renormalize: bool = True,
     min_spread: float = 0.0,
     backend: str = "auto",
+    control: str = "none",
+    tau_mode: str = "absolute",
+    floor: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """PGPO advantage weights (arXiv 2604.01840, SPEC section 2) from token visual-dependency scores: the one
     scores -> weights path of the project (the loop, `integrations.token_scores`, TRL and verl all call it).
+
+    The paper's gate (absolute tau, no floor, not inverted) runs the fused `pgpo_kernels.reshape_weights`; the
+    issue-17 variants run pgpo_train.weight_variants' torch math; "shuffled" then permutes each sequence's weights
+    among its valid tokens with `generator` (weight_variants.control_generator); min_spread acts last.
 
     Args:
         scores: [B, T] S_t >= 0 (token KL, full or k3).
@@ -143,17 +152,39 @@ def pgpo_weights(
         tau, beta, eps, renormalize, backend: as in `pgpo_kernels.reshape_weights`.
         min_spread: our choice, 0 (off) by default: a sequence whose log1p(score) spread is below this gets uniform
             weights (`flat_sequences`).
+        control, tau_mode, floor, generator: the variants of pgpo_train.weight_variants (defaults: the paper's).
 
     Returns:
-        [B, T] float32 weights, summing to each sequence's valid-token count (renormalize), 0 on padding.
+        [B, T] float32 weights, 0 on padding (summing to each sequence's valid-token count with renormalize).
     """
-    w = reshape_weights(
-        scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
-    )
+    weight_variants.check_variant_args(control, tau_mode, floor)
+    if tau_mode == "absolute" and floor == 0.0 and control != "inverted":
+        w = reshape_weights(
+            scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
+        )
+    else:
+        w = weight_variants.variant_weights(
+            scores,
+            response_mask,
+            tau=tau,
+            beta=beta,
+            eps=eps,
+            renormalize=renormalize,
+            tau_mode=tau_mode,
+            floor=floor,
+            inverted=control == "inverted",
+        )
+    if control == "shuffled":
+        if generator is None:
+            raise ValueError("control 'shuffled' needs a generator (weight_variants.control_generator(seed, step))")
+        w = weight_variants.shuffle_within_rows(w, response_mask, generator)
     if min_spread > 0:
         flat = flat_sequences(scores, response_mask, min_spread)  # [B]
         w = torch.where(flat[:, None], response_mask.to(w.dtype), w)
     return w
+
+
+pgpo_variant_weights = pgpo_weights  # the name issue 17's branch used; deprecated, same function
 
 
 def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) -> torch.Tensor:
@@ -226,14 +257,22 @@ WEIGHT_METRIC_MIN = ("pgpo/weight_min",)
 
 @torch.no_grad()
 def weight_metrics(
-    weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, *, tau: float = 0.4, eps: float = 1e-6
+    weights: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float = 0.4,
+    eps: float = 1e-6,
+    token_adv: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The PGPO metrics every trainer logs (the loop, TRL, verl: one key set), as 0-d tensors: no host sync here,
     the caller converts when it logs.
 
     Keys: pgpo/kl_mean (mean over the finite scores: a +inf k3 score would swamp it), pgpo/kl_inf_frac,
     pgpo/kl_max, pgpo/frac_above_tau (share of valid tokens whose normalized score I_t is >= tau), and the
-    weights' mean, std (unbiased), max and min, all over valid tokens (0 when there is none).
+    weights' mean, std (unbiased), max and min, all over valid tokens (0 when there is none). With token_adv
+    (A_t = A w~_t, [B, T]) also the concentration diagnostics of weight_variants.weight_diagnostics: pgpo/weight_gini,
+    pgpo/eff_token_ratio, pgpo/top1_mass, pgpo/top10_mass.
 
     Args:
         weights, scores: [B, T] float; mask: [B, T], 1 / True on valid tokens. tau, eps: the run's (I_t >= tau).
@@ -250,7 +289,7 @@ def weight_metrics(
     I = normalized_scores(scores, valid, eps)
     w_mean = torch.where(valid, w, 0.0).sum() / n1
     w_var = torch.where(valid, (w - w_mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1).float()
-    return {
+    out = {
         "pgpo/kl_mean": torch.where(finite, s, 0.0).sum() / finite.sum().clamp(min=1).float(),
         "pgpo/kl_inf_frac": ((s == inf) & valid).sum().float() / n1,
         "pgpo/kl_max": torch.where(any_valid, torch.where(valid, s, -inf).max(), zero),
@@ -260,6 +299,9 @@ def weight_metrics(
         "pgpo/weight_max": torch.where(any_valid, torch.where(valid, w, -inf).max(), zero),
         "pgpo/weight_min": torch.where(any_valid, torch.where(valid, w, inf).min(), zero),
     }
+    if token_adv is not None:
+        out.update(weight_variants.weight_diagnostics(weights, token_adv, mask))
+    return out
 
 
 # %% losses

@@ -12,20 +12,21 @@ import random
 from PIL import Image
 
 from pgpo_train.tasks import DEFAULT_TASK
-from pgpo_train.tasks import get_task
 from pgpo_train.tasks import save_task_dataset
+from pgpo_train.tasks import task_cache_name
 from pgpo_train.tiny import TINY_PROMPT_TEMPLATE
 
 TINY_DATASET_VERSION = "count-v2"  # the count-copy task's cache name (tasks.TASKS holds every task's)
 
 
-def tiny_dataset_path(cache_dir: str | None = None, seed: int = 0, task: str = DEFAULT_TASK) -> str:
-    """Generates (once) an embedded task (pgpo_train.tasks) under a cache dir and returns its path."""
+def tiny_dataset_path(cache_dir: str | None = None, seed: int = 0, task: str = DEFAULT_TASK, filler: int = -1) -> str:
+    """Generates (once) an embedded task (pgpo_train.tasks; grid-reason with `filler` words) under a cache dir and
+    returns its path."""
     cache_dir = cache_dir or os.environ.get("PGPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pgpo"))
-    path = os.path.join(cache_dir, f"{get_task(task).version}-seed{seed}")
+    path = os.path.join(cache_dir, f"{task_cache_name(task, filler)}-seed{seed}")
     if not os.path.exists(os.path.join(path, "test.parquet")):
         tmp = f"{path}.tmp-{os.getpid()}"
-        save_task_dataset(task, tmp, seed=seed)
+        save_task_dataset(task, tmp, seed=seed, filler=filler)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             os.replace(tmp, path)  # atomic: a concurrent generator either wins or finds it done

@@ -31,6 +31,7 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     from pgpo_train.train import eos_ids
     from pgpo_train.train import old_logp_and_scores
     from pgpo_train.train import response_mask_from
+    from pgpo_train.train import token_weights
 
     device = next(model.parameters()).device
     model.eval()
@@ -49,7 +50,7 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     mask = response_mask_from(responses, stop)
     batch = build_sequences(model, prompt, responses, mask, processor.tokenizer.pad_token_id)
     stats = old_logp_and_scores(model, batch, cfg, {})
-    w = core_algos.pgpo_weights(stats["scores"], mask, **cfg.pgpo.weight_kwargs())  # [1, T], as the step does
+    w = token_weights(stats["scores"], mask, cfg)  # [1, T], as the training step weights them
     intensity = core_algos.normalized_scores(stats["scores"], mask, cfg.pgpo.eps)  # [1, T], PGPO's I_t
     n = int(mask.sum())
     ids = batch["responses"][0, :n].tolist()

@@ -87,6 +87,114 @@ def make_grid_records(n: int, seed: int = 0) -> list[dict]:
     return [make_grid_example(a, rng) for a in answers[:n]]
 
 
+# %% grid-reason
+
+# The paper's response shape on the grid-count image (issue 17): the answer is the same image-decided count, but the
+# reference response reasons in many tokens: linguistic filler sampled with real entropy (random phrases in random
+# order, no bearing on the reward), a few tokens read off the image (the count of each row), a text-derived total
+# (the sum of the row counts) and the boxed answer. --task-filler N sets the filler words (0: no linguistic content).
+#   <think>{f} 1: c1,{f} 2: c2,{f} 3: c3.{f} c1+c2+c3=T</think>\boxed{T}
+# The N filler words are split over the 4 slots by a fixed rule (filler_slots), so every structural token sits at a
+# fixed position for a given N: the filler's randomness is in its words, not in where the counts go.
+# Every filler word is ONE token of the tiny tokenizer (tested), so N words are N response tokens; no colour word
+# and no digit is used (the filler must not look like a count).
+FILLER_WORDS = (
+    "the", "a", "is", "are", "of", "to", "and", "many", "shapes", "in", "answer", "How", "Think", "user", "system",
+    "assistant",
+)  # fmt: skip
+FILLER_PHRASES = (
+    "the shapes are many",
+    "and the answer is",
+    "Think of the shapes",
+    "How many are in a",
+    "the user is to answer",
+    "a system of shapes",
+    "and many are in the",
+    "the assistant is to Think",
+    "of the shapes in a",
+    "How to answer the user",
+    "Think and answer",
+    "are the shapes in the system",
+)
+DEFAULT_FILLER = 24  # --task-filler -1 (auto) for grid-reason
+# The warm-up teacher keeps grid-count's undercount (TEACHER_UNDERCOUNT_FROM, _P): for N >= 5 it writes the LAST
+# non-empty row's count one too low in 3 of 4 records, and the total and box consistently (N - 1). The bias is
+# needed for the reason given at TEACHER_UNDERCOUNT_FROM, and it must sit on a fixed row: with a random row each
+# row count is low in well under half of the records, the warm-up's greedy counts are exact and RL has almost
+# nothing to fix (measured: greedy eval 0.91 after the warm-up, filler 24, seed 0). Its error sits on a visual
+# token (a row count, which now also needs the whole grid's count), and the total then follows from the text.
+
+
+def filler_slots(n_words: int) -> list[int]:
+    """The filler words before row 1, row 2, row 3 and the total: n_words split as evenly as possible, first slots
+    first (fixed for a given n_words)."""
+    base, extra = divmod(n_words, 4)
+    return [base + (i < extra) for i in range(4)]
+
+
+def filler_text(k: int, rng: random.Random) -> str:
+    """k filler words: random phrases of FILLER_PHRASES in random order, cut at k words, each with a leading space."""
+    words: list[str] = []
+    while len(words) < k:
+        words += rng.choice(FILLER_PHRASES).split()
+    return "".join(" " + w for w in words[:k])
+
+
+def grid_reason_response(rows: list[int], n_words: int, rng: random.Random) -> str:
+    """The reference response for row counts `rows` [3] with n_words filler words (see FILLER_WORDS)."""
+    f = [filler_text(k, rng) for k in filler_slots(n_words)]
+    total = sum(rows)
+    counts = "".join(f"{f[i]} {i + 1}: {c}{',' if i < 2 else '.'}" for i, c in enumerate(rows))
+    return f"<think>{counts}{f[3]} {'+'.join(map(str, rows))}={total}</think>\\boxed{{{total}}}"
+
+
+def make_grid_reason_example(n: int, n_words: int, rng: random.Random) -> dict:
+    """One grid-reason record: the grid-count image of n shapes, the same question, the true n as the answer, and
+    the teacher's reasoning response (rows undercounted as described at DEFAULT_FILLER)."""
+    filled = set(rng.sample(range(GRID_MAX), n))
+    cells = [rng.choice(list(COLORS)) if i in filled else None for i in range(GRID_MAX)]
+    image = draw_grid(cells, rng)
+    rows = [sum(cells[r * GRID_SIDE + c] is not None for c in range(GRID_SIDE)) for r in range(GRID_SIDE)]
+    if teacher_count(n, rng) < n:  # the teacher's undercount: the last non-empty row one too low
+        r = max(i for i, c in enumerate(rows) if c > 0)
+        rows[r] -= 1
+    return {
+        "image": image,
+        "problem": GRID_QUESTION,
+        "answer": str(n),
+        "solution": grid_reason_response(rows, n_words, rng),
+    }
+
+
+def make_grid_reason_records(n: int, seed: int = 0, filler: int = DEFAULT_FILLER) -> list[dict]:
+    """[n] grid-reason records with `filler` filler words each, deterministic in (seed, filler); balanced answers
+    as make_grid_records."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if filler < 0:
+        raise ValueError(f"filler must be >= 0 words, got {filler}")
+    rng = random.Random(seed)
+    answers: list[int] = []
+    while len(answers) < n:
+        block = list(range(GRID_MAX + 1))
+        rng.shuffle(block)
+        answers += block
+    return [make_grid_reason_example(a, filler, rng) for a in answers[:n]]
+
+
+def probe_ignored_ids(task: str, tokenizer) -> list[int]:
+    """Token ids the warm-up's exact-match probe (sft/seq_acc) skips: grid-reason's filler words, which are random
+    by design (no argmax can match them); none for the other tasks."""
+    if task != "grid-reason":
+        return []
+    return [tokenizer.convert_tokens_to_ids("\u0120" + w) for w in FILLER_WORDS]
+
+
+def grid_reason_max_tokens(filler: int) -> int:
+    """Rollout token budget of grid-reason: the longest reference (29 structural tokens + filler + eos) plus 8."""
+    return 38 + filler
+
+
 # %% registry
 
 
@@ -105,6 +213,12 @@ TASKS = {
         make_grid_records,
         "3x3 grid, 'How many shapes?', answer 0-9 read off the image (PGPO's case)",
     ),
+    "grid-reason": Task(
+        "grid-reason",
+        "grid-reason-v2",  # + "-f{filler}" (task_cache_name)
+        make_grid_reason_records,
+        "grid-count's image and answer, a reasoning response: filler words, row counts, a text total (issue 17)",
+    ),
     "count-copy": Task(
         "count-copy",
         "count-v2",  # the cache name the count task had as the default, so existing caches stay valid
@@ -121,6 +235,32 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def save_task_dataset(task: str, path: str | os.PathLike, n_train: int = 2048, n_test: int = 256, seed: int = 0) -> str:
+def task_filler(task: str, filler: int) -> int:
+    """The filler words of a task: -1 (auto) is DEFAULT_FILLER for grid-reason; other tasks take none."""
+    if task != "grid-reason":
+        if filler not in (-1, 0):
+            raise ValueError(f"--task-filler applies to --task grid-reason only, got {filler} with --task {task}")
+        return 0
+    return DEFAULT_FILLER if filler == -1 else filler
+
+
+def task_cache_name(task: str, filler: int = -1) -> str:
+    """The generated dataset's cache key: the task's version, plus the filler words for grid-reason."""
+    v = get_task(task).version
+    return f"{v}-f{task_filler(task, filler)}" if task == "grid-reason" else v
+
+
+def records_fn(task: str, filler: int = -1) -> Callable[[int, int], list[dict]]:
+    """(n, seed) -> records of a task (grid-reason with its filler words)."""
+    make = get_task(task).make_records
+    if task != "grid-reason":
+        return make
+    k = task_filler(task, filler)
+    return lambda n, seed: make(n, seed, k)
+
+
+def save_task_dataset(
+    task: str, path: str | os.PathLike, n_train: int = 2048, n_test: int = 256, seed: int = 0, filler: int = -1
+) -> str:
     """Writes a task as parquet splits under path, loadable by `datasets.load_dataset(path)`; returns path."""
-    return save_records_dataset(path, get_task(task).make_records, n_train, n_test, seed)
+    return save_records_dataset(path, records_fn(task, filler), n_train, n_test, seed)

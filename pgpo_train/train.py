@@ -53,7 +53,9 @@ from pgpo_train.rundir import repair_metrics
 from pgpo_train.signals import StopOnSignal
 from pgpo_train.signals import TrainingInterrupted
 from pgpo_train.signals import stop_requested_anywhere
+from pgpo_train.tasks import probe_ignored_ids
 from pgpo_train.validate import check_sources
+from pgpo_train.weight_variants import control_generator
 
 # %% setup helpers
 
@@ -337,16 +339,25 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     return out
 
 
-def token_advantages(batch: dict, cfg: TrainConfig, times: dict) -> tuple[torch.Tensor, dict]:
-    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and the weight/KL metrics (core_algos.weight_metrics)."""
+def token_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, step: int = 0) -> torch.Tensor:
+    """[B, T] the run's PGPO token weights: core_algos.pgpo_weights with cfg.pgpo's options; the shuffled control's
+    permutations are seeded by (cfg.seed, step), so a resumed run draws the same ones."""
+    gen = control_generator(cfg.seed, step, mask.device) if cfg.pgpo.control == "shuffled" else None
+    return core_algos.pgpo_weights(scores, mask, **cfg.pgpo.weight_kwargs(), generator=gen)
+
+
+def token_advantages(batch: dict, cfg: TrainConfig, times: dict, step: int = 0) -> tuple[torch.Tensor, dict]:
+    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and the weight/KL metrics (core_algos.weight_metrics);
+    `step` seeds the shuffled control."""
     mask = batch["response_mask"]
     adv = batch["advantages"][:, None]  # [B, 1]
     if cfg.algo != "pgpo":
         return adv * mask.float(), {}
     with timed(times, "timing/kl_reshape"):
-        w = core_algos.pgpo_weights(batch["scores"], mask, **cfg.pgpo.weight_kwargs())  # [B, T]
-    stats = core_algos.weight_metrics(w, batch["scores"], mask, tau=cfg.pgpo.tau, eps=cfg.pgpo.eps)
-    return adv * w, dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync
+        w = token_weights(batch["scores"], mask, cfg, step)  # [B, T]
+    tok_adv = adv * w
+    stats = core_algos.weight_metrics(w, batch["scores"], mask, tau=cfg.pgpo.tau, eps=cfg.pgpo.eps, token_adv=tok_adv)
+    return tok_adv, dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync
 
 
 def policy_update(
@@ -420,6 +431,9 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
         loss = loss * (n_tok / dp.sum(n_tok))
     with torch.no_grad():  # before the update, on records not trained on yet: a free held-out accuracy probe
         hit = (logits.argmax(-1) == batch["responses"]) | ~batch["response_mask"].bool()
+        skip = probe_ignored_ids(cfg.task, tok) if not cfg.dataset else []  # grid-reason: its random filler
+        if skip:
+            hit |= torch.isin(batch["responses"], torch.tensor(skip, device=hit.device))
         seq_acc = float(hit.all(-1).float().mean())  # every response token the argmax: ~ greedy accuracy
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: off
@@ -620,7 +634,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     # data: the generated tiny task unless a dataset is given
-    data_path = cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task)
+    data_path = cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task, filler=cfg.task_filler)
     columns = {"image": cfg.image_column, "problem": cfg.problem_column, "answer": cfg.answer_column}
     if cfg.sft_steps > 0:
         columns["solution"] = cfg.solution_column
@@ -749,7 +763,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         if batch is not None:
             with dp.full_params(model):
                 batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
-            tok_adv, w_m = token_advantages(batch, cfg, times)
+            tok_adv, w_m = token_advantages(batch, cfg, times, step)
             check_token_advantages(step + 1, batch["advantages"], tok_adv, batch["response_mask"])
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())

@@ -121,6 +121,8 @@ def check_values(c) -> None:
     _range("pgpo.tau", c.pgpo.tau, 0.0 <= c.pgpo.tau <= 1.0, "in [0, 1]")
     _range("pgpo.beta", c.pgpo.beta, c.pgpo.beta >= 0, ">= 0")
     _range("pgpo.eps", c.pgpo.eps, c.pgpo.eps > 0, "> 0")
+    _range("pgpo.floor", c.pgpo.floor, c.pgpo.floor >= 0, ">= 0 (0 = off: the paper's reshape)")
+    _range("task_filler", c.task_filler, c.task_filler >= 0, ">= 0 filler words (-1 = auto)")
     # optimisation and rollout
     _range("lr", c.lr, c.lr > 0, "> 0 (0 = auto)")
     _range("sft_lr", c.sft_lr, c.sft_lr > 0, "> 0")

@@ -43,7 +43,7 @@ def aot_results():
 def test_every_kernel_module_has_cases():
     modules = {case[1] for case in all_cases()}
     assert {"pgpo_kernels.token_kl", "pgpo_kernels.reshape", "pgpo_kernels.token_stats",
-            "pgpo_kernels.fused_linear"} <= modules
+            "pgpo_kernels.fused_linear", "pgpo_kernels.fused_logp"} <= modules
 
 
 @pytest.mark.parametrize("arch", _ARCHS)
@@ -64,4 +64,14 @@ def test_fused_linear_dot_uses_tensor_cores(aot_results, dt, arch):
         assert rec["wgmma"], "tl.dot should lower to wgmma on sm_90"
     else:
         assert rec["mma"], "tl.dot should lower to mma.sync on sm_80"
+    assert rec["pipelined"], "the loads feeding tl.dot should be software-pipelined (cp.async)"
+
+
+@pytest.mark.parametrize("arch", _ARCHS)
+@pytest.mark.parametrize("case_id", ["fused_logp_fwd_bf16_bias1_ent1", "fused_logp_fwd_fp16_bias0_ent0",
+                                     "fused_logp_bwd_bf16_bias1_ent1_g111", "fused_logp_bwd_fp16_bias0_ent0_g110"])
+def test_fused_logp_dots_use_tensor_cores(aot_results, case_id, arch):
+    rec = aot_results[arch][case_id]
+    assert rec["ok"], rec.get("error")
+    assert rec["wgmma"] if arch == 90 else rec["mma"], f"{case_id}: tl.dot should lower to tensor-core MMA on sm_{arch}"
     assert rec["pipelined"], "the loads feeding tl.dot should be software-pipelined (cp.async)"

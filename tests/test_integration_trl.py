@@ -147,7 +147,8 @@ def test_loss_sees_sequence_advantage_times_pgpo_weights(tmp_path, capture, esti
         assert float(spread.max() - spread.min()) > 0.1  # the weights are not all 1: PGPO did reshape
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # real optimizer steps ran
     logged = trainer.state.log_history[0]
-    assert set(core_algos.weight_metrics(torch.ones(1), torch.zeros(1), torch.ones(1))) <= set(logged)
+    one = torch.ones(1, 1)
+    assert set(core_algos.weight_metrics(one, one * 0, one, token_adv=one)) <= set(logged)
     assert logged["pgpo/kl_mean"] >= 0
 
 

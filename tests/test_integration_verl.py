@@ -54,7 +54,8 @@ def test_k3_from_batch_keys_matches_reference():
     assert bool((adv[~mask] == 0).all()) and bool((weights[~mask] == 0).all())
     assert batch["pgpo_weights"] is weights
     assert set(metrics) == {"pgpo/kl_mean", "pgpo/kl_inf_frac", "pgpo/kl_max", "pgpo/frac_above_tau",
-                            "pgpo/weight_mean", "pgpo/weight_std", "pgpo/weight_max", "pgpo/weight_min"}
+                            "pgpo/weight_mean", "pgpo/weight_std", "pgpo/weight_max", "pgpo/weight_min",
+                            "pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass", "pgpo/top10_mass"}
     assert metrics["pgpo/weight_max"] == pytest.approx(float(w_ref[mask].max()), abs=1e-5)
     assert metrics["pgpo/weight_min"] == pytest.approx(float(w_ref[mask].min()), abs=1e-5)
 

@@ -113,3 +113,19 @@ def test_cli_reports_the_split_token_kl_kernels(tmp_path):
     assert part["arch"] == 90 and part["regs"] > 0 and part["warps_per_sm"] > 0
     assert part["sass"]["loops_loading_global"] == 1 and part["sass"]["hot_loop"]["instr_per_pair"] > 0
     assert "_token_kl_partial_kernel" in (tmp_path / "r.md").read_text()
+
+
+def test_cli_reports_the_fused_logp_kernels_without_spills(tmp_path):
+    """fused_linear_logp's forward and backward at Qwen shapes: 0 spill bytes and HGMMA (wgmma) in the sm_90a SASS."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "sass", "--vocab", "152064", "--tokens", "4096",
+                           "--hidden", "3584", "--arch", "90a", "--kernels", "fused_logp", "--json", str(out),
+                           "--quiet"], check=False, capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = {r["kernel"]: r for r in json.loads(out.read_text())["kernels"]}
+    for name in ("_logp_fwd_kernel", "_logp_bwd_kernel"):
+        rec = recs[name]
+        assert "error" not in rec, rec.get("error")
+        assert rec["spill_store_bytes"] == 0 and rec["spill_load_bytes"] == 0, name
+        assert rec["sass"]["hgmma_total"] > 0, f"{name}: no HGMMA in the sm_90a SASS"

@@ -79,7 +79,7 @@ def test_adapters_log_the_loops_metric_keys():
     mask = torch.ones(2, 4)
     batch = {"advantages": torch.ones(2, 4), "response_mask": mask}
     _, metrics = pgpo_reshape_advantages_(batch, scores=torch.rand(2, 4), backend="torch")
-    keys = core_algos.weight_metrics(torch.ones(2, 4), torch.zeros(2, 4), mask)
+    keys = core_algos.weight_metrics(torch.ones(2, 4), torch.zeros(2, 4), mask, token_adv=mask)
     assert list(metrics) == list(keys)
 
 

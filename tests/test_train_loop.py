@@ -3,6 +3,7 @@ on a generated local dataset; one step, exact resume, PGPO(tau=0, beta=0) == DAP
 
 import io
 import json
+import math
 import os
 
 import pytest
@@ -232,3 +233,62 @@ def test_fused_token_stats_path_matches_unfused(assets, tmp_path, monkeypatch):
         m = batch["response_mask"].bool()
         for key in ("old_logp", "entropy", "scores"):
             assert torch.allclose(fused[key][m], plain[key][m], atol=1e-4, rtol=1e-4), (estimator, key)
+
+
+# %% issue 17: controls, variants and the grid-reason task, one short step each
+
+
+@pytest.mark.parametrize(
+    "over", [{"control": "shuffled"}, {"control": "inverted"}, {"tau_mode": "quantile", "floor": 0.1}]
+)
+def test_one_step_with_each_control_and_variant(assets, tmp_path, over):
+    cfg = _cfg(assets, tmp_path / "v", steps=1, sft_steps=0, dynamic_sampling="off", lr=1e-2)
+    for k, v in over.items():
+        setattr(cfg.pgpo, k, v)
+    train(cfg)
+    rl = _rl_lines(tmp_path / "v")[-1]
+    assert rl["adv/mean_abs"] > 0, "test needs non-zero advantages"
+    for key in ("pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass", "pgpo/top10_mass", "pgpo/weight_max"):
+        assert key in rl and math.isfinite(rl[key]), key
+    assert rl["pgpo/weight_mean"] == pytest.approx(1.0, abs=1e-4)  # renormalized: every variant keeps the mass
+    assert 0 <= rl["pgpo/weight_gini"] < 1 and 0 < rl["pgpo/eff_token_ratio"] <= 1 + 1e-6
+    assert 0 < rl["pgpo/top1_mass"] <= rl["pgpo/top10_mass"] <= 1
+
+
+def test_shuffled_control_resumes_exactly(assets, tmp_path):
+    def cfg(out, steps, **kw):
+        c = _cfg(assets, tmp_path / out, steps=steps, sft_steps=0, dynamic_sampling="off", lr=1e-2, **kw)
+        c.pgpo.control = "shuffled"
+        return c
+
+    full = train(cfg("full", 2))
+    train(cfg("cut", 1))
+    resumed = train(cfg("cut", 2, resume=True))
+    a, b = _params(full["model"]), _params(resumed["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grid_reason_end_to_end(tmp_path, monkeypatch):
+    """The embedded grid-reason task with a little filler: SFT, one PGPO step and an eval run and log."""
+    monkeypatch.setenv("PGPO_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(
+        task="grid-reason",
+        task_filler=4,
+        out_dir=str(tmp_path / "gr"),
+        steps=1,
+        sft_steps=3,
+        sft_batch_size=4,
+        prompts_per_step=2,
+        mini_batch_size=8,
+        eval_every=1,
+        eval_size=4,
+        tensorboard=False,
+        progress=False,
+        save_every=0,
+        dynamic_sampling="off",
+    )
+    out = train(cfg)
+    lines = _lines(tmp_path / "gr")
+    assert [x["phase"] for x in lines] == ["sft"] * 3 + ["rl"]
+    assert out["steps"] == 4 and "eval/acc" in lines[-1] and "pgpo/eff_token_ratio" in lines[-1]
+    assert lines[-1]["response/length_max"] <= 42  # grid_reason_max_tokens(4)

@@ -33,6 +33,7 @@ from pgpo_train import model_family
 from pgpo_train.core_algos import WEIGHT_METRIC_MAX
 from pgpo_train.core_algos import WEIGHT_METRIC_MIN
 from pgpo_train.core_algos import weight_metrics
+from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
@@ -126,11 +127,16 @@ class PGPOGRPOTrainer(GRPOTrainer):
             raise TypeError(f"PGPOGRPOTrainer needs args=PGPOConfig(...) (a GRPOConfig with the PGPO options), got "
                             f"{type(args).__name__}")
         check_pgpo_args(args)  # again: the config may have been edited after construction
-        _check_model_before_loading(model, args)
+        spec = _check_model_before_loading(model, args)
         train_dataset = kwargs.get("train_dataset", pos[0] if pos else None)
         _check_dataset_has_images(train_dataset)
+        if args.use_vllm:  # TRL hands generation_kwargs to vLLM's sampling params: the ban goes there
+            args.generation_kwargs = checks.vllm_generation_kwargs(_as_dict(args.generation_kwargs),
+                                                                   model_family.special_ids(spec))
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         model_family.check_vlm(self.model, "PGPOGRPOTrainer")
+        if self.use_vllm:
+            _check_vllm_bans(self.vllm_generation, model_family.special_ids(self.model))
         self._pgpo_batches = {"train": [0, 0], "eval": [0, 0]}  # [batches, batches without any image]
         self._pgpo_warned_no_image = False
         if not self.use_vllm:  # a sampled placeholder would be counted as an image by the model's visual forward
@@ -159,7 +165,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             weights, scores = self._pgpo_weights(output, mask)  # [B, T] each
         output["advantages"] = output["advantages"].unsqueeze(1) * weights  # [B, 1] x [B, T] -> [B, T]
-        self._pgpo_log(weights, scores, mask, has_image=_has_image(output))
+        self._pgpo_log(weights, scores, mask, output["advantages"], has_image=_has_image(output))
         return output
 
     # ------------------------------------------------------------------ the two passes
@@ -176,6 +182,9 @@ class PGPOGRPOTrainer(GRPOTrainer):
         P = output["prompt_ids"].shape[1]
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # [B, L]
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)  # [B, L]
+        if "tool_mask" in output:  # images returned by tools sit inside the completions: not a prompt image
+            checks.check_no_tool_images(model, output["completion_ids"], output["completion_mask"],
+                                        output["tool_mask"])
         model_family.check_responses_are_text(model, output["completion_ids"], output["completion_mask"])
         # SPEC 1/4: explicit positions from the full visual inputs, for both passes (never generate()'s deltas);
         # the completions are text whatever they hold
@@ -237,7 +246,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             out = model(**kwargs, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -T:].float()
 
-    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, has_image: bool = True):
+    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, token_adv: torch.Tensor,
+                  has_image: bool = True):
         mode = "train" if self.model.training else "eval"
         counts = self._pgpo_batches[mode]
         counts[0] += 1
@@ -250,7 +260,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
                    "this is not intended.")
             logger.warning(msg)
             warnings.warn(msg, stacklevel=2)
-        stats = weight_metrics(weights, scores, mask, tau=self.args.pgpo_tau, eps=self.args.pgpo_eps)
+        stats = weight_metrics(weights, scores, mask, tau=self.args.pgpo_tau, eps=self.args.pgpo_eps,
+                               token_adv=token_adv)
         names = sorted(stats)
         values = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None])  # [ranks, keys]
         merged = torch.stack([col.max() if k in WEIGHT_METRIC_MAX else col.min() if k in WEIGHT_METRIC_MIN
@@ -263,8 +274,9 @@ def _has_image(output: dict) -> bool:
     return output.get("pixel_values") is not None or output.get("pixel_values_videos") is not None
 
 
-def _check_model_before_loading(model, args) -> None:
-    """Refuses an unsupported (e.g. text-only) model from its config alone, before any weights are loaded."""
+def _check_model_before_loading(model, args):
+    """Refuses an unsupported (e.g. text-only) model from its config alone, before any weights are loaded; returns
+    the config (model given by name) or the model, for the family lookups made before loading."""
     if isinstance(model, str):
         from transformers import AutoConfig
 
@@ -272,8 +284,30 @@ def _check_model_before_loading(model, args) -> None:
         config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code,
                                             revision=init.get("revision"))
         model_family.family_of(config, "PGPOGRPOTrainer")
-    else:
-        model_family.check_vlm(model, "PGPOGRPOTrainer")
+        return config
+    model_family.check_vlm(model, "PGPOGRPOTrainer")
+    return model
+
+
+def _as_dict(generation_kwargs) -> dict:
+    """GRPOConfig.generation_kwargs as a dict (the CLI passes it as a JSON string)."""
+    if isinstance(generation_kwargs, str):
+        import json
+
+        return json.loads(generation_kwargs)
+    return dict(generation_kwargs or {})
+
+
+def _check_vllm_bans(vllm_generation, special_ids: list[int]) -> None:
+    """The sampling parameters TRL's vLLM backend will build must carry the ban; refuse the run where they do not
+    (a TRL version that stopped forwarding generation_kwargs would sample placeholders, and fail mid-run)."""
+    bias = {int(k): v for k, v in (getattr(vllm_generation, "generation_kwargs", None) or {}).get(
+        "logit_bias", {}).items()}
+    missing = [i for i in special_ids if bias.get(i, 0.0) > checks.VLLM_BAN_BIAS]
+    if missing:
+        raise RuntimeError(f"PGPOGRPOTrainer with use_vllm=True: TRL's vLLM backend does not carry the ban of the "
+                           f"visual special ids {missing} (generation_kwargs['logit_bias']), so vLLM could sample "
+                           "them; this TRL version is not supported with vLLM generation (tested: trl 1.16.0).")
 
 
 def _check_dataset_has_images(dataset) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from pgpo_train import model_family
 from pgpo_train.core_algos import weight_metrics
+from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 
 TEXT_LOGP_KEY = "pgpo_text_log_probs"  # where the recipe stores the text-only pass's log-probs
@@ -107,7 +108,7 @@ def pgpo_reshape_advantages_(
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
-    stats = weight_metrics(weights, s, valid, tau=tau, eps=eps)
+    stats = weight_metrics(weights, s, valid, tau=tau, eps=eps, token_adv=advantages)
     metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync (driver-side)
     return weights, metrics
 
@@ -174,11 +175,33 @@ class PGPOVerlTrainerMixin:
     pass through the actor (`_compute_old_log_prob` on `pgpo_text_only_batch`), then `pgpo_reshape_advantages_`
     (k3 against `old_log_probs`), then verl's own update. The PGPO metrics join the actor's.
 
+    Checks (integrations/checks.py): the config is checked when the trainer is built and again when `fit` starts
+    (Megatron and untested strategies, token-level estimators, unknown `algorithm.pgpo` keys are refused); `fit`
+    guards the actor worker group so that an update on advantages PGPO did not reshape raises
+    `PGPODidNotRunError` (a `fit` that bypasses `_update_actor`, as verl-recipe's RayDAPOTrainer's does). In bypass
+    mode (`algorithm.rollout_correction.bypass_mode=True`, `old_log_probs` = the rollout engine's) the with-image
+    log-probs are recomputed on the actor, so both k3 sides come from the same engine: one more forward.
+
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
     +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `visual_token_ids` (default: the
     placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's
     `<|image_pad|>` and `<|video_pad|>`).
     """
+
+    def __init__(self, *args, **kwargs):
+        v1 = [c.__qualname__ for c in type(self).__mro__ if c.__module__.startswith("verl.trainer.ppo.v1")]
+        if v1:  # its _update_actor(batch, metrics) takes transfer-queue batches, not DataProto
+            raise TypeError(f"PGPOVerlTrainerMixin supports verl's RayPPOTrainer (verl.trainer.ppo.ray_trainer) and its "
+                            f"subclasses, not verl's v1 trainers ({v1[0]}); see integrations/README.md")
+        config = kwargs.get("config", args[0] if args else None)
+        checks.check_verl_config(config, type(self).__name__)  # before verl builds datasets or workers
+        super().__init__(*args, **kwargs)
+
+    def fit(self, *args, **kwargs):
+        if checks.verl_pgpo_enabled(self.config):
+            checks.check_verl_config(self.config, type(self).__name__)  # the config may have been edited since
+            checks.guard_actor_updates(self)
+        return super().fit(*args, **kwargs)
 
     def _update_actor(self, batch):
         cfg = self.config.algorithm.get("pgpo", None) or {}
@@ -186,10 +209,14 @@ class PGPOVerlTrainerMixin:
             return super()._update_actor(batch)
         text_batch = pgpo_text_only_batch(batch, self._pgpo_visual_token_ids(cfg))
         text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
+        logp_vis = None  # verl's old_log_probs: the actor's with-image pass
+        if checks.verl_bypass_mode(self.config):  # old_log_probs are the rollout engine's: recompute on the actor
+            logp_vis = self._compute_old_log_prob(batch)[0].batch["old_log_probs"]
         _, metrics = pgpo_reshape_advantages_(
-            batch, logp_txt=text_logp.batch["old_log_probs"], tau=cfg.get("tau", 0.4), beta=cfg.get("beta", 2.0),
-            eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
+            batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
+            beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
             min_spread=cfg.get("min_spread", 0.0), weights_key=None)
+        self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)
         out.meta_info.setdefault("metrics", {}).update(metrics)
         return out

@@ -35,6 +35,7 @@ from pgpo_train.train import response_logits
 from pgpo_train.train import rollout
 from pgpo_train.train import seed_everything
 from pgpo_train.train import select_rows
+from pgpo_train.train import token_weights
 from pgpo_train.train import visual_kwargs
 
 
@@ -107,10 +108,10 @@ def main(argv=None) -> int:
     n_groups = batch["responses"].shape[0] // G
     mask = batch["response_mask"]
     adv = batch["advantages"][:, None] * mask.float()
-    w_full = core_algos.pgpo_weights(batch["scores"], mask, **cfg.pgpo.weight_kwargs())
+    w_full = token_weights(batch["scores"], mask, cfg)
     variants = {"dapo": adv, "pgpo": batch["advantages"][:, None] * w_full}
     spread_cfg = dataclasses.replace(cfg, pgpo=dataclasses.replace(cfg.pgpo, min_spread=0.1))
-    variants["pgpo-spread0.1"] = batch["advantages"][:, None] * core_algos.pgpo_weights(batch["scores"], mask, **spread_cfg.pgpo.weight_kwargs())
+    variants["pgpo-spread0.1"] = batch["advantages"][:, None] * token_weights(batch["scores"], mask, spread_cfg)
     gen = torch.Generator().manual_seed(a.seed)
     grads = {k: [] for k in variants}
     model.train()

@@ -1,0 +1,220 @@
+"""Start-up refusals and per-step checks for the TRL and verl adapters (issue 19).
+
+Every option a user can switch on in the trainers that PGPO does not support gets one error here, before any model
+or worker work, naming the option; the matrix is in integrations/README.md. Nothing in this module imports trl or
+verl: configs are read as plain attribute / mapping objects (OmegaConf DictConfig, dataclasses, dicts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pgpo_kernels.utils import check_reshape_params
+
+# %% verl
+
+# The mixin's options under `algorithm.pgpo` (SPEC section 2): a typo must not fall back to a default silently.
+VERL_PGPO_KEYS = ("enable", "tau", "beta", "eps", "renormalize", "min_spread", "visual_token_ids")
+
+# verl's actor strategies whose VLM forward keeps the batch's position ids: the FSDP engine packs the (holed)
+# attention mask into varlen sequences and passes `position_ids` (text row + 3 mrope rows) through, so the kept tokens
+# keep their original positions (SPEC section 1; tested with verl's padding helpers).
+VERL_STRATEGIES_KEEPING_POSITIONS = ("fsdp", "fsdp2")
+
+MEGATRON_ERROR = (
+    "PGPO does not support actor_rollout_ref.actor.strategy='megatron': verl's Megatron engine calls the VLM with "
+    "position_ids=None (verl/models/mcore/model_forward.py), so the Megatron Qwen-VL rebuilds its rope index from the "
+    "text-only batch, whose image is gone and whose attention mask is holed: the visual tokens are deleted and the "
+    "rest renumbered, the variant SPEC section 1 rejects (on the tiny model, up to 1.5e-3 in logits, 0.016 in PGPO "
+    "weights). Use actor_rollout_ref.actor.strategy=fsdp (or fsdp2), which keeps the positions."
+)
+
+# Advantage estimators whose advantages are not one outcome advantage per sequence broadcast over its tokens:
+# PGPO's A_t = A * w~_t is defined on such an A (SPEC section 3, GRPO/DAPO family).
+VERL_TOKEN_LEVEL_ESTIMATORS = ("gae", "optimal_token_baseline", "tir_optimal_token_baseline")
+
+
+def _get(cfg, key: str, default=None):
+    """cfg.key for attribute configs (OmegaConf, dataclasses) and mappings alike; default when absent."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        try:
+            return cfg.get(key, default)
+        except (AttributeError, KeyError, TypeError):
+            pass
+    return getattr(cfg, key, default)
+
+
+def _path(cfg, dotted: str, default=None):
+    for key in dotted.split("."):
+        cfg = _get(cfg, key, None)
+        if cfg is None:
+            return default
+    return cfg
+
+
+def verl_pgpo_options(config) -> dict:
+    """The `algorithm.pgpo` options as a dict ({} when absent)."""
+    cfg = _path(config, "algorithm.pgpo")
+    if cfg is None:
+        return {}
+    return {k: _get(cfg, k) for k in (cfg.keys() if hasattr(cfg, "keys") else vars(cfg))}
+
+
+def verl_pgpo_enabled(config) -> bool:
+    return bool(verl_pgpo_options(config).get("enable", False))
+
+
+def verl_bypass_mode(config) -> bool:
+    """True when verl's rollout correction runs in bypass mode (old_log_probs := the rollout engine's log-probs)."""
+    return bool(_path(config, "algorithm.rollout_correction.bypass_mode", False))
+
+
+def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
+    """One clear error for each verl option PGPO does not support (a no-op when `algorithm.pgpo.enable` is off).
+
+    Refused: the Megatron strategy (it renumbers positions, MEGATRON_ERROR), any strategy other than fsdp / fsdp2
+    (untested: their VLM forward may not keep the position ids), token-level advantage estimators (gae, ...),
+    unknown `algorithm.pgpo` keys and bad PGPO parameters. Bypass mode (`algorithm.rollout_correction.bypass_mode`)
+    is supported: the mixin recomputes the with-image log-probs on the actor (see PGPOVerlTrainerMixin).
+    """
+    opts = verl_pgpo_options(config)
+    if not opts.get("enable", False):
+        return
+    unknown = sorted(set(opts) - set(VERL_PGPO_KEYS))
+    if unknown:
+        raise ValueError(f"{who}: unknown option(s) algorithm.pgpo.{unknown} (a typo would fall back to a default "
+                         f"silently); known: {list(VERL_PGPO_KEYS)}")
+    check_reshape_params(opts.get("tau", 0.4), opts.get("beta", 2.0), opts.get("eps", 1e-6))
+    strategy = _path(config, "actor_rollout_ref.actor.strategy", "fsdp")
+    if strategy == "megatron":
+        raise ValueError(f"{who}: {MEGATRON_ERROR}")
+    if strategy not in VERL_STRATEGIES_KEEPING_POSITIONS:
+        raise ValueError(f"{who}: PGPO is not tested with actor_rollout_ref.actor.strategy={strategy!r}: its VLM "
+                         "forward may rebuild the position ids of the text-only batch from its holed attention mask "
+                         "(the variant SPEC section 1 rejects). Supported: "
+                         f"{list(VERL_STRATEGIES_KEEPING_POSITIONS)}")
+    estimator = _path(config, "algorithm.adv_estimator", "grpo")
+    estimator = str(getattr(estimator, "value", estimator))  # verl's AdvantageEstimator is a str Enum
+    if estimator in VERL_TOKEN_LEVEL_ESTIMATORS:
+        raise ValueError(f"{who}: PGPO does not support algorithm.adv_estimator={estimator!r}: its advantages vary "
+                         "by token before PGPO, while PGPO's A_t = A * w~_t reshapes one outcome advantage per "
+                         "sequence (SPEC section 3). Use grpo (the paper's DAPO is grpo + clip-higher + filtering).")
+
+
+# %% the per-step check that PGPO ran
+
+# Written only by the PGPO path (pgpo_reshape_advantages_ / weight_metrics): its presence in a step's metrics is the
+# proof that the advantages were reshaped in that step.
+PGPO_RAN_METRIC = "pgpo/kl_mean"
+
+
+class PGPODidNotRunError(RuntimeError):
+    """An actor update ran on advantages PGPO never reshaped (the step would be plain GRPO/DAPO)."""
+
+
+def check_pgpo_ran(metrics: Mapping, where: str) -> None:
+    """Raise if a finished step's metrics lack the PGPO metric: `where` names the trainer method that should have
+    run PGPO (e.g. "RayPPOTrainer.fit, after compute_advantage"). Call it once per step, before logging."""
+    if PGPO_RAN_METRIC not in metrics:
+        raise PGPODidNotRunError(
+            f"PGPO did not run in this step: the step's metrics have no {PGPO_RAN_METRIC!r}, which only "
+            f"pgpo_reshape_advantages_ writes. Check {where}: the PGPO lines (pgpo_text_only_batch, the text-only "
+            "log-prob pass, pgpo_reshape_advantages_) must run on every batch before the actor update.")
+
+
+def guard_actor_updates(trainer, worker_group_attr: str = "actor_rollout_wg") -> None:
+    """Make `trainer.<worker_group_attr>.update_actor` refuse to run unless PGPO reshaped this batch.
+
+    The mixin arms the guard (`trainer._pgpo_armed = True`) right after reshaping the advantages; each update
+    consumes it. A `fit` that calls the worker group's `update_actor` directly, as verl-recipe's `RayDAPOTrainer.fit`
+    does, never passes through `PGPOVerlTrainerMixin._update_actor`: without the guard that run would train as plain
+    DAPO, silently. Idempotent.
+    """
+    wg = getattr(trainer, worker_group_attr, None)
+    if wg is None:
+        raise RuntimeError(f"{type(trainer).__name__} has no {worker_group_attr}: guard_actor_updates needs the "
+                           "actor worker group (call it after init_workers)")
+    update = wg.update_actor
+    if getattr(update, "_pgpo_guarded", False):
+        return
+    cls = type(trainer).__name__
+
+    def guarded_update_actor(*args, **kwargs):
+        if not getattr(trainer, "_pgpo_armed", False):
+            raise PGPODidNotRunError(
+                f"PGPO did not run before this actor update: {cls}.fit called {worker_group_attr}.update_actor "
+                f"without going through PGPOVerlTrainerMixin._update_actor, so the advantages were never reshaped "
+                "and this step would train as plain GRPO/DAPO (verl-recipe's RayDAPOTrainer.fit calls "
+                f"{worker_group_attr}.update_actor directly). Make that fit call self._update_actor(batch), or add "
+                "the PGPO lines after its compute_advantage call and set self._pgpo_armed = True before the update "
+                "(integrations/README.md, verl).")
+        trainer._pgpo_armed = False  # one reshape, one update
+        return update(*args, **kwargs)
+
+    guarded_update_actor._pgpo_guarded = True
+    wg.update_actor = guarded_update_actor
+
+
+# %% TRL + vLLM generation
+
+# vLLM's OpenAI-compatible server clamps logit_bias to [-100, 100]; -100 makes a token's probability e^-100 times
+# its unbiased value (~4e-44): never sampled in practice, and one value for both of TRL's vLLM modes.
+VLLM_BAN_BIAS = -100.0
+
+
+def vllm_generation_kwargs(generation_kwargs: dict | None, special_ids: list[int]) -> dict:
+    """TRL's `generation_kwargs` with the visual special ids banned in vLLM's sampling (logit_bias -100 each).
+
+    TRL 1.16 merges `GRPOConfig.generation_kwargs` into vLLM's `SamplingParams` (colocate mode) and into the
+    server request's sampling parameters (server mode), so this is where vLLM gets the ban. A config that keeps a
+    visual special id samplable is refused, naming the key: a `logit_bias` entry above -100 for one of them, or an
+    `allowed_token_ids` list that contains one.
+    """
+    out = dict(generation_kwargs or {})
+    bias = {int(k): float(v) for k, v in (out.get("logit_bias") or {}).items()}
+    for i in special_ids:
+        if i in bias and bias[i] > VLLM_BAN_BIAS:
+            raise ValueError(f"generation_kwargs['logit_bias'][{i}] = {bias[i]} lets vLLM sample the visual special "
+                             f"id {i}; PGPO bans it (a sampled placeholder is counted as an image by the visual "
+                             f"forward). Remove the entry or set it to {VLLM_BAN_BIAS}.")
+        bias[i] = VLLM_BAN_BIAS
+    allowed = out.get("allowed_token_ids")
+    if allowed is not None and set(map(int, allowed)) & set(special_ids):
+        raise ValueError(f"generation_kwargs['allowed_token_ids'] contains visual special ids "
+                         f"{sorted(set(map(int, allowed)) & set(special_ids))}; PGPO bans them in sampling. Remove "
+                         "them from the list.")
+    out["logit_bias"] = bias
+    return out
+
+
+def check_no_tool_images(model, completion_ids, completion_mask, tool_mask) -> None:
+    """TRL `tools` that return images put image placeholders inside the completions; PGPO's text-only pass masks
+    the prompt's image only and numbers completions as text, so such a batch is refused, naming the option."""
+    import torch
+
+    from pgpo_train import model_family
+
+    ids = torch.tensor(model_family.placeholder_ids(model), device=completion_ids.device)
+    from_tools = completion_mask.bool() & ~tool_mask.bool()  # TRL's tool_mask is 0 on tool-response tokens
+    if bool((torch.isin(completion_ids, ids) & from_tools).any()):
+        raise ValueError("PGPOGRPOTrainer does not support tools that return images: a tool response put image "
+                         "placeholders inside a completion, and PGPO's text-only pass masks only the prompt's image "
+                         "(SPEC section 1). Use tools that return text, or train without `tools`.")
+
+
+__all__ = [
+    "MEGATRON_ERROR",
+    "PGPO_RAN_METRIC",
+    "VLLM_BAN_BIAS",
+    "PGPODidNotRunError",
+    "check_no_tool_images",
+    "check_pgpo_ran",
+    "check_verl_config",
+    "guard_actor_updates",
+    "verl_bypass_mode",
+    "verl_pgpo_enabled",
+    "verl_pgpo_options",
+    "vllm_generation_kwargs",
+]
