@@ -53,7 +53,7 @@ def test_learned_lines_report_both_evals_with_se():
 
 
 def test_eval_summary_reads_the_log(tmp_path):
-    from pgpo_train.train import eval_summary
+    from pgpo_train.run_log import eval_summary
 
     rows = [
         {"step": 5, "phase": "sft", "eval/acc": 0.25},

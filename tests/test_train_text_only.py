@@ -119,12 +119,12 @@ def test_bad_inputs_are_refused(tiny_batch):
 def test_training_forward_matches_generate(tiny_batch):
     """Log-probs of sampled tokens recomputed with explicit 3-D positions equal generate()'s own (left-padded batch,
     stale rope_deltas left on the model by generate): the policy gradient sees the sampling distribution."""
-    from pgpo_train.train import build_sequences
-    from pgpo_train.train import encode_prompts
-    from pgpo_train.train import eos_ids
-    from pgpo_train.train import response_logits
-    from pgpo_train.train import response_mask_from
-    from pgpo_train.train import visual_kwargs
+    from pgpo_train.batching import build_sequences
+    from pgpo_train.batching import encode_prompts
+    from pgpo_train.batching import response_mask_from
+    from pgpo_train.batching import visual_kwargs
+    from pgpo_train.policy import eos_ids
+    from pgpo_train.policy import response_logits
 
     model, _ = tiny_batch
     from pgpo_train.tiny import build_processor

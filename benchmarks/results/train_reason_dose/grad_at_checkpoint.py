@@ -25,20 +25,20 @@ import sys
 import torch
 
 from pgpo_train import core_algos
-from pgpo_train.config import PGPOConfig
+from pgpo_train.batching import select_rows
+from pgpo_train.config import PGPOWeightsConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
+from pgpo_train.policy import load_policy
+from pgpo_train.policy import seed_everything
+from pgpo_train.sampling import rollout
+from pgpo_train.scoring import old_logp_and_scores
+from pgpo_train.scoring import token_weights
 from pgpo_train.tasks import FILLER_WORDS
 from pgpo_train.tasks import grid_reason_max_tokens
-from pgpo_train.train import load_policy
-from pgpo_train.train import old_logp_and_scores
-from pgpo_train.train import rollout
-from pgpo_train.train import seed_everything
-from pgpo_train.train import select_rows
-from pgpo_train.train import token_weights
 
 _GV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train_task_ablation", "grad_variance.py")
 _spec = importlib.util.spec_from_file_location("ablation_grad_variance", _GV)
@@ -115,7 +115,7 @@ def measure(ckpt: str, data: str, max_new: int, seed: int, filler: int, pool: in
         algo="pgpo",
         seed=seed,
         out_dir="/tmp/unused",
-        pgpo=PGPOConfig(),
+        pgpo=PGPOWeightsConfig(),
     ).resolved()
     dev = torch.device("cpu")
     model, processor = load_policy(cfg, dev)

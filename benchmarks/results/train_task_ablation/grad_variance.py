@@ -22,21 +22,21 @@ import sys
 import torch
 
 from pgpo_train import core_algos
-from pgpo_train.config import PGPOConfig
+from pgpo_train.batching import select_rows
+from pgpo_train.batching import visual_kwargs
+from pgpo_train.config import PGPOWeightsConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
-from pgpo_train.train import load_policy
-from pgpo_train.train import logp_entropy
-from pgpo_train.train import old_logp_and_scores
-from pgpo_train.train import response_logits
-from pgpo_train.train import rollout
-from pgpo_train.train import seed_everything
-from pgpo_train.train import select_rows
-from pgpo_train.train import token_weights
-from pgpo_train.train import visual_kwargs
+from pgpo_train.policy import load_policy
+from pgpo_train.policy import logp_entropy
+from pgpo_train.policy import response_logits
+from pgpo_train.policy import seed_everything
+from pgpo_train.sampling import rollout
+from pgpo_train.scoring import old_logp_and_scores
+from pgpo_train.scoring import token_weights
 
 
 def flat_grad(model, batch, tok_adv, cfg) -> torch.Tensor:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         algo="pgpo",
         seed=a.seed,
         out_dir="/tmp/unused",
-        pgpo=PGPOConfig(),
+        pgpo=PGPOWeightsConfig(),
     ).resolved()
     dev = torch.device("cpu")
     model, processor = load_policy(cfg, dev)
