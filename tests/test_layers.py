@@ -82,3 +82,34 @@ def test_lower_layers_never_import_upper_ones():
     # the recipe is imported by nothing but the CLI and the package's lazy `pgpo_train.train` export
     users = sorted(m for m, deps in graph.items() if "pgpo_train.train" in deps)
     assert users == ["pgpo_train.cli"], users
+
+
+def test_old_import_paths_resolve_for_one_release_with_a_warning():
+    """pgpo_train.train's old helpers, config.PGPOConfig and pgpo_train.PGPOConfig still resolve, each warning with
+    its new home; the TRL config is the only PGPOConfig that does not warn."""
+    import warnings
+
+    import pytest
+
+    import pgpo_train
+    from pgpo_train import batching
+    from pgpo_train import config
+    from pgpo_train import model_family
+    from pgpo_train import scoring
+    from pgpo_train import train
+
+    for old, new, where in ((lambda: train.build_sequences, batching.build_sequences, "batching"),
+                            (lambda: train.pgpo_weights, scoring.token_weights, "scoring.token_weights"),
+                            (lambda: train.check_vlm, model_family.check_processor, "check_processor"),
+                            (lambda: config.PGPOConfig, config.PGPOWeightsConfig, "PGPOWeightsConfig"),
+                            (lambda: pgpo_train.PGPOConfig, config.PGPOWeightsConfig, "PGPOWeightsConfig")):
+        with pytest.warns(DeprecationWarning, match=where):
+            assert old() is new
+    with pytest.raises(AttributeError):
+        _ = train.no_such_helper
+    trl = pytest.importorskip("trl")
+    from pgpo_train.integrations import PGPOConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert issubclass(PGPOConfig, trl.GRPOConfig)
