@@ -33,11 +33,12 @@ def _configs(model) -> list:
     return out
 
 
-def fused_lm_head_problem(model) -> str | None:
+def fused_lm_head_problem(model, allow_forward=None) -> str | None:
     """Why the fused path cannot reproduce this model's logits, or None when it can.
 
     Tied input/output embeddings are fine: lm_head.weight is then the embedding matrix, which is exactly what the
-    model's own forward multiplies by.
+    model's own forward multiplies by. allow_forward(model): True for an instance forward patch known to leave the
+    logits alone (TRL 1.16's fused LM head, which calls the original forward unless asked for log-probs).
     """
     name = type(model).__name__
     inner = getattr(model, "model", None)
@@ -46,7 +47,7 @@ def fused_lm_head_problem(model) -> str | None:
         return f"{name} has no .model / .lm_head pair (a transformers ...ForConditionalGeneration is expected)"
     if type(head) is not torch.nn.Linear:
         return f"{name}.lm_head is a {type(head).__module__}.{type(head).__name__}, not a plain torch.nn.Linear"
-    if "forward" in vars(head) or "forward" in vars(model):
+    if "forward" in vars(head) or ("forward" in vars(model) and not (allow_forward and allow_forward(model))):
         return f"{name}'s forward or lm_head.forward is patched on the instance"
     if head._forward_hooks or head._forward_pre_hooks or model._forward_hooks or model._forward_pre_hooks:
         return f"{name} or its lm_head has forward hooks registered"

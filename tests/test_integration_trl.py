@@ -152,7 +152,12 @@ def test_loss_sees_sequence_advantage_times_pgpo_weights(tmp_path, capture, esti
     assert logged["pgpo/kl_mean"] >= 0
 
 
-def test_refuses_liger_and_bad_options(tmp_path):
+def test_refuses_liger_and_bad_options(tmp_path, monkeypatch):
+    import pgpo_train.integrations.trl as pgpo_trl
+
+    assert pgpo_trl.liger_problem() is None  # TRL 1.16: layer kernels only, its own [B, T] loss (test_integration_trl_fused)
+    # a TRL whose use_liger_kernel swaps in Liger's [B]-advantage GRPO loss: refused, before and after construction
+    monkeypatch.setattr(pgpo_trl, "liger_problem", lambda: pgpo_trl.LIGER_ERROR)
     with pytest.raises(ValueError, match="use_liger_kernel"):
         _config(tmp_path, use_liger_kernel=True)
     with pytest.raises(ValueError, match="tau"):

@@ -4,7 +4,8 @@ Where it hooks in (trl >= 1.x): `GRPOTrainer._generate_and_score_completions` re
 group-normalized advantage per completion, [B]. We run the two PGPO passes over that batch (visual, and text-only as
 SPEC section 1 builds it, both under no_grad with explicit position ids), turn them into token weights with
 pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compute_loss` accepts 2-D advantages as
-they are. `use_liger_kernel=True` is refused (see LIGER_ERROR): TRL's Liger loss path took [B] advantages only.
+they are. `use_liger_kernel=True` is allowed where TRL only applies Liger's layer kernels (TRL 1.16) and refused
+where it swaps in Liger's GRPO loss, which takes [B] advantages only (`liger_problem`).
 
 Every family of `pgpo_train.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
 Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused before a model is loaded.
@@ -12,6 +13,7 @@ Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from pgpo_train.core_algos import WEIGHT_METRIC_MAX
 from pgpo_train.core_algos import WEIGHT_METRIC_MIN
 from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations import checks
+from pgpo_train.integrations import fused_passes
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
@@ -41,12 +44,33 @@ from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 logger = logging.getLogger(__name__)
 
 LIGER_ERROR = (
-    "PGPOGRPOTrainer does not support use_liger_kernel=True. PGPO hands the loss per-token advantages [B, T]; "
-    "TRL's Liger GRPO loss (older TRL releases) takes one advantage per sequence [B] and would drop the PGPO "
-    "weights silently, and in TRL 1.16 the flag patches the model's layers with Liger kernels, a stack of fused "
-    "patches on Qwen2.5-VL that PGPO's extra passes are not tested with (SPEC section 4). Set "
-    "use_liger_kernel=False (PGPO's own fused kernels compute the weights)."
+    "PGPOGRPOTrainer does not support use_liger_kernel=True with the installed TRL: its use_liger_kernel path swaps "
+    "in Liger's fused GRPO loss, which takes one advantage per sequence [B] and would drop the PGPO weights "
+    "[B, T] silently. TRL >= 1.16 only applies Liger's layer kernels there (its own loss, fused LM head and [B, T] "
+    "advantages stay): upgrade TRL, or set use_liger_kernel=False."
 )
+LIGER_UNKNOWN_ERROR = (
+    "PGPOGRPOTrainer does not support use_liger_kernel=True with the installed TRL: its GRPOTrainer neither uses "
+    "Liger's GRPO loss nor keeps Liger's fused linear cross-entropy off as TRL 1.16 does, so what the flag replaces "
+    "(the model's forward or the loss) is unknown to PGPO. Set use_liger_kernel=False."
+)
+
+
+def liger_problem() -> str | None:
+    """Why use_liger_kernel=True would not keep PGPO's [B, T] advantages under the installed TRL (None: it does).
+
+    TRL 1.16's GRPOTrainer turns Liger's fused linear cross-entropy off and applies only its layer kernels (RMSNorm,
+    RoPE, SwiGLU); its own loss takes [B, T] advantages. Older TRL replaced the loss with Liger's GRPO loss."""
+    import inspect
+
+    from trl.trainer import grpo_trainer
+
+    src = inspect.getsource(grpo_trainer)
+    if "LigerFusedLinearGRPOLoss" in src or "liger_grpo_loss" in src:
+        return LIGER_ERROR
+    if '"fused_linear_cross_entropy": False' not in src:
+        return LIGER_UNKNOWN_ERROR
+    return None
 
 
 # GRPOConfig already owns `beta` (the KL-penalty coefficient) and `temperature` (sampling): the PGPO symbols
@@ -81,16 +105,16 @@ class PGPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if self.use_liger_kernel:  # before GRPOConfig's own checks, so this is the error the user sees
-            raise ValueError(LIGER_ERROR)
+        if self.use_liger_kernel and liger_problem():  # before GRPOConfig's own checks: the error the user sees
+            raise ValueError(liger_problem())
         super().__post_init__()
         check_pgpo_args(self)
 
 
 def check_pgpo_args(args) -> None:
     """Clear errors for PGPO options and for combinations the adapter refuses, before any model work."""
-    if getattr(args, "use_liger_kernel", False):
-        raise ValueError(LIGER_ERROR)
+    if getattr(args, "use_liger_kernel", False) and liger_problem():
+        raise ValueError(liger_problem())
     check_estimator(args.pgpo_estimator)
     check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
     if not args.pgpo_min_spread >= 0:
@@ -139,6 +163,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
             _check_vllm_bans(self.vllm_generation, model_family.special_ids(self.model))
         self._pgpo_batches = {"train": [0, 0], "eval": [0, 0]}  # [batches, batches without any image]
         self._pgpo_warned_no_image = False
+        self._pgpo_warned_log_images = False
         if not self.use_vllm:  # a sampled placeholder would be counted as an image by the model's visual forward
             ids = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(
                 model_family.special_ids(self.model)))
@@ -148,6 +173,9 @@ class PGPOGRPOTrainer(GRPOTrainer):
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
         seen, no_image = self._pgpo_batches["train"]
+        if self.accelerator.num_processes > 1:  # the run's verdict, not one rank's (every rank calls this)
+            counts = torch.tensor([float(seen), float(no_image)], device=self.accelerator.device)
+            seen, no_image = (int(c) for c in self.accelerator.reduce(counts, reduction="sum").tolist())
         if seen and no_image == seen:
             raise ValueError(f"PGPOGRPOTrainer: none of the {seen} rollout batches held an image, so every PGPO "
                              "weight was 1 and this run trained as plain GRPO. Check the dataset's image column "
@@ -157,7 +185,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ the hook
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        with self._pgpo_log_images_only_if_every_rank_has_some(inputs):
+            output = super()._generate_and_score_completions(inputs)
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]  # the tokens the loss counts
@@ -168,16 +197,57 @@ class PGPOGRPOTrainer(GRPOTrainer):
         self._pgpo_log(weights, scores, mask, output["advantages"], has_image=_has_image(output))
         return output
 
+    @contextlib.contextmanager
+    def _pgpo_log_images_only_if_every_rank_has_some(self, inputs):
+        """TRL 1.16 gathers the batch's images for its logs (`log_multimodal`, on by default) only on ranks whose
+        batch holds some (`if images is not None and self.log_multimodal: gather_object(images)`): with one rank
+        without images the collectives pair wrongly and the run crashes or hangs. For such a batch the image log is
+        skipped on every rank (warned once); training is unaffected."""
+        if self.accelerator.num_processes == 1 or not self.log_multimodal:
+            yield
+            return
+        none_here = torch.tensor([float(_trl_batch_images_none(inputs))], device=self.accelerator.device)
+        flags = self.accelerator.gather(none_here)
+        mixed = bool(flags.max() > 0) and bool(flags.min() == 0)
+        if mixed and not self._pgpo_warned_log_images:
+            self._pgpo_warned_log_images = True
+            logger.warning("PGPOGRPOTrainer: some ranks' rollout batches hold no image; TRL 1.16's image log "
+                           "(log_multimodal) would gather on the others only (a collective mismatch), so images are "
+                           "not logged for such batches.")
+        self.log_multimodal = not mixed
+        try:
+            yield
+        finally:
+            self.log_multimodal = True
+
     # ------------------------------------------------------------------ the two passes
 
     def _pgpo_weights(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token weights [B, T] from the visual and text-only passes over prompt + completion."""
-        args = self.args
-        B, T = output["completion_ids"].shape
-        if not _has_image(output):
+        if not self._pgpo_any_rank_has_image(output):
             # no image in the batch means no visual dependency to measure: uniform weights (logged, counted)
             ones = mask.float()
             return ones, torch.zeros_like(ones)
+        if not _has_image(output):
+            # another rank holds images and runs the PGPO forwards; under FSDP / ZeRO-3 each forward gathers
+            # parameters (a collective), so this rank runs the same forwards, text only, with weight zero on the
+            # result: uniform weights, as for any batch without an image
+            self._pgpo_passes(output, mask)
+            ones = mask.float()
+            return ones, torch.zeros_like(ones)
+        return self._pgpo_passes(output, mask)
+
+    def _pgpo_any_rank_has_image(self, output: dict) -> bool:
+        """Whether this batch, or any other rank's, holds an image (one small all-gather, called on every rank)."""
+        if self.accelerator.num_processes == 1:
+            return _has_image(output)
+        flag = torch.tensor([float(_has_image(output))], device=self.accelerator.device)
+        return bool(self.accelerator.gather(flag).max() > 0)
+
+    def _pgpo_passes(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual and text-only forwards per chunk, and the weights [B, T] they give."""
+        args = self.args
+        B, T = output["completion_ids"].shape
         model = self.model
         P = output["prompt_ids"].shape[1]
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # [B, L]
@@ -208,7 +278,16 @@ class PGPOGRPOTrainer(GRPOTrainer):
                                             num_tiles=output.get("num_tiles"))
             vis_kw = model_family.visual_inputs(model, ids, am, pos, mm, prompt_len=P)
             txt_kw = model_family.text_only_inputs(model, ids, am, pos, prompt_len=P)
-            if args.pgpo_estimator == "full":
+            if args.pgpo_estimator == "full" and fused_passes.plain_head_problem(model) is None:
+                # TRL's own passes hold no [b, T, V] logits: neither do these (hidden states + fused lm_head KL)
+                temperature = args.pgpo_temperature if args.pgpo_temperature is not None else self.temperature
+                with self.accelerator.autocast():
+                    kl = fused_passes.fused_token_kl(model, vis_kw, txt_kw, T, temperature, args.pgpo_backend)
+                kl = torch.where(mask[lo:hi], kl, 0.0)  # padding positions hold no token
+                w, s = pgpo_weights_from_passes(
+                    mask[lo:hi], scores=kl, tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps,
+                    renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+            elif args.pgpo_estimator == "full":  # a head the fused path cannot reproduce: the model's own logits
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
                 logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
                 temperature = args.pgpo_temperature if args.pgpo_temperature is not None else self.temperature
@@ -268,6 +347,19 @@ class PGPOGRPOTrainer(GRPOTrainer):
                               else col.mean() for k, col in zip(names, values.unbind(1))])
         for k, v in zip(names, merged.tolist()):  # one host sync per rollout batch
             self._metrics[mode][k].append(v)
+
+
+def _trl_batch_images_none(inputs: list[dict]) -> bool:
+    """Whether TRL 1.16's _generate_and_score_completions sees this rollout batch as holding no image (its rule)."""
+    if not inputs:
+        return True
+    if "images" in inputs[0]:
+        images = [x.get("images") for x in inputs]
+    elif "image" in inputs[0]:
+        images = [[x["image"]] if x.get("image") is not None else None for x in inputs]
+    else:
+        return True
+    return all(i == [] for i in images)
 
 
 def _has_image(output: dict) -> bool:
