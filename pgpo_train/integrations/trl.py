@@ -286,7 +286,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 kl = torch.where(mask[lo:hi], kl, 0.0)  # padding positions hold no token
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], scores=kl, tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps,
-                    renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+                    renormalize=args.pgpo_renormalize, min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
             elif args.pgpo_estimator == "full":  # a head the fused path cannot reproduce: the model's own logits
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
                 logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
