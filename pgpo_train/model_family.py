@@ -7,7 +7,8 @@ For a given HF VLM this module knows
 - how to build explicit position ids for a full prompt + response batch: 3-D mrope from the model's own
   `get_rope_index` for the Qwen-VL family, `cumsum(attention_mask) - 1` for 1-D rope models;
 - the forward kwargs of the visual pass and of the text-only pass (same tensors, attention off on the visual
-  placeholders, the original positions, no pixel values: for Qwen3-VL that also means no DeepStack injection).
+  placeholders, the original positions, no pixel values: for Qwen3-VL that also means no DeepStack injection;
+  for Idefics3 / SmolVLM attention is off on each image's whole span, the crop-grid tags included, `image_spans`).
 
 Response tokens are always text. Positions are built with the rope index over the prompt only and the response
 continuing the text positions, and only the prompt's placeholders are masked, so a placeholder id sampled inside a
@@ -46,6 +47,9 @@ class Family:
     # one entry per image (Gemma 3, LLaVA-OneVision); "per_sample" [B, images, C, H, W] with pixel_attention_mask
     # (Idefics3, SmolVLM); "tiles" [tiles, C, H, W] with a tile count per sample (InternVL)
     pixel_layout: str = "images"
+    # "placeholders": the text-only pass masks the placeholder tokens; "fake_token_span" (Idefics3 / SmolVLM): it
+    # masks each image's whole span, <fake_token_around_image> to <fake_token_around_image> (see image_spans)
+    text_only_span: str = "placeholders"
 
 
 PIXEL_LAYOUTS = ("patches", "images", "per_sample", "tiles")
@@ -63,8 +67,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma 3", ("gemma3",), "1d", delimiter_attrs=("boi_token_id", "eoi_token_id"),
            token_type_key="token_type_ids"),
     Family("LLaVA-OneVision", ("llava_onevision",), "1d"),
-    Family("Idefics3", ("idefics3",), "1d", pixel_layout="per_sample"),
-    Family("SmolVLM", ("smolvlm",), "1d", pixel_layout="per_sample"),
+    Family("Idefics3", ("idefics3",), "1d", pixel_layout="per_sample", text_only_span="fake_token_span"),
+    Family("SmolVLM", ("smolvlm",), "1d", pixel_layout="per_sample", text_only_span="fake_token_span"),
     Family("InternVL (HF)", ("internvl",), "1d", pixel_layout="tiles"),
 )
 
@@ -194,10 +198,12 @@ def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
 
 def visual_mask(model, input_ids: torch.Tensor, prompt_len: int | None = None) -> torch.Tensor:
     """[B, L] bool, True on the prompt's visual placeholders (response tokens, from `prompt_len` on, are text)."""
-    return _id_mask(input_ids, placeholder_ids(model), prompt_len)
+    return id_mask(input_ids, placeholder_ids(model), prompt_len)
 
 
-def _id_mask(input_ids: torch.Tensor, ids, prompt_len: int | None) -> torch.Tensor:
+def id_mask(input_ids: torch.Tensor, ids, prompt_len: int | None = None) -> torch.Tensor:
+    """[B, L] bool, True on the prompt's tokens whose id is in `ids` (from `prompt_len` on: response, text), for
+    callers that hold the placeholder ids rather than the model (verl's driver)."""
     mask = torch.isin(input_ids, torch.as_tensor(list(ids), device=input_ids.device))
     if prompt_len is not None:
         mask[:, prompt_len:] = False
@@ -280,16 +286,59 @@ def _check_positions(model, input_ids: torch.Tensor, position_ids: torch.Tensor)
                          f"model_family.position_ids on the full visual inputs), got {tuple(position_ids.shape)}")
 
 
+def image_spans(model, input_ids: torch.Tensor, prompt_len: int | None = None) -> torch.Tensor:
+    """[B, L] bool, True on every token of each prompt image's span in the Idefics3 / SmolVLM layout.
+
+    Their processors write an image as `<fake_token_around_image><global-img><image>*N<fake_token_around_image>`,
+    or, split into a rows x cols grid of crops (their default), as one `<fake_token_around_image><row_i_col_j>
+    <image>*N` per crop, a newline after each row, then a newline and the global image as above. The grid tags, the
+    newlines and the fake tokens describe the image (its crop grid, hence its aspect ratio): they go with it. The
+    span is what transformers' own Idefics3Processor marks in `mm_token_type_ids`: from an image's first fake token
+    through its closing one. The token ids are read from the layout itself (the config holds only image_token_id):
+    every run of `<image>` tokens follows a fake token and a tag; the tag of the last run is `<global-img>`, which
+    closes each image, and the token after its run is the closing fake token. A layout that does not fit is an error.
+    """
+    image = _config(model).image_token_id
+    prompt = _prompt_part(input_ids, prompt_len)
+    out = torch.zeros_like(input_ids, dtype=torch.bool)
+    is_img = prompt == image
+    starts = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1]  # first <image> of each run
+    ends = is_img & ~torch.nn.functional.pad(is_img, (0, 1))[:, 1:]  # last <image> of each run
+    for b in range(prompt.shape[0]):
+        s_idx, e_idx = starts[b].nonzero().flatten().tolist(), ends[b].nonzero().flatten().tolist()
+        if not s_idx:
+            continue
+        row = prompt[b].tolist()
+        if s_idx[0] < 2:
+            raise ValueError(f"row {b}: an <image> run starts at {s_idx[0]}, with no <fake_token_around_image> and "
+                             "tag before it: not the Idefics3 / SmolVLM image layout")
+        fake, global_tag = row[s_idx[0] - 2], row[s_idx[-1] - 1]
+        block_start = None
+        for s, e in zip(s_idx, e_idx):
+            if s < 2 or row[s - 2] != fake:
+                raise ValueError(f"row {b}: the <image> run at {s} is not preceded by <fake_token_around_image> (id "
+                                 f"{fake}) and a tag: not the Idefics3 / SmolVLM image layout")
+            block_start = s - 2 if block_start is None else block_start
+            if row[s - 1] == global_tag:  # the global image closes this image's span
+                if e + 1 >= len(row) or row[e + 1] != fake:
+                    raise ValueError(f"row {b}: the global image at {s} is not closed by <fake_token_around_image> "
+                                     f"(id {fake}): not the Idefics3 / SmolVLM image layout")
+                out[b, block_start:e + 2] = True
+                block_start = None
+    return out
+
+
+def text_only_mask(model, input_ids: torch.Tensor, prompt_len: int | None = None) -> torch.Tensor:
+    """[B, L] bool, True on the prompt tokens the text-only pass switches off: the visual placeholders, and for
+    Idefics3 / SmolVLM each image's whole span (its grid tags and delimiters, `image_spans`)."""
+    if family_of(model).text_only_span == "fake_token_span":
+        return image_spans(model, input_ids, prompt_len)
+    return visual_mask(model, input_ids, prompt_len)
+
+
 def text_only_attention_mask(model, input_ids, attention_mask, prompt_len: int | None = None) -> torch.Tensor:
-    """[B, L] the visual pass's attention mask with the prompt's visual placeholders switched off."""
-    return mask_out_ids(input_ids, attention_mask, placeholder_ids(model), prompt_len)
-
-
-def mask_out_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, ids, prompt_len: int | None = None):
-    """[B, L] attention_mask with the prompt's tokens whose id is in `ids` switched off (response tokens, from
-    `prompt_len` on, are text whatever their id): the text-only pass's mask, for callers that hold the placeholder
-    ids rather than the model (verl's driver)."""
-    return attention_mask.masked_fill(_id_mask(input_ids, ids, prompt_len), 0)
+    """[B, L] the visual pass's attention mask with the prompt's image tokens switched off (`text_only_mask`)."""
+    return attention_mask * (~text_only_mask(model, input_ids, prompt_len)).to(attention_mask.dtype)
 
 
 def text_only_inputs(

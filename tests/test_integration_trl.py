@@ -152,12 +152,41 @@ def test_loss_sees_sequence_advantage_times_pgpo_weights(tmp_path, capture, esti
     assert logged["pgpo/kl_mean"] >= 0
 
 
+def test_shuffled_control_keeps_each_completions_weights(tmp_path, capture):
+    """pgpo_control="shuffled": the loss sees A x (a permutation of the oracle's weights within each completion),
+    and the rows carry the weight diagnostics the loop logs."""
+    model, processor = _tiny_policy()
+    trainer = _Capturing(model=model, reward_funcs=_reward, args=_config(tmp_path, max_steps=1, pgpo_control="shuffled"),
+                         train_dataset=_dataset(), processing_class=processor)
+    trainer.train()
+    (rec,), (seq_adv,) = _Capturing.records, capture
+    adv, mask = rec["advantages"], rec["completion_mask"].bool()
+    moved = False
+    for i, w_ref in enumerate(rec["weights"]):
+        T_i = int(mask[i].sum())
+        if abs(float(seq_adv[i])) < 1e-6:
+            continue
+        w = adv[i, :T_i].double() / float(seq_adv[i])
+        torch.testing.assert_close(w.sort().values, w_ref.sort().values, atol=2e-4, rtol=2e-4)
+        moved |= not torch.allclose(w, w_ref, atol=1e-3)
+    assert moved  # the permutation moved weights
+    logged = trainer.state.log_history[0]
+    for key in ("pgpo/frac_above_tau", "pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass",
+                "pgpo/top10_mass", "pgpo/weight_max"):
+        assert key in logged, key
+    assert 0 < logged["pgpo/eff_token_ratio"] <= 1 and 0 < logged["pgpo/top1_mass"] <= logged["pgpo/top10_mass"] <= 1
+
+
 def test_refuses_liger_and_bad_options(tmp_path, monkeypatch):
     import pgpo_train.integrations.trl as pgpo_trl
 
     assert pgpo_trl.liger_problem() is None  # TRL 1.16: layer kernels only, its own [B, T] loss (test_integration_trl_fused)
     # a TRL whose use_liger_kernel swaps in Liger's [B]-advantage GRPO loss: refused, before and after construction
     monkeypatch.setattr(pgpo_trl, "liger_problem", lambda: pgpo_trl.LIGER_ERROR)
+    with pytest.raises(ValueError, match="control"):
+        _config(tmp_path, pgpo_control="random")
+    with pytest.raises(ValueError, match="floor"):
+        _config(tmp_path, pgpo_floor=-0.1)
     with pytest.raises(ValueError, match="use_liger_kernel"):
         _config(tmp_path, use_liger_kernel=True)
     with pytest.raises(ValueError, match="tau"):

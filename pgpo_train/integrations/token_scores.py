@@ -22,8 +22,11 @@ from pgpo_kernels.utils import check_temperature
 from pgpo_train.core_algos import k3_scores
 from pgpo_train.core_algos import pgpo_weights
 from pgpo_train.core_algos import weight_metrics
+from pgpo_train.weight_variants import check_variant_args
+from pgpo_train.weight_variants import is_default
 
-__all__ = ["ESTIMATORS", "check_estimator", "k3_scores", "pgpo_weights_from_passes", "weight_metrics"]
+__all__ = ["ESTIMATORS", "apply_variants", "check_estimator", "k3_scores", "pgpo_weights_from_passes",
+           "weight_metrics"]
 
 
 def check_estimator(estimator: str) -> None:
@@ -47,6 +50,10 @@ def pgpo_weights_from_passes(
     renormalize: bool = True,
     min_spread: float = 0.0,
     backend: str = "auto",
+    control: str = "none",
+    tau_mode: str = "absolute",
+    floor: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGPO token weights [B, T] from exactly one source: a logits pair, a log-prob pair, or precomputed scores.
 
@@ -57,7 +64,8 @@ def pgpo_weights_from_passes(
         logp_vis, logp_txt: [B, T] sampled-token log-probs of the two passes ("k3").
         scores: [B, T] precomputed visual-dependency scores S_t >= 0 (e.g. token_kl run inside a worker).
         temperature: of the token KL (logits source only).
-        tau, beta, eps, renormalize, min_spread, backend: as in `pgpo_train.core_algos.pgpo_weights`.
+        tau, beta, eps, renormalize, min_spread, backend, control, tau_mode, floor, generator: as in
+            `pgpo_train.core_algos.pgpo_weights` (the last four: the issue-17 variants; defaults the paper's).
 
     Returns:
         (weights, scores): float32 [B, T] each; weights are 0 at padding and sum to the valid-token count per row.
@@ -88,5 +96,28 @@ def pgpo_weights_from_passes(
     check_float("scores", scores)
     check_mask(mask, scores.shape)
     weights = pgpo_weights(scores, mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize,
-                           min_spread=min_spread, backend=backend)
+                           min_spread=min_spread, backend=backend, control=control, tau_mode=tau_mode, floor=floor,
+                           generator=generator)
     return weights, scores.float()
+
+
+def apply_variants(
+    weights: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    control: str = "none",
+    tau_mode: str = "absolute",
+    floor: float = 0.0,
+    generator: torch.Generator | None = None,
+    **options,
+) -> torch.Tensor:
+    """The issue-17 options on weights an adapter computed for the whole batch in chunks: `weights` unchanged at
+    the defaults (the paper's formula), else `core_algos.pgpo_weights` again on the whole batch's scores with them
+    (so a shuffled control draws one permutation stream per batch). options: tau, beta, eps, renormalize,
+    min_spread, backend, as `core_algos.pgpo_weights` takes them."""
+    check_variant_args(control, tau_mode, floor)
+    if is_default(control, tau_mode, floor):
+        return weights
+    return pgpo_weights(scores.to(weights.device), mask.to(weights.device), control=control, tau_mode=tau_mode,
+                        floor=floor, generator=generator, **options)

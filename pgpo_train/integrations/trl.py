@@ -38,8 +38,11 @@ from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations import checks
 from pgpo_train.integrations import fused_passes
 from pgpo_train.integrations.token_scores import ESTIMATORS
+from pgpo_train.integrations.token_scores import apply_variants
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
+from pgpo_train.weight_variants import check_variant_args
+from pgpo_train.weight_variants import control_generator
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,12 @@ class PGPOConfig(GRPOConfig):
                   "choice, as pgpo-train's --pgpo.min-spread)."},
     )
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
+    # issue 17 (README "PGPO variants and controls"); defaults: the paper's formula
+    pgpo_control: str = field(default="none", metadata={"help": "none, shuffled (weights permuted within each "
+                              "completion) or inverted (I -> 1 - I before the gate): controls."})
+    pgpo_tau_mode: str = field(default="absolute", metadata={"help": "absolute (gate at I = tau) or quantile (at "
+                               "each completion's tau-quantile of I)."})
+    pgpo_floor: float = field(default=0.0, metadata={"help": "Minimum weight after the gate, before renormalizing."})
     pgpo_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
@@ -119,6 +128,7 @@ def check_pgpo_args(args) -> None:
     check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
     if not args.pgpo_min_spread >= 0:
         raise ValueError(f"pgpo_min_spread must be >= 0 (0 = off), got {args.pgpo_min_spread}")
+    check_variant_args(args.pgpo_control, args.pgpo_tau_mode, args.pgpo_floor)
     if args.pgpo_temperature is not None:
         check_temperature(args.pgpo_temperature)
         if args.pgpo_estimator == "k3":
@@ -193,9 +203,28 @@ class PGPOGRPOTrainer(GRPOTrainer):
         mask = mask.bool()  # [B, T]
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             weights, scores = self._pgpo_weights(output, mask)  # [B, T] each
+            if _has_image(output):
+                weights = self._pgpo_variants(weights, scores, mask)
         output["advantages"] = output["advantages"].unsqueeze(1) * weights  # [B, 1] x [B, T] -> [B, T]
         self._pgpo_log(weights, scores, mask, output["advantages"], has_image=_has_image(output))
         return output
+
+    def _pgpo_variants(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """pgpo_control / pgpo_tau_mode / pgpo_floor (issue 17). The shuffled control's generator is a function of
+        (seed, process, global step, rollout batch within the step): a run resumed at a step draws the same."""
+        args = self.args
+        gen = None
+        if args.pgpo_control == "shuffled":
+            step = self.state.global_step
+            if getattr(self, "_pgpo_shuffle_step", None) != step:
+                self._pgpo_shuffle_step, self._pgpo_shuffle_k = step, 0
+            self._pgpo_shuffle_k += 1
+            gen = control_generator(args.seed + 7919 * self.accelerator.process_index,
+                                    step * 1024 + self._pgpo_shuffle_k, weights.device)
+        return apply_variants(weights, scores, mask, control=args.pgpo_control, tau_mode=args.pgpo_tau_mode,
+                              floor=args.pgpo_floor, generator=gen, tau=args.pgpo_tau, beta=args.pgpo_beta,
+                              eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
+                              min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
 
     @contextlib.contextmanager
     def _pgpo_log_images_only_if_every_rank_has_some(self, inputs):

@@ -59,6 +59,10 @@ def pgpo_reshape_advantages_(
     renormalize: bool = True,
     min_spread: float = 0.0,
     backend: str = "auto",
+    control: str = "none",
+    tau_mode: str = "absolute",
+    floor: float = 0.0,
+    generator: torch.Generator | None = None,
     advantages_key: str = "advantages",
     mask_key: str = "response_mask",
     logp_vis_key: str = "old_log_probs",
@@ -78,6 +82,9 @@ def pgpo_reshape_advantages_(
         data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
         tau, beta, eps, renormalize, min_spread, backend: the PGPO reshape (SPEC 2, `core_algos.pgpo_weights`);
             temperature: only for the logits source.
+        control, tau_mode, floor: the issue-17 variants and controls (README "PGPO variants and controls"; the
+            defaults are the paper's formula); generator: the "shuffled" control's permutations (e.g.
+            `pgpo_train.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
 
@@ -104,11 +111,11 @@ def pgpo_reshape_advantages_(
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
         temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, min_spread=min_spread,
-        backend=backend)
+        backend=backend, control=control, tau_mode=tau_mode, floor=floor, generator=generator)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
-    stats = weight_metrics(weights, s, valid, tau=tau, eps=eps, token_adv=advantages)
+    stats = weight_metrics(weights, s, valid, tau=tau, eps=eps, token_adv=advantages.to(weights.device))
     metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync (driver-side)
     return weights, metrics
 
@@ -132,7 +139,8 @@ def pgpo_text_only_batch(
     Args:
         data: a verl DataProto with `input_ids` [B, L], `attention_mask` [B, L] and `position_ids`.
         visual_token_ids: the image (and video) placeholder ids (e.g. Qwen2.5-VL's `<|image_pad|>` 151655), or the
-            HF model / config, whose family gives them (`pgpo_train.model_family.placeholder_ids`).
+            HF model / config, whose family's text-only mask is used (`pgpo_train.model_family.text_only_mask`:
+            the placeholders; for Idefics3 / SmolVLM each image's whole span, grid tags included).
         multimodal_keys: non-tensor keys whose per-sample dicts are replaced by {} (verl's own text-only form).
 
     Returns:
@@ -143,14 +151,17 @@ def pgpo_text_only_batch(
     input_ids = _get(data.batch, "input_ids", "prompt + response token ids [B, L]")
     attention_mask = _get(data.batch, "attention_mask", "[B, L]")
     _get(data.batch, "position_ids", "the original position ids; the text-only pass must reuse them")
-    ids = _visual_ids(visual_token_ids)
-    prompt_len = None  # responses are text: only the prompt part is masked
+    prompt_len = None
     if "responses" in data.batch.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
-        prompt_len = input_ids.shape[1] - data.batch["responses"].shape[1]
+        prompt_len = input_ids.shape[1] - data.batch["responses"].shape[1]  # responses are text
+    if _is_model_or_config(visual_token_ids):  # the family's own text-only mask (Idefics3 / SmolVLM: image spans)
+        visual = model_family.text_only_mask(visual_token_ids, input_ids, prompt_len)
+    else:
+        visual = model_family.id_mask(input_ids, _visual_ids(visual_token_ids), prompt_len)  # [B, L]
 
     text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
     text.batch = data.batch.copy()
-    text.batch["attention_mask"] = model_family.mask_out_ids(input_ids, attention_mask, ids, prompt_len)
+    text.batch["attention_mask"] = attention_mask.masked_fill(visual, 0)
     text.non_tensor_batch = dict(data.non_tensor_batch)
     for key in multimodal_keys:
         if key in text.non_tensor_batch:
@@ -158,8 +169,12 @@ def pgpo_text_only_batch(
     return text
 
 
+def _is_model_or_config(x) -> bool:
+    return hasattr(x, "config") or hasattr(x, "model_type")
+
+
 def _visual_ids(visual_token_ids) -> list[int]:
-    if hasattr(visual_token_ids, "config") or hasattr(visual_token_ids, "model_type"):  # a model or its config
+    if _is_model_or_config(visual_token_ids):  # a model or its config
         return model_family.placeholder_ids(visual_token_ids)
     ids = [visual_token_ids] if isinstance(visual_token_ids, int) else list(visual_token_ids)
     if not ids or not all(isinstance(i, int) for i in ids):
@@ -183,9 +198,10 @@ class PGPOVerlTrainerMixin:
     log-probs are recomputed on the actor, so both k3 sides come from the same engine: one more forward.
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
-    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `visual_token_ids` (default: the
-    placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's
-    `<|image_pad|>` and `<|video_pad|>`).
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `control` / `tau_mode` / `floor`
+    (issue 17's variants and controls; `seed` seeds the shuffled control, default data.seed), `visual_token_ids`
+    (default: the placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the
+    tokenizer's `<|image_pad|>` and `<|video_pad|>`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -207,7 +223,7 @@ class PGPOVerlTrainerMixin:
         cfg = self.config.algorithm.get("pgpo", None) or {}
         if not cfg.get("enable", False):
             return super()._update_actor(batch)
-        text_batch = pgpo_text_only_batch(batch, self._pgpo_visual_token_ids(cfg))
+        text_batch = pgpo_text_only_batch(batch, self._pgpo_text_only_spec(cfg))
         text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
         logp_vis = None  # verl's old_log_probs: the actor's with-image pass
         if checks.verl_bypass_mode(self.config):  # old_log_probs are the rollout engine's: recompute on the actor
@@ -215,11 +231,36 @@ class PGPOVerlTrainerMixin:
         _, metrics = pgpo_reshape_advantages_(
             batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
             beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
-            min_spread=cfg.get("min_spread", 0.0), weights_key=None)
+            min_spread=cfg.get("min_spread", 0.0), control=cfg.get("control", "none"),
+            tau_mode=cfg.get("tau_mode", "absolute"), floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg),
+            weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)
         out.meta_info.setdefault("metrics", {}).update(metrics)
         return out
+
+    def _pgpo_generator(self, cfg):
+        """The shuffled control's generator: a function of (trainer.seed, verl's global step), so resumable."""
+        if cfg.get("control", "none") != "shuffled":
+            return None
+        from pgpo_train.weight_variants import control_generator
+
+        seed = cfg.get("seed", None)
+        if seed is None:
+            seed = self.config.get("data", {}).get("seed", 0) if hasattr(self.config, "get") else 0
+        return control_generator(int(seed or 0), int(getattr(self, "global_steps", 0)))
+
+    def _pgpo_text_only_spec(self, cfg):
+        """What pgpo_text_only_batch masks by: the explicit ids, else the policy's config (its family's text-only
+        mask, image spans included), else the tokenizer's Qwen placeholder ids."""
+        if not cfg.get("visual_token_ids", None) and _model_path(self.config) is not None:
+            if getattr(self, "_pgpo_policy_config", None) is None:
+                from transformers import AutoConfig
+
+                self._pgpo_policy_config = AutoConfig.from_pretrained(_model_path(self.config),
+                                                                      trust_remote_code=_trust(self.config))
+            return self._pgpo_policy_config
+        return self._pgpo_visual_token_ids(cfg)
 
     def _pgpo_visual_token_ids(self, cfg) -> list[int]:
         ids = cfg.get("visual_token_ids", None)
