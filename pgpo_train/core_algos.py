@@ -7,6 +7,7 @@ namespaced metric keys.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from enum import Enum
 
@@ -185,6 +186,19 @@ def pgpo_weights(
 
 
 pgpo_variant_weights = pgpo_weights  # the name issue 17's branch used; deprecated, same function
+
+_WEIGHT_DEFAULTS = {
+    k: p.default for k, p in inspect.signature(pgpo_weights).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+
+
+def weight_options(**options) -> dict:
+    """pgpo_weights' keyword options with its defaults filled in; an unknown name is a TypeError naming it. The
+    adapters take `**options` and pass them here, so each option and default is written once, in pgpo_weights."""
+    unknown = sorted(set(options) - set(_WEIGHT_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown PGPO weight option(s) {unknown}; valid: {sorted(_WEIGHT_DEFAULTS)}")
+    return {**_WEIGHT_DEFAULTS, **options}
 
 
 def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ from pgpo_kernels.utils import check_temperature
 from pgpo_train.core_algos import k3_scores
 from pgpo_train.core_algos import pgpo_weights
 from pgpo_train.core_algos import weight_metrics
+from pgpo_train.core_algos import weight_options
 from pgpo_train.weight_variants import check_variant_args
 from pgpo_train.weight_variants import is_default
 
@@ -44,16 +45,7 @@ def pgpo_weights_from_passes(
     logp_txt: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
     temperature: float = 1.0,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
-    min_spread: float = 0.0,
-    backend: str = "auto",
-    control: str = "none",
-    tau_mode: str = "absolute",
-    floor: float = 0.0,
-    generator: torch.Generator | None = None,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGPO token weights [B, T] from exactly one source: a logits pair, a log-prob pair, or precomputed scores.
 
@@ -64,8 +56,8 @@ def pgpo_weights_from_passes(
         logp_vis, logp_txt: [B, T] sampled-token log-probs of the two passes ("k3").
         scores: [B, T] precomputed visual-dependency scores S_t >= 0 (e.g. token_kl run inside a worker).
         temperature: of the token KL (logits source only).
-        tau, beta, eps, renormalize, min_spread, backend, control, tau_mode, floor, generator: as in
-            `pgpo_train.core_algos.pgpo_weights` (the last four: the issue-17 variants; defaults the paper's).
+        options: `pgpo_train.core_algos.pgpo_weights`' keyword options (tau, beta, eps, renormalize, min_spread,
+            backend, and the issue-17 control, tau_mode, floor, generator), with its defaults (the paper's).
 
     Returns:
         (weights, scores): float32 [B, T] each; weights are 0 at padding and sum to the valid-token count per row.
@@ -78,6 +70,8 @@ def pgpo_weights_from_passes(
     if sum(given.values()) != 1:
         raise ValueError("pass exactly one source of visual-dependency scores: (logits_vis, logits_txt) [B, T, V], "
                          f"(logp_vis, logp_txt) [B, T], or scores [B, T]; got {[k for k, v in given.items() if v]}")
+    opts = weight_options(**options)
+    tau, beta, eps, renormalize, backend = (opts[k] for k in ("tau", "beta", "eps", "renormalize", "backend"))
     check_reshape_params(tau, beta, eps)
     if given["logits"]:
         if logits_vis is None or logits_txt is None:
@@ -95,9 +89,7 @@ def pgpo_weights_from_passes(
         scores = k3_scores(logp_vis, logp_txt, mask)
     check_float("scores", scores)
     check_mask(mask, scores.shape)
-    weights = pgpo_weights(scores, mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize,
-                           min_spread=min_spread, backend=backend, control=control, tau_mode=tau_mode, floor=floor,
-                           generator=generator)
+    weights = pgpo_weights(scores, mask.bool(), **opts)
     return weights, scores.float()
 
 

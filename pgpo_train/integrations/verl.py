@@ -21,6 +21,7 @@ import torch
 
 from pgpo_train import model_family
 from pgpo_train.core_algos import weight_metrics
+from pgpo_train.core_algos import weight_options
 from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 
@@ -52,22 +53,13 @@ def pgpo_reshape_advantages_(
     logits_vis: torch.Tensor | None = None,
     logits_txt: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
     temperature: float = 1.0,
-    renormalize: bool = True,
-    min_spread: float = 0.0,
-    backend: str = "auto",
-    control: str = "none",
-    tau_mode: str = "absolute",
-    floor: float = 0.0,
-    generator: torch.Generator | None = None,
     advantages_key: str = "advantages",
     mask_key: str = "response_mask",
     logp_vis_key: str = "old_log_probs",
     logp_txt_key: str = TEXT_LOGP_KEY,
     weights_key: str | None = WEIGHTS_KEY,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840, Eq. for the token advantage; SPEC 2-3).
 
@@ -80,11 +72,10 @@ def pgpo_reshape_advantages_(
 
     Args:
         data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
-        tau, beta, eps, renormalize, min_spread, backend: the PGPO reshape (SPEC 2, `core_algos.pgpo_weights`);
-            temperature: only for the logits source.
-        control, tau_mode, floor: the issue-17 variants and controls (README "PGPO variants and controls"; the
-            defaults are the paper's formula); generator: the "shuffled" control's permutations (e.g.
-            `pgpo_train.weight_variants.control_generator(seed, step)`).
+        temperature: only for the logits source.
+        options: the PGPO reshape's keyword options, as `core_algos.pgpo_weights` takes them (tau, beta, eps,
+            renormalize, min_spread, backend; issue 17's control, tau_mode, floor, and generator for the "shuffled"
+            control's permutations, e.g. `pgpo_train.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
 
@@ -110,12 +101,13 @@ def pgpo_reshape_advantages_(
             logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
-        temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, min_spread=min_spread,
-        backend=backend, control=control, tau_mode=tau_mode, floor=floor, generator=generator)
+        temperature=temperature, **options)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
-    stats = weight_metrics(weights, s, valid, tau=tau, eps=eps, token_adv=advantages.to(weights.device))
+    opts = weight_options(**options)
+    adv = advantages.to(weights.device)
+    stats = weight_metrics(weights, s, valid, tau=opts["tau"], eps=opts["eps"], token_adv=adv)
     metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync (driver-side)
     return weights, metrics
 
