@@ -145,3 +145,22 @@ def test_clip_higher():
     loss, m = core_algos.get_policy_loss_fn("vanilla")(old, new, adv, torch.ones(1, 2), clip_ratio_high=0.28)
     assert loss.item() == pytest.approx(-(1.25 + 1.28) / 2, rel=1e-5)
     assert m["actor/clip_frac"].item() == pytest.approx(0.5)
+
+
+def test_adapters_take_pgpo_weights_options_by_name_only():
+    """pgpo_weights_from_passes / pgpo_reshape_advantages_ forward their options to core_algos.pgpo_weights: the same
+    weights as calling it directly, and a misspelt option is refused before anything runs."""
+    from pgpo_train.integrations import pgpo_reshape_advantages_
+    from pgpo_train.integrations import pgpo_weights_from_passes
+
+    torch.manual_seed(5)
+    scores, mask = torch.rand(3, 6) * 2, torch.ones(3, 6, dtype=torch.bool)
+    opts = {"tau": 0.3, "beta": 1.5, "renormalize": False, "min_spread": 0.05, "tau_mode": "quantile", "floor": 0.1}
+    w, _ = pgpo_weights_from_passes(mask, scores=scores, backend="torch", **opts)
+    assert torch.equal(w, core_algos.pgpo_weights(scores, mask, backend="torch", **opts))
+    with pytest.raises(TypeError, match=r"unknown PGPO weight option\(s\) \['taus'\]"):
+        pgpo_weights_from_passes(mask, scores=scores, taus=0.3)
+    batch = {"advantages": torch.ones(3, 6), "response_mask": mask}
+    with pytest.raises(TypeError, match="renormalise"):
+        pgpo_reshape_advantages_(batch, scores=scores, renormalise=False)
+    assert torch.equal(batch["advantages"], torch.ones(3, 6))  # untouched
