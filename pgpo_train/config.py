@@ -77,7 +77,7 @@ class TrainConfig:
     tensorboard: bool = True  # also write tensorboard events when tensorboard is installed
     progress: bool = True  # tqdm progress bar
     # --- model
-    model: str = ""  # hub name or local path of a Qwen2.5-VL; empty = the embedded tiny model (random init)
+    model: str = ""  # hub name or local path of a supported VLM (README); empty = the embedded tiny model (random init)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
     gradient_checkpointing: bool = False  # trade compute for activation memory (real models)
