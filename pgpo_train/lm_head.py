@@ -1,7 +1,7 @@
 """The fused-lm-head path of every pass: hidden states in, no [mb, T, V] logits (issues 5 and 16, SPEC section 4).
 
 `response_hidden` runs the inner model (the whole VLM below the lm_head: vision tower included when pixel_values
-are passed) and keeps the hidden states at exactly the positions `train.response_logits` projects; the caller hands
+are passed) and keeps the hidden states at exactly the positions `policy.response_logits` projects; the caller hands
 them to `pgpo_kernels.fused_linear_token_stats` with the lm_head's weight and bias.
 
 One code path owns the lm_head (SPEC section 4: stacked fused patches diverged in verl): the fused path reproduces
@@ -104,7 +104,7 @@ def use_fused_lm_head(mode: str, model, device: torch.device) -> bool:
 def response_hidden(model, inputs: dict, n_resp: int) -> torch.Tensor:
     """[mb, T, H] last hidden states at the positions predicting the T response tokens.
 
-    The same positions as `train.response_logits` (logits_to_keep=T+1, then [:, :-1]): the inner model is the whole
+    The same positions as `policy.response_logits` (logits_to_keep=T+1, then [:, :-1]): the inner model is the whole
     VLM below the lm_head, so with pixel_values in `inputs` the vision tower runs as in `model(**inputs)`.
     """
     out = model.model(**inputs, use_cache=False)

@@ -20,6 +20,8 @@ from pgpo_train.tiny import tokenizer_corpus
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTER = 64, 4, 2, 2, 128
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
+ROW_COL_TOKENS = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+
 # per family: the image token string of its chat template, and the extra special tokens it needs
 FAMILY_TOKENS = {
     "qwen2_vl": [],
@@ -27,8 +29,9 @@ FAMILY_TOKENS = {
     "qwen3_vl": [],
     "gemma3": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
     "llava_onevision": ["<image>", "<video>"],
-    "idefics3": ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
-    "smolvlm": ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"],
+    # the grid tags are single tokens in the real Idefics3 / SmolVLM tokenizers (their processors look them up)
+    "idefics3": ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *ROW_COL_TOKENS],
+    "smolvlm": ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *ROW_COL_TOKENS],
     "internvl": ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
 }
 IMAGE_IN_TEMPLATE = {
@@ -174,7 +177,7 @@ def _llava_onevision(tok):
     return config, tf.LlavaOnevisionForConditionalGeneration, processor
 
 
-def _idefics(family: str, tok):
+def _idefics(family: str, tok, image_splitting: bool):
     import transformers as tf
 
     ids = tok.convert_tokens_to_ids
@@ -186,8 +189,11 @@ def _idefics(family: str, tok):
                              else (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration))
     config = config_cls(text_config=text, vision_config=vision, scale_factor=2, image_token_id=ids("<image>"))
     # SmolVLM lays out its image tokens as Idefics3 does; its own processor needs `num2words`, not installed here,
-    # so both tiny models use Idefics3's processor (no image splitting: one 28x28 image, 4 tokens)
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 28},
+    # so both tiny models use Idefics3's processor. Image splitting on (their real default): a 56x56 image becomes a
+    # 2x2 grid of 28x28 crops plus the 28x28 global image, 4 tokens each, with the grid tags around them; off: the
+    # global image only
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=image_splitting,
+                                                size={"longest_edge": 56 if image_splitting else 28},
                                                 max_image_size={"longest_edge": 28})
     processor = tf.Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
                                      chat_template=tok.chat_template)
@@ -208,8 +214,10 @@ def _internvl(tok):
     return config, tf.InternVLForConditionalGeneration, processor
 
 
-def build_tiny_family(family: str, seed: int = 0):
+def build_tiny_family(family: str, seed: int = 0, image_splitting: bool = True):
     """(model, processor) of a tiny random VLM of `family` (a key of FAMILY_TOKENS, i.e. a config.model_type).
+
+    image_splitting: Idefics3 / SmolVLM only, their processors' do_image_splitting (on by default, as theirs).
 
     fp32, sdpa attention (eager for Gemma 3's sliding window), eval mode off (as from_pretrained leaves it).
     """
@@ -223,7 +231,7 @@ def build_tiny_family(family: str, seed: int = 0):
     elif family == "llava_onevision":
         config, model_cls, processor = _llava_onevision(tok)
     elif family in ("idefics3", "smolvlm"):
-        config, model_cls, processor = _idefics(family, tok)
+        config, model_cls, processor = _idefics(family, tok, image_splitting)
     else:
         config, model_cls, processor = _internvl(tok)
     config._attn_implementation = "sdpa"

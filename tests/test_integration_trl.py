@@ -19,6 +19,7 @@ from pgpo_kernels.reference import k3_kl_ref
 from pgpo_kernels.reference import pgpo_token_weights_ref
 from pgpo_kernels.reference import reshape_weights_ref
 from pgpo_kernels.reference import token_logprob_ref
+from pgpo_train import core_algos
 from pgpo_train.integrations import PGPOConfig
 from pgpo_train.integrations import PGPOGRPOTrainer
 from pgpo_train.tiny import TINY_PROMPT_TEMPLATE
@@ -146,8 +147,34 @@ def test_loss_sees_sequence_advantage_times_pgpo_weights(tmp_path, capture, esti
         assert float(spread.max() - spread.min()) > 0.1  # the weights are not all 1: PGPO did reshape
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # real optimizer steps ran
     logged = trainer.state.log_history[0]
-    assert {"pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified"} <= set(logged)
+    one = torch.ones(1, 1)
+    assert set(core_algos.weight_metrics(one, one * 0, one, token_adv=one)) <= set(logged)
     assert logged["pgpo/kl_mean"] >= 0
+
+
+def test_shuffled_control_keeps_each_completions_weights(tmp_path, capture):
+    """pgpo_control="shuffled": the loss sees A x (a permutation of the oracle's weights within each completion),
+    and the rows carry the weight diagnostics the loop logs."""
+    model, processor = _tiny_policy()
+    trainer = _Capturing(model=model, reward_funcs=_reward, args=_config(tmp_path, max_steps=1, pgpo_control="shuffled"),
+                         train_dataset=_dataset(), processing_class=processor)
+    trainer.train()
+    (rec,), (seq_adv,) = _Capturing.records, capture
+    adv, mask = rec["advantages"], rec["completion_mask"].bool()
+    moved = False
+    for i, w_ref in enumerate(rec["weights"]):
+        T_i = int(mask[i].sum())
+        if abs(float(seq_adv[i])) < 1e-6:
+            continue
+        w = adv[i, :T_i].double() / float(seq_adv[i])
+        torch.testing.assert_close(w.sort().values, w_ref.sort().values, atol=2e-4, rtol=2e-4)
+        moved |= not torch.allclose(w, w_ref, atol=1e-3)
+    assert moved  # the permutation moved weights
+    logged = trainer.state.log_history[0]
+    for key in ("pgpo/frac_above_tau", "pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass",
+                "pgpo/top10_mass", "pgpo/weight_max"):
+        assert key in logged, key
+    assert 0 < logged["pgpo/eff_token_ratio"] <= 1 and 0 < logged["pgpo/top1_mass"] <= logged["pgpo/top10_mass"] <= 1
 
 
 def test_refuses_liger_and_bad_options(tmp_path, monkeypatch):
@@ -156,6 +183,10 @@ def test_refuses_liger_and_bad_options(tmp_path, monkeypatch):
     assert pgpo_trl.liger_problem() is None  # TRL 1.16: layer kernels only, its own [B, T] loss (test_integration_trl_fused)
     # a TRL whose use_liger_kernel swaps in Liger's [B]-advantage GRPO loss: refused, before and after construction
     monkeypatch.setattr(pgpo_trl, "liger_problem", lambda: pgpo_trl.LIGER_ERROR)
+    with pytest.raises(ValueError, match="control"):
+        _config(tmp_path, pgpo_control="random")
+    with pytest.raises(ValueError, match="floor"):
+        _config(tmp_path, pgpo_floor=-0.1)
     with pytest.raises(ValueError, match="use_liger_kernel"):
         _config(tmp_path, use_liger_kernel=True)
     with pytest.raises(ValueError, match="tau"):

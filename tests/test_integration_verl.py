@@ -11,6 +11,7 @@ from pgpo_train.integrations import PGPOVerlTrainerMixin
 from pgpo_train.integrations import pgpo_reshape_advantages_
 from pgpo_train.integrations import pgpo_text_only_batch
 
+DIAG = ("pgpo/frac_above_tau", "pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass", "pgpo/top10_mass")
 IMAGE_PAD = 151655  # Qwen2.5-VL <|image_pad|>
 B, G, T_RESP, V = 6, 3, 7, 33  # 2 prompts x G responses
 
@@ -53,7 +54,8 @@ def test_k3_from_batch_keys_matches_reference():
     torch.testing.assert_close(weights.sum(-1), mask.sum(-1).float())  # mass conserved per sequence
     assert bool((adv[~mask] == 0).all()) and bool((weights[~mask] == 0).all())
     assert batch["pgpo_weights"] is weights
-    assert set(metrics) == {"pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified"}
+    assert set(metrics) == {"pgpo/kl_mean", "pgpo/kl_inf_frac", "pgpo/kl_max", "pgpo/weight_mean", "pgpo/weight_std",
+                            "pgpo/weight_max", "pgpo/weight_min", *DIAG}
     assert metrics["pgpo/weight_max"] == pytest.approx(float(w_ref[mask].max()), abs=1e-5)
     assert metrics["pgpo/weight_min"] == pytest.approx(float(w_ref[mask].min()), abs=1e-5)
 
@@ -247,6 +249,37 @@ def test_trainer_mixin_reshapes_before_the_update():
     expected, _ = _expected_k3({**data.batch, "pgpo_text_log_probs": text_logp}, seq_adv, tau=0.6, beta=1.0)
     torch.testing.assert_close(trainer.updated_with.double(), expected, atol=1e-5, rtol=1e-5)
     assert out.meta_info["metrics"]["actor/pg_loss"] == 0.1 and "pgpo/kl_mean" in out.meta_info["metrics"]
+
+
+@pytest.mark.parametrize("kw", [{"control": "inverted"}, {"control": "shuffled"}, {"tau_mode": "quantile", "floor": 0.1}])
+def test_variants_and_controls_are_the_loops(kw):
+    """The adapter's variants are core_algos.pgpo_weights on its k3 scores (the loop's code)."""
+    from pgpo_train import core_algos
+    from pgpo_train.weight_variants import control_generator
+
+    batch, seq_adv = _verl_like_batch()
+    mask = batch["response_mask"].bool()
+    s = torch.where(mask, k3_kl_ref(batch["old_log_probs"], batch["pgpo_text_log_probs"]), 0.0).float()
+    want = core_algos.pgpo_weights(s, mask, backend="torch", generator=control_generator(3, 5), **kw)
+    weights, metrics = pgpo_reshape_advantages_(batch, backend="torch", generator=control_generator(3, 5), **kw)
+    torch.testing.assert_close(weights, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch["advantages"], seq_adv[:, None] * want, atol=1e-5, rtol=1e-5)
+    assert set(DIAG) <= set(metrics)
+    with pytest.raises(ValueError, match="control"):
+        pgpo_reshape_advantages_(_verl_like_batch()[0], control="bogus")
+
+
+def test_trainer_mixin_shuffled_control_seeded_by_step():
+    outs = []
+    for step in (4, 4, 5):
+        torch.manual_seed(0)  # the same batch each time
+        data, _, text_logp = _proto_batch()
+        trainer = _PGPOTrainer({"enable": True, "control": "shuffled", "seed": 1}, text_logp)
+        trainer.global_steps = step
+        out = trainer._update_actor(data)
+        outs.append(trainer.updated_with)
+        assert "pgpo/eff_token_ratio" in out.meta_info["metrics"]
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
 def test_trainer_mixin_off_unless_enabled():

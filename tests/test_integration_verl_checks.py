@@ -11,6 +11,7 @@
 """
 
 import os
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -212,8 +213,8 @@ def test_bypass_mode_recomputes_the_with_image_side_on_the_actor():
 
 
 class _DAPOLikeTrainer(RayPPOTrainer):
-    """The update step of verl-recipe's RayDAPOTrainer.fit: after compute_advantage it calls the worker group's
-    update_actor itself (`actor_output = self.actor_rollout_wg.update_actor(batch)`), never self._update_actor."""
+    """The update step of verl-recipe's RayDAPOTrainer.fit up to b0f3bfb (2026-02-25): after compute_advantage it
+    calls the worker group's update_actor itself (`actor_output = self.actor_rollout_wg.update_actor(batch)`), never self._update_actor."""
 
     def fit(self):
         data, _ = _batch()
@@ -264,3 +265,69 @@ def test_a_fit_through_update_actor_passes_the_guard_once_per_reshape():
     assert PGPO_RAN_METRIC in metrics and len(trainer.actor_rollout_wg.updates) == 1
     with pytest.raises(PGPODidNotRunError):  # the reshape armed exactly one update
         trainer.actor_rollout_wg.update_actor(None)
+
+
+# ---------------------------------------------------------------- verl-recipe's real RayDAPOTrainer.fit
+
+
+class _Tracking:
+    logged: ClassVar[list] = []
+
+    def __init__(self, *a, **k):
+        pass
+
+    def log(self, data, step):
+        self.logged.append(dict(data))
+
+
+def _rollout(gen_batch):
+    """What the agent loop returns for 3 prompts x 2 responses, rewards on the last token; prompt 1's group has
+    equal rewards, so DAPO's group filter drops it."""
+    data, _ = _batch()
+    rows = [0, 1, 2, 3, 0, 1]
+    tensors = {k: data.batch[k][rows] for k in ("prompts", "responses", "input_ids", "attention_mask",
+                                                 "position_ids")}
+    mask = data.batch["response_mask"][rows]
+    acc = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    rm = torch.zeros(len(rows), T)
+    rm[torch.arange(len(rows)), mask.sum(-1) - 1] = torch.tensor(acc, dtype=torch.float32)
+    tensors["rm_scores"] = rm
+    mm = np.array([dict(data.non_tensor_batch["multi_modal_inputs"][i]) for i in rows], dtype=object)
+    return verl.DataProto.from_dict(tensors=tensors, non_tensors={"multi_modal_inputs": mm, "acc": acc},
+                                    meta_info={"timing": {}, "reward_extra_keys": ["acc"]})
+
+
+def test_verl_recipe_dapo_fit_runs_pgpo_in_its_step(monkeypatch):
+    """verl-recipe's RayDAPOTrainer.fit (group filtering on) with the mixin: the step's update gets PGPO's token
+    advantages and the logged metrics hold pgpo/kl_mean. Skipped where verl-recipe is not importable (it is not a
+    pip package; run with PYTHONPATH=<verl-recipe checkout, as recipe/dapo>)."""
+    dapo = pytest.importorskip("recipe.dapo.dapo_ray_trainer")
+    import verl.utils.tracking
+
+    class PGPODAPO(PGPOVerlTrainerMixin, dapo.RayDAPOTrainer):
+        pass
+
+    cfg = _config()
+    cfg.trainer.logger, cfg.trainer.val_before_train, cfg.trainer.total_epochs = ["console"], False, 2  # fit starts at epoch 1
+    cfg.trainer.save_freq, cfg.trainer.test_freq, cfg.trainer.balance_batch = -1, -1, False
+    cfg.actor_rollout_ref.rollout.n, cfg.data.train_batch_size = 2, 2
+    cfg.algorithm.filter_groups = {"enable": True, "metric": "acc", "max_num_gen_batches": 0}
+    trainer = object.__new__(PGPODAPO)  # verl's and the recipe's code, stand-ins for the Ray workers only
+    trainer.config, trainer.actor_rollout_wg = cfg, _ActorWorkerGroup()
+    trainer.async_rollout_manager = type("Rollout", (), {"generate_sequences": staticmethod(_rollout)})()
+    trainer.checkpoint_manager = type("Ckpt", (), {"update_weights": lambda self, *a: None,
+                                                   "sleep_replicas": lambda self: None})()
+    trainer.resource_pool_manager = type("Pool", (), {"get_n_gpus": lambda self: 1})()
+    trainer.train_dataloader = [{"index": torch.arange(3), "data_source": np.array(["x"] * 3, dtype=object)}]
+    trainer.total_training_steps, trainer.use_reference_policy, trainer.use_rm, trainer.use_critic = 1, False, False, False
+    trainer._load_checkpoint = lambda: None
+    monkeypatch.setattr(verl.utils.tracking, "Tracking", _Tracking)
+    _Tracking.logged = []
+    trainer.fit()
+    (adv,) = trainer.actor_rollout_wg.updates  # one update, on the 2 kept groups (4 responses)
+    assert adv.shape == (4, T)
+    (metrics,) = _Tracking.logged
+    check_pgpo_ran(metrics, "RayDAPOTrainer.fit")
+    assert "actor/pg_loss" in metrics and metrics["train/num_gen_batches"] == 1
+    # per-token advantages: not one value per response any more
+    assert any(float(row[m].max() - row[m].min()) > 1e-3 for row, m in zip(adv, adv != 0))

@@ -55,3 +55,31 @@ def test_verl_example_runs_on_its_defaults(capsys):
                           run_name="example")["main"]
     main([])
     assert "advantages now A x w~ on every valid token: True" in capsys.readouterr().out
+
+
+def test_text_only_batch_masks_idefics_image_spans_from_the_config():
+    """Given an Idefics3 config, the verl text-only twin switches off each image's whole span (grid tags and fake
+    tokens included, image splitting on), as model_family's text-only pass does; the responses stay text."""
+    from pgpo_train.tiny import TINY_PROMPT_TEMPLATE
+    from pgpo_train.tiny import make_count_records
+
+    model, processor = build_tiny_family("idefics3")
+    rec = make_count_records(1, seed=2)[0]
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": TINY_PROMPT_TEMPLATE.format(question=rec["problem"])}]}],
+        add_generation_prompt=True, tokenize=False)
+    prompts = processor(text=[text], images=[[rec["image"]]], return_tensors="pt")["input_ids"]
+    responses = torch.tensor([[model.config.image_token_id, 21, 22]])  # a sampled placeholder is text
+    input_ids = torch.cat([prompts, responses], 1)
+    am = torch.ones_like(input_ids)
+    data = _Proto({"input_ids": input_ids, "attention_mask": am, "responses": responses,
+                   "position_ids": (am.cumsum(-1) - 1)}, {"multi_modal_inputs": np.array([{"pixel_values": 1}],
+                                                                                         dtype=object)})
+    text_batch = pgpo_text_only_batch(data, model.config)
+    P = prompts.shape[1]
+    want = model_family.text_only_attention_mask(model, input_ids, am, P)
+    assert torch.equal(text_batch.batch["attention_mask"], want)
+    fake = processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")
+    assert bool((text_batch.batch["attention_mask"][input_ids == fake] == 0).all())
+    assert int((want[0, :P] == 0).sum()) > int((prompts == model.config.image_token_id).sum())
+    assert torch.equal(text_batch.batch["attention_mask"][:, P:], am[:, P:])

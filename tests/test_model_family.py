@@ -1,6 +1,7 @@
 """The model-family layer on a tiny random model of every supported family (SPEC section 1, "Other model families").
 
-For each family: the text-only pass equals a forward with the visual tokens deleted and the other tokens'
+For each family: the text-only pass equals a forward with the visual tokens deleted (Idefics3 / SmolVLM, image
+splitting on as by default: each image's whole span, grid tags included) and the other tokens'
 positions kept (max abs diff < 1e-5 fp32), its logits do not move when the image changes (while the visual pass's
 do), and the explicit positions match the model's own on an unpadded row. Responses are text: a response holding
 every visual special id gets plain text positions and is never masked as an image (issue 11).
@@ -65,8 +66,9 @@ def test_text_only_equals_deleting_visual_tokens_keeping_positions(family):
     pos = _positions(model, b)
     kw = mf.text_only_inputs(model, ids, am, pos, prompt_len=P)
     assert "pixel_values" not in kw
-    vis = mf.visual_mask(model, ids, P)
+    vis = mf.text_only_mask(model, ids, P)  # placeholders; Idefics3 / SmolVLM: the whole image span
     assert vis.sum() > 0 and not kw["attention_mask"].bool()[vis].any()
+    assert bool((vis | ~mf.visual_mask(model, ids, P)).all())  # every placeholder is switched off
     txt = model(**kw).logits  # [B, L, V]
     for i in range(ids.shape[0]):
         keep = am[i].bool() & ~vis[i]
@@ -96,8 +98,8 @@ def test_text_only_logits_ignore_the_image_visual_ones_do_not(family):
         vis = model(**mf.visual_inputs(model, b["input_ids"], b["attention_mask"], pos, b["mm"],
                                        b["prompt_len"])).logits
         out[key] = (txt, vis)
-    text_tokens = a["attention_mask"].bool() & ~mf.visual_mask(model, a["input_ids"])
-    after_image = text_tokens & (mf.visual_mask(model, a["input_ids"]).long().cumsum(-1) > 0)
+    text_tokens = a["attention_mask"].bool() & ~mf.text_only_mask(model, a["input_ids"])
+    after_image = text_tokens & (mf.text_only_mask(model, a["input_ids"]).long().cumsum(-1) > 0)
     assert torch.equal(out["a"][0][text_tokens], out["c"][0][text_tokens]), name
     assert (out["a"][1][after_image] - out["c"][1][after_image]).abs().max() > 1e-4, name
 
@@ -214,24 +216,27 @@ def test_pgpo_train_step_runs_on_the_other_qwen_families(name):
     """pgpo-train's own loop (rollout, both passes, update) on Qwen2-VL and Qwen3-VL: old log-probs match the
     update's forward (ppo_kl ~ 0), the weights are reshaped."""
     from pgpo_train import core_algos
-    from pgpo_train import train as tr
+    from pgpo_train import policy
+    from pgpo_train import sampling
+    from pgpo_train import scoring
+    from pgpo_train import update
     from pgpo_train.config import TrainConfig
 
     cfg = TrainConfig(algo="pgpo", max_new_tokens=6).resolved()
     cfg.pgpo.backend = "torch"
     model, processor = build_tiny_family(name)
-    tr.check_vlm(model, processor)
-    opt = tr.make_optimizer(model, 1e-3, 0.0)
+    mf.check_processor(model, processor)
+    opt = policy.make_optimizer(model, 1e-3, 0.0)
     recs = make_count_records(2, seed=0)
-    batch, _ = tr.rollout(model, processor, recs, cfg, "cpu", {})
+    batch, _ = sampling.rollout(model, processor, recs, cfg, "cpu", {})
     batch.pop("texts")
     assert not torch.isin(batch["responses"], torch.tensor(mf.special_ids(model))).any()  # suppressed
     noisy = batch["rewards"] + torch.arange(len(batch["rewards"])).float()  # any non-constant rewards
     batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(noisy, cfg.group_size)
-    batch.update(tr.old_logp_and_scores(model, batch, cfg, {}))
-    tok_adv, w = tr.token_advantages(batch, cfg, {})
+    batch.update(scoring.old_logp_and_scores(model, batch, cfg, {}))
+    tok_adv, w = scoring.token_advantages(batch, cfg, {})
     assert w["pgpo/weight_max"] > 1.0
-    m = tr.policy_update(model, opt, batch, tok_adv, cfg, {})
+    m = update.policy_update(model, opt, batch, tok_adv, cfg, {})
     assert abs(m["actor/ppo_kl"]) < 1e-5 and m["actor/grad_norm"] > 0
 
 
@@ -250,3 +255,69 @@ def test_qwen3_vl_text_only_pass_injects_no_deepstack_features(monkeypatch):
     calls.clear()
     model(**mf.text_only_inputs(model, b["input_ids"], b["attention_mask"], pos, b["prompt_len"]))
     assert not calls
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics_split_image_span_is_transformers_own_and_goes_with_the_image(name):
+    """Image splitting on (their default): the text-only pass switches off each image's whole span, the grid tags
+    <row_i_col_j>, <global-img>, <fake_token_around_image> and the newlines between rows included, exactly the
+    span transformers' Idefics3Processor marks in mm_token_type_ids; two images per prompt (a 2x2 and a 1x2
+    grid), and with splitting off (the global image's span only)."""
+    from PIL import Image
+
+    recs = make_count_records(2, seed=5)
+    content = [{"type": "text", "text": "Look"}, {"type": "image"}, {"type": "text", "text": "and"},
+               {"type": "image"}, {"type": "text", "text": "How many?"}]
+    for splitting in (True, False):
+        model, processor = build_tiny_family(name, image_splitting=splitting)
+        tok = processor.tokenizer
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        wide = Image.new("RGB", (56, 28), "white")  # split 1 row x 2 cols
+        b = processor(text=[text, text], images=[[recs[0]["image"], wide], [recs[1]["image"], wide]],
+                      return_tensors="pt", padding=True, padding_side="left", return_mm_token_type_ids=True)
+        ids = b["input_ids"]
+        span = mf.text_only_mask(model, ids)
+        assert torch.equal(span, b["mm_token_type_ids"].bool()), splitting
+        grid = torch.tensor(tok.convert_tokens_to_ids(["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_2>",
+                                                       "<global-img>", "<fake_token_around_image>"]))
+        assert bool(span[torch.isin(ids, grid)].all())  # the grid tags go with the image
+        n_crops = int(torch.isin(ids[0], grid[:3]).sum())
+        assert n_crops == (3 + 2 if splitting else 0), n_crops  # of these tags, 56x56 (2x2) has 3, 56x28 (1x2) 2
+        assert int(span[0].sum()) > int(mf.visual_mask(model, ids)[0].sum())
+        assert not span[ids == tok.convert_tokens_to_ids("<|im_start|>")].any()  # text around the images stays
+        words = tok("Look and How many?", add_special_tokens=False)["input_ids"]
+        assert not span[torch.isin(ids, torch.tensor(words))].any()
+    # a layout that is not Idefics3's is refused, not guessed
+    bad = ids.clone()
+    first = int((ids[0] == model.config.image_token_id).nonzero()[0])
+    bad[0, first - 2] = tok.convert_tokens_to_ids("<|im_start|>")
+    with pytest.raises(ValueError, match="Idefics3 / SmolVLM image layout"):
+        mf.text_only_mask(model, bad)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics_split_text_only_pass_does_not_see_the_grid_tags(name):
+    """With splitting on, the grid tags are gone from the text-only pass: rewriting every <row_i_col_j> tag of the
+    prompt leaves its logits after the image unchanged, while masking the placeholders only (the pass before
+    issue 19) lets the tags through and its logits move. (The span's length, hence the kept positions, still
+    depends on the grid: positions are kept, SPEC section 1.)"""
+    model, processor = build_tiny_family(name)
+    model.eval()
+    b = _batch(model, processor, seed=5)
+    ids, am, P = b["input_ids"], b["attention_mask"], b["prompt_len"]
+    tok = processor.tokenizer
+    tags = torch.tensor(tok.convert_tokens_to_ids([f"<row_{i}_col_{j}>" for i in (1, 2) for j in (1, 2)]))
+    assert int(torch.isin(ids, tags).sum()) == 4 * ids.shape[0]  # split 2x2: the tags are there
+    other = ids.masked_fill(torch.isin(ids, tags), tok.convert_tokens_to_ids("<row_6_col_6>"))
+    pos = _positions(model, b)
+    span = mf.text_only_mask(model, ids, P)
+    after = am.bool() & ~span & (span.long().cumsum(-1) > 0)
+    new, old = {}, {}
+    for key, x in (("ids", ids), ("other", other)):
+        new[key] = model(**mf.text_only_inputs(model, x, am, pos, prompt_len=P)).logits[after]
+        placeholders_only = am * ~mf.visual_mask(model, x, P)
+        old[key] = model(input_ids=x, attention_mask=placeholders_only, position_ids=pos).logits[after]
+    assert torch.equal(new["ids"], new["other"])
+    assert (old["ids"] - old["other"]).abs().max() > 1e-4

@@ -18,7 +18,11 @@ from test_train_distributed import _full_params
 from test_train_distributed import _patched_rollout
 from test_train_distributed import _spawn
 
+from pgpo_train import policy
+from pgpo_train import sampling
+from pgpo_train import scoring
 from pgpo_train import train as train_mod
+from pgpo_train import update
 from pgpo_train.config import PGPOConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.tiny import save_count_dataset
@@ -61,11 +65,12 @@ def _run_cfg(data, out, algo, fused, **kw):
 
 
 def _train(cfg: dict, monkeypatch, forbid_logits: bool):
-    monkeypatch.setattr(train_mod, "rollout", _patched_rollout("inject"))
+    monkeypatch.setattr(sampling, "rollout", _patched_rollout("inject"))
     if forbid_logits:
         def no_logits(*a, **k):
             raise AssertionError("a pass built [mb, T, V] logits with the fused lm head on")
-        monkeypatch.setattr(train_mod, "response_logits", no_logits)
+        for mod in (policy, scoring, update):  # every module that imports the logits builder
+            monkeypatch.setattr(mod, "response_logits", no_logits)
     return _full_params(train_mod.train(TrainConfig(**cfg))["model"])
 
 

@@ -14,7 +14,8 @@ from pgpo_kernels.utils import check_reshape_params
 # %% verl
 
 # The mixin's options under `algorithm.pgpo` (SPEC section 2): a typo must not fall back to a default silently.
-VERL_PGPO_KEYS = ("enable", "tau", "beta", "eps", "renormalize", "visual_token_ids")
+VERL_PGPO_KEYS = ("enable", "tau", "beta", "eps", "renormalize", "min_spread", "visual_token_ids", "control",
+                  "tau_mode", "floor", "seed")
 
 # verl's actor strategies whose VLM forward keeps the batch's position ids: the FSDP engine packs the (holed)
 # attention mask into varlen sequences and passes `position_ids` (text row + 3 mrope rows) through, so the kept tokens
@@ -87,6 +88,9 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
         raise ValueError(f"{who}: unknown option(s) algorithm.pgpo.{unknown} (a typo would fall back to a default "
                          f"silently); known: {list(VERL_PGPO_KEYS)}")
     check_reshape_params(opts.get("tau", 0.4), opts.get("beta", 2.0), opts.get("eps", 1e-6))
+    from pgpo_train.weight_variants import check_variant_args
+
+    check_variant_args(opts.get("control", "none"), opts.get("tau_mode", "absolute"), opts.get("floor", 0.0))
     strategy = _path(config, "actor_rollout_ref.actor.strategy", "fsdp")
     if strategy == "megatron":
         raise ValueError(f"{who}: {MEGATRON_ERROR}")

@@ -13,6 +13,7 @@ Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -31,12 +32,17 @@ from pgpo_kernels.utils import BACKENDS
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
 from pgpo_train import model_family
+from pgpo_train.core_algos import WEIGHT_METRIC_MAX
+from pgpo_train.core_algos import WEIGHT_METRIC_MIN
+from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations import checks
 from pgpo_train.integrations import fused_passes
 from pgpo_train.integrations.token_scores import ESTIMATORS
+from pgpo_train.integrations.token_scores import apply_variants
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.integrations.token_scores import weight_metrics
+from pgpo_train.weight_variants import check_variant_args
+from pgpo_train.weight_variants import control_generator
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +95,18 @@ class PGPOConfig(GRPOConfig):
         metadata={"help": "Softmax temperature of the token KL ('full' only); None = the sampling temperature."},
     )
     pgpo_renormalize: bool = field(default=True, metadata={"help": "Keep each sequence's weight mass (SPEC 2)."})
+    pgpo_min_spread: float = field(
+        default=0.0,
+        metadata={"help": "Uniform weights for a sequence whose log1p(KL) spread is below this; 0 = off (our "
+                  "choice, as pgpo-train's --pgpo.min-spread)."},
+    )
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
+    # issue 17 (README "PGPO variants and controls"); defaults: the paper's formula
+    pgpo_control: str = field(default="none", metadata={"help": "none, shuffled (weights permuted within each "
+                              "completion) or inverted (I -> 1 - I before the gate): controls."})
+    pgpo_tau_mode: str = field(default="absolute", metadata={"help": "absolute (gate at I = tau) or quantile (at "
+                               "each completion's tau-quantile of I)."})
+    pgpo_floor: float = field(default=0.0, metadata={"help": "Minimum weight after the gate, before renormalizing."})
     pgpo_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
@@ -109,6 +126,9 @@ def check_pgpo_args(args) -> None:
         raise ValueError(liger_problem())
     check_estimator(args.pgpo_estimator)
     check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
+    if not args.pgpo_min_spread >= 0:
+        raise ValueError(f"pgpo_min_spread must be >= 0 (0 = off), got {args.pgpo_min_spread}")
+    check_variant_args(args.pgpo_control, args.pgpo_tau_mode, args.pgpo_floor)
     if args.pgpo_temperature is not None:
         check_temperature(args.pgpo_temperature)
         if args.pgpo_estimator == "k3":
@@ -128,8 +148,6 @@ class PGPOGRPOTrainer(GRPOTrainer):
     log-probs and the estimator is k3, one visual forward (both no_grad) over prompt + completion; the loss is
     TRL's, unchanged, fed advantages [B, T]. Rollouts never sample visual special ids (suppressed in generate).
     """
-
-    _pgpo_metric_names = ("pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified")
 
     def __init__(self, model, reward_funcs=None, args: PGPOConfig | None = None, *pos, **kwargs):
         if args is None:  # as GRPOTrainer does, with the PGPO options at their defaults
@@ -155,6 +173,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
             _check_vllm_bans(self.vllm_generation, model_family.special_ids(self.model))
         self._pgpo_batches = {"train": [0, 0], "eval": [0, 0]}  # [batches, batches without any image]
         self._pgpo_warned_no_image = False
+        self._pgpo_warned_log_images = False
         if not self.use_vllm:  # a sampled placeholder would be counted as an image by the model's visual forward
             ids = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(
                 model_family.special_ids(self.model)))
@@ -164,6 +183,9 @@ class PGPOGRPOTrainer(GRPOTrainer):
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
         seen, no_image = self._pgpo_batches["train"]
+        if self.accelerator.num_processes > 1:  # the run's verdict, not one rank's (every rank calls this)
+            counts = torch.tensor([float(seen), float(no_image)], device=self.accelerator.device)
+            seen, no_image = (int(c) for c in self.accelerator.reduce(counts, reduction="sum").tolist())
         if seen and no_image == seen:
             raise ValueError(f"PGPOGRPOTrainer: none of the {seen} rollout batches held an image, so every PGPO "
                              "weight was 1 and this run trained as plain GRPO. Check the dataset's image column "
@@ -173,27 +195,88 @@ class PGPOGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ the hook
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        with self._pgpo_log_images_only_if_every_rank_has_some(inputs):
+            output = super()._generate_and_score_completions(inputs)
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]  # the tokens the loss counts
         mask = mask.bool()  # [B, T]
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             weights, scores = self._pgpo_weights(output, mask)  # [B, T] each
+            if _has_image(output):
+                weights = self._pgpo_variants(weights, scores, mask)
         output["advantages"] = output["advantages"].unsqueeze(1) * weights  # [B, 1] x [B, T] -> [B, T]
-        self._pgpo_log(weights, scores, mask, has_image=_has_image(output))
+        self._pgpo_log(weights, scores, mask, output["advantages"], has_image=_has_image(output))
         return output
+
+    def _pgpo_variants(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """pgpo_control / pgpo_tau_mode / pgpo_floor (issue 17). The shuffled control's generator is a function of
+        (seed, process, global step, rollout batch within the step): a run resumed at a step draws the same."""
+        args = self.args
+        gen = None
+        if args.pgpo_control == "shuffled":
+            step = self.state.global_step
+            if getattr(self, "_pgpo_shuffle_step", None) != step:
+                self._pgpo_shuffle_step, self._pgpo_shuffle_k = step, 0
+            self._pgpo_shuffle_k += 1
+            gen = control_generator(args.seed + 7919 * self.accelerator.process_index,
+                                    step * 1024 + self._pgpo_shuffle_k, weights.device)
+        return apply_variants(weights, scores, mask, control=args.pgpo_control, tau_mode=args.pgpo_tau_mode,
+                              floor=args.pgpo_floor, generator=gen, tau=args.pgpo_tau, beta=args.pgpo_beta,
+                              eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
+                              min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
+
+    @contextlib.contextmanager
+    def _pgpo_log_images_only_if_every_rank_has_some(self, inputs):
+        """TRL 1.16 gathers the batch's images for its logs (`log_multimodal`, on by default) only on ranks whose
+        batch holds some (`if images is not None and self.log_multimodal: gather_object(images)`): with one rank
+        without images the collectives pair wrongly and the run crashes or hangs. For such a batch the image log is
+        skipped on every rank (warned once); training is unaffected."""
+        if self.accelerator.num_processes == 1 or not self.log_multimodal:
+            yield
+            return
+        none_here = torch.tensor([float(_trl_batch_images_none(inputs))], device=self.accelerator.device)
+        flags = self.accelerator.gather(none_here)
+        mixed = bool(flags.max() > 0) and bool(flags.min() == 0)
+        if mixed and not self._pgpo_warned_log_images:
+            self._pgpo_warned_log_images = True
+            logger.warning("PGPOGRPOTrainer: some ranks' rollout batches hold no image; TRL 1.16's image log "
+                           "(log_multimodal) would gather on the others only (a collective mismatch), so images are "
+                           "not logged for such batches.")
+        self.log_multimodal = not mixed
+        try:
+            yield
+        finally:
+            self.log_multimodal = True
 
     # ------------------------------------------------------------------ the two passes
 
     def _pgpo_weights(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token weights [B, T] from the visual and text-only passes over prompt + completion."""
-        args = self.args
-        B, T = output["completion_ids"].shape
-        if not _has_image(output):
+        if not self._pgpo_any_rank_has_image(output):
             # no image in the batch means no visual dependency to measure: uniform weights (logged, counted)
             ones = mask.float()
             return ones, torch.zeros_like(ones)
+        if not _has_image(output):
+            # another rank holds images and runs the PGPO forwards; under FSDP / ZeRO-3 each forward gathers
+            # parameters (a collective), so this rank runs the same forwards, text only, with weight zero on the
+            # result: uniform weights, as for any batch without an image
+            self._pgpo_passes(output, mask)
+            ones = mask.float()
+            return ones, torch.zeros_like(ones)
+        return self._pgpo_passes(output, mask)
+
+    def _pgpo_any_rank_has_image(self, output: dict) -> bool:
+        """Whether this batch, or any other rank's, holds an image (one small all-gather, called on every rank)."""
+        if self.accelerator.num_processes == 1:
+            return _has_image(output)
+        flag = torch.tensor([float(_has_image(output))], device=self.accelerator.device)
+        return bool(self.accelerator.gather(flag).max() > 0)
+
+    def _pgpo_passes(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual and text-only forwards per chunk, and the weights [B, T] they give."""
+        args = self.args
+        B, T = output["completion_ids"].shape
         model = self.model
         P = output["prompt_ids"].shape[1]
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # [B, L]
@@ -220,7 +303,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             ids, am = input_ids[lo:hi], attention_mask[lo:hi]
             pos = position_ids[:, lo:hi] if position_ids.dim() == 3 else position_ids[lo:hi]
             # pixel_values rows belong to images, images to samples (SPEC 4): split by the family's layout
-            mm = model_family.select_samples(output, lo, hi, B, output.get("num_images"), output.get("num_tiles"))
+            mm = model_family.select_images(model, output, range(lo, hi), num_images=output.get("num_images"),
+                                            num_tiles=output.get("num_tiles"))
             vis_kw = model_family.visual_inputs(model, ids, am, pos, mm, prompt_len=P)
             txt_kw = model_family.text_only_inputs(model, ids, am, pos, prompt_len=P)
             if args.pgpo_estimator == "full" and fused_passes.plain_head_problem(model) is None:
@@ -231,7 +315,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 kl = torch.where(mask[lo:hi], kl, 0.0)  # padding positions hold no token
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], scores=kl, tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps,
-                    renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+                    renormalize=args.pgpo_renormalize, min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
             elif args.pgpo_estimator == "full":  # a head the fused path cannot reproduce: the model's own logits
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
                 logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
@@ -239,7 +323,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logits_vis=logits_vis, logits_txt=logits_txt, temperature=temperature,
                     tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
-                    backend=args.pgpo_backend)
+                    min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
                 del logits_vis, logits_txt
             else:  # k3: sampled-token log-probs from TRL's fused LM head, no [b, T, V] logits
                 labels = ids.masked_fill(am == 0, -100)
@@ -251,7 +335,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 logp_txt = self._pgpo_completion_logps(model, txt_kw, labels, T)
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logp_vis=logp_vis, logp_txt=logp_txt, tau=args.pgpo_tau, beta=args.pgpo_beta,
-                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, min_spread=args.pgpo_min_spread,
+                    backend=args.pgpo_backend)
             weights.append(w)
             scores.append(s)
         return torch.cat(weights), torch.cat(scores)
@@ -269,7 +354,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             out = model(**kwargs, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -T:].float()
 
-    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, has_image: bool = True):
+    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, token_adv: torch.Tensor,
+                  has_image: bool = True):
         mode = "train" if self.model.training else "eval"
         counts = self._pgpo_batches[mode]
         counts[0] += 1
@@ -282,13 +368,27 @@ class PGPOGRPOTrainer(GRPOTrainer):
                    "this is not intended.")
             logger.warning(msg)
             warnings.warn(msg, stacklevel=2)
-        stats = weight_metrics(weights, scores, mask)
-        values = self.accelerator.gather(torch.stack([stats[k].float() for k in self._pgpo_metric_names])[None])
-        kl_mean, _, _, frac = values.mean(0).tolist()  # host sync, once per rollout batch
-        self._metrics[mode]["pgpo/kl_mean"].append(kl_mean)
-        self._metrics[mode]["pgpo/weight_max"].append(values[:, 1].max().item())
-        self._metrics[mode]["pgpo/weight_min"].append(values[:, 2].min().item())
-        self._metrics[mode]["pgpo/frac_amplified"].append(frac)
+        stats = weight_metrics(weights, scores, mask, tau=self.args.pgpo_tau, eps=self.args.pgpo_eps,
+                               token_adv=token_adv)
+        names = sorted(stats)
+        values = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None])  # [ranks, keys]
+        merged = torch.stack([col.max() if k in WEIGHT_METRIC_MAX else col.min() if k in WEIGHT_METRIC_MIN
+                              else col.mean() for k, col in zip(names, values.unbind(1))])
+        for k, v in zip(names, merged.tolist()):  # one host sync per rollout batch
+            self._metrics[mode][k].append(v)
+
+
+def _trl_batch_images_none(inputs: list[dict]) -> bool:
+    """Whether TRL 1.16's _generate_and_score_completions sees this rollout batch as holding no image (its rule)."""
+    if not inputs:
+        return True
+    if "images" in inputs[0]:
+        images = [x.get("images") for x in inputs]
+    elif "image" in inputs[0]:
+        images = [[x["image"]] if x.get("image") is not None else None for x in inputs]
+    else:
+        return True
+    return all(i == [] for i in images)
 
 
 def _has_image(output: dict) -> bool:

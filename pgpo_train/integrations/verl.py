@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from pgpo_train import model_family
+from pgpo_train.core_algos import weight_metrics
+from pgpo_train.core_algos import weight_options
 from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.integrations.token_scores import weight_metrics
 
 TEXT_LOGP_KEY = "pgpo_text_log_probs"  # where the recipe stores the text-only pass's log-probs
 WEIGHTS_KEY = "pgpo_weights"
@@ -52,17 +53,13 @@ def pgpo_reshape_advantages_(
     logits_vis: torch.Tensor | None = None,
     logits_txt: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
     temperature: float = 1.0,
-    renormalize: bool = True,
-    backend: str = "auto",
     advantages_key: str = "advantages",
     mask_key: str = "response_mask",
     logp_vis_key: str = "old_log_probs",
     logp_txt_key: str = TEXT_LOGP_KEY,
     weights_key: str | None = WEIGHTS_KEY,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840, Eq. for the token advantage; SPEC 2-3).
 
@@ -75,7 +72,10 @@ def pgpo_reshape_advantages_(
 
     Args:
         data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
-        tau, beta, eps, renormalize, backend: the PGPO reshape (SPEC 2); temperature: only for the logits source.
+        temperature: only for the logits source.
+        options: the PGPO reshape's keyword options, as `core_algos.pgpo_weights` takes them (tau, beta, eps,
+            renormalize, min_spread, backend; issue 17's control, tau_mode, floor, and generator for the "shuffled"
+            control's permutations, e.g. `pgpo_train.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
 
@@ -101,11 +101,14 @@ def pgpo_reshape_advantages_(
             logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
-        temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
+        temperature=temperature, **options)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
-    metrics = {k: float(v) for k, v in weight_metrics(weights, s, valid).items()}  # host sync (driver-side)
+    opts = weight_options(**options)
+    adv = advantages.to(weights.device)
+    stats = weight_metrics(weights, s, valid, tau=opts["tau"], eps=opts["eps"], token_adv=adv)
+    metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync (driver-side)
     return weights, metrics
 
 
@@ -128,7 +131,8 @@ def pgpo_text_only_batch(
     Args:
         data: a verl DataProto with `input_ids` [B, L], `attention_mask` [B, L] and `position_ids`.
         visual_token_ids: the image (and video) placeholder ids (e.g. Qwen2.5-VL's `<|image_pad|>` 151655), or the
-            HF model / config, whose family gives them (`pgpo_train.model_family.placeholder_ids`).
+            HF model / config, whose family's text-only mask is used (`pgpo_train.model_family.text_only_mask`:
+            the placeholders; for Idefics3 / SmolVLM each image's whole span, grid tags included).
         multimodal_keys: non-tensor keys whose per-sample dicts are replaced by {} (verl's own text-only form).
 
     Returns:
@@ -139,10 +143,13 @@ def pgpo_text_only_batch(
     input_ids = _get(data.batch, "input_ids", "prompt + response token ids [B, L]")
     attention_mask = _get(data.batch, "attention_mask", "[B, L]")
     _get(data.batch, "position_ids", "the original position ids; the text-only pass must reuse them")
-    ids = _visual_ids(visual_token_ids)
-    visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, L]
+    prompt_len = None
     if "responses" in data.batch.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
-        visual[:, input_ids.shape[1] - data.batch["responses"].shape[1]:] = False  # responses are text
+        prompt_len = input_ids.shape[1] - data.batch["responses"].shape[1]  # responses are text
+    if _is_model_or_config(visual_token_ids):  # the family's own text-only mask (Idefics3 / SmolVLM: image spans)
+        visual = model_family.text_only_mask(visual_token_ids, input_ids, prompt_len)
+    else:
+        visual = model_family.id_mask(input_ids, _visual_ids(visual_token_ids), prompt_len)  # [B, L]
 
     text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
     text.batch = data.batch.copy()
@@ -154,8 +161,12 @@ def pgpo_text_only_batch(
     return text
 
 
+def _is_model_or_config(x) -> bool:
+    return hasattr(x, "config") or hasattr(x, "model_type")
+
+
 def _visual_ids(visual_token_ids) -> list[int]:
-    if hasattr(visual_token_ids, "config") or hasattr(visual_token_ids, "model_type"):  # a model or its config
+    if _is_model_or_config(visual_token_ids):  # a model or its config
         return model_family.placeholder_ids(visual_token_ids)
     ids = [visual_token_ids] if isinstance(visual_token_ids, int) else list(visual_token_ids)
     if not ids or not all(isinstance(i, int) for i in ids):
@@ -179,9 +190,10 @@ class PGPOVerlTrainerMixin:
     log-probs are recomputed on the actor, so both k3 sides come from the same engine: one more forward.
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
-    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `visual_token_ids` (default: the placeholder ids
-    of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's `<|image_pad|>` and
-    `<|video_pad|>`).
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `control` / `tau_mode` / `floor`
+    (issue 17's variants and controls; `seed` seeds the shuffled control, default data.seed), `visual_token_ids`
+    (default: the placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the
+    tokenizer's `<|image_pad|>` and `<|video_pad|>`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -203,7 +215,7 @@ class PGPOVerlTrainerMixin:
         cfg = self.config.algorithm.get("pgpo", None) or {}
         if not cfg.get("enable", False):
             return super()._update_actor(batch)
-        text_batch = pgpo_text_only_batch(batch, self._pgpo_visual_token_ids(cfg))
+        text_batch = pgpo_text_only_batch(batch, self._pgpo_text_only_spec(cfg))
         text_logp, _ = self._compute_old_log_prob(text_batch)  # the one extra forward PGPO costs
         logp_vis = None  # verl's old_log_probs: the actor's with-image pass
         if checks.verl_bypass_mode(self.config):  # old_log_probs are the rollout engine's: recompute on the actor
@@ -211,11 +223,36 @@ class PGPOVerlTrainerMixin:
         _, metrics = pgpo_reshape_advantages_(
             batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
             beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
+            min_spread=cfg.get("min_spread", 0.0), control=cfg.get("control", "none"),
+            tau_mode=cfg.get("tau_mode", "absolute"), floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg),
             weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)
         out.meta_info.setdefault("metrics", {}).update(metrics)
         return out
+
+    def _pgpo_generator(self, cfg):
+        """The shuffled control's generator: a function of (trainer.seed, verl's global step), so resumable."""
+        if cfg.get("control", "none") != "shuffled":
+            return None
+        from pgpo_train.weight_variants import control_generator
+
+        seed = cfg.get("seed", None)
+        if seed is None:
+            seed = self.config.get("data", {}).get("seed", 0) if hasattr(self.config, "get") else 0
+        return control_generator(int(seed or 0), int(getattr(self, "global_steps", 0)))
+
+    def _pgpo_text_only_spec(self, cfg):
+        """What pgpo_text_only_batch masks by: the explicit ids, else the policy's config (its family's text-only
+        mask, image spans included), else the tokenizer's Qwen placeholder ids."""
+        if not cfg.get("visual_token_ids", None) and _model_path(self.config) is not None:
+            if getattr(self, "_pgpo_policy_config", None) is None:
+                from transformers import AutoConfig
+
+                self._pgpo_policy_config = AutoConfig.from_pretrained(_model_path(self.config),
+                                                                      trust_remote_code=_trust(self.config))
+            return self._pgpo_policy_config
+        return self._pgpo_visual_token_ids(cfg)
 
     def _pgpo_visual_token_ids(self, cfg) -> list[int]:
         ids = cfg.get("visual_token_ids", None)
