@@ -25,6 +25,22 @@ ab = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ab)
 ab.ORDER = ["grpo", "dapo", "pgpo", "pgpo-shuffled", "pgpo-inverted"]
 ab.HERE = HERE  # curves_<task>.png land here
+REQUIRED = ("dapo", "pgpo", "pgpo-shuffled", "pgpo-inverted")
+INCOMPLETE: dict = {}  # task -> seeds left out because a required variant had not finished (a sweep cut short)
+_load = ab.load
+
+
+def load_complete(root):
+    """ab.load, keeping only the (filler, seed) units where every REQUIRED variant finished: every table is paired."""
+    out = {}
+    for task, seeds in _load(root).items():
+        keep = {s: e for s, e in seeds.items() if all(v in e for v in REQUIRED)}
+        INCOMPLETE[task] = sorted(set(seeds) - set(keep))
+        out[task] = keep
+    return out
+
+
+ab.load = load_complete
 DIAG = ("pgpo/frac_above_tau", "pgpo/weight_max", "pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass",
         "pgpo/top10_mass", "pgpo/kl_mean")  # fmt: skip
 
@@ -36,8 +52,10 @@ def filler_of(task: str) -> int:
 def diagnostics(root: str) -> dict:
     """{task: {variant: {metric: (mean, sd over seeds of the per-run mean over RL steps)}}}, plus first/last 5 steps."""
     out = {}
-    for d in sorted(glob.glob(os.path.join(root, "*-s*"))):
-        task = os.path.basename(d).rsplit("-s", 1)[0]
+    for d in sorted(glob.glob(os.path.join(root, "grid-reason-f*-s*"))):
+        task, seed = os.path.basename(d).rsplit("-s", 1)
+        if int(seed) in INCOMPLETE.get(task, []):
+            continue
         for v in ab.ORDER:
             path = os.path.join(d, v, "metrics.jsonl")
             if not v.startswith("pgpo") or not os.path.exists(os.path.join(d, v, "summary.json")):
@@ -57,7 +75,9 @@ def at_checkpoint(root: str) -> dict:
     """{task: {"rel_var_ratio_<v>_over_dapo": (mean, sd), "lower_than_dapo_<v>": count, "roles": {role: {k: mean}}}}"""
     out = {}
     for path in sorted(glob.glob(os.path.join(root, "*-s*", "at_checkpoint.json"))):
-        task = os.path.basename(os.path.dirname(path)).rsplit("-s", 1)[0]
+        task, seed = os.path.basename(os.path.dirname(path)).rsplit("-s", 1)
+        if int(seed) in INCOMPLETE.get(task, []):
+            continue
         with open(path) as f:
             r = json.load(f)
         out.setdefault(task, []).append(r)
@@ -156,7 +176,11 @@ def main(root: str) -> int:
     res = ab.summarize(root)
     diag, ck = diagnostics(root), at_checkpoint(root)
     with open(os.path.join(HERE, "summary.json"), "w") as f:
-        json.dump({"accuracy": res, "diagnostics": diag, "at_checkpoint": ck}, f, indent=1)
+        json.dump(
+            {"accuracy": res, "incomplete_seeds_left_out": INCOMPLETE, "diagnostics": diag, "at_checkpoint": ck},
+            f,
+            indent=1,
+        )
     # the raw per-step logs and checkpoint measurements, compressed, so every number here can be recomputed
     logs = os.path.join(HERE, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -166,6 +190,7 @@ def main(root: str) -> int:
         rel = os.path.relpath(path, root).replace(os.sep, "__")
         with open(path, "rb") as src, gzip.open(os.path.join(logs, rel + ".gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)
+    print(f"incomplete (filler, seed) units left out: {INCOMPLETE}")
     print("\n".join(dose_table(res) + [ab.table(res)] + diag_table(diag) + ckpt_tables(ck)))
     return 0
 
