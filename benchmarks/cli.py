@@ -21,17 +21,17 @@ import sys
 
 import torch
 
-from benchmarks.cases import OPS
-from benchmarks.cases import build_case
-from benchmarks.providers import OP_BACKENDS
-from benchmarks.report import build_report
-from benchmarks.report import plot
-from benchmarks.report import print_table
-from benchmarks.report import write_json
-from benchmarks.roofline import device_info
-from benchmarks.roofline import measure_copy_bandwidth
-from benchmarks.runner import run_case
-from benchmarks.timing import peak_memory_note
+from .cases import OPS
+from .cases import build_case
+from .providers import OP_BACKENDS
+from .report import build_report
+from .report import plot
+from .report import print_table
+from .report import write_json
+from .roofline import device_info
+from .roofline import measure_copy_bandwidth
+from .runner import run_case
+from .timing import peak_memory_note
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -147,11 +147,11 @@ def measure(args, ops, tokens, defaults, device, dtype, vocab, hidden, seq_len, 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sass"]:  # compiles, never times: its own options and process (benchmarks/sass.py)
-        from benchmarks.sass import run_in_subprocess
+        from .sass import run_in_subprocess
 
         return run_in_subprocess(argv[1:])
     if argv[:1] == ["logp"]:  # forward + backward of the loss head, one fresh process per case (benchmarks/logp.py)
-        from benchmarks.logp import main as logp_main
+        from .logp import main as logp_main
 
         return logp_main(argv[1:])
     parser = build_parser()

@@ -4,10 +4,10 @@ PGPO's appendix estimates the visual dependency from the sampled token only (k3:
 S = r - 1 - log r); pgpo_kernels computes the exact KL over the vocabulary at the same cost. This script measures how
 far apart the two are where it matters, on real rollouts of the default run's policy:
 
-1. build the embedded default policy (pgpo_train.train.load_policy with TrainConfig() defaults: random tiny model),
+1. build the embedded default policy (pgpo_train.policy.load_policy with TrainConfig() defaults: random tiny model),
    optionally run the default SFT warm-up (sft_steps, sft_batch_size, sft_lr of TrainConfig) on the generated task;
-2. roll out G responses per prompt with the default sampling (pgpo_train.train.rollout);
-3. score those responses with the training step's own old-log-prob phase (pgpo_train.train.old_logp_and_scores:
+2. roll out G responses per prompt with the default sampling (pgpo_train.sampling.rollout);
+3. score those responses with the training step's own old-log-prob phase (pgpo_train.scoring.old_logp_and_scores:
    visual and text-only passes, then pgpo_kernels.token_stats), once per estimator, so every valid response token
    gets both the full KL and k3;
 4. report mean and spread of both, of their difference, their correlation (Pearson, Spearman), and what the
@@ -28,6 +28,21 @@ import time
 import torch
 
 from pgpo_kernels import reshape_weights
+from pgpo_train import model_family
+from pgpo_train.batching import build_sequences
+from pgpo_train.batching import encode_prompts
+from pgpo_train.batching import response_mask_from
+from pgpo_train.batching import visual_kwargs
+from pgpo_train.config import TrainConfig
+from pgpo_train.policy import eos_ids
+from pgpo_train.policy import load_policy
+from pgpo_train.policy import make_optimizer
+from pgpo_train.policy import response_logits
+from pgpo_train.policy import seed_everything
+from pgpo_train.sampling import rollout
+from pgpo_train.scoring import old_logp_and_scores
+from pgpo_train.tiny import make_count_records
+from pgpo_train.update import sft_step
 
 
 def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -71,13 +86,6 @@ def sampling_gap(model, processor, cfg, records) -> float:
 
     k3 is unbiased only if x_t ~ pi_vis exactly; this rules out a position-id or cache mismatch between the two.
     """
-    from pgpo_train.text_only import visual_inputs
-    from pgpo_train.train import build_sequences
-    from pgpo_train.train import encode_prompts
-    from pgpo_train.train import eos_ids
-    from pgpo_train.train import response_logits
-    from pgpo_train.train import response_mask_from
-    from pgpo_train.train import visual_special_ids
 
     model.eval()
     prompt = encode_prompts(processor, records, cfg.prompt_template, 1, torch.device("cpu"))
@@ -85,27 +93,17 @@ def sampling_gap(model, processor, cfg, records) -> float:
     out = model.generate(
         **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
         max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=processor.tokenizer.pad_token_id,
-        suppress_tokens=visual_special_ids(model), output_logits=True, return_dict_in_generate=True,
+        suppress_tokens=model_family.special_ids(model), output_logits=True, return_dict_in_generate=True,
     )
     resp = out.sequences[:, prompt["input_ids"].shape[1]:]  # [B, T]
     mask = response_mask_from(resp, stop).bool()
     gen = torch.stack(out.logits, 1).float()  # [B, T, V] raw logits generate() sampled from (before processors)
     batch = build_sequences(model, prompt, resp, mask.long(), processor.tokenizer.pad_token_id)
-    kw = visual_inputs(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["pixel_values"],
-                       batch["image_grid_thw"])
-    scored = response_logits(model, kw, resp.shape[1], 1.0)  # [B, T, V]
+    scored = response_logits(model, visual_kwargs(model, batch), resp.shape[1], 1.0)  # [B, T, V]
     return float((gen - scored).abs().amax(-1)[mask].max())
 
 
 def measure(sft_steps: int, prompts: int, group: int, seed: int, micro_batch: int) -> dict:
-    from pgpo_train.config import TrainConfig
-    from pgpo_train.tiny import make_count_records
-    from pgpo_train.train import load_policy
-    from pgpo_train.train import make_optimizer
-    from pgpo_train.train import old_logp_and_scores
-    from pgpo_train.train import rollout
-    from pgpo_train.train import seed_everything
-    from pgpo_train.train import sft_step
 
     cfg = TrainConfig(seed=seed, sft_steps=sft_steps, group_size=group, micro_batch_size=micro_batch,
                       progress=False).resolved()

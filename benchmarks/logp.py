@@ -212,7 +212,7 @@ def run(args) -> dict:
                        "reason": f"would need ~{need / 2**30:.1f} GiB, over {args.memory_share:.0%} of the host's "
                                  f"available memory"}
             else:
-                cmd = [sys.executable, "-m", "benchmarks.logp", "--worker", prov, "--tokens", str(n), "--vocab",
+                cmd = [sys.executable, "-m", f"{__package__}.logp", "--worker", prov, "--tokens", str(n), "--vocab",
                        str(args.vocab), "--hidden", str(args.hidden), "--dtype", args.dtype, "--device", args.device,
                        "--temperature", str(args.temperature), "--reps", str(args.reps)]
                 env = dict(os.environ)

@@ -17,10 +17,6 @@ from typing import Any
 
 import torch
 
-from benchmarks.cases import BETA
-from benchmarks.cases import EPS
-from benchmarks.cases import TAU
-from benchmarks.cases import Case
 from pgpo_kernels import fused_linear_token_kl
 from pgpo_kernels import pgpo_token_weights
 from pgpo_kernels import reshape_weights
@@ -28,6 +24,11 @@ from pgpo_kernels import token_kl
 from pgpo_kernels import token_stats
 from pgpo_kernels.torch_ops import reshape_weights_torch
 from pgpo_kernels.utils import interpreter_enabled
+
+from .cases import BETA
+from .cases import EPS
+from .cases import TAU
+from .cases import Case
 
 BACKENDS = ("pgpo-triton", "pgpo-torch", "torch-eager", "torch-compile", "liger", "lm_head+pgpo")
 OP_BACKENDS = {

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.timing import time_fn
+from .timing import time_fn
 
 # our choice: 1 GiB on CUDA (far beyond any L2), 256 MiB on the CPU (beyond any L3, quick on 2 cores)
 CUDA_COPY_BYTES = 1 << 30

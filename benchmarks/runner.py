@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.cases import Case
-from benchmarks.cases import max_abs_errors
-from benchmarks.providers import Unavailable
-from benchmarks.providers import build
-from benchmarks.timing import call_with_peak_memory
-from benchmarks.timing import synchronize
-from benchmarks.timing import time_fn
+from .cases import Case
+from .cases import max_abs_errors
+from .providers import Unavailable
+from .providers import build
+from .timing import call_with_peak_memory
+from .timing import synchronize
+from .timing import time_fn
 
 
 def _free(device: torch.device) -> None:

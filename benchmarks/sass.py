@@ -545,7 +545,7 @@ def run_in_subprocess(argv: list[str]) -> int:
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "benchmarks.sass", *argv], env=env).returncode
+    return subprocess.run([sys.executable, "-m", f"{__package__}.sass", *argv], env=env).returncode
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.roofline import cpu_model
+from .roofline import cpu_model
 
 
 def run_throughput(nproc: int, a, data: str) -> dict:

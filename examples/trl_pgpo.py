@@ -94,9 +94,9 @@ def warm_up(model, processor, steps: int, seed: int = 0) -> None:
     import torch
 
     from pgpo_train.config import TrainConfig
+    from pgpo_train.policy import make_optimizer
     from pgpo_train.tiny import make_count_records
-    from pgpo_train.train import make_optimizer
-    from pgpo_train.train import sft_step
+    from pgpo_train.update import sft_step
 
     cfg = TrainConfig(sft_lr=2e-3)
     optimizer = make_optimizer(model, cfg.sft_lr, 0.0)
@@ -132,7 +132,7 @@ def main(argv=None):
     for row in trainer.state.log_history:
         if "pgpo/kl_mean" in row:
             print({k: row[k] for k in ("step", "loss", "reward", "reward_std", "pgpo/kl_mean", "pgpo/weight_max",
-                                       "pgpo/frac_amplified")})
+                                       "pgpo/frac_above_tau")})
     return trainer
 
 

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from pgpo_train import model_family
+from pgpo_train.batching import response_mask_from
 from pgpo_train.core_algos import compute_grpo_outcome_advantage
 from pgpo_train.data import build_prompt
 from pgpo_train.integrations import pgpo_reshape_advantages_
 from pgpo_train.integrations import pgpo_text_only_batch
 from pgpo_train.rewards import compute_score
 from pgpo_train.tiny import make_count_records
-from pgpo_train.train import response_mask_from
 
 
 def parse_args(argv=None):

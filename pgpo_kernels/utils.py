@@ -149,7 +149,7 @@ def device_sm_count(device: torch.device) -> int:
     return 4
 
 
-from typing import NamedTuple  # kept with its only user
+from typing import NamedTuple  # noqa: E402 - kept with its only user
 
 
 class RowView(NamedTuple):

@@ -1,9 +1,9 @@
-"""pgpo_train: a lean PGPO training loop on transformers' Qwen2.5-VL.
+"""pgpo_train: a lean PGPO training loop on transformers' VLMs (README "Architecture" for the module map).
 
     train(TrainConfig(...))                      the loop (pgpo-train / python -m pgpo_train)
     build_tiny(), save_tiny_checkpoint(path)     the embedded tiny Qwen2.5-VL + processor
     make_count_records(n), save_count_dataset()  the synthetic visual task
-    mrope_position_ids(), text_only_inputs()     the text-only pass of SPEC section 1
+    position_ids(), visual_inputs(), text_only_inputs()  both passes of SPEC section 1 (model_family)
     compute_score(response, answer)              0.9 x accuracy (math-verify) + 0.1 x format
 
 Names resolve lazily, so `import pgpo_train` stays cheap.
@@ -13,20 +13,22 @@ import importlib
 
 _EXPORTS = {
     "TrainConfig": "pgpo_train.config",
-    "PGPOConfig": "pgpo_train.config",
+    "PGPOWeightsConfig": "pgpo_train.config",
     "train": "pgpo_train.train",
     "build_tiny": "pgpo_train.tiny",
     "build_processor": "pgpo_train.tiny",
-    "load_processor": "pgpo_train.tiny",
+    "load_processor": "pgpo_train.processor",
     "save_tiny_checkpoint": "pgpo_train.tiny",
     "make_count_records": "pgpo_train.tiny",
     "save_count_dataset": "pgpo_train.tiny",
-    "mrope_position_ids": "pgpo_train.text_only",
-    "text_only_inputs": "pgpo_train.text_only",
-    "visual_inputs": "pgpo_train.text_only",
+    "position_ids": "pgpo_train.model_family",
+    "text_only_inputs": "pgpo_train.model_family",
+    "visual_inputs": "pgpo_train.model_family",
+    "mrope_position_ids": "pgpo_train.text_only",  # deprecated (warns): model_family.position_ids
     "compute_score": "pgpo_train.rewards",
 }
 __all__ = list(_EXPORTS)
+_EXPORTS["PGPOConfig"] = "pgpo_train.config"  # deprecated (warns): PGPOWeightsConfig; not in __all__
 
 
 def __getattr__(name):

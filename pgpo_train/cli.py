@@ -56,7 +56,8 @@ def _train_parser() -> argparse.ArgumentParser:
 
     p = _OneLineParser(
         prog="pgpo-train",
-        description="Train a Qwen2.5-VL policy with PGPO / DAPO / GRPO (no arguments: the embedded tiny model on the\n"
+        description="Train a VLM policy (any pgpo_train.model_family family) with PGPO / DAPO / GRPO (no arguments: the\n"
+        "embedded tiny Qwen2.5-VL on the "
         "generated grid-count task, a few minutes on CPU).\n\nsubcommands:\n" + SUBCOMMANDS,
         formatter_class=Formatter,
     )

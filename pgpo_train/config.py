@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from dataclasses import field
 
+from pgpo_train.tasks import grid_reason_max_tokens
+from pgpo_train.tasks import task_filler
 from pgpo_train.validate import check_types
 from pgpo_train.validate import check_values
 
@@ -37,8 +39,10 @@ CHOICES = {
 
 
 @dataclass
-class PGPOConfig:
-    """PGPO token weighting (SPEC sections 1-2)."""
+class PGPOWeightsConfig:
+    """pgpo-train's PGPO token-weighting options, TrainConfig.pgpo (`--pgpo.*`; SPEC sections 1-2). Named apart from
+    the TRL adapter's `pgpo_train.integrations.PGPOConfig` (a GRPOConfig); `config.PGPOConfig` is a deprecated
+    alias of this class for one release."""
 
     estimator: str = "full"  # "full": exact token KL over the vocab; "k3": (r-1)-log r on the sampled token
     tau: float = 0.4  # gate threshold on the min-max normalized score (paper best: 0.4)
@@ -56,6 +60,11 @@ class PGPOConfig:
     # from the update's bf16-logit log-probs (up to 0.03 nats on the tiny model); turn it on when logits memory binds
     fused_lm_head: str = "off"  # off | on | auto (on with CUDA): hidden states + fused lm_head, no [B, T, V] logits
 
+    def weight_kwargs(self) -> dict:
+        """The reshape options, as core_algos.pgpo_weights takes them (its generator aside)."""
+        keys = ("tau", "beta", "eps", "renormalize", "min_spread", "backend", "control", "tau_mode", "floor")
+        return {k: getattr(self, k) for k in keys}
+
 
 @dataclass
 class TrainConfig:
@@ -68,7 +77,7 @@ class TrainConfig:
     tensorboard: bool = True  # also write tensorboard events when tensorboard is installed
     progress: bool = True  # tqdm progress bar
     # --- model
-    model: str = ""  # hub name or local path of a Qwen2.5-VL; empty = the embedded tiny model (random init)
+    model: str = ""  # hub name or local path of a supported VLM (README); empty = the embedded tiny model (random init)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     attn_implementation: str = "auto"  # auto: flash_attention_2 when installed on CUDA, else sdpa
     gradient_checkpointing: bool = False  # trade compute for activation memory (real models)
@@ -89,7 +98,7 @@ class TrainConfig:
     max_samples: int = 0  # 0 = whole split
     # --- algorithm
     algo: str = "pgpo"  # grpo | dapo | pgpo (pgpo = dapo + perception-grounded token weights)
-    pgpo: PGPOConfig = field(default_factory=PGPOConfig)
+    pgpo: PGPOWeightsConfig = field(default_factory=PGPOWeightsConfig)
     steps: int = 60  # RL steps (rollout + update); paper ~200
     prompts_per_step: int = 8  # paper: 384
     group_size: int = 4  # G responses per prompt; paper: 5
@@ -139,9 +148,6 @@ class TrainConfig:
         embedded = not (c.model or c.dataset)
         if c.lr == 0.0:
             c.lr = 1e-6 if c.model else 1e-4
-        from pgpo_train.tasks import grid_reason_max_tokens
-        from pgpo_train.tasks import task_filler
-
         c.task_filler = task_filler(c.task, c.task_filler)  # ValueError naming --task-filler off grid-reason
         grid = c.task in ("grid-count", "grid-reason")
         if c.max_new_tokens == 0:
@@ -159,7 +165,7 @@ class TrainConfig:
             c.out_dir = os.path.join("runs", f"{c.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not c.prompt_template:
             c.prompt_template = "tiny" if embedded else PAPER_PROMPT_TEMPLATE
-        check_values(c)
+        check_values(c, CHOICES)
         return c
 
 
@@ -208,14 +214,24 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    pgpo_kw = {f.name: getattr(ns, f"pgpo__{f.name}") for f in dataclasses.fields(PGPOConfig)}
+    pgpo_kw = {f.name: getattr(ns, f"pgpo__{f.name}") for f in dataclasses.fields(PGPOWeightsConfig)}
     kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "pgpo"}
-    return TrainConfig(pgpo=PGPOConfig(**pgpo_kw), **kw)
+    return TrainConfig(pgpo=PGPOWeightsConfig(**pgpo_kw), **kw)
 
 
 def config_from_dict(d: dict) -> TrainConfig:
     """TrainConfig from a run's config.json; keys this version does not know are ignored (older runs)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"pgpo"}
-    known_pgpo = {f.name for f in dataclasses.fields(PGPOConfig)}
-    pgpo = PGPOConfig(**{k: v for k, v in d.get("pgpo", {}).items() if k in known_pgpo})
+    known_pgpo = {f.name for f in dataclasses.fields(PGPOWeightsConfig)}
+    pgpo = PGPOWeightsConfig(**{k: v for k, v in d.get("pgpo", {}).items() if k in known_pgpo})
     return TrainConfig(pgpo=pgpo, **{k: v for k, v in d.items() if k in known})
+
+
+def __getattr__(name: str):
+    if name == "PGPOConfig":  # the old name; `PGPOConfig` now means only the TRL adapter's config
+        import warnings
+
+        warnings.warn("pgpo_train.config.PGPOConfig is deprecated (renamed PGPOWeightsConfig; pgpo_train.integrations."
+                      "PGPOConfig is the TRL config)", DeprecationWarning, stacklevel=2)
+        return PGPOWeightsConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ namespaced metric keys.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from enum import Enum
 
@@ -14,6 +15,8 @@ import torch
 
 from pgpo_kernels import reshape_weights
 from pgpo_kernels.k3 import k3_kl
+from pgpo_kernels.utils import check_float
+from pgpo_kernels.utils import check_mask
 from pgpo_train import weight_variants
 
 # %% registries
@@ -122,7 +125,7 @@ def uniform_token_weights(scores: torch.Tensor | None, response_mask: torch.Tens
 
 @register_token_weight("pgpo")
 @torch.no_grad()
-def pgpo_token_weights_from_scores(
+def pgpo_weights(
     scores: torch.Tensor,
     response_mask: torch.Tensor,
     *,
@@ -130,51 +133,35 @@ def pgpo_token_weights_from_scores(
     beta: float = 2.0,
     eps: float = 1e-6,
     renormalize: bool = True,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """PGPO advantage weights (arXiv 2604.01840, SPEC section 2) from token visual-dependency scores.
-
-    Args:
-        scores: [B, T] S_t >= 0 (token KL, full or k3).
-        response_mask: [B, T] 1 on valid tokens.
-
-    Returns:
-        [B, T] float32 weights, summing to each sequence's valid-token count, 0 on padding.
-    """
-    return reshape_weights(
-        scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
-    )
-
-
-@torch.no_grad()
-def pgpo_variant_weights(
-    scores: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
+    min_spread: float = 0.0,
     backend: str = "auto",
     control: str = "none",
     tau_mode: str = "absolute",
     floor: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """PGPO weights with the issue-17 options (pgpo_train.weight_variants): the fused reshape kernel when the gate
-    is the paper's (absolute tau, no floor, not inverted), else the torch variant math; "shuffled" then permutes
-    each sequence's weights among its valid tokens with `generator` (weight_variants.control_generator).
+    """PGPO advantage weights (arXiv 2604.01840, SPEC section 2) from token visual-dependency scores: the one
+    scores -> weights path of the project (the loop, `integrations.token_scores`, TRL and verl all call it).
+
+    The paper's gate (absolute tau, no floor, not inverted) runs the fused `pgpo_kernels.reshape_weights`; the
+    issue-17 variants run pgpo_train.weight_variants' torch math; "shuffled" then permutes each sequence's weights
+    among its valid tokens with `generator` (weight_variants.control_generator); min_spread acts last.
 
     Args:
-        scores: [B, T] S_t >= 0; response_mask: [B, T] 1 on valid tokens.
+        scores: [B, T] S_t >= 0 (token KL, full or k3).
+        response_mask: [B, T] 1 on valid tokens.
+        tau, beta, eps, renormalize, backend: as in `pgpo_kernels.reshape_weights`.
+        min_spread: our choice, 0 (off) by default: a sequence whose log1p(score) spread is below this gets uniform
+            weights (`flat_sequences`).
+        control, tau_mode, floor, generator: the variants of pgpo_train.weight_variants (defaults: the paper's).
 
     Returns:
-        [B, T] float32 weights, 0 on padding.
+        [B, T] float32 weights, 0 on padding (summing to each sequence's valid-token count with renormalize).
     """
     weight_variants.check_variant_args(control, tau_mode, floor)
     if tau_mode == "absolute" and floor == 0.0 and control != "inverted":
-        w = pgpo_token_weights_from_scores(
-            scores, response_mask, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
+        w = reshape_weights(
+            scores, response_mask.bool(), tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend
         )
     else:
         w = weight_variants.variant_weights(
@@ -192,14 +179,39 @@ def pgpo_variant_weights(
         if generator is None:
             raise ValueError("control 'shuffled' needs a generator (weight_variants.control_generator(seed, step))")
         w = weight_variants.shuffle_within_rows(w, response_mask, generator)
+    if min_spread > 0:
+        flat = flat_sequences(scores, response_mask, min_spread)  # [B]
+        w = torch.where(flat[:, None], response_mask.to(w.dtype), w)
     return w
 
 
-@torch.no_grad()
-def weight_diagnostics(weights: torch.Tensor, token_adv: torch.Tensor, response_mask: torch.Tensor) -> dict:
-    """Weight concentration metrics (Gini, effective token ratio, top-1% / top-10% advantage mass) as 0-d tensors:
-    pgpo_train.weight_variants.weight_diagnostics."""
-    return weight_variants.weight_diagnostics(weights, token_adv, response_mask)
+pgpo_variant_weights = pgpo_weights  # the name issue 17's branch used; deprecated, same function
+
+_WEIGHT_DEFAULTS = {
+    k: p.default for k, p in inspect.signature(pgpo_weights).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+
+
+def weight_options(**options) -> dict:
+    """pgpo_weights' keyword options with its defaults filled in; an unknown name is a TypeError naming it. The
+    adapters take `**options` and pass them here, so each option and default is written once, in pgpo_weights."""
+    unknown = sorted(set(options) - set(_WEIGHT_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown PGPO weight option(s) {unknown}; valid: {sorted(_WEIGHT_DEFAULTS)}")
+    return {**_WEIGHT_DEFAULTS, **options}
+
+
+def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) -> torch.Tensor:
+    """[B] bool: max - min of log1p(scores) over a row's valid tokens is below min_spread (or the row is empty).
+
+    Min-max normalization stretches any spread to [0, 1]: on a sequence where the image barely changed any
+    prediction, the PGPO weights would only be stretched noise (issue 10). Torch ops only, no host sync.
+    """
+    m = mask.bool()
+    ls = torch.log1p(scores.float())  # [B, T]; +inf stays +inf (a huge spread: never flat)
+    hi = ls.masked_fill(~m, float("-inf")).amax(-1)
+    lo = ls.masked_fill(~m, float("inf")).amin(-1)
+    return (hi - lo) < min_spread  # a NaN spread (NaN score) is not flat: the reshape's own rules apply
 
 
 @torch.no_grad()
@@ -225,20 +237,85 @@ def normalized_scores(scores: torch.Tensor, response_mask: torch.Tensor, eps: fl
     return torch.where(m, I, torch.zeros_like(I))
 
 
-@torch.no_grad()
-def k3_token_kl(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
-    """k3 estimate of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3; PGPO appendix).
+def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's appendix estimator of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3, SPEC 1).
 
-    r = pi_txt(x) / pi_vis(x), S = (r - 1) - log r >= 0. One formula for the whole project: pgpo_kernels.k3_kl
-    (+inf where pi_txt(x) = 0, which the reshape treats as the sequence maximum).
+    r = pi_txt(x_t) / pi_vis(x_t),  S_t = (r - 1) - log r  (>= 0). The formula itself is `pgpo_kernels.k3_kl`
+    (float64, no clamp: +inf where pi_txt(x_t) = 0, which the reshape treats as the sequence maximum); this adds
+    the argument checks and zeroes padding.
 
     Args:
-        logp_vis, logp_txt: [B, T] log-probs of the sampled tokens with and without the image.
+        logp_vis: [B, T] log pi_vis(x_t) of the sampled tokens (visual pass).
+        logp_txt: [B, T] log pi_txt(x_t) of the same tokens (text-only pass).
+        mask: bool [B, T], True = valid response token; padding gets score 0 (None = all valid).
 
     Returns:
-        [B, T] float32.
+        [B, T] float32 scores.
     """
-    return k3_kl(logp_vis, logp_txt)
+    check_float("logp_vis", logp_vis)
+    check_float("logp_txt", logp_txt)
+    if logp_vis.shape != logp_txt.shape:
+        raise ValueError(f"logp_txt must have the shape of logp_vis [B, T] = {tuple(logp_vis.shape)}, "
+                         f"got {tuple(logp_txt.shape)}")
+    check_mask(mask, logp_vis.shape)
+    scores = k3_kl(logp_vis, logp_txt)  # [B, T] float32
+    if mask is not None:
+        scores = torch.where(mask.bool(), scores, torch.zeros_like(scores))  # padding may hold garbage log-probs
+    return scores
+
+
+# where ranks' (or micro-batches') values of each weight metric combine by max / min; every other key by mean
+WEIGHT_METRIC_MAX = ("pgpo/kl_max", "pgpo/weight_max")
+WEIGHT_METRIC_MIN = ("pgpo/weight_min",)
+
+
+@torch.no_grad()
+def weight_metrics(
+    weights: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float = 0.4,
+    eps: float = 1e-6,
+    token_adv: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The PGPO metrics every trainer logs (the loop, TRL, verl: one key set), as 0-d tensors: no host sync here,
+    the caller converts when it logs.
+
+    Keys: pgpo/kl_mean (mean over the finite scores: a +inf k3 score would swamp it), pgpo/kl_inf_frac,
+    pgpo/kl_max, pgpo/frac_above_tau (share of valid tokens whose normalized score I_t is >= tau), and the
+    weights' mean, std (unbiased), max and min, all over valid tokens (0 when there is none). With token_adv
+    (A_t = A w~_t, [B, T]) also the concentration diagnostics of weight_variants.weight_diagnostics: pgpo/weight_gini,
+    pgpo/eff_token_ratio, pgpo/top1_mass, pgpo/top10_mass.
+
+    Args:
+        weights, scores: [B, T] float; mask: [B, T], 1 / True on valid tokens. tau, eps: the run's (I_t >= tau).
+    """
+    valid = mask.bool()
+    n = valid.sum()
+    n1 = n.clamp(min=1).float()
+    finite = valid & torch.isfinite(scores)
+    zero = weights.new_zeros((), dtype=torch.float32)
+    inf = torch.tensor(float("inf"), device=weights.device)
+    any_valid = n > 0
+    s = scores.float()
+    w = weights.float()
+    I = normalized_scores(scores, valid, eps)
+    w_mean = torch.where(valid, w, 0.0).sum() / n1
+    w_var = torch.where(valid, (w - w_mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1).float()
+    out = {
+        "pgpo/kl_mean": torch.where(finite, s, 0.0).sum() / finite.sum().clamp(min=1).float(),
+        "pgpo/kl_inf_frac": ((s == inf) & valid).sum().float() / n1,
+        "pgpo/kl_max": torch.where(any_valid, torch.where(valid, s, -inf).max(), zero),
+        "pgpo/frac_above_tau": ((I >= tau) & valid).sum().float() / n1,
+        "pgpo/weight_mean": w_mean,
+        "pgpo/weight_std": torch.where(n > 1, w_var.sqrt(), zero),
+        "pgpo/weight_max": torch.where(any_valid, torch.where(valid, w, -inf).max(), zero),
+        "pgpo/weight_min": torch.where(any_valid, torch.where(valid, w, inf).min(), zero),
+    }
+    if token_adv is not None:
+        out.update(weight_variants.weight_diagnostics(weights, token_adv, mask))
+    return out
 
 
 # %% losses

@@ -11,9 +11,24 @@ import os
 
 import torch
 
+from pgpo_train import core_algos
+from pgpo_train import model_family
+from pgpo_train.batching import build_sequences
+from pgpo_train.batching import encode_prompts
+from pgpo_train.batching import response_mask_from
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.config import TrainConfig
 from pgpo_train.config import config_from_dict
+from pgpo_train.data import RecordStream
+from pgpo_train.data import Sampler
+from pgpo_train.data import load_split
+from pgpo_train.data import tiny_dataset_path
+from pgpo_train.policy import eos_ids
+from pgpo_train.policy import load_policy
+from pgpo_train.policy import resolve_device
+from pgpo_train.rewards import compute_score
+from pgpo_train.scoring import old_logp_and_scores
+from pgpo_train.scoring import token_weights
 
 
 @torch.no_grad()
@@ -23,15 +38,6 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     Returns:
         {"tokens": [T] strings, "kl", "intensity" (I_t), "weights": [T] floats, "text": str, "score": dict}
     """
-    from pgpo_train import core_algos
-    from pgpo_train.rewards import compute_score
-    from pgpo_train.train import build_sequences
-    from pgpo_train.train import encode_prompts
-    from pgpo_train.train import eos_ids
-    from pgpo_train.train import old_logp_and_scores
-    from pgpo_train.train import pgpo_weights
-    from pgpo_train.train import response_mask_from
-    from pgpo_train.train import visual_special_ids
 
     device = next(model.parameters()).device
     model.eval()
@@ -44,13 +50,13 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
         max_new_tokens=cfg.max_new_tokens,
         eos_token_id=stop,
         pad_token_id=processor.tokenizer.pad_token_id,
-        suppress_tokens=visual_special_ids(model),
+        suppress_tokens=model_family.special_ids(model),
     )
     responses = out[:, prompt["input_ids"].shape[1] :]
     mask = response_mask_from(responses, stop)
     batch = build_sequences(model, prompt, responses, mask, processor.tokenizer.pad_token_id)
     stats = old_logp_and_scores(model, batch, cfg, {})
-    w = pgpo_weights(stats["scores"], mask, cfg)  # [1, T], as the training step weights them
+    w = token_weights(stats["scores"], mask, cfg)  # [1, T], as the training step weights them
     intensity = core_algos.normalized_scores(stats["scores"], mask, cfg.pgpo.eps)  # [1, T], PGPO's I_t
     n = int(mask.sum())
     ids = batch["responses"][0, :n].tolist()
@@ -116,12 +122,6 @@ def render_png(record: dict, dep: dict, tau: float, out: str) -> None:
 
 def inspect_main(args) -> str:
     """Entry point of `pgpo-train inspect` (args from cli._inspect_parser)."""
-    from pgpo_train.data import RecordStream
-    from pgpo_train.data import Sampler
-    from pgpo_train.data import load_split
-    from pgpo_train.data import tiny_dataset_path
-    from pgpo_train.train import load_policy
-    from pgpo_train.train import resolve_device
 
     cfg = TrainConfig(progress=False, tensorboard=False)
     ckpt = None

@@ -42,25 +42,34 @@ class Family:
     delimiter_attrs: tuple[str, ...] = ()  # config ids that open/close an image: suppressed in sampling too
     # per-token ids the visual pass feeds the model: "mm_token_type_ids" (Qwen), "token_type_ids" (Gemma 3)
     token_type_key: str | None = None
+    # how the processor lays pixel_values out, which is how rows of a batch select their images (select_images):
+    # "patches" [patches, C'] owned image by image through image_grid_thw.prod(-1) (Qwen-VL); "images" [images, ...]
+    # one entry per image (Gemma 3, LLaVA-OneVision); "per_sample" [B, images, C, H, W] with pixel_attention_mask
+    # (Idefics3, SmolVLM); "tiles" [tiles, C, H, W] with a tile count per sample (InternVL)
+    pixel_layout: str = "images"
     # "placeholders": the text-only pass masks the placeholder tokens; "fake_token_span" (Idefics3 / SmolVLM): it
     # masks each image's whole span, <fake_token_around_image> to <fake_token_around_image> (see image_spans)
     text_only_span: str = "placeholders"
 
 
+PIXEL_LAYOUTS = ("patches", "images", "per_sample", "tiles")
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("Qwen2-VL", ("qwen2_vl",), "mrope", delimiter_attrs=("vision_start_token_id", "vision_end_token_id"),
-           token_type_key="mm_token_type_ids"),
+           token_type_key="mm_token_type_ids", pixel_layout="patches"),
     Family("Qwen2.5-VL", ("qwen2_5_vl",), "mrope", delimiter_attrs=("vision_start_token_id", "vision_end_token_id"),
-           token_type_key="mm_token_type_ids"),
+           token_type_key="mm_token_type_ids", pixel_layout="patches"),
     # Qwen3-VL: interleaved mrope; its DeepStack visual features enter only with pixel values
     Family("Qwen3-VL", ("qwen3_vl", "qwen3_vl_moe"), "mrope",
-           delimiter_attrs=("vision_start_token_id", "vision_end_token_id"), token_type_key="mm_token_type_ids"),
+           delimiter_attrs=("vision_start_token_id", "vision_end_token_id"), token_type_key="mm_token_type_ids",
+           pixel_layout="patches"),
     Family("Gemma 3", ("gemma3",), "1d", delimiter_attrs=("boi_token_id", "eoi_token_id"),
            token_type_key="token_type_ids"),
     Family("LLaVA-OneVision", ("llava_onevision",), "1d"),
-    Family("Idefics3", ("idefics3",), "1d", text_only_span="fake_token_span"),
-    Family("SmolVLM", ("smolvlm",), "1d", text_only_span="fake_token_span"),
-    Family("InternVL (HF)", ("internvl",), "1d"),
+    Family("Idefics3", ("idefics3",), "1d", pixel_layout="per_sample", text_only_span="fake_token_span"),
+    Family("SmolVLM", ("smolvlm",), "1d", pixel_layout="per_sample", text_only_span="fake_token_span"),
+    Family("InternVL (HF)", ("internvl",), "1d", pixel_layout="tiles"),
 )
 
 
@@ -133,6 +142,21 @@ def check_vlm(model, who: str = "PGPO") -> Family:
     return fam
 
 
+def check_processor(model, processor, who: str = "PGPO") -> Family:
+    """check_vlm, and refuses a processor whose image placeholder token is not the model's image_token_id."""
+    fam = check_vlm(model, who)
+    image_token_id = _config(model).image_token_id
+    tok = processor.tokenizer
+    # the placeholder the image expands to (Gemma 3's processor names its <start_of_image>, the tokenizer the soft token)
+    image_token = getattr(tok, "image_token", None) or getattr(processor, "image_token", "<|image_pad|>")
+    if tok.convert_tokens_to_ids(image_token) != image_token_id:
+        raise ValueError(
+            f"{who}: tokenizer's {image_token!r} id {tok.convert_tokens_to_ids(image_token)} != model image_token_id "
+            f"{image_token_id}: model and processor do not match"
+        )
+    return fam
+
+
 def _ids(config, attrs) -> list[int]:
     ids = []
     for a in attrs:
@@ -174,8 +198,13 @@ def _check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
 
 def visual_mask(model, input_ids: torch.Tensor, prompt_len: int | None = None) -> torch.Tensor:
     """[B, L] bool, True on the prompt's visual placeholders (response tokens, from `prompt_len` on, are text)."""
-    ids = torch.tensor(placeholder_ids(model), device=input_ids.device)
-    mask = torch.isin(input_ids, ids)
+    return id_mask(input_ids, placeholder_ids(model), prompt_len)
+
+
+def id_mask(input_ids: torch.Tensor, ids, prompt_len: int | None = None) -> torch.Tensor:
+    """[B, L] bool, True on the prompt's tokens whose id is in `ids` (from `prompt_len` on: response, text), for
+    callers that hold the placeholder ids rather than the model (verl's driver)."""
+    mask = torch.isin(input_ids, torch.as_tensor(list(ids), device=input_ids.device))
     if prompt_len is not None:
         mask[:, prompt_len:] = False
     return mask
@@ -382,47 +411,66 @@ def check_responses_are_text(model, responses: torch.Tensor, response_mask: torc
         )
 
 
-def select_samples(multimodal: dict, lo: int, hi: int, batch_size: int, num_images: list[int] | None = None,
-                   num_tiles: list[int] | None = None) -> dict:
-    """The multimodal tensors of samples [lo, hi) of a batch, whatever the family's layout (SPEC section 4: split
-    by image, never evenly). Layouts, as the processors write them and TRL keeps them:
-    - Qwen-VL: pixel_values [patches, C'] owned image by image through image_grid_thw.prod(-1);
-    - InternVL: pixel_values [tiles, C, H, W], `num_tiles` per sample;
-    - Gemma 3, LLaVA-OneVision: pixel_values [images, ...], `image_sizes` [images, 2];
-    - Idefics3 / SmolVLM: pixel_values [B, images, C, H, W] and pixel_attention_mask per sample.
+def select_images(model, multimodal: dict, samples, *, num_images=None, num_tiles=None) -> dict:
+    """The image tensors of some samples of a batch, in the order given: the one row selector of the project (the
+    loop's micro-batches and refill, TRL's chunks). SPEC section 4: pixel_values are split by image, never evenly;
+    the family's `pixel_layout` says how (see Family).
 
     Args:
-        multimodal: the batch's image tensors (other keys are ignored).
-        batch_size: B, the number of samples of the batch.
-        num_images: images per sample (None = one each); num_tiles: tiles per sample (InternVL).
+        model: the policy (its family gives the layout), its config, or the Family itself.
+        multimodal: the batch's image tensors as the processor wrote them (pixel_values, image_grid_thw,
+            image_sizes, pixel_attention_mask; other keys are ignored).
+        samples: sample indices (ints or a 1-D tensor), in the order wanted; repeats allowed.
+        num_images: images per sample (None = one each); num_tiles: tiles per sample (the "tiles" layout needs it).
+
+    Returns:
+        dict with those samples' pixel_values (and image_grid_thw / image_sizes / pixel_attention_mask where the
+        batch has them); {} when the batch or the chosen samples hold no image.
     """
-    counts = num_images if num_images is not None else [1] * batch_size
-    first = [0]
-    for n in counts:
-        first.append(first[-1] + n)
-    img_lo, img_hi = first[lo], first[hi]
-    out = {}
     pixels = multimodal.get("pixel_values")
-    grid = multimodal.get("image_grid_thw")
-    if pixels is not None and grid is not None:
-        rows = grid.prod(-1).tolist()
-        row_lo, row_hi = sum(rows[:img_lo]), sum(rows[:img_hi])
-        out["pixel_values"], out["image_grid_thw"] = pixels[row_lo:row_hi], grid[img_lo:img_hi]
-    elif pixels is not None and num_tiles is not None:
-        tiles = [0]
-        for n in num_tiles:
-            tiles.append(tiles[-1] + n)
-        out["pixel_values"] = pixels[tiles[lo]:tiles[hi]]
-    elif pixels is not None and pixels.shape[0] == first[-1] and pixels.shape[0] != batch_size:
-        out["pixel_values"] = pixels[img_lo:img_hi]
-    elif pixels is not None and pixels.shape[0] == first[-1] and "pixel_attention_mask" not in multimodal:
-        out["pixel_values"] = pixels[img_lo:img_hi]  # one image per sample: image- and sample-indexed agree
-    elif pixels is not None:
-        out["pixel_values"] = pixels[lo:hi]  # per-sample layout (Idefics3 / SmolVLM)
+    if pixels is None:
+        return {}
+    samples = [int(i) for i in samples]
+    fam = model if isinstance(model, Family) else family_of(model)
+    layout = fam.pixel_layout
+    if num_images is None:
+        images = samples  # one image per sample: image i is sample i's
+    else:
+        first = [0]
+        for n in num_images:
+            first.append(first[-1] + int(n))
+        images = [j for i in samples for j in range(first[i], first[i + 1])]
+    out = {}
+    if layout == "patches":  # image j owns image_grid_thw[j].prod() rows of pixel_values
+        grid = multimodal["image_grid_thw"]
+        per_image = torch.split(pixels, grid.prod(-1).tolist())
+        if images:
+            out["pixel_values"] = torch.cat([per_image[j] for j in images])
+            out["image_grid_thw"] = grid[images]
+    elif layout == "tiles":
+        if num_tiles is None:
+            raise ValueError(f"{fam.name} tiles each image into crops: select_images needs num_tiles "
+                             "(tiles per sample) to split pixel_values [tiles, C, H, W] by sample")
+        tiles = torch.split(pixels, [int(n) for n in num_tiles])
+        if samples:
+            out["pixel_values"] = torch.cat([tiles[i] for i in samples])
+    elif layout == "per_sample":  # [B, images, C, H, W]: indexed by sample
+        out["pixel_values"] = pixels[samples]
+    else:  # "images": [images, ...]
+        out["pixel_values"] = pixels[images]
     if multimodal.get("pixel_attention_mask") is not None:
-        out["pixel_attention_mask"] = multimodal["pixel_attention_mask"][lo:hi]
+        out["pixel_attention_mask"] = multimodal["pixel_attention_mask"][samples]
     if multimodal.get("image_sizes") is not None:
-        out["image_sizes"] = multimodal["image_sizes"][img_lo:img_hi]
-    if out.get("pixel_values") is not None and out["pixel_values"].numel() == 0:
+        out["image_sizes"] = multimodal["image_sizes"][images]
+    if out.get("pixel_values") is None or out["pixel_values"].numel() == 0:
         return {}  # these samples have no image
     return out
+
+
+def num_tiles(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, prompt_len: int | None = None):
+    """[B] tiles per row for the "tiles" layout (InternVL): every tile expands to the same number of placeholders,
+    so a row's tiles are its share of the batch's placeholders. None for the other layouts."""
+    if family_of(model).pixel_layout != "tiles" or pixel_values is None:
+        return None
+    n_ph = visual_mask(model, input_ids, prompt_len).sum(-1)  # [B]
+    return n_ph * pixel_values.shape[0] // n_ph.sum().clamp(min=1)

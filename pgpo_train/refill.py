@@ -11,10 +11,6 @@ from collections.abc import Callable
 import torch
 
 from pgpo_train import core_algos
-from pgpo_train.text_only import mm_token_type_ids_for
-
-# keys of a rollout batch with one row per response; the rest are per-prompt-image or built from these
-ROW_KEYS = ("rewards", "advantages")
 
 
 def refill_groups(
@@ -82,38 +78,3 @@ def refill_groups(
         "data/groups": float(kept_total),
         "data/refill_rounds": float(len(rounds) - 1),
     }
-
-
-def concat_rollouts(model, parts: list[dict], pad_id: int) -> dict:
-    """One batch from several rollout batches (build_sequences layout), prompts re-left-padded, responses re-right-
-    padded to the longest, 3-D position ids rebuilt for the merged layout.
-
-    Args:
-        parts: batches with input_ids/attention_mask [B, L] (= left-padded prompt + response), responses/
-            response_mask [B, T], pixel_values/image_grid_thw (one image per row), and ROW_KEYS [B].
-    """
-    from pgpo_train.train import build_sequences
-
-    if len(parts) == 1:
-        return parts[0]
-    lp = max(p["input_ids"].shape[1] - p["responses"].shape[1] for p in parts)
-    t = max(p["responses"].shape[1] for p in parts)
-    ids, att, resp, rmask = [], [], [], []
-    for p in parts:
-        T = p["responses"].shape[1]
-        Lp = p["input_ids"].shape[1] - T
-        left, right = (lp - Lp, 0), (0, t - T)
-        ids.append(torch.nn.functional.pad(p["input_ids"][:, :Lp], left, value=pad_id))
-        att.append(torch.nn.functional.pad(p["attention_mask"][:, :Lp], left, value=0))
-        resp.append(torch.nn.functional.pad(p["responses"], right, value=pad_id))
-        rmask.append(torch.nn.functional.pad(p["response_mask"], right, value=0))
-    prompt = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(att)}
-    prompt["mm_token_type_ids"] = mm_token_type_ids_for(prompt["input_ids"], model.config)
-    for k in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"):  # one image per row
-        if parts[0].get(k) is not None:
-            prompt[k] = torch.cat([p[k] for p in parts])
-    out = build_sequences(model, prompt, torch.cat(resp), torch.cat(rmask), pad_id)
-    for k in ROW_KEYS:
-        if k in parts[0]:
-            out[k] = torch.cat([p[k] for p in parts])
-    return out

@@ -5,7 +5,7 @@ grid-count (default): an 84x84 image holds a 3x3 grid of cells; N of them (N = 0
     predictor is at chance (1/10). The response is `<think></think>\\boxed{N}`: the one token that decides the
     reward is read off the image, which is the case PGPO's visual-dependency weighting is designed for. The warm-up
     references come from a teacher that undercounts crowded grids (TEACHER_UNDERCOUNT_FROM), which leaves RL room.
-count-copy (the previous default, tiny.make_count_records): a 2x2 grid; "How many <colour> shapes?"; the response
+count-copy (the previous default, synthetic.make_count_records): a 2x2 grid; "How many <colour> shapes?"; the response
     counts every colour inside <think> and copies the asked one into \\boxed{}. After the warm-up the errors are in
     that copy, a text-only token with almost no token KL, so PGPO (as the paper defines it) moves advantage away
     from the error and is expected NOT to help (issue 10; benchmarks/results/train_dapo_vs_pgpo).
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pgpo_train.tiny import COLORS
-from pgpo_train.tiny import draw_shapes
-from pgpo_train.tiny import make_count_records
-from pgpo_train.tiny import save_records_dataset
+from pgpo_train.synthetic import COLORS
+from pgpo_train.synthetic import draw_shapes
+from pgpo_train.synthetic import make_count_records
+from pgpo_train.synthetic import save_records_dataset
 
 # %% grid-count
 

@@ -1,695 +1,67 @@
-"""The PGPO training loop on transformers' Qwen2.5-VL, nanoGPT-style: setup on top, one linear step, helpers.
+"""The PGPO recipe: the training loop and nothing else (nanoGPT's / torchtune's sense of a recipe; no module imports
+it). Every phase of a step is a library function it calls:
 
-One RL step (SPEC section 3):
-  1. rollout: G sampled responses per prompt (HF generate), scored by the verifiable reward;
-  2. group-normalized advantages; dynamic sampling drops all-equal groups (dapo/pgpo);
-  3. old log-probs with the image and (pgpo) the text-only pass, under no_grad, micro-batch by micro-batch;
-  4. token KL -> PGPO weights -> token advantages A_t = A * w~_t;
-  5. clipped policy-gradient loss (DAPO: clip 0.2/0.28, token-mean), AdamW.
-Position ids are built explicitly (3-D mrope) for every forward of the step (SPEC section 4).
+  setup            pgpo_train.policy     device, seeds, the policy (tiny or from_pretrained), optimizers
+  SFT warm-up      pgpo_train.update     sft_step: mean token NLL of the reference responses, with the image
+  RL step (SPEC section 3):
+  1. rollout       pgpo_train.sampling   G sampled responses per prompt (HF generate), scored by the reward, group
+                                         advantages, DAPO's dynamic sampling and refill (pgpo_train.refill)
+  2. scoring       pgpo_train.scoring    old log-probs with the image and (pgpo) the text-only pass, under no_grad,
+                                         micro-batch by micro-batch; token KL -> PGPO weights -> A_t = A * w~_t
+  3. update        pgpo_train.update     clipped policy-gradient loss (DAPO: clip 0.2/0.28, token-mean), AdamW
+  eval, logging    pgpo_train.sampling (evaluate_on_ranks), pgpo_train.run_log (metrics.jsonl, curves, summary)
+Batches and both passes' forward kwargs (explicit positions, SPEC section 4) are pgpo_train.batching's, built on
+pgpo_train.model_family; the RL math is pgpo_train.core_algos'.
+
+Names this module used to define (build_sequences, rollout, policy_update, ...) resolve here for one more release,
+with a DeprecationWarning naming their new home.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
+import importlib
 import json
-import math
 import os
-import random
 import time
-from contextlib import contextmanager
+import warnings
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from pgpo_kernels import fused_linear_token_stats
-from pgpo_kernels import token_kl
-from pgpo_kernels import token_stats
-from pgpo_train import core_algos
 from pgpo_train import dist_checkpoint
 from pgpo_train import distributed
-from pgpo_train import model_family
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import read_trainer_state
 from pgpo_train.checkpoint import save_checkpoint
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
-from pgpo_train.data import build_prompt
 from pgpo_train.data import check_first_rows
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
-from pgpo_train.lm_head import lm_head_params
-from pgpo_train.lm_head import response_hidden
 from pgpo_train.lm_head import use_fused_lm_head
 from pgpo_train.nonfinite import check_finite_metrics
 from pgpo_train.nonfinite import check_token_advantages
-from pgpo_train.rewards import compute_score
+from pgpo_train.policy import load_policy
+from pgpo_train.policy import make_optimizer
+from pgpo_train.policy import resolve_device
+from pgpo_train.policy import seed_everything
+from pgpo_train.run_log import Logger
+from pgpo_train.run_log import eval_summary
+from pgpo_train.run_log import write_curves
 from pgpo_train.rundir import open_run_dir
-from pgpo_train.rundir import repair_metrics
+from pgpo_train.sampling import evaluate_on_ranks
+from pgpo_train.sampling import sample_batch
+from pgpo_train.scoring import old_logp_and_scores
+from pgpo_train.scoring import token_advantages
 from pgpo_train.signals import StopOnSignal
 from pgpo_train.signals import TrainingInterrupted
 from pgpo_train.signals import stop_requested_anywhere
-from pgpo_train.tasks import probe_ignored_ids
-from pgpo_train.text_only import select_images
-from pgpo_train.text_only import text_only_inputs
-from pgpo_train.text_only import visual_inputs
+from pgpo_train.update import policy_update
+from pgpo_train.update import sft_step
 from pgpo_train.validate import check_sources
-
-# %% setup helpers
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def load_policy(cfg: TrainConfig, device: torch.device):
-    """(model, processor): the embedded tiny model when cfg.model is empty, else from_pretrained(cfg.model)."""
-    from pgpo_train.tiny import build_tiny
-    from pgpo_train.tiny import load_processor
-
-    if not cfg.model:
-        model, processor = build_tiny(seed=cfg.seed)
-    else:
-        from transformers import AutoModelForImageTextToText
-
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-        attn = cfg.attn_implementation
-        if attn == "auto":
-            attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-        model = AutoModelForImageTextToText.from_pretrained(
-            cfg.model, dtype=getattr(torch, dtype), attn_implementation=attn
-        )
-        processor = load_processor(cfg.model)
-    check_vlm(model, processor)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.freeze_vision:
-        for p in model_family.vision_tower(model).parameters():
-            p.requires_grad_(False)
-    return model.to(device), processor
-
-
-def check_vlm(model, processor) -> None:
-    """Refuses a model/processor without image placeholder tokens (PGPO needs an image to mask)."""
-    model_family.check_vlm(model, "pgpo-train")
-    image_token_id = model.config.image_token_id
-    tok = processor.tokenizer
-    # the placeholder the image expands to (Gemma 3's processor names its <start_of_image>, the tokenizer the soft token)
-    image_token = getattr(tok, "image_token", None) or getattr(processor, "image_token", "<|image_pad|>")
-    if tok.convert_tokens_to_ids(image_token) != image_token_id:
-        raise ValueError(
-            f"tokenizer's {image_token!r} id {tok.convert_tokens_to_ids(image_token)} != model image_token_id "
-            f"{image_token_id}: model and processor do not match"
-        )
-
-
-def eos_ids(model, processor) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
-    for t in (processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id):
-        if t is not None and t not in ids:
-            ids.append(t)
-    return ids
-
-
-def visual_special_ids(model) -> list[int]:
-    """Vision placeholder/delimiter ids: never sampled in a response (a sampled <|image_pad|> would need an image)."""
-    return model_family.special_ids(model)
-
-
-@contextmanager
-def timed(times: dict, key: str):
-    t0 = time.perf_counter()
-    yield
-    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
-
-
-# %% batches
-
-
-def encode_prompts(processor, records: list[dict], template: str, repeat: int, device) -> dict:
-    """Processor outputs for the prompts, each repeated `repeat` times (adjacent), left-padded, on device."""
-    texts, images = [], []
-    for r in records:
-        text = processor.apply_chat_template(
-            build_prompt(r["problem"], template), add_generation_prompt=True, tokenize=False
-        )
-        texts += [text] * repeat
-        images += [[r["image"]]] * repeat  # one image per prompt (Gemma 3 reads a flat list as one prompt's)
-    enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
-    return {k: v.to(device) for k, v in enc.items()}
-
-
-def response_mask_from(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
-    """[B, T] 1 up to and including the first stop token, 0 after (generate pads finished rows)."""
-    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
-    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop
-    return (~after_stop).long()
-
-
-def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask: torch.Tensor, pad_id: int) -> dict:
-    """Full (prompt + response) batch with explicit 3-D position ids.
-
-    Args:
-        prompt: encode_prompts output ([B, Lp] left-padded, pixel_values, image_grid_thw).
-        responses: [B, T] token ids; response_mask: [B, T].
-
-    Returns:
-        dict with input_ids/attention_mask [B, L], position_ids [3, B, L] (mrope) or [B, L] (1-D rope),
-        pixel_values, image_grid_thw (Qwen) or the 1-D family's ONE_D_IMAGE_KEYS, responses/response_mask [B, T].
-    """
-    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
-    input_ids = torch.cat([prompt["input_ids"], responses], dim=1)  # [B, L]
-    attention_mask = torch.cat([prompt["attention_mask"], response_mask.to(prompt["attention_mask"].dtype)], dim=1)
-    # the response is text (rope index over the prompt, responses continue the text positions)
-    position_ids = model_family.position_ids(
-        model,
-        input_ids,
-        attention_mask,
-        prompt_len=prompt["input_ids"].shape[1],
-        image_grid_thw=prompt.get("image_grid_thw"),
-    )
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "pixel_values": prompt.get("pixel_values"),
-        "image_grid_thw": prompt.get("image_grid_thw"),
-        "responses": responses,
-        "response_mask": response_mask,
-    }
-    if model_family.family_of(model).rope == "1d":  # its image tensors (one image per row) and full-length token types
-        P = prompt["input_ids"].shape[1]
-        out.update(model_family.visual_inputs(model, input_ids, attention_mask, position_ids, prompt, prompt_len=P))
-        if out.get("pixel_values") is not None and model_family.family_of(model).name == "InternVL (HF)":
-            # InternVL tiles an image into crops of equal token counts: a row's tiles = its share of the placeholders
-            n_ph = model_family.visual_mask(model, input_ids, P).sum(-1)  # [B]
-            out["num_tiles"] = n_ph * out["pixel_values"].shape[0] // n_ph.sum().clamp(min=1)
-    return out
-
-
-def select_rows(batch: dict, idx: torch.Tensor) -> dict:
-    """Rows idx of a batch; pixel_values are split per sample by image_grid_thw.prod(-1), not evenly (SPEC sec. 4)."""
-    out = {}
-    for k, v in batch.items():
-        if v is None or k in ("pixel_values", "image_grid_thw"):
-            continue
-        out[k] = v[:, idx] if k == "position_ids" and v.dim() == 3 else v[idx]
-    out["pixel_values"], out["image_grid_thw"] = None, None
-    if batch.get("num_tiles") is not None:  # InternVL: pixel_values [tiles, C, H, W], num_tiles [B] per row
-        tiles = torch.split(batch["pixel_values"], batch["num_tiles"].tolist())
-        out["pixel_values"] = torch.cat([tiles[i] for i in idx.tolist()])
-    elif batch.get("pixel_values") is not None and batch.get("image_grid_thw") is None:  # 1-D: one image per row
-        out["pixel_values"] = batch["pixel_values"][idx]
-    elif batch.get("pixel_values") is not None:  # one image per sample (encode_prompts)
-        out["pixel_values"], out["image_grid_thw"] = select_images(
-            batch["pixel_values"], batch["image_grid_thw"], idx.tolist()
-        )
-    return out
-
-
-# what build_sequences keeps for 1-D rope families beside pixel_values (model_family.visual_inputs' outputs)
-ONE_D_IMAGE_KEYS = ("image_sizes", "pixel_attention_mask", "token_type_ids")
-
-
-def visual_kwargs(batch: dict) -> dict:
-    """Forward kwargs of the visual pass for a build_sequences / select_rows batch (explicit positions)."""
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")
-    kw = visual_inputs(*(batch[k] for k in keys))
-    if batch.get("image_grid_thw") is None and batch.get("pixel_values") is not None:  # 1-D rope families
-        kw.pop("image_grid_thw")
-        kw.update({k: batch[k] for k in ONE_D_IMAGE_KEYS if batch.get(k) is not None})
-    return kw
-
-
-def response_logits(model, inputs: dict, n_resp: int, temperature: float | None) -> torch.Tensor:
-    """[mb, T, V] temperature-scaled fp32 logits predicting the response tokens (only those positions are computed);
-    temperature None: the model-dtype view itself, no copy (for kernels that take temperature= and a strided view)."""
-    logits = model(**inputs, logits_to_keep=n_resp + 1, use_cache=False).logits[:, :-1]  # [mb, T, V]
-    return logits if temperature is None else logits.float() / temperature
-
-
-def logp_entropy(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True):
-    """Log-prob of targets [mb, T] and (no-grad) entropy [mb, T] from logits [mb, T, V]."""
-    logz = torch.logsumexp(logits, dim=-1)  # [mb, T]
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            ent = logz - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logp, ent
-
-
-# %% step phases
-
-
-@torch.no_grad()
-def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) -> tuple[dict, dict]:
-    """Samples G responses per prompt and scores them. Returns (batch, rollout metrics)."""
-    G = cfg.group_size
-    with timed(times, "timing/rollout"):
-        prompt = encode_prompts(processor, records, cfg.prompt_template, G, device)
-        model.eval()
-        stop = eos_ids(model, processor)
-        out = model.generate(
-            **prompt,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=0,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=stop,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            suppress_tokens=visual_special_ids(model),
-            repetition_penalty=1.0,  # checkpoints' generation configs set one (Qwen: 1.05); logp must see plain softmax
-        )
-        responses = out[:, prompt["input_ids"].shape[1] :]  # [B, T]
-        response_mask = response_mask_from(responses, stop)
-        batch = build_sequences(model, prompt, responses, response_mask, processor.tokenizer.pad_token_id)
-        texts = processor.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
-        answers = [r["answer"] for r in records for _ in range(G)]
-        scores = [compute_score(t, a, cfg.acc_weight, cfg.format_weight) for t, a in zip(texts, answers)]
-    batch["rewards"] = torch.tensor([s["score"] for s in scores], dtype=torch.float32, device=device)
-    batch["texts"] = texts
-    metrics = {
-        "reward/mean": float(np.mean([s["score"] for s in scores])),
-        "reward/acc": float(np.mean([s["acc"] for s in scores])),
-        "reward/format": float(np.mean([s["format"] for s in scores])),
-        "response/length_mean": float(response_mask.sum(-1).float().mean()),
-        "response/length_max": float(response_mask.sum(-1).max()),
-    }
-    return batch, metrics
-
-
-@torch.no_grad()
-def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused_lm_head: bool = False) -> dict:
-    """Old log-probs with the image and, for pgpo, token visual-dependency scores from the text-only pass.
-
-    Works micro-batch by micro-batch. With `fused_lm_head` (pgpo only) both passes stop at the last hidden states
-    [mb, T, H] and pgpo_kernels.fused_linear_token_stats applies the lm_head tile by tile: no [mb, T, V] logits
-    exist. Otherwise at most one micro-batch's [mb, T, V] logits of each pass are alive, at response positions only.
-
-    Returns:
-        dict with old_logp [B, T], entropy [B, T] and (pgpo) scores [B, T].
-    """
-    model.eval()
-    B, T = batch["responses"].shape
-    old_logp, entropy, scores = [], [], []
-    pgpo = cfg.algo == "pgpo"
-    fused = pgpo and fused_lm_head
-    # PGPO_NO_TOKEN_STATS=1: the logits path's unfused ops (torch log-softmax + token_kl / k3), to compare with
-    unfused = os.environ.get("PGPO_NO_TOKEN_STATS") == "1"
-    logits_temp = None if pgpo and not unfused else cfg.temperature  # None: token_stats scales bf16 logits itself
-    for start in range(0, B, cfg.micro_batch_size):
-        mb = select_rows(batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
-        with timed(times, "timing/old_logp"):
-            kw = visual_kwargs(mb)
-            if fused:
-                vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
-            else:
-                vis = response_logits(model, kw, T, logits_temp)  # [mb, T, V]
-                if not pgpo or unfused:
-                    lp, ent = logp_entropy(vis, mb["responses"])
-        if not pgpo:
-            old_logp.append(lp)
-            entropy.append(ent)
-            del vis
-            continue
-        with timed(times, "timing/text_only"):
-            kw = text_only_inputs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
-            txt = response_hidden(model, kw, T) if fused else response_logits(model, kw, T, logits_temp)
-        with timed(times, "timing/kl_reshape"):
-            if fused:
-                weight, bias = lm_head_params(model)
-                st = fused_linear_token_stats(
-                    vis,
-                    txt,
-                    weight,
-                    mb["responses"],
-                    bias,
-                    temperature=cfg.temperature,
-                    estimator=cfg.pgpo.estimator,
-                    backend=cfg.pgpo.backend,
-                )
-                lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
-            elif not unfused:
-                # one read of each [mb, T, V] logit view gives log-prob, entropy and S_t (no fp32 / temperature copy)
-                st = token_stats(
-                    vis,
-                    txt,
-                    mb["responses"],
-                    temperature=cfg.temperature,
-                    estimator=cfg.pgpo.estimator,
-                    backend=cfg.pgpo.backend,
-                )
-                lp, ent, s = st.logp, st.entropy, st.kl  # [mb, T] each
-            elif cfg.pgpo.estimator == "full":
-                s = token_kl(vis, txt, backend=cfg.pgpo.backend)  # [mb, T]
-            else:
-                lp_txt, _ = logp_entropy(txt, mb["responses"], with_entropy=False)
-                s = core_algos.k3_token_kl(lp, lp_txt)  # [mb, T]
-        old_logp.append(lp)
-        entropy.append(ent)
-        scores.append(s)
-        del vis, txt  # free both passes' logits / hidden states before the next micro-batch
-    out = {"old_logp": torch.cat(old_logp), "entropy": torch.cat(entropy)}
-    if pgpo:
-        out["scores"] = torch.cat(scores)
-    return out
-
-
-def pgpo_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, step: int = 0) -> torch.Tensor:
-    """[B, T] PGPO token weights from scores [B, T] with the run's tau, beta, eps, renormalize, backend and the
-    issue-17 options (tau_mode, floor, control; the shuffled control's permutations are seeded by (seed, step));
-    sequences whose log1p(score) spread is below --pgpo.min-spread get uniform weights (flat_sequences)."""
-    p = cfg.pgpo
-    gen = None
-    if p.control == "shuffled":
-        from pgpo_train.weight_variants import control_generator
-
-        gen = control_generator(cfg.seed, step, scores.device)
-    w = core_algos.pgpo_variant_weights(
-        scores,
-        mask,
-        tau=p.tau,
-        beta=p.beta,
-        eps=p.eps,
-        renormalize=p.renormalize,
-        backend=p.backend,
-        control=p.control,
-        tau_mode=p.tau_mode,
-        floor=p.floor,
-        generator=gen,
-    )
-    if cfg.pgpo.min_spread > 0:
-        flat = flat_sequences(scores, mask, cfg.pgpo.min_spread)  # [B]
-        w = torch.where(flat[:, None], mask.to(w.dtype), w)
-    return w
-
-
-def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) -> torch.Tensor:
-    """[B] bool: max - min of log1p(scores) over a row's valid tokens is below min_spread (or the row is empty).
-
-    Min-max normalization stretches any spread to [0, 1]: on a sequence where the image barely changed any
-    prediction, the PGPO weights would only be stretched noise (issue 10). Torch ops only, no host sync.
-    """
-    m = mask.bool()
-    ls = torch.log1p(scores.float())  # [B, T]; +inf stays +inf (a huge spread: never flat)
-    hi = ls.masked_fill(~m, float("-inf")).amax(-1)
-    lo = ls.masked_fill(~m, float("inf")).amin(-1)
-    return (hi - lo) < min_spread  # a NaN spread (NaN score) is not flat: the reshape's own rules apply
-
-
-def token_advantages(batch: dict, cfg: TrainConfig, times: dict, step: int = 0) -> tuple[torch.Tensor, dict]:
-    """[B, T] A * w~_t (pgpo) or A broadcast (grpo/dapo), and weight/KL metrics; `step` seeds the shuffled
-    control."""
-    mask = batch["response_mask"]
-    adv = batch["advantages"][:, None]  # [B, 1]
-    if cfg.algo != "pgpo":
-        return adv * mask.float(), {}
-    with timed(times, "timing/kl_reshape"):
-        w = pgpo_weights(batch["scores"], mask, cfg, step)  # [B, T]
-    tok_adv = adv * w
-    m = score_metrics(batch["scores"], w, mask, cfg.pgpo.tau, cfg.pgpo.eps)
-    m.update({k: float(v) for k, v in core_algos.weight_diagnostics(w, tok_adv, mask).items()})
-    return tok_adv, m
-
-
-@torch.no_grad()
-def score_metrics(scores: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, tau: float, eps: float) -> dict:
-    """KL statistics (mean over finite KLs as the TRL adapter logs it, share of +inf, max, fraction of tokens whose
-    normalized score I_t is >= tau) and weight statistics."""
-    m = mask.bool()
-    s = scores[m]
-    if s.numel() == 0:
-        return {}
-    I = core_algos.normalized_scores(scores, m, eps)  # [B, T], as the reshape defines it (SPEC section 2)
-    w = weights[m]
-    finite = s[torch.isfinite(s)]  # a +inf KL (text-only pass rules the token out) would swamp the mean
-    return {
-        "pgpo/kl_mean": float(finite.mean()) if finite.numel() else 0.0,
-        "pgpo/kl_inf_frac": float((s == float("inf")).float().mean()),
-        "pgpo/kl_max": float(s.max()),
-        "pgpo/frac_above_tau": float((I[m] >= tau).float().mean()),
-        "pgpo/weight_mean": float(w.mean()),
-        "pgpo/weight_std": float(w.std()) if w.numel() > 1 else 0.0,
-        "pgpo/weight_max": float(w.max()),
-        "pgpo/weight_min": float(w.min()),
-    }
-
-
-def policy_update(
-    model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict, dp=distributed.SINGLE
-) -> dict:
-    """ppo_epochs x mini-batches of the clipped loss; micro-batches accumulate to each mini-batch's mean.
-
-    Under torchrun (dp) the counts the loss divides by are global and every rank runs as many micro-batches as the
-    rank with the most (distributed.py); tok_adv None: this rank kept no rows and only runs zero-weight forwards."""
-    model.train()
-    policy_loss = core_algos.get_policy_loss_fn("vanilla")
-    B, T = batch["responses"].shape
-    B = 0 if tok_adv is None else B
-    sums = {"actor/loss": 0.0, "actor/clip_frac": 0.0, "actor/ppo_kl": 0.0, "actor/grad_norm": 0.0}
-    n_mb = 0
-    with timed(times, "timing/update"):
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B)
-            for mini in dp.mini_batches(perm, cfg.mini_batch_size):
-                n_tok = dp.sum(float(batch["response_mask"][mini].sum()))
-                n_seq = dp.sum(float(len(mini)))
-                for idx in dp.micro_batches(mini, cfg.micro_batch_size):
-                    if len(idx) == 0:  # torchrun: another rank has a micro-batch more; FSDP's collectives must pair
-                        mb = select_rows(batch, torch.arange(1))
-                        (response_logits(model, visual_kwargs(mb), T, cfg.temperature).sum() * 0.0).backward()
-                        continue
-                    mb = select_rows(batch, idx)
-                    logits = response_logits(model, visual_kwargs(mb), T, cfg.temperature)
-                    logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
-                    loss, m = policy_loss(
-                        batch["old_logp"][idx],
-                        logp,
-                        tok_adv[idx],
-                        mb["response_mask"],
-                        clip_ratio_low=cfg.clip_ratio_low,
-                        clip_ratio_high=cfg.clip_ratio_high,
-                        loss_agg_mode=cfg.loss_agg_mode,
-                        global_tokens=max(n_tok, 1.0),
-                        global_seqs=n_seq,
-                    )
-                    loss.backward()
-                    frac = len(idx) / n_seq
-                    sums["actor/loss"] += loss.item()  # host sync: fine at this scale, one per micro-batch
-                    sums["actor/clip_frac"] += float(m["actor/clip_frac"]) * frac
-                    sums["actor/ppo_kl"] += float(m["actor/ppo_kl"]) * frac
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: off
-                sums["actor/grad_norm"] += float(gn)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                n_mb += 1
-    return {k: v / max(n_mb, 1) for k, v in sums.items()}
-
-
-def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=distributed.SINGLE) -> dict:
-    """One supervised step on the reference responses (the warm-up): mean token NLL with the image.
-
-    Under torchrun each rank holds its share of the records; its loss is weighed by its share of the tokens, so the
-    summed gradients are the global token mean's (sft/loss sums to it over ranks)."""
-    model.train()
-    tok = processor.tokenizer
-    prompt = encode_prompts(processor, records, cfg.prompt_template, 1, device)
-    sols = [r["solution"] + tok.eos_token for r in records]
-    enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
-    responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
-    logits = response_logits(model, visual_kwargs(batch), responses.shape[1], 1.0)
-    logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
-    loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
-    if dp.world > 1:
-        n_tok = float(batch["response_mask"].sum())
-        loss = loss * (n_tok / dp.sum(n_tok))
-    with torch.no_grad():  # before the update, on records not trained on yet: a free held-out accuracy probe
-        hit = (logits.argmax(-1) == batch["responses"]) | ~batch["response_mask"].bool()
-        skip = probe_ignored_ids(cfg.task, tok) if not cfg.dataset else []  # grid-reason: its random filler
-        if skip:
-            hit |= torch.isin(batch["responses"], torch.tensor(skip, device=hit.device))
-        seq_acc = float(hit.all(-1).float().mean())  # every response token the argmax: ~ greedy accuracy
-    loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0: off
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"sft/loss": loss.item(), "sft/grad_norm": float(gn), "sft/seq_acc": seq_acc}
-
-
-@torch.no_grad()
-def evaluate(model, processor, records: list[dict], cfg: TrainConfig, device, batch_size: int = 64) -> dict:
-    """Greedy accuracy / reward on fixed eval records."""
-    model.eval()
-    accs, scores, fmts = [], [], []
-    stop = eos_ids(model, processor)
-    for i in range(0, len(records), batch_size):
-        recs = records[i : i + batch_size]
-        prompt = encode_prompts(processor, recs, cfg.prompt_template, 1, device)
-        out = model.generate(
-            **prompt,
-            do_sample=False,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=stop,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            suppress_tokens=visual_special_ids(model),
-        )
-        texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-        for t, r in zip(texts, recs):
-            s = compute_score(t, r["answer"], cfg.acc_weight, cfg.format_weight)
-            accs.append(s["acc"])
-            scores.append(s["score"])
-            fmts.append(s["format"])
-    return {
-        "eval/acc": float(np.mean(accs)),
-        "eval/reward": float(np.mean(scores)),
-        "eval/format": float(np.mean(fmts)),
-    }
-
-
-def evaluate_on_ranks(model, processor, records: list[dict], cfg: TrainConfig, device, dp) -> dict:
-    """evaluate(); under torchrun each rank takes every world-th record with the policy unsharded, means merged."""
-    if dp.world == 1:
-        return evaluate(model, processor, records, cfg, device)
-    mine = records[dp.rank :: dp.world]
-    with dp.full_params(model):
-        out = evaluate(model, processor, mine, cfg, device) if mine else {}
-    return dp.merge_metrics(out, len(mine), 0.0)
-
-
-def sample_batch(model, processor, stream, cfg: TrainConfig, device, times: dict, dp=distributed.SINGLE):
-    """The step's rollouts: prompts_per_step groups, scored, with group advantages; with dynamic sampling, groups of
-    equal rewards dropped and (max_refill > 0) refilled from more prompts (pgpo_train.refill).
-
-    Under torchrun (dp) each rank samples its share of every round's prompts and the refill counts are global.
-
-    Returns:
-        (batch or None when no group was kept, rollout metrics averaged over every response sampled, the first
-        round's response texts, and under torchrun when this rank kept nothing: one row for zero-weight forwards).
-    """
-    from pgpo_train.refill import concat_rollouts
-    from pgpo_train.refill import refill_groups
-
-    G, seen, texts = cfg.group_size, [], []
-
-    def sample_round(n_prompts: int) -> dict:
-        records = dp.shard(stream.next_batch(n_prompts))  # torchrun: this rank's prompts
-        with dp.full_params(model):  # torchrun: one all-gather per layer for the whole rollout
-            batch, m = rollout(model, processor, records, cfg, device, times)
-        batch["advantages"], adv_m = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], G)
-        seen.append((len(records), {**m, **adv_m}))
-        texts.append(batch.pop("texts"))
-        return batch
-
-    on = cfg.dynamic_sampling == "on"
-    rounds, metrics = refill_groups(sample_round, cfg.prompts_per_step, G, cfg.max_refill if on else 0, on, dp)
-    n = sum(k for k, _ in seen)
-    metrics.update({key: sum(k * m[key] for k, m in seen) / n for key in seen[0][1]})
-    for key in ("response/length_max",):
-        metrics[key] = max(m[key] for _, m in seen)
-    parts = [
-        r["batch"] if r["keep"].all() else select_rows(r["batch"], r["keep"].nonzero().squeeze(-1))
-        for r in rounds
-        if r["keep"].any()
-    ]
-    batch = concat_rollouts(model, parts, processor.tokenizer.pad_token_id) if parts else None
-    filler = select_rows(rounds[0]["batch"], torch.arange(1)) if batch is None and dp.world > 1 else None
-    return batch, metrics, texts[0], filler
-
-
-def eval_summary(metrics_path: str, sft_end: int, n_eval: int) -> dict:
-    """Greedy eval accuracy after the warm-up (the eval at step sft_end) and at the last eval, each with its
-    binomial standard error sqrt(p (1 - p) / n), read back from metrics.jsonl (so a resumed run reports both)."""
-    if not n_eval or not os.path.exists(metrics_path):
-        return {}
-    with open(metrics_path) as f:
-        evals = [(r["step"], r["eval/acc"]) for r in map(json.loads, filter(str.strip, f)) if "eval/acc" in r]
-    out = {}
-    for key, hit in (("sft", [a for s, a in evals if s == sft_end]), ("final", [a for _, a in evals[-1:]])):
-        if hit:
-            out[f"eval/acc_{key}"] = hit[0]
-            out[f"eval/acc_{key}_se"] = math.sqrt(hit[0] * (1 - hit[0]) / n_eval)
-    out["eval/n"] = n_eval
-    return out
-
-
-def write_curves(out_dir: str) -> str | None:
-    """RUN_DIR/curves.png via pgpo-train plot's code; None when nothing was logged or (with a one-line notice)
-    without matplotlib."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return None
-    if importlib.util.find_spec("matplotlib") is None:
-        print("pgpo-train: matplotlib is not installed: no curves.png (pip install matplotlib)")
-        return None
-    from pgpo_train.plot import plot_runs
-
-    return plot_runs([out_dir])
-
-
-# %% logging
-
-
-class Logger:
-    """metrics.jsonl (one line per step) and tensorboard when installed."""
-
-    def __init__(self, out_dir: str, tensorboard: bool, truncate_after: int | None):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if truncate_after is not None and os.path.exists(self.path):
-            # resume: drop lines written after the checkpoint, so the log matches an uninterrupted run, and a line
-            # torn by a full disk or a kill
-            n = repair_metrics(self.path, truncate_after)
-            if n["torn"] or n["after"]:
-                dropped = f"{n['torn']} torn row(s), {n['after']} after step {truncate_after}"
-                print(f"pgpo-train: metrics.jsonl: dropped {dropped}")
-        elif truncate_after is None and os.path.exists(self.path):
-            os.remove(self.path)
-        self.tb = None
-        if tensorboard and importlib.util.find_spec("tensorboard") is None:
-            print("pgpo-train: tensorboard is not installed: metrics go to metrics.jsonl only (--no-tensorboard)")
-        elif tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    def log(self, step: int, metrics: dict) -> None:
-        metrics = {
-            k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v) for k, v in metrics.items()
-        }
-        rec = {"step": step, **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-# %% the loop
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def make_optimizer(model, lr: float, weight_decay: float):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -793,7 +165,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
     total = sft_end + cfg.steps
     bar = None
     if cfg.progress and dp.is_writer:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: only with a progress bar
 
         bar = tqdm(total=total, initial=step, desc=f"{cfg.algo}", dynamic_ncols=True)
     t_start = time.perf_counter()
@@ -903,3 +275,33 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return {**summary, "model": model, "processor": processor}
+
+
+# %% deprecated re-exports (one release): old name -> "module.name" of its new home
+
+_MOVED = {
+    "eos_ids": "pgpo_train.policy.eos_ids",
+    "response_logits": "pgpo_train.policy.response_logits",
+    "logp_entropy": "pgpo_train.policy.logp_entropy",
+    "timed": "pgpo_train.timing.timed",
+    "encode_prompts": "pgpo_train.batching.encode_prompts",
+    "response_mask_from": "pgpo_train.batching.response_mask_from",
+    "build_sequences": "pgpo_train.batching.build_sequences",
+    "select_rows": "pgpo_train.batching.select_rows",  # now select_rows(model, batch, idx)
+    "visual_kwargs": "pgpo_train.batching.visual_kwargs",  # now visual_kwargs(model, batch)
+    "rollout": "pgpo_train.sampling.rollout",
+    "evaluate": "pgpo_train.sampling.evaluate",
+    "pgpo_weights": "pgpo_train.scoring.token_weights",  # same signature (scores, mask, cfg, step=0)
+    "flat_sequences": "pgpo_train.core_algos.flat_sequences",
+    "check_vlm": "pgpo_train.model_family.check_processor",  # same signature (model, processor)
+    "visual_special_ids": "pgpo_train.model_family.special_ids",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        module, _, attr = _MOVED[name].rpartition(".")
+        warnings.warn(f"pgpo_train.train.{name} is deprecated and goes in the next release; use {_MOVED[name]}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

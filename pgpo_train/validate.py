@@ -1,7 +1,7 @@
 """Start-up checks of a run's settings: every flag in one place, before any work, one line each naming the flag.
 
 check_types(cfg)   each field has its default's type (a float finite): first thing TrainConfig.resolved() does
-check_values(cfg)  ranges, choices, device, backend, out dir: last thing resolved() does (on the filled-in values)
+check_values(cfg, CHOICES)  ranges, choices, device, backend, out dir: last thing resolved() does (filled-in values)
 check_sources(cfg) what train() needs from disk / hub before it creates the run dir: the model directory (complete,
                    weights not truncated) or a reachable / cached hub name, the dataset, the run dir for --resume
 
@@ -109,14 +109,13 @@ def check_out_dir(out_dir: str) -> None:
         raise ValueError(f"--out-dir {out_dir}: {parent if not os.path.exists(path) else path} is not writable")
 
 
-def check_values(c) -> None:
-    """Ranges and choices of a resolved TrainConfig (its 'auto' values filled in)."""
-    from pgpo_train.config import CHOICES
-
-    for name, value, _ in _fields(c):  # every option listed in config.CHOICES ("" = auto is filled in by now)
+def check_values(c, choices: dict[str, list[str]]) -> None:
+    """Ranges and choices of a resolved TrainConfig (its 'auto' values filled in); choices: config.CHOICES (passed
+    in, so this module never imports config, which imports it)."""
+    for name, value, _ in _fields(c):  # every option listed in choices ("" = auto is filled in by now)
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in CHOICES:
-            _choice(name, value, [m for m in CHOICES[leaf] if m])
+        if leaf in choices:
+            _choice(name, value, [m for m in choices[leaf] if m])
     # PGPO reshape (NONFINITE_RULES 6); finiteness is check_types'
     _range("pgpo.tau", c.pgpo.tau, 0.0 <= c.pgpo.tau <= 1.0, "in [0, 1]")
     _range("pgpo.beta", c.pgpo.beta, c.pgpo.beta >= 0, ">= 0")

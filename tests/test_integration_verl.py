@@ -54,7 +54,8 @@ def test_k3_from_batch_keys_matches_reference():
     torch.testing.assert_close(weights.sum(-1), mask.sum(-1).float())  # mass conserved per sequence
     assert bool((adv[~mask] == 0).all()) and bool((weights[~mask] == 0).all())
     assert batch["pgpo_weights"] is weights
-    assert set(metrics) == {"pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified", *DIAG}
+    assert set(metrics) == {"pgpo/kl_mean", "pgpo/kl_inf_frac", "pgpo/kl_max", "pgpo/weight_mean", "pgpo/weight_std",
+                            "pgpo/weight_max", "pgpo/weight_min", *DIAG}
     assert metrics["pgpo/weight_max"] == pytest.approx(float(w_ref[mask].max()), abs=1e-5)
     assert metrics["pgpo/weight_min"] == pytest.approx(float(w_ref[mask].min()), abs=1e-5)
 
@@ -252,14 +253,14 @@ def test_trainer_mixin_reshapes_before_the_update():
 
 @pytest.mark.parametrize("kw", [{"control": "inverted"}, {"control": "shuffled"}, {"tau_mode": "quantile", "floor": 0.1}])
 def test_variants_and_controls_are_the_loops(kw):
-    """The adapter's variants are core_algos.pgpo_variant_weights on its k3 scores (the loop's code)."""
+    """The adapter's variants are core_algos.pgpo_weights on its k3 scores (the loop's code)."""
     from pgpo_train import core_algos
     from pgpo_train.weight_variants import control_generator
 
     batch, seq_adv = _verl_like_batch()
     mask = batch["response_mask"].bool()
     s = torch.where(mask, k3_kl_ref(batch["old_log_probs"], batch["pgpo_text_log_probs"]), 0.0).float()
-    want = core_algos.pgpo_variant_weights(s, mask, backend="torch", generator=control_generator(3, 5), **kw)
+    want = core_algos.pgpo_weights(s, mask, backend="torch", generator=control_generator(3, 5), **kw)
     weights, metrics = pgpo_reshape_advantages_(batch, backend="torch", generator=control_generator(3, 5), **kw)
     torch.testing.assert_close(weights, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batch["advantages"], seq_adv[:, None] * want, atol=1e-5, rtol=1e-5)

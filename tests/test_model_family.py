@@ -216,24 +216,27 @@ def test_pgpo_train_step_runs_on_the_other_qwen_families(name):
     """pgpo-train's own loop (rollout, both passes, update) on Qwen2-VL and Qwen3-VL: old log-probs match the
     update's forward (ppo_kl ~ 0), the weights are reshaped."""
     from pgpo_train import core_algos
-    from pgpo_train import train as tr
+    from pgpo_train import policy
+    from pgpo_train import sampling
+    from pgpo_train import scoring
+    from pgpo_train import update
     from pgpo_train.config import TrainConfig
 
     cfg = TrainConfig(algo="pgpo", max_new_tokens=6).resolved()
     cfg.pgpo.backend = "torch"
     model, processor = build_tiny_family(name)
-    tr.check_vlm(model, processor)
-    opt = tr.make_optimizer(model, 1e-3, 0.0)
+    mf.check_processor(model, processor)
+    opt = policy.make_optimizer(model, 1e-3, 0.0)
     recs = make_count_records(2, seed=0)
-    batch, _ = tr.rollout(model, processor, recs, cfg, "cpu", {})
+    batch, _ = sampling.rollout(model, processor, recs, cfg, "cpu", {})
     batch.pop("texts")
     assert not torch.isin(batch["responses"], torch.tensor(mf.special_ids(model))).any()  # suppressed
     noisy = batch["rewards"] + torch.arange(len(batch["rewards"])).float()  # any non-constant rewards
     batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(noisy, cfg.group_size)
-    batch.update(tr.old_logp_and_scores(model, batch, cfg, {}))
-    tok_adv, w = tr.token_advantages(batch, cfg, {})
+    batch.update(scoring.old_logp_and_scores(model, batch, cfg, {}))
+    tok_adv, w = scoring.token_advantages(batch, cfg, {})
     assert w["pgpo/weight_max"] > 1.0
-    m = tr.policy_update(model, opt, batch, tok_adv, cfg, {})
+    m = update.policy_update(model, opt, batch, tok_adv, cfg, {})
     assert abs(m["actor/ppo_kl"]) < 1e-5 and m["actor/grad_norm"] > 0
 
 

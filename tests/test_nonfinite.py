@@ -73,7 +73,7 @@ def _logit_rows(dtype: torch.dtype):
     b[11, 0] = NAN
     a[12, 0] = NAN
     b[12] = -INF
-    a[13, 3] = -INF; b[13, 3] = -INF  # both -inf at the same token: fine
+    a[13, 3] = b[13, 3] = -INF  # both -inf at the same token: fine
     a[14] *= 1e30  # large but far from overflow
     b[14] = a[14] + torch.randn(V, generator=g) * 1e30
     a[15, 11] = -big  # one huge negative logit, the rest ordinary

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from pgpo_train import core_algos
 from pgpo_train.cli import _train_parser
 from pgpo_train.cli import learned_lines
 from pgpo_train.cli import main
@@ -52,7 +53,7 @@ def test_learned_lines_report_both_evals_with_se():
 
 
 def test_eval_summary_reads_the_log(tmp_path):
-    from pgpo_train.train import eval_summary
+    from pgpo_train.run_log import eval_summary
 
     rows = [
         {"step": 5, "phase": "sft", "eval/acc": 0.25},
@@ -72,9 +73,12 @@ def _cfg(min_spread):
     return c
 
 
+def pgpo_weights(scores, mask, cfg):
+    return core_algos.pgpo_weights(scores, mask, **cfg.pgpo.weight_kwargs())
+
+
 def test_min_spread_uniform_weights_on_flat_sequences():
-    from pgpo_train.train import flat_sequences
-    from pgpo_train.train import pgpo_weights
+    from pgpo_train.core_algos import flat_sequences
 
     scores = torch.tensor(
         [

@@ -11,7 +11,7 @@ import torch
 from pgpo_train import train as train_mod
 from pgpo_train.cli import _train_parser
 from pgpo_train.cli import main
-from pgpo_train.config import PGPOConfig
+from pgpo_train.config import PGPOWeightsConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.config import config_from_args
 from pgpo_train.train import train
@@ -97,7 +97,7 @@ def test_triton_backend_on_cpu_without_interpreter(tmp_path, capsys, monkeypatch
     msg = _cli_error(["--pgpo.backend", "triton", "--out-dir", str(tmp_path / "r")], capsys)
     assert msg.startswith("--pgpo.backend triton needs a CUDA device")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs it (slowly): accepted
-    TrainConfig(pgpo=PGPOConfig(backend="triton"), out_dir=str(tmp_path / "r")).resolved()
+    TrainConfig(pgpo=PGPOWeightsConfig(backend="triton"), out_dir=str(tmp_path / "r")).resolved()
 
 
 @pytest.mark.parametrize("args", ["--dtype foo", "--pgpo.backend foo", "--lr abc", "--no-such-flag 1"])
@@ -115,9 +115,9 @@ def test_api_checks_types_and_choices():
         ({"lr": "1e-4"}, "--lr must be float"),
         ({"steps": 2.5}, "--steps must be int"),
         ({"progress": "no"}, "--progress must be bool"),
-        ({"pgpo": PGPOConfig(renormalize="no")}, "--pgpo.renormalize must be bool"),
-        ({"pgpo": PGPOConfig(backend="cuda")}, "--pgpo.backend must be auto, torch or triton"),
-        ({"pgpo": PGPOConfig(eps=float("inf"))}, "--pgpo.eps must be a finite number"),
+        ({"pgpo": PGPOWeightsConfig(renormalize="no")}, "--pgpo.renormalize must be bool"),
+        ({"pgpo": PGPOWeightsConfig(backend="cuda")}, "--pgpo.backend must be auto, torch or triton"),
+        ({"pgpo": PGPOWeightsConfig(eps=float("inf"))}, "--pgpo.eps must be a finite number"),
         ({"acc_weight": 0.0, "format_weight": 0.0}, "--acc-weight and --format-weight are both 0"),
     ]:
         with pytest.raises(ValueError, match=flag.replace(".", r"\.")):

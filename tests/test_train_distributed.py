@@ -20,6 +20,8 @@ import torch
 import torch.multiprocessing as mp
 
 from pgpo_train import dist_checkpoint
+from pgpo_train import model_family
+from pgpo_train import sampling
 from pgpo_train import train as train_mod
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.config import TrainConfig
@@ -34,7 +36,7 @@ def _record_seed(rec: dict) -> int:
     return int(h.hexdigest()[:8], 16)
 
 
-_REAL_ROLLOUT = train_mod.rollout
+_REAL_ROLLOUT = sampling.rollout
 
 
 def _patched_rollout(mode: str):
@@ -43,7 +45,7 @@ def _patched_rollout(mode: str):
     def rollout(model, processor, records, cfg, device, times):
         tok = processor.tokenizer
         G, T = cfg.group_size, cfg.max_new_tokens
-        banned = set(train_mod.visual_special_ids(model))
+        banned = set(model_family.special_ids(model))
         allowed = torch.tensor([i for i in range(len(tok)) if i not in banned])
 
         def generate(**kw):
@@ -109,7 +111,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
 
     real_save, real_load, real_update = dist_checkpoint.save, dist_checkpoint.load, train_mod.policy_update
     for job in jobs:
-        train_mod.rollout = _patched_rollout(job["answers"])
+        sampling.rollout = _patched_rollout(job["answers"])
         kept = []  # rows this rank updated on, per step (0: only zero-weight forwards)
 
         def policy_update(model, optimizer, batch, tok_adv, *a, _kept=kept, **kw):
@@ -136,7 +138,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
 
         dist_checkpoint.save, dist_checkpoint.load = save, load
         if job.get("sigterm_at_rollout") and rank == 1:  # one rank gets the signal, during a step
-            train_mod.rollout = _signalling(train_mod.rollout, job["sigterm_at_rollout"])
+            sampling.rollout = _signalling(sampling.rollout, job["sigterm_at_rollout"])
         try:
             out = train_mod.train(TrainConfig(**job["cfg"]))
         except Exception as e:
@@ -200,7 +202,7 @@ def _lines(run_dir) -> list[dict]:
 
 
 def _single(cfg: dict, answers: str, monkeypatch) -> dict:
-    monkeypatch.setattr(train_mod, "rollout", _patched_rollout(answers))
+    monkeypatch.setattr(sampling, "rollout", _patched_rollout(answers))
     return _full_params(train_mod.train(TrainConfig(**cfg))["model"])
 
 
@@ -279,7 +281,7 @@ def runs(tmp_path_factory, data):
         ]
     )
     with pytest.MonkeyPatch.context() as mpatch:  # the killed 2-rank run's step-2 checkpoint, resumed in one process
-        mpatch.setattr(train_mod, "rollout", _patched_rollout("inject"))
+        mpatch.setattr(sampling, "rollout", _patched_rollout("inject"))
         loaded = {}
         real_load = dist_checkpoint.load
 

@@ -4,9 +4,13 @@ of pgpo_train.model_family, with their tiny random models (pgpo_train.tiny_famil
 import pytest
 import torch
 
+from pgpo_train import batching
 from pgpo_train import core_algos
 from pgpo_train import model_family as mf
-from pgpo_train import train as tr
+from pgpo_train import policy
+from pgpo_train import sampling
+from pgpo_train import scoring
+from pgpo_train import update
 from pgpo_train.config import TrainConfig
 from pgpo_train.tiny import make_count_records
 from pgpo_train.tiny_families import build_tiny_family
@@ -21,20 +25,20 @@ def test_pgpo_train_step_runs_on_1d_rope_families(name):
     cfg = TrainConfig(algo="pgpo", max_new_tokens=6, micro_batch_size=1).resolved()
     cfg.pgpo.backend = "torch"
     model, processor = build_tiny_family(name)
-    tr.check_vlm(model, processor)  # no refusal
-    opt = tr.make_optimizer(model, 1e-3, 0.0)
-    batch, _ = tr.rollout(model, processor, make_count_records(2, seed=0), cfg, "cpu", {})
+    mf.check_processor(model, processor)  # no refusal
+    opt = policy.make_optimizer(model, 1e-3, 0.0)
+    batch, _ = sampling.rollout(model, processor, make_count_records(2, seed=0), cfg, "cpu", {})
     batch.pop("texts")
     assert batch["position_ids"].shape == batch["input_ids"].shape  # 1-D positions
     assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] or name == "internvl"  # one image per row
     assert not torch.isin(batch["responses"], torch.tensor(mf.special_ids(model))).any()
     noisy = batch["rewards"] + torch.arange(len(batch["rewards"])).float()
     batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(noisy, cfg.group_size)
-    batch.update(tr.old_logp_and_scores(model, batch, cfg, {}))
-    _, w = tr.token_advantages(batch, cfg, {})
+    batch.update(scoring.old_logp_and_scores(model, batch, cfg, {}))
+    _, w = scoring.token_advantages(batch, cfg, {})
     assert w["pgpo/weight_max"] > 1.0 > w["pgpo/weight_min"]
-    tok_adv, _ = tr.token_advantages(batch, cfg, {})
-    m = tr.policy_update(model, opt, batch, tok_adv, cfg, {})
+    tok_adv, _ = scoring.token_advantages(batch, cfg, {})
+    m = update.policy_update(model, opt, batch, tok_adv, cfg, {})
     assert abs(m["actor/ppo_kl"]) < 1e-5 and m["actor/grad_norm"] > 0
 
 
@@ -46,12 +50,12 @@ def test_micro_batch_rows_see_their_own_image(name):
     model, processor = build_tiny_family(name)
     model.eval()
     recs = make_count_records(2, seed=1)
-    batch, _ = tr.rollout(model, processor, recs, cfg, "cpu", {})
+    batch, _ = sampling.rollout(model, processor, recs, cfg, "cpu", {})
     batch.pop("texts")
     T = batch["responses"].shape[1]
-    full = tr.response_logits(model, tr.visual_kwargs(batch), T, 1.0)
+    full = policy.response_logits(model, batching.visual_kwargs(model, batch), T, 1.0)
     idx = torch.tensor([batch["input_ids"].shape[0] - 1, 0])
-    part = tr.response_logits(model, tr.visual_kwargs(tr.select_rows(batch, idx)), T, 1.0)
+    part = policy.response_logits(model, batching.visual_kwargs(model, batching.select_rows(model, batch, idx)), T, 1.0)
     torch.testing.assert_close(part, full[idx], atol=1e-5, rtol=1e-5)
 
 
@@ -59,24 +63,24 @@ def test_micro_batch_rows_see_their_own_image(name):
 def test_refill_concat_keeps_the_1d_families_image_tensors():
     """Dynamic sampling's concat_rollouts merges two rounds' image tensors (LLaVA-OneVision's image_sizes too): each
     merged row's visual logits equal its own round's."""
-    from pgpo_train.refill import concat_rollouts
+    from pgpo_train.batching import concat_rollouts
 
     cfg = TrainConfig(algo="grpo", max_new_tokens=4).resolved()
     model, processor = build_tiny_family("llava_onevision")
     model.eval()
     parts = []
     for seed in (2, 3):
-        b, _ = tr.rollout(model, processor, make_count_records(1, seed=seed), cfg, "cpu", {})
+        b, _ = sampling.rollout(model, processor, make_count_records(1, seed=seed), cfg, "cpu", {})
         b.pop("texts")
         parts.append(b)
     merged = concat_rollouts(model, parts, processor.tokenizer.pad_token_id)
     assert merged["image_sizes"].shape[0] == merged["pixel_values"].shape[0] == merged["input_ids"].shape[0]
     T = merged["responses"].shape[1]
-    logits = tr.response_logits(model, tr.visual_kwargs(merged), T, 1.0)
+    logits = policy.response_logits(model, batching.visual_kwargs(model, merged), T, 1.0)
     n0 = parts[0]["input_ids"].shape[0]
     for i, p in enumerate(parts):
         t = p["responses"].shape[1]
-        own = tr.response_logits(model, tr.visual_kwargs(p), t, 1.0)
+        own = policy.response_logits(model, batching.visual_kwargs(model, p), t, 1.0)
         rows = slice(i * n0, i * n0 + p["input_ids"].shape[0])
         mask = p["response_mask"].bool()
         torch.testing.assert_close(logits[rows, :t][mask], own[mask], atol=1e-4, rtol=1e-4)
@@ -87,10 +91,10 @@ def test_internvl_rows_own_their_tiles():
     """InternVL's processor tiles each image into crops: num_tiles counts each row's, select_rows keeps them whole."""
     cfg = TrainConfig(algo="grpo", max_new_tokens=4).resolved()
     model, processor = build_tiny_family("internvl")
-    batch, _ = tr.rollout(model, processor, make_count_records(2, seed=4), cfg, "cpu", {})
+    batch, _ = sampling.rollout(model, processor, make_count_records(2, seed=4), cfg, "cpu", {})
     tiles = batch["num_tiles"]
     assert int(tiles.sum()) == batch["pixel_values"].shape[0] and bool((tiles > 1).all())
-    sel = tr.select_rows(batch, torch.tensor([3]))
+    sel = batching.select_rows(model, batch, torch.tensor([3]))
     first = int(tiles[:3].sum())
     torch.testing.assert_close(sel["pixel_values"], batch["pixel_values"][first : first + int(tiles[3])])
 

@@ -12,11 +12,11 @@ from pgpo_train.cli import main
 from pgpo_train.config import TrainConfig
 from pgpo_train.lm_head import check_fused_lm_head
 from pgpo_train.lm_head import use_fused_lm_head
+from pgpo_train.sampling import rollout
+from pgpo_train.scoring import old_logp_and_scores
 from pgpo_train.tiny import build_tiny
 from pgpo_train.tiny import make_count_records
 from pgpo_train.tiny import save_count_dataset
-from pgpo_train.train import old_logp_and_scores
-from pgpo_train.train import rollout
 
 CPU = torch.device("cpu")
 

@@ -114,7 +114,7 @@ def test_update_changes_params_k3_no_dynamic_sampling(assets, tmp_path, estimato
         assets, tmp_path / "k3", steps=1, sft_steps=0, dynamic_sampling="off", group_size=4, lr=1e-2, weight_decay=0.0
     )
     cfg.pgpo.estimator = estimator
-    from pgpo_train.train import load_policy
+    from pgpo_train.policy import load_policy
 
     before = _params(load_policy(cfg.resolved(), torch.device("cpu"))[0])
     out = train(cfg)
@@ -207,28 +207,30 @@ def test_undecodable_image_is_skipped_and_counted(assets, tmp_path):
 def test_model_without_image_tokens_is_refused(assets):
     from types import SimpleNamespace
 
+    from pgpo_train.model_family import check_processor
     from pgpo_train.tiny import load_processor
-    from pgpo_train.train import check_vlm
 
     processor = load_processor(assets["model"])
     with pytest.raises(ValueError, match="no image tokens"):
-        check_vlm(SimpleNamespace(config=SimpleNamespace()), processor)
+        check_processor(SimpleNamespace(config=SimpleNamespace()), processor)
 
 
 def test_fused_token_stats_path_matches_unfused(assets, tmp_path, monkeypatch):
     """The loop's token_stats old-log-prob/KL path (one read of each logit tensor) gives the unfused results."""
-    from pgpo_train import train as train_mod
+    from pgpo_train import policy
+    from pgpo_train import sampling
+    from pgpo_train import scoring
 
     for estimator in ("full", "k3"):
         cfg = _cfg(assets, tmp_path / estimator, steps=1, sft_steps=0).resolved()
         cfg.pgpo.estimator = estimator
-        model, processor = train_mod.load_policy(cfg, torch.device("cpu"))
+        model, processor = policy.load_policy(cfg, torch.device("cpu"))
         records = make_count_records(2, seed=4)
-        batch, _ = train_mod.rollout(model, processor, records, cfg, torch.device("cpu"), {})
+        batch, _ = sampling.rollout(model, processor, records, cfg, torch.device("cpu"), {})
         batch.pop("texts")
-        fused = train_mod.old_logp_and_scores(model, batch, cfg, {})
+        fused = scoring.old_logp_and_scores(model, batch, cfg, {})
         monkeypatch.setenv("PGPO_NO_TOKEN_STATS", "1")
-        plain = train_mod.old_logp_and_scores(model, batch, cfg, {})
+        plain = scoring.old_logp_and_scores(model, batch, cfg, {})
         monkeypatch.delenv("PGPO_NO_TOKEN_STATS")
         m = batch["response_mask"].bool()
         for key in ("old_logp", "entropy", "scores"):

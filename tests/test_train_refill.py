@@ -4,7 +4,7 @@ rounds holds, no refill keeps the first round's kept groups exactly; merged roll
 import pytest
 import torch
 
-from pgpo_train.refill import concat_rollouts
+from pgpo_train.batching import concat_rollouts
 from pgpo_train.refill import refill_groups
 
 G = 4
@@ -78,11 +78,11 @@ def test_no_refill_keeps_the_old_behaviour():
 def test_concat_rollouts_equals_one_batch():
     """Rollouts of different prompt / response lengths, merged, give the same sequences and 3-D positions as
     build_sequences on the whole batch at once (valid tokens; pads may sit elsewhere)."""
+    from pgpo_train.batching import build_sequences
+    from pgpo_train.batching import encode_prompts
     from pgpo_train.tasks import make_grid_records
     from pgpo_train.tiny import build_tiny
     from pgpo_train.tiny import make_count_records
-    from pgpo_train.train import build_sequences
-    from pgpo_train.train import encode_prompts
 
     model, proc = build_tiny()
     pad = proc.tokenizer.pad_token_id

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from pgpo_train import core_algos
 from pgpo_train import train as train_mod
 from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import read_trainer_state
@@ -249,14 +250,14 @@ def test_signal_to_the_cli_saves_prints_resume_and_resumes_exactly(reference_cli
 
 
 def test_nan_token_weight_stops_naming_the_step(tmp_path, monkeypatch):
-    weights = train_mod.pgpo_weights
+    weights = core_algos.pgpo_weights
 
-    def nan_in_one_response(scores, mask, cfg):
-        w = weights(scores, mask, cfg)
+    def nan_in_one_response(scores, mask, **kw):
+        w = weights(scores, mask, **kw)
         w[0] = float("nan")  # what the kernels give a response with a NaN logit (NONFINITE_RULES 2, 5)
         return w
 
-    monkeypatch.setattr(train_mod, "pgpo_weights", nan_in_one_response)
+    monkeypatch.setattr(core_algos, "pgpo_weights", nan_in_one_response)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"^step 5: the PGPO token weights of 1 of 8 responses are not finite"):
         train(_cfg(out, sft_steps=4, steps=2))

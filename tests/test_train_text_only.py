@@ -1,12 +1,11 @@
-"""The text-only pass (SPEC section 1): attends to no visual token, keeps the original 3-D positions."""
+"""The text-only pass (SPEC section 1) on Qwen2.5-VL: attends to no visual token, keeps the original 3-D positions
+(pgpo_train.model_family; pgpo_train.text_only keeps deprecated aliases)."""
 
 import pytest
 import torch
 
-from pgpo_train.text_only import mrope_position_ids
-from pgpo_train.text_only import text_only_inputs
-from pgpo_train.text_only import visual_inputs
-from pgpo_train.text_only import visual_token_mask
+from pgpo_train import model_family as mf
+from pgpo_train.model_family import text_only_inputs
 from pgpo_train.tiny import TINY_PROMPT_TEMPLATE
 from pgpo_train.tiny import build_tiny
 from pgpo_train.tiny import make_count_records
@@ -39,9 +38,9 @@ def tiny_batch():
 
 def test_positions_are_3d_and_match_processor_route(tiny_batch):
     model, b = tiny_batch
-    pos = mrope_position_ids(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    pos = mf.position_ids(model, b["input_ids"], b["attention_mask"], image_grid_thw=b["image_grid_thw"])
     assert pos.shape == (3, *b["input_ids"].shape)
-    vis = visual_token_mask(b["input_ids"], model.config)
+    vis = mf.visual_mask(model, b["input_ids"])
     # image tokens of a 2x2 grid share the temporal position and vary in height/width: truly 3-D
     assert not torch.equal(pos[1][vis], pos[2][vis])
     # the model's own route (mm_token_type_ids from the processor) gives the same positions
@@ -55,7 +54,7 @@ def test_positions_are_3d_and_match_processor_route(tiny_batch):
     # and the visual pass with explicit positions equals the model's default forward
     with torch.no_grad():
         a = model(
-            **visual_inputs(b["input_ids"], b["attention_mask"], pos, b["pixel_values"], b["image_grid_thw"])
+            **mf.visual_inputs(model, b["input_ids"], b["attention_mask"], pos, b)
         ).logits
         model.model.rope_deltas = None
         c = model(**b).logits
@@ -65,10 +64,10 @@ def test_positions_are_3d_and_match_processor_route(tiny_batch):
 
 def test_text_only_equals_deleting_visual_tokens_keeping_positions(tiny_batch):
     model, b = tiny_batch
-    pos = mrope_position_ids(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    pos = mf.position_ids(model, b["input_ids"], b["attention_mask"], image_grid_thw=b["image_grid_thw"])
     kw = text_only_inputs(model, b["input_ids"], b["attention_mask"], pos)
     assert "pixel_values" not in kw
-    vis = visual_token_mask(b["input_ids"], model.config)
+    vis = mf.visual_mask(model, b["input_ids"])
     assert not kw["attention_mask"].bool()[vis].any()
     with torch.no_grad():
         txt = model(**kw).logits  # [B, L, V]
@@ -90,9 +89,9 @@ def test_text_only_equals_deleting_visual_tokens_keeping_positions(tiny_batch):
 def test_text_only_ignores_visual_content(tiny_batch):
     """Zeroed (or random) embeddings on the visual tokens change nothing: they are not attended."""
     model, b = tiny_batch
-    pos = mrope_position_ids(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    pos = mf.position_ids(model, b["input_ids"], b["attention_mask"], image_grid_thw=b["image_grid_thw"])
     kw = text_only_inputs(model, b["input_ids"], b["attention_mask"], pos)
-    vis = visual_token_mask(b["input_ids"], model.config)
+    vis = mf.visual_mask(model, b["input_ids"])
     with torch.no_grad():
         txt = model(**kw).logits
         emb = model.get_input_embeddings()(b["input_ids"])
@@ -103,7 +102,7 @@ def test_text_only_ignores_visual_content(tiny_batch):
             assert (txt - alt)[keep].abs().max() < 1e-6
         # while the visual pass does depend on the image
         vis_logits = model(
-            **visual_inputs(b["input_ids"], b["attention_mask"], pos, b["pixel_values"], b["image_grid_thw"])
+            **mf.visual_inputs(model, b["input_ids"], b["attention_mask"], pos, b)
         ).logits
     after = b["attention_mask"].bool() & ~vis & (vis.long().cumsum(-1) > 0)
     assert (txt - vis_logits)[after].abs().max() > 1e-4
@@ -111,21 +110,21 @@ def test_text_only_ignores_visual_content(tiny_batch):
 
 def test_bad_inputs_are_refused(tiny_batch):
     model, b = tiny_batch
-    with pytest.raises(ValueError, match=r"position_ids must be \[3, B, L\]"):
+    with pytest.raises(ValueError, match=r"position_ids must be \[3, 3, "):
         text_only_inputs(model, b["input_ids"], b["attention_mask"], b["input_ids"])
-    with pytest.raises(ValueError, match="get_rope_index"):
-        mrope_position_ids(torch.nn.Linear(2, 2), b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    with pytest.raises(ValueError, match="supported families"):
+        mf.position_ids(torch.nn.Linear(2, 2), b["input_ids"], b["attention_mask"], image_grid_thw=b["image_grid_thw"])
 
 
 def test_training_forward_matches_generate(tiny_batch):
     """Log-probs of sampled tokens recomputed with explicit 3-D positions equal generate()'s own (left-padded batch,
     stale rope_deltas left on the model by generate): the policy gradient sees the sampling distribution."""
-    from pgpo_train.train import build_sequences
-    from pgpo_train.train import encode_prompts
-    from pgpo_train.train import eos_ids
-    from pgpo_train.train import response_logits
-    from pgpo_train.train import response_mask_from
-    from pgpo_train.train import visual_kwargs
+    from pgpo_train.batching import build_sequences
+    from pgpo_train.batching import encode_prompts
+    from pgpo_train.batching import response_mask_from
+    from pgpo_train.batching import visual_kwargs
+    from pgpo_train.policy import eos_ids
+    from pgpo_train.policy import response_logits
 
     model, _ = tiny_batch
     from pgpo_train.tiny import build_processor
@@ -148,7 +147,7 @@ def test_training_forward_matches_generate(tiny_batch):
     mask = response_mask_from(resp, stop)
     batch = build_sequences(model, prompt, resp, mask, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = response_logits(model, visual_kwargs(batch), resp.shape[1], 1.0)
+        logits = response_logits(model, visual_kwargs(model, batch), resp.shape[1], 1.0)
     lp_fwd = torch.log_softmax(logits, -1).gather(-1, batch["responses"][..., None]).squeeze(-1)
     lp_gen = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, resp[..., None]).squeeze(-1)
     assert ((lp_fwd - lp_gen).abs() * mask).max() < 1e-4
@@ -156,14 +155,50 @@ def test_training_forward_matches_generate(tiny_batch):
 
 def test_select_images_splits_by_image_not_evenly():
     """Samples with 2, 0 and 1 images of different patch counts: each keeps exactly its own rows (SPEC section 4)."""
-    from pgpo_train.text_only import select_images
+    from types import SimpleNamespace
 
+    qwen = SimpleNamespace(model_type="qwen2_5_vl")  # a config: the family (and its "patches" layout) is all it needs
     grid = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 4, 4]])  # 4, 8 and 16 patch rows
     pixels = torch.arange(28.0)[:, None].expand(28, 3)  # row r holds r
-    px, g = select_images(pixels, grid, [2, 0], num_images=[2, 0, 1])
-    assert g.tolist() == [[1, 4, 4], [1, 2, 2], [1, 2, 4]]
-    assert px[:, 0].tolist() == list(range(12, 28)) + list(range(12))
-    px, g = select_images(pixels, grid, [1], num_images=[2, 0, 1])
-    assert px.shape == (0, 3) and g.shape == (0, 3)
-    px, g = select_images(pixels[:12], grid[:2], [1])  # one image per sample by default
-    assert g.tolist() == [[1, 2, 4]] and px[:, 0].tolist() == list(range(4, 12))
+    mm = {"pixel_values": pixels, "image_grid_thw": grid}
+    out = mf.select_images(qwen, mm, [2, 0], num_images=[2, 0, 1])
+    assert out["image_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 2], [1, 2, 4]]
+    assert out["pixel_values"][:, 0].tolist() == list(range(12, 28)) + list(range(12))
+    assert mf.select_images(qwen, mm, [1], num_images=[2, 0, 1]) == {}  # a sample without images
+    out = mf.select_images(qwen, {"pixel_values": pixels[:12], "image_grid_thw": grid[:2]}, [1])  # one image each
+    assert out["image_grid_thw"].tolist() == [[1, 2, 4]] and out["pixel_values"][:, 0].tolist() == list(range(4, 12))
+
+
+def test_select_images_follows_the_familys_pixel_layout():
+    """The layout comes from the family's field, not from the tensors' shapes or the family's name."""
+    from types import SimpleNamespace
+
+    px = torch.arange(6.0)[:, None]
+    per_image = mf.select_images(SimpleNamespace(model_type="gemma3"), {"pixel_values": px}, [4, 1])
+    assert per_image["pixel_values"][:, 0].tolist() == [4.0, 1.0]
+    idefics = mf.select_images(SimpleNamespace(model_type="idefics3"),
+                               {"pixel_values": px, "pixel_attention_mask": px > 2}, [5])
+    assert idefics["pixel_values"].tolist() == [[5.0]] and idefics["pixel_attention_mask"].tolist() == [[True]]
+    internvl = SimpleNamespace(model_type="internvl")
+    tiles = mf.select_images(internvl, {"pixel_values": px}, [2, 0], num_tiles=[1, 2, 3])
+    assert tiles["pixel_values"][:, 0].tolist() == [3.0, 4.0, 5.0, 0.0]
+    with pytest.raises(ValueError, match="needs num_tiles"):
+        mf.select_images(internvl, {"pixel_values": px}, [0])
+    assert {f.pixel_layout for f in mf.FAMILIES} == set(mf.PIXEL_LAYOUTS)
+
+
+def test_text_only_module_is_deprecated_aliases(tiny_batch):
+    """pgpo_train.text_only stays one release as warning aliases of model_family with the same results."""
+    from pgpo_train import text_only
+
+    model, b = tiny_batch
+    with pytest.warns(DeprecationWarning, match="model_family"):
+        pos = text_only.mrope_position_ids(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    assert torch.equal(pos, mf.position_ids(model, b["input_ids"], b["attention_mask"],
+                                            image_grid_thw=b["image_grid_thw"]))
+    with pytest.warns(DeprecationWarning):
+        kw = text_only.text_only_inputs(model, b["input_ids"], b["attention_mask"], pos)
+    assert torch.equal(kw["attention_mask"], text_only_inputs(model, b["input_ids"], b["attention_mask"], pos)[
+        "attention_mask"])
+    with pytest.warns(DeprecationWarning):
+        assert text_only.image_token_ids(model.config) == mf.placeholder_ids(model)

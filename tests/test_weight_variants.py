@@ -35,7 +35,7 @@ def test_defaults_equal_the_kernel():
         got = variant_weights(scores, mask, renormalize=renorm)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # the dispatcher takes the kernel itself when every option is at its default: byte-identical
-    assert torch.equal(core_algos.pgpo_variant_weights(scores, mask, backend="torch"), reshape_weights(scores, mask))
+    assert torch.equal(core_algos.pgpo_weights(scores, mask, backend="torch"), reshape_weights(scores, mask))
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_defaults_equal_the_kernel():
 )
 def test_every_variant_keeps_the_mass_and_zero_padding(kw):
     scores, mask = _batch(1)
-    w = core_algos.pgpo_variant_weights(scores, mask, generator=control_generator(0, 1), **kw)
+    w = core_algos.pgpo_weights(scores, mask, generator=control_generator(0, 1), **kw)
     assert torch.isfinite(w).all()
     torch.testing.assert_close(w.sum(-1), mask.sum(-1).float(), rtol=1e-5, atol=1e-5)
     assert (w[~mask] == 0).all()
@@ -59,16 +59,16 @@ def test_every_variant_keeps_the_mass_and_zero_padding(kw):
 
 def test_shuffled_keeps_each_rows_weights_moves_them_and_is_seeded():
     scores, mask = _batch(2)
-    plain = core_algos.pgpo_variant_weights(scores, mask)
-    w = core_algos.pgpo_variant_weights(scores, mask, control="shuffled", generator=control_generator(7, 3))
+    plain = core_algos.pgpo_weights(scores, mask)
+    w = core_algos.pgpo_weights(scores, mask, control="shuffled", generator=control_generator(7, 3))
     for i in range(scores.shape[0]):
         torch.testing.assert_close(w[i][mask[i]].sort().values, plain[i][mask[i]].sort().values)
     assert (w[~mask] == 0).all() and not torch.equal(w, plain)
-    again = core_algos.pgpo_variant_weights(scores, mask, control="shuffled", generator=control_generator(7, 3))
-    other = core_algos.pgpo_variant_weights(scores, mask, control="shuffled", generator=control_generator(7, 4))
+    again = core_algos.pgpo_weights(scores, mask, control="shuffled", generator=control_generator(7, 3))
+    other = core_algos.pgpo_weights(scores, mask, control="shuffled", generator=control_generator(7, 4))
     assert torch.equal(w, again) and not torch.equal(w, other)  # a function of (seed, step): resumable
     with pytest.raises(ValueError, match="generator"):
-        core_algos.pgpo_variant_weights(scores, mask, control="shuffled")
+        core_algos.pgpo_weights(scores, mask, control="shuffled")
 
 
 def test_shuffle_is_uniform_over_positions():
@@ -82,13 +82,13 @@ def test_shuffle_is_uniform_over_positions():
 
 def test_inverted_reverses_the_order():
     scores, mask = _batch(3)
-    w = core_algos.pgpo_variant_weights(scores, mask, control="inverted")
+    w = core_algos.pgpo_weights(scores, mask, control="inverted")
     for i in (0, 1):  # ordinary rows: weights non-increasing in S
         s, wi = scores[i][mask[i]], w[i][mask[i]]
         order = s.argsort()
         assert (wi[order].diff() <= 1e-6).all()
         assert wi[s.argmax()] == wi.min() and wi[s.argmin()] == wi.max()
-    plain = core_algos.pgpo_variant_weights(scores, mask)
+    plain = core_algos.pgpo_weights(scores, mask)
     assert plain[5, 3] == plain[5].max() and w[5, 3] == w[5][mask[5]].min()  # +inf: the least weight when inverted
 
 
@@ -110,7 +110,7 @@ def test_quantile_tau_gates_that_share_and_floor_bounds_the_weights():
 def test_nan_score_poisons_its_row_only():
     scores, mask = _batch(5)
     scores[0, 2] = math.nan
-    w = core_algos.pgpo_variant_weights(scores, mask, control="inverted")
+    w = core_algos.pgpo_weights(scores, mask, control="inverted")
     assert torch.isnan(w[0]).all() and torch.isfinite(w[1:]).all()
 
 
@@ -118,7 +118,7 @@ def test_bad_variant_arguments_are_named():
     s, m = _batch()
     for kw, name in (({"control": "random"}, "control"), ({"tau_mode": "rank"}, "tau_mode"), ({"floor": -1}, "floor")):
         with pytest.raises(ValueError, match=name):
-            core_algos.pgpo_variant_weights(s, m, **kw)
+            core_algos.pgpo_weights(s, m, **kw)
 
 
 def _gini(x):
@@ -140,7 +140,7 @@ def test_diagnostics_match_their_definitions():
     # |A w|: ten tokens of 1 and one of 12 (16 valid tokens: top 1% = 1 token, top 10% = 2 tokens)
     assert d["pgpo/top1_mass"] == pytest.approx(12 / 22) and d["pgpo/top10_mass"] == pytest.approx(13 / 22)
     scores, m = _batch(6)
-    w = core_algos.pgpo_variant_weights(scores, m)
+    w = core_algos.pgpo_weights(scores, m)
     rows = [w[i][m[i]].tolist() for i in range(w.shape[0]) if m[i].any()]
     d = weight_diagnostics(w, w, m)
     assert float(d["pgpo/weight_gini"]) == pytest.approx(sum(map(_gini, rows)) / len(rows), abs=1e-5)

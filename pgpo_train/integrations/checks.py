@@ -14,8 +14,8 @@ from pgpo_kernels.utils import check_reshape_params
 # %% verl
 
 # The mixin's options under `algorithm.pgpo` (SPEC section 2): a typo must not fall back to a default silently.
-VERL_PGPO_KEYS = ("enable", "tau", "beta", "eps", "renormalize", "visual_token_ids", "control", "tau_mode", "floor",
-                  "seed")
+VERL_PGPO_KEYS = ("enable", "tau", "beta", "eps", "renormalize", "min_spread", "visual_token_ids", "control",
+                  "tau_mode", "floor", "seed")
 
 # verl's actor strategies whose VLM forward keeps the batch's position ids: the FSDP engine packs the (holed)
 # attention mask into varlen sequences and passes `position_ids` (text row + 3 mrope rows) through, so the kept tokens

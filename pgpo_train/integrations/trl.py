@@ -32,14 +32,15 @@ from pgpo_kernels.utils import BACKENDS
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
 from pgpo_train import model_family
+from pgpo_train.core_algos import WEIGHT_METRIC_MAX
+from pgpo_train.core_algos import WEIGHT_METRIC_MIN
+from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations import checks
 from pgpo_train.integrations import fused_passes
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import apply_variants
 from pgpo_train.integrations.token_scores import check_estimator
-from pgpo_train.integrations.token_scores import diagnostic_metrics
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.integrations.token_scores import weight_metrics
 from pgpo_train.weight_variants import check_variant_args
 from pgpo_train.weight_variants import control_generator
 
@@ -94,6 +95,11 @@ class PGPOConfig(GRPOConfig):
         metadata={"help": "Softmax temperature of the token KL ('full' only); None = the sampling temperature."},
     )
     pgpo_renormalize: bool = field(default=True, metadata={"help": "Keep each sequence's weight mass (SPEC 2)."})
+    pgpo_min_spread: float = field(
+        default=0.0,
+        metadata={"help": "Uniform weights for a sequence whose log1p(KL) spread is below this; 0 = off (our "
+                  "choice, as pgpo-train's --pgpo.min-spread)."},
+    )
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
     # issue 17 (README "PGPO variants and controls"); defaults: the paper's formula
     pgpo_control: str = field(default="none", metadata={"help": "none, shuffled (weights permuted within each "
@@ -120,6 +126,8 @@ def check_pgpo_args(args) -> None:
         raise ValueError(liger_problem())
     check_estimator(args.pgpo_estimator)
     check_reshape_params(args.pgpo_tau, args.pgpo_beta, args.pgpo_eps)
+    if not args.pgpo_min_spread >= 0:
+        raise ValueError(f"pgpo_min_spread must be >= 0 (0 = off), got {args.pgpo_min_spread}")
     check_variant_args(args.pgpo_control, args.pgpo_tau_mode, args.pgpo_floor)
     if args.pgpo_temperature is not None:
         check_temperature(args.pgpo_temperature)
@@ -140,11 +148,6 @@ class PGPOGRPOTrainer(GRPOTrainer):
     log-probs and the estimator is k3, one visual forward (both no_grad) over prompt + completion; the loss is
     TRL's, unchanged, fed advantages [B, T]. Rollouts never sample visual special ids (suppressed in generate).
     """
-
-    _pgpo_metric_names = ("pgpo/kl_mean", "pgpo/weight_max", "pgpo/weight_min", "pgpo/frac_amplified")
-    # the weight diagnostics the loop logs too (token_scores.diagnostic_metrics), averaged over processes
-    _pgpo_diag_names = ("pgpo/frac_above_tau", "pgpo/weight_gini", "pgpo/eff_token_ratio", "pgpo/top1_mass",
-                        "pgpo/top10_mass")
 
     def __init__(self, model, reward_funcs=None, args: PGPOConfig | None = None, *pos, **kwargs):
         if args is None:  # as GRPOTrainer does, with the PGPO options at their defaults
@@ -203,7 +206,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
             if _has_image(output):
                 weights = self._pgpo_variants(weights, scores, mask)
         output["advantages"] = output["advantages"].unsqueeze(1) * weights  # [B, 1] x [B, T] -> [B, T]
-        self._pgpo_log(weights, scores, mask, has_image=_has_image(output), token_adv=output["advantages"])
+        self._pgpo_log(weights, scores, mask, output["advantages"], has_image=_has_image(output))
         return output
 
     def _pgpo_variants(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -220,7 +223,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
                                     step * 1024 + self._pgpo_shuffle_k, weights.device)
         return apply_variants(weights, scores, mask, control=args.pgpo_control, tau_mode=args.pgpo_tau_mode,
                               floor=args.pgpo_floor, generator=gen, tau=args.pgpo_tau, beta=args.pgpo_beta,
-                              eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+                              eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
+                              min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
 
     @contextlib.contextmanager
     def _pgpo_log_images_only_if_every_rank_has_some(self, inputs):
@@ -299,7 +303,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             ids, am = input_ids[lo:hi], attention_mask[lo:hi]
             pos = position_ids[:, lo:hi] if position_ids.dim() == 3 else position_ids[lo:hi]
             # pixel_values rows belong to images, images to samples (SPEC 4): split by the family's layout
-            mm = model_family.select_samples(output, lo, hi, B, output.get("num_images"), output.get("num_tiles"))
+            mm = model_family.select_images(model, output, range(lo, hi), num_images=output.get("num_images"),
+                                            num_tiles=output.get("num_tiles"))
             vis_kw = model_family.visual_inputs(model, ids, am, pos, mm, prompt_len=P)
             txt_kw = model_family.text_only_inputs(model, ids, am, pos, prompt_len=P)
             if args.pgpo_estimator == "full" and fused_passes.plain_head_problem(model) is None:
@@ -310,7 +315,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 kl = torch.where(mask[lo:hi], kl, 0.0)  # padding positions hold no token
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], scores=kl, tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps,
-                    renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+                    renormalize=args.pgpo_renormalize, min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
             elif args.pgpo_estimator == "full":  # a head the fused path cannot reproduce: the model's own logits
                 logits_vis = self._pgpo_completion_logits(model, vis_kw, T)  # [b, T, V]
                 logits_txt = self._pgpo_completion_logits(model, txt_kw, T)
@@ -318,7 +323,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logits_vis=logits_vis, logits_txt=logits_txt, temperature=temperature,
                     tau=args.pgpo_tau, beta=args.pgpo_beta, eps=args.pgpo_eps, renormalize=args.pgpo_renormalize,
-                    backend=args.pgpo_backend)
+                    min_spread=args.pgpo_min_spread, backend=args.pgpo_backend)
                 del logits_vis, logits_txt
             else:  # k3: sampled-token log-probs from TRL's fused LM head, no [b, T, V] logits
                 labels = ids.masked_fill(am == 0, -100)
@@ -330,7 +335,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 logp_txt = self._pgpo_completion_logps(model, txt_kw, labels, T)
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logp_vis=logp_vis, logp_txt=logp_txt, tau=args.pgpo_tau, beta=args.pgpo_beta,
-                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, backend=args.pgpo_backend)
+                    eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, min_spread=args.pgpo_min_spread,
+                    backend=args.pgpo_backend)
             weights.append(w)
             scores.append(s)
         return torch.cat(weights), torch.cat(scores)
@@ -348,8 +354,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             out = model(**kwargs, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -T:].float()
 
-    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, has_image: bool = True,
-                  token_adv: torch.Tensor | None = None):
+    def _pgpo_log(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, token_adv: torch.Tensor,
+                  has_image: bool = True):
         mode = "train" if self.model.training else "eval"
         counts = self._pgpo_batches[mode]
         counts[0] += 1
@@ -362,18 +368,14 @@ class PGPOGRPOTrainer(GRPOTrainer):
                    "this is not intended.")
             logger.warning(msg)
             warnings.warn(msg, stacklevel=2)
-        stats = weight_metrics(weights, scores, mask)
-        token_adv = weights if token_adv is None else token_adv
-        stats.update(diagnostic_metrics(weights, scores, token_adv, mask, self.args.pgpo_tau, self.args.pgpo_eps))
-        names = self._pgpo_metric_names + self._pgpo_diag_names
-        values = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None])
-        kl_mean, _, _, frac = values.mean(0).tolist()[:4]  # host sync, once per rollout batch
-        for i, k in enumerate(self._pgpo_diag_names, start=len(self._pgpo_metric_names)):
-            self._metrics[mode][k].append(values[:, i].mean().item())
-        self._metrics[mode]["pgpo/kl_mean"].append(kl_mean)
-        self._metrics[mode]["pgpo/weight_max"].append(values[:, 1].max().item())
-        self._metrics[mode]["pgpo/weight_min"].append(values[:, 2].min().item())
-        self._metrics[mode]["pgpo/frac_amplified"].append(frac)
+        stats = weight_metrics(weights, scores, mask, tau=self.args.pgpo_tau, eps=self.args.pgpo_eps,
+                               token_adv=token_adv)
+        names = sorted(stats)
+        values = self.accelerator.gather(torch.stack([stats[k].float() for k in names])[None])  # [ranks, keys]
+        merged = torch.stack([col.max() if k in WEIGHT_METRIC_MAX else col.min() if k in WEIGHT_METRIC_MIN
+                              else col.mean() for k, col in zip(names, values.unbind(1))])
+        for k, v in zip(names, merged.tolist()):  # one host sync per rollout batch
+            self._metrics[mode][k].append(v)
 
 
 def _trl_batch_images_none(inputs: list[dict]) -> bool:

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from pgpo_train import model_family
+from pgpo_train.core_algos import weight_metrics
+from pgpo_train.core_algos import weight_options
 from pgpo_train.integrations import checks
-from pgpo_train.integrations.token_scores import apply_variants
-from pgpo_train.integrations.token_scores import diagnostic_metrics
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.integrations.token_scores import weight_metrics
 
 TEXT_LOGP_KEY = "pgpo_text_log_probs"  # where the recipe stores the text-only pass's log-probs
 WEIGHTS_KEY = "pgpo_weights"
@@ -54,21 +53,13 @@ def pgpo_reshape_advantages_(
     logits_vis: torch.Tensor | None = None,
     logits_txt: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
     temperature: float = 1.0,
-    renormalize: bool = True,
-    backend: str = "auto",
-    control: str = "none",
-    tau_mode: str = "absolute",
-    floor: float = 0.0,
-    generator: torch.Generator | None = None,
     advantages_key: str = "advantages",
     mask_key: str = "response_mask",
     logp_vis_key: str = "old_log_probs",
     logp_txt_key: str = TEXT_LOGP_KEY,
     weights_key: str | None = WEIGHTS_KEY,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840, Eq. for the token advantage; SPEC 2-3).
 
@@ -81,10 +72,10 @@ def pgpo_reshape_advantages_(
 
     Args:
         data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
-        tau, beta, eps, renormalize, backend: the PGPO reshape (SPEC 2); temperature: only for the logits source.
-        control, tau_mode, floor: the issue-17 variants and controls (README "PGPO variants and controls"; the
-            defaults are the paper's formula); generator: the "shuffled" control's permutations (e.g.
-            `pgpo_train.weight_variants.control_generator(seed, step)`).
+        temperature: only for the logits source.
+        options: the PGPO reshape's keyword options, as `core_algos.pgpo_weights` takes them (tau, beta, eps,
+            renormalize, min_spread, backend; issue 17's control, tau_mode, floor, and generator for the "shuffled"
+            control's permutations, e.g. `pgpo_train.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
 
@@ -110,15 +101,14 @@ def pgpo_reshape_advantages_(
             logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
-        temperature=temperature, tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
-    weights = apply_variants(weights, s, valid, control=control, tau_mode=tau_mode, floor=floor, generator=generator,
-                             tau=tau, beta=beta, eps=eps, renormalize=renormalize, backend=backend)
+        temperature=temperature, **options)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
-    stats = weight_metrics(weights, s, valid)
-    stats.update(diagnostic_metrics(weights, s, advantages.to(weights.device), valid, tau, eps))
-    metrics = {k: float(v) for k, v in stats.items()}  # host sync (driver-side)
+    opts = weight_options(**options)
+    adv = advantages.to(weights.device)
+    stats = weight_metrics(weights, s, valid, tau=opts["tau"], eps=opts["eps"], token_adv=adv)
+    metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync (driver-side)
     return weights, metrics
 
 
@@ -159,10 +149,7 @@ def pgpo_text_only_batch(
     if _is_model_or_config(visual_token_ids):  # the family's own text-only mask (Idefics3 / SmolVLM: image spans)
         visual = model_family.text_only_mask(visual_token_ids, input_ids, prompt_len)
     else:
-        ids = _visual_ids(visual_token_ids)
-        visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))  # [B, L]
-        if prompt_len is not None:
-            visual[:, prompt_len:] = False
+        visual = model_family.id_mask(input_ids, _visual_ids(visual_token_ids), prompt_len)  # [B, L]
 
     text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
     text.batch = data.batch.copy()
@@ -203,10 +190,10 @@ class PGPOVerlTrainerMixin:
     log-probs are recomputed on the actor, so both k3 sides come from the same engine: one more forward.
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
-    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `control` / `tau_mode` / `floor` (issue 17's
-    variants and controls; `seed` seeds the shuffled control, default data.seed), `visual_token_ids` (default: the placeholder ids
-    of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's `<|image_pad|>` and
-    `<|video_pad|>`).
+    +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `control` / `tau_mode` / `floor`
+    (issue 17's variants and controls; `seed` seeds the shuffled control, default data.seed), `visual_token_ids`
+    (default: the placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the
+    tokenizer's `<|image_pad|>` and `<|video_pad|>`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -236,8 +223,9 @@ class PGPOVerlTrainerMixin:
         _, metrics = pgpo_reshape_advantages_(
             batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
             beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
-            control=cfg.get("control", "none"), tau_mode=cfg.get("tau_mode", "absolute"),
-            floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg), weights_key=None)
+            min_spread=cfg.get("min_spread", 0.0), control=cfg.get("control", "none"),
+            tau_mode=cfg.get("tau_mode", "absolute"), floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg),
+            weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)
         out.meta_info.setdefault("metrics", {}).update(metrics)

@@ -18,7 +18,7 @@ from pgpo_train.data import Sampler
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
 from pgpo_train.inspect_run import token_dependency
-from pgpo_train.train import load_policy
+from pgpo_train.policy import load_policy
 
 
 def main(run_dir: str, n: int = 64) -> dict:

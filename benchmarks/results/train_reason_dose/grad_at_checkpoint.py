@@ -25,20 +25,20 @@ import sys
 import torch
 
 from pgpo_train import core_algos
-from pgpo_train.config import PGPOConfig
+from pgpo_train.batching import select_rows
+from pgpo_train.config import PGPOWeightsConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
+from pgpo_train.policy import load_policy
+from pgpo_train.policy import seed_everything
+from pgpo_train.sampling import rollout
+from pgpo_train.scoring import old_logp_and_scores
+from pgpo_train.scoring import token_weights
 from pgpo_train.tasks import FILLER_WORDS
 from pgpo_train.tasks import grid_reason_max_tokens
-from pgpo_train.train import load_policy
-from pgpo_train.train import old_logp_and_scores
-from pgpo_train.train import pgpo_weights
-from pgpo_train.train import rollout
-from pgpo_train.train import seed_everything
-from pgpo_train.train import select_rows
 
 _GV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train_task_ablation", "grad_variance.py")
 _spec = importlib.util.spec_from_file_location("ablation_grad_variance", _GV)
@@ -115,7 +115,7 @@ def measure(ckpt: str, data: str, max_new: int, seed: int, filler: int, pool: in
         algo="pgpo",
         seed=seed,
         out_dir="/tmp/unused",
-        pgpo=PGPOConfig(),
+        pgpo=PGPOWeightsConfig(),
     ).resolved()
     dev = torch.device("cpu")
     model, processor = load_policy(cfg, dev)
@@ -127,16 +127,16 @@ def measure(ckpt: str, data: str, max_new: int, seed: int, filler: int, pool: in
     G = cfg.group_size
     batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], G)
     batch.update(old_logp_and_scores(model, batch, cfg, {}))
-    roles = role_table(batch, pgpo_weights(batch["scores"], batch["response_mask"], cfg), processor.tokenizer)
+    roles = role_table(batch, token_weights(batch["scores"], batch["response_mask"], cfg), processor.tokenizer)
     keep = core_algos.dynamic_sampling_keep(batch["rewards"], G)
-    batch = select_rows(batch, keep.nonzero().squeeze(-1))  # old_logp and scores come along
+    batch = select_rows(model, batch, keep.nonzero().squeeze(-1))  # old_logp and scores come along
     n_groups = batch["responses"].shape[0] // G
     mask = batch["response_mask"]
     A = batch["advantages"][:, None]
     variants = {"dapo": A * mask.float()}
     for name, control in (("pgpo", "none"), ("pgpo-shuffled", "shuffled"), ("pgpo-inverted", "inverted")):
         c = dataclasses.replace(cfg, pgpo=dataclasses.replace(cfg.pgpo, control=control))
-        variants[name] = A * pgpo_weights(batch["scores"], mask, c, step=0)
+        variants[name] = A * token_weights(batch["scores"], mask, c, step=0)
     res = {"checkpoint": ckpt, "filler": filler, "seed": seed, "pool_prompts": pool, "kept_groups": n_groups,
            "groups_per_batch": groups, "draws": draws, "rollout_acc": m["reward/acc"], "roles": roles}  # fmt: skip
     if n_groups == 0 or not draws:
@@ -147,7 +147,7 @@ def measure(ckpt: str, data: str, max_new: int, seed: int, filler: int, pool: in
     for _ in range(draws):
         g = torch.randint(n_groups, (groups,), generator=gen)
         idx = (g[:, None] * G + torch.arange(G)).flatten()
-        mb = select_rows(batch, idx)
+        mb = select_rows(model, batch, idx)
         for k, tok_adv in variants.items():
             grads[k].append(gv.flat_grad(model, mb, tok_adv[idx], cfg))
     for k, gs in grads.items():

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from pgpo_train.config import PGPOConfig
+from pgpo_train.config import PGPOWeightsConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import tiny_dataset_path
 from pgpo_train.tasks import grid_reason_max_tokens
@@ -31,7 +31,7 @@ from pgpo_train.train import train
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from grad_at_checkpoint import measure
 
-# variant -> (algo, PGPOConfig overrides)
+# variant -> (algo, PGPOWeightsConfig overrides)
 VARIANTS = {
     "grpo": ("grpo", {}),
     "dapo": ("dapo", {}),
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             out_dir=out,
             save_every=0,
             keep_checkpoints=1,
-            pgpo=dataclasses.replace(PGPOConfig(), **over),
+            pgpo=dataclasses.replace(PGPOWeightsConfig(), **over),
             **common,
         )
         t0 = time.perf_counter()

@@ -22,28 +22,27 @@ import sys
 import torch
 
 from pgpo_train import core_algos
-from pgpo_train.config import PGPOConfig
+from pgpo_train.batching import select_rows
+from pgpo_train.batching import visual_kwargs
+from pgpo_train.config import PGPOWeightsConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
-from pgpo_train.train import flat_sequences
-from pgpo_train.train import load_policy
-from pgpo_train.train import logp_entropy
-from pgpo_train.train import old_logp_and_scores
-from pgpo_train.train import pgpo_weights
-from pgpo_train.train import response_logits
-from pgpo_train.train import rollout
-from pgpo_train.train import seed_everything
-from pgpo_train.train import select_rows
-from pgpo_train.train import visual_kwargs
+from pgpo_train.policy import load_policy
+from pgpo_train.policy import logp_entropy
+from pgpo_train.policy import response_logits
+from pgpo_train.policy import seed_everything
+from pgpo_train.sampling import rollout
+from pgpo_train.scoring import old_logp_and_scores
+from pgpo_train.scoring import token_weights
 
 
 def flat_grad(model, batch, tok_adv, cfg) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     T = batch["responses"].shape[1]
-    logits = response_logits(model, visual_kwargs(batch), T, cfg.temperature)
+    logits = response_logits(model, visual_kwargs(model, batch), T, cfg.temperature)
     logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss, _ = core_algos.get_policy_loss_fn("vanilla")(
         batch["old_logp"],
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
         algo="pgpo",
         seed=a.seed,
         out_dir="/tmp/unused",
-        pgpo=PGPOConfig(),
+        pgpo=PGPOWeightsConfig(),
     ).resolved()
     dev = torch.device("cpu")
     model, processor = load_policy(cfg, dev)
@@ -104,22 +103,22 @@ def main(argv=None) -> int:
     G = cfg.group_size
     batch["advantages"], _ = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], G)
     keep = core_algos.dynamic_sampling_keep(batch["rewards"], G)
-    batch = select_rows(batch, keep.nonzero().squeeze(-1))
+    batch = select_rows(model, batch, keep.nonzero().squeeze(-1))
     batch.update(old_logp_and_scores(model, batch, cfg, {}))
     n_groups = batch["responses"].shape[0] // G
     mask = batch["response_mask"]
     adv = batch["advantages"][:, None] * mask.float()
-    w_full = pgpo_weights(batch["scores"], mask, cfg)
+    w_full = token_weights(batch["scores"], mask, cfg)
     variants = {"dapo": adv, "pgpo": batch["advantages"][:, None] * w_full}
     spread_cfg = dataclasses.replace(cfg, pgpo=dataclasses.replace(cfg.pgpo, min_spread=0.1))
-    variants["pgpo-spread0.1"] = batch["advantages"][:, None] * pgpo_weights(batch["scores"], mask, spread_cfg)
+    variants["pgpo-spread0.1"] = batch["advantages"][:, None] * token_weights(batch["scores"], mask, spread_cfg)
     gen = torch.Generator().manual_seed(a.seed)
     grads = {k: [] for k in variants}
     model.train()
     for _ in range(a.draws):
         g = torch.randint(n_groups, (a.groups,), generator=gen)
         idx = (g[:, None] * G + torch.arange(G)).flatten()
-        mb = select_rows(batch, idx)
+        mb = select_rows(model, batch, idx)
         for k, tok_adv in variants.items():
             grads[k].append(flat_grad(model, mb, tok_adv[idx], cfg))
     res = {
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
     q = torch.quantile(spread[torch.isfinite(spread)], torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]))
     res["log1p_kl_spread_quantiles_10_25_50_75_90"] = [round(float(x), 4) for x in q]
     res["flat_frac"] = {
-        str(t): float((flat_sequences(batch["scores"], mask, t)).float().mean()) for t in (0.01, 0.05, 0.1, 0.2, 0.5)
+        str(t): float((core_algos.flat_sequences(batch["scores"], mask, t)).float().mean()) for t in (0.01, 0.05, 0.1, 0.2, 0.5)
     }
     res["rel_var_ratio_pgpo_over_dapo"] = res["pgpo"]["rel_var"] / res["dapo"]["rel_var"]
     res["total_var_ratio_pgpo_over_dapo"] = res["pgpo"]["total_var"] / res["dapo"]["total_var"]

@@ -18,13 +18,13 @@ import time
 
 import torch
 
-from pgpo_train.config import PGPOConfig
+from pgpo_train.config import PGPOWeightsConfig
 from pgpo_train.config import TrainConfig
 from pgpo_train.data import tiny_dataset_path
 from pgpo_train.tiny import save_tiny_checkpoint
 from pgpo_train.train import train
 
-# variant -> (algo, PGPOConfig overrides)
+# variant -> (algo, PGPOWeightsConfig overrides)
 VARIANTS = {
     "grpo": ("grpo", {}),
     "dapo": ("dapo", {}),
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             out_dir=out,
             save_every=0,
             keep_checkpoints=1,
-            pgpo=dataclasses.replace(PGPOConfig(), **over),
+            pgpo=dataclasses.replace(PGPOWeightsConfig(), **over),
             **common,
         )
         t0 = time.perf_counter()

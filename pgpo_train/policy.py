@@ -1,0 +1,84 @@
+"""The policy model: loading it (the embedded tiny model or `from_pretrained`), the process setup around it (device,
+seeds, optimizer), and its forward from logits to the sampled tokens' log-probs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import numpy as np
+import torch
+
+from pgpo_train import model_family
+from pgpo_train.config import TrainConfig
+from pgpo_train.processor import load_processor
+from pgpo_train.tiny import build_tiny
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_policy(cfg: TrainConfig, device: torch.device):
+    """(model, processor): the embedded tiny model when cfg.model is empty, else from_pretrained(cfg.model)."""
+    if not cfg.model:
+        model, processor = build_tiny(seed=cfg.seed)
+    else:
+        from transformers import AutoModelForImageTextToText
+
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+        attn = cfg.attn_implementation
+        if attn == "auto":
+            attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model, dtype=getattr(torch, dtype), attn_implementation=attn
+        )
+        processor = load_processor(cfg.model)
+    model_family.check_processor(model, processor, "pgpo-train")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.freeze_vision:
+        for p in model_family.vision_tower(model).parameters():
+            p.requires_grad_(False)
+    return model.to(device), processor
+
+
+def eos_ids(model, processor) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
+    for t in (processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id):
+        if t is not None and t not in ids:
+            ids.append(t)
+    return ids
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def response_logits(model, inputs: dict, n_resp: int, temperature: float | None) -> torch.Tensor:
+    """[mb, T, V] temperature-scaled fp32 logits predicting the response tokens (only those positions are computed);
+    temperature None: the model-dtype view itself, no copy (for kernels that take temperature= and a strided view)."""
+    logits = model(**inputs, logits_to_keep=n_resp + 1, use_cache=False).logits[:, :-1]  # [mb, T, V]
+    return logits if temperature is None else logits.float() / temperature
+
+
+def logp_entropy(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True):
+    """Log-prob of targets [mb, T] and (no-grad) entropy [mb, T] from logits [mb, T, V]."""
+    logz = torch.logsumexp(logits, dim=-1)  # [mb, T]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = logz - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logp, ent
