@@ -48,7 +48,9 @@ from pgpo_kernels.torch_fused_ops import default_chunk_rows
 from pgpo_kernels.torch_fused_ops import fused_linear_token_kl_torch
 from pgpo_kernels.torch_fused_ops import fused_linear_token_stats_torch
 from pgpo_kernels.utils import as_rows
+from pgpo_kernels.utils import check_chunk_size
 from pgpo_kernels.utils import check_float
+from pgpo_kernels.utils import check_lm_head_bias
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import interpreter_enabled
@@ -294,17 +296,8 @@ def check_fused_linear_args(hidden_vis, hidden_txt, weight, bias, chunk_size) ->
             raise TypeError(f"{name} must have hidden_vis's dtype {hidden_vis.dtype}, got {t.dtype}")
         if t.device != hidden_vis.device:
             raise ValueError(f"{name} must be on hidden_vis's device {hidden_vis.device}, got {t.device}")
-    if bias is not None:
-        check_float("bias", bias)
-        if bias.dtype != hidden_vis.dtype:
-            raise TypeError(f"bias must have hidden_vis's dtype {hidden_vis.dtype}, got {bias.dtype}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-        if bias.device != hidden_vis.device:
-            raise ValueError(f"bias must be on hidden_vis's device {hidden_vis.device}, got {bias.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+    check_lm_head_bias(bias, weight.shape[0], hidden_vis, "hidden_vis")
+    check_chunk_size(chunk_size)
 
 
 def _prepare(hidden_vis, hidden_txt, weight, bias, backend, extra=()):

@@ -36,7 +36,9 @@ from pgpo_kernels.token_kl import split_chunks
 from pgpo_kernels.torch_fused_logp import default_logp_chunk_rows
 from pgpo_kernels.torch_fused_logp import fused_linear_logp_torch
 from pgpo_kernels.utils import as_rows
+from pgpo_kernels.utils import check_chunk_size
 from pgpo_kernels.utils import check_float
+from pgpo_kernels.utils import check_lm_head_bias
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import interpreter_enabled
@@ -345,19 +347,10 @@ def check_logp_args(hidden, weight, targets, bias, ignore_index, chunk_size) -> 
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
-    if bias is not None:
-        check_float("bias", bias)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias must be on hidden's device {hidden.device}, got {bias.device}")
+    check_lm_head_bias(bias, weight.shape[0], hidden, "hidden")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     lead = hidden.shape[:-1]
     n_cols = weight.shape[0]
     if not isinstance(targets, torch.Tensor):

@@ -54,6 +54,26 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
 
 
+
+def check_lm_head_bias(bias: torch.Tensor | None, n_vocab: int, like: torch.Tensor, like_name: str) -> None:
+    """Optional [V] lm_head bias: float, `like`'s dtype and device (the fused-linear ops' shared check)."""
+    if bias is None:
+        return
+    check_float("bias", bias)
+    if bias.dtype != like.dtype:
+        raise TypeError(f"bias must have {like_name}'s dtype {like.dtype}, got {bias.dtype}")
+    if bias.shape != (n_vocab,):
+        raise ValueError(f"bias must have shape [V] = [{n_vocab}], got {tuple(bias.shape)}")
+    if bias.device != like.device:
+        raise ValueError(f"bias must be on {like_name}'s device {like.device}, got {bias.device}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    """None or a positive int (rows per torch-fallback chunk)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+
 def check_logits_pair(logits_vis: torch.Tensor, logits_txt: torch.Tensor) -> None:
     """Both [..., V] floating tensors of the same shape and device, V >= 1."""
     check_float("logits_vis", logits_vis)

@@ -74,17 +74,23 @@ def make_grid_example(n: int, rng: random.Random) -> dict:
     }
 
 
-def make_grid_records(n: int, seed: int = 0) -> list[dict]:
-    """[n] grid-count records, deterministic in seed; each block of 10 holds every answer 0..9 once (balanced)."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    rng = random.Random(seed)
+def balanced_answers(n: int, rng: random.Random) -> list[int]:
+    """[n] answers 0..GRID_MAX, each block of GRID_MAX + 1 a shuffled permutation (balanced), drawn from rng."""
     answers: list[int] = []
     while len(answers) < n:
         block = list(range(GRID_MAX + 1))
         rng.shuffle(block)
         answers += block
-    return [make_grid_example(a, rng) for a in answers[:n]]
+    return answers[:n]
+
+
+def make_grid_records(n: int, seed: int = 0) -> list[dict]:
+    """[n] grid-count records, deterministic in seed; each block of 10 holds every answer 0..9 once (balanced)."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    rng = random.Random(seed)
+    answers = balanced_answers(n, rng)
+    return [make_grid_example(a, rng) for a in answers]
 
 
 # %% grid-reason
@@ -174,12 +180,8 @@ def make_grid_reason_records(n: int, seed: int = 0, filler: int = DEFAULT_FILLER
     if filler < 0:
         raise ValueError(f"filler must be >= 0 words, got {filler}")
     rng = random.Random(seed)
-    answers: list[int] = []
-    while len(answers) < n:
-        block = list(range(GRID_MAX + 1))
-        rng.shuffle(block)
-        answers += block
-    return [make_grid_reason_example(a, filler, rng) for a in answers[:n]]
+    answers = balanced_answers(n, rng)
+    return [make_grid_reason_example(a, filler, rng) for a in answers]
 
 
 def probe_ignored_ids(task: str, tokenizer) -> list[int]:
