@@ -227,10 +227,17 @@ def run(args) -> dict:
                 if prov == "liger" and args.device == "cpu" and rec["status"] == "ok":
                     rec["note"] = "Triton interpreter on CPU: time not comparable"
             records.append(rec)
+            if args.json:  # after every case: a run cut short (a time limit) keeps what finished
+                with open(args.json, "w") as f:
+                    json.dump(_report(args, records), f, indent=1)
             if not args.quiet:
                 what = (f"{rec['peak_extra_bytes'] / 2**20:.1f} MiB, {rec['us_per_token']:.1f} us/token"
                         if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}")
                 print(f"  N={n:<6} {prov:<12} {what}", file=sys.stderr, flush=True)
+    return _report(args, records)
+
+
+def _report(args, records) -> dict:
     return {"tool": "pgpo-bench logp", "argv": sys.argv[1:], "config": {k: getattr(args, k) for k in (
         "tokens", "vocab", "hidden", "dtype", "device", "temperature", "reps")}, "records": records}
 

@@ -56,9 +56,9 @@ class PGPOWeightsConfig:
     # our choice, off by default (the paper has no such guard): min-max normalization stretches any spread to [0, 1]
     min_spread: float = 0.0  # uniform weights for a sequence whose log1p(KL) spread (max - min) is below this; 0 = off
     backend: str = "auto"  # pgpo_kernels backend: triton on CUDA, torch otherwise
-    # our choice: off by default: with a bf16 policy the fused kernel's fp32 logits give old log-probs that differ
-    # from the update's bf16-logit log-probs (up to 0.03 nats on the tiny model); turn it on when logits memory binds
-    fused_lm_head: str = "off"  # off | on | auto (on with CUDA): hidden states + fused lm_head, no [B, T, V] logits
+    # every pass (old log-probs, text-only, policy update, SFT) from hidden states + fused lm_head, no [B, T, V]
+    # logits (issue 16); auto: on wherever the logits are plain lm_head(hidden) (pgpo_train.lm_head's rules)
+    fused_lm_head: str = "auto"  # auto | on | off
 
     def weight_kwargs(self) -> dict:
         """The reshape options, as core_algos.pgpo_weights takes them (its generator aside)."""

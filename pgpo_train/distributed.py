@@ -185,6 +185,7 @@ class Distributed(Single):
                 m.reshard()
             for m in mods:  # fully_shard's defaults: the root keeps its params for the backward, the rest reshard
                 m.set_reshard_after_forward(m is not model, recurse=False)
+            forget_forward_order(mods)
 
     def merge_metrics(self, metrics: dict, n_resp: float, n_tok: float) -> dict:
         """One step's metrics over all ranks (rank 0's result is the one written). See `merge_rank_metrics`."""
@@ -276,6 +277,34 @@ def fsdp_modules(model) -> list:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def forget_forward_order(mods: list) -> None:
+    """Drops FSDP2's record of the forwards run so far (the no-grad ones of the block just left).
+
+    Why: FSDP2 appends every forward of every sharded module to one list, no-grad forwards too, and clears it only
+    when a backward ends; the backward prefetches, for each module, the entry before that module's last forward.
+    A rank that ran the old-log-prob / text-only passes inside full_params and one that kept no rows (it only pairs
+    the collectives) then prefetch different modules in the update's backward: an extra all-gather on one rank
+    that gloo / NCCL pairs with the other's reduce-scatter, a hang. Seen with the text-only pass through the inner
+    model (fused lm head), whose last recorded module is a resharded decoder layer. With the record cleared the
+    prefetch follows only the update's own forward, the same on every rank. Private state (torch 2.6-2.13 name it
+    alike); a torch without it leaves the record, as before."""
+    for m in mods:
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        if state is None:
+            continue
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # older torch: one group per state
+            one = getattr(state, "_fsdp_param_group", None)
+            groups = [one] if one is not None else []
+        for group in groups:
+            indices = getattr(group, "_post_forward_indices", None)
+            if indices is not None:
+                indices.clear()
+        order = getattr(getattr(state, "_comm_ctx", None), "post_forward_order", None)
+        if order is not None:
+            order.clear()
 
 
 def shard_policy(model, device: torch.device, cpu_offload: bool = False):

@@ -1,7 +1,7 @@
-"""The fused-lm-head path of the old-log-prob pass: hidden states in, no [mb, T, V] logits (issue 5, SPEC section 4).
+"""The fused-lm-head path of every pass: hidden states in, no [mb, T, V] logits (issues 5 and 16, SPEC section 4).
 
 `response_hidden` runs the inner model (the whole VLM below the lm_head: vision tower included when pixel_values
-are passed) and keeps the hidden states at exactly the positions `train.response_logits` projects; the caller hands
+are passed) and keeps the hidden states at exactly the positions `policy.response_logits` projects; the caller hands
 them to `pgpo_kernels.fused_linear_token_stats` with the lm_head's weight and bias.
 
 One code path owns the lm_head (SPEC section 4: stacked fused patches diverged in verl): the fused path reproduces
@@ -12,6 +12,8 @@ hooked lm_head or forward, a non-Linear head, logit soft-capping or scaling in t
 from __future__ import annotations
 
 import torch
+
+from pgpo_train import model_family
 
 # Config fields of transformers models whose logits are not plain lm_head(hidden): (name, value that is a no-op).
 # Gemma 2/3/4, PaliGemma, nanochat: final_logit_softcapping; Cohere: logit_scale; Granite: logits / logits_scaling.
@@ -74,15 +76,16 @@ def check_fused_lm_head(model) -> None:
 
 
 def use_fused_lm_head(mode: str, model, device: torch.device) -> bool:
-    """Resolves --pgpo.fused-lm-head: off (the default), on (checked, raises if unsupported), auto (on for CUDA when
-    supported).
+    """Resolves --pgpo.fused-lm-head: auto (the default: on wherever the model's logits are plain lm_head(hidden),
+    else off with a note), on (checked, raises if unsupported), off (every pass builds logits).
 
-    our choice: auto stays off on CPU, where logits of a small model are small and the kernels' torch fallback would
-    build them chunk by chunk anyway; auto falls back to the logits path (with a note) for an unsupported model.
-
-    Precision note: on CUDA the Triton kernel keeps fp32 logits, while the policy update's log-probs come from bf16
-    lm_head logits, so for a bf16 policy old and new log-probs differ by the logits' bf16 rounding (tiny model: up
-    to 0.03 nats; actor/ppo_kl of the first mini-batch shows it). The torch fallback rounds like the update does.
+    On, every pass of a step goes through hidden states (issue 16): the old-log-prob and text-only passes
+    (fused_linear_token_stats; grpo/dapo: fused_linear_logp) and the policy update and SFT warm-up (fused_linear_logp
+    with its backward), so old and new log-probs come from the same kernels and no [mb, T, V] tensor exists. On CPU
+    the torch fallback builds ~8 MiB of logits at a time, rounded to the model dtype as lm_head(hidden) is, so fp32
+    metrics match the logits path to ~1e-6; on CUDA the Triton kernels keep fp32 accumulators (bf16 policy: log-probs
+    differ from bf16 logits' by their rounding, both passes alike). `device` is kept for callers; every device is
+    treated alike since issue 16 (auto was CUDA-only when only the no-grad passes were fused).
     """
     if mode not in FUSED_LM_HEAD_MODES:
         raise ValueError(f"--pgpo.fused-lm-head must be one of {FUSED_LM_HEAD_MODES}, got {mode!r}")
@@ -91,11 +94,9 @@ def use_fused_lm_head(mode: str, model, device: torch.device) -> bool:
     if mode == "on":
         check_fused_lm_head(model)
         return True
-    if device.type != "cuda":
-        return False
     problem = fused_lm_head_problem(model)
     if problem is not None:
-        print(f"pgpo-train: fused lm_head off ({problem}); the old-log-prob pass builds logits")
+        print(f"pgpo-train: fused lm_head off ({problem}); every pass builds logits")
         return False
     return True
 
@@ -103,7 +104,7 @@ def use_fused_lm_head(mode: str, model, device: torch.device) -> bool:
 def response_hidden(model, inputs: dict, n_resp: int) -> torch.Tensor:
     """[mb, T, H] last hidden states at the positions predicting the T response tokens.
 
-    The same positions as `train.response_logits` (logits_to_keep=T+1, then [:, :-1]): the inner model is the whole
+    The same positions as `policy.response_logits` (logits_to_keep=T+1, then [:, :-1]): the inner model is the whole
     VLM below the lm_head, so with pixel_values in `inputs` the vision tower runs as in `model(**inputs)`.
     """
     out = model.model(**inputs, use_cache=False)
@@ -113,3 +114,48 @@ def response_hidden(model, inputs: dict, n_resp: int) -> torch.Tensor:
 def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [V, H], bias [V] or None) of the plain nn.Linear lm_head."""
     return model.lm_head.weight, model.lm_head.bias
+
+
+def fused_head_forward(model, inputs: dict, n_resp: int, head_fn):
+    """model(**inputs) with its lm_head, for this one call, replaced by head_fn(hidden [mb, T, H], weight, bias) at the
+    positions predicting the n_resp response tokens; returns what head_fn returned (the output's `logits` field).
+
+    Why through the model's own forward rather than model.model(...) + the weight: under FSDP2 the root module's
+    forward unshards the lm_head and embeddings and registers the backward hooks on its outputs; calling the inner
+    model around it reads sharded parameters. Here head_fn sees the same unsharded weight the real lm_head would,
+    and its result is the root forward's output, so the gradient takes FSDP's path."""
+    head = model.lm_head if hasattr(model, "lm_head") else model_family.unwrap(model).lm_head
+
+    def forward(hidden):  # hidden: [mb, n_resp + 1, H] (logits_to_keep); the last position predicts nothing
+        return head_fn(hidden[:, :-1], head.weight, head.bias)
+
+    head.forward = forward  # this instance, this call only
+    try:
+        return model(**inputs, logits_to_keep=n_resp + 1, use_cache=False).logits
+    finally:
+        del head.forward
+
+
+def fallback_chunk_rows(weight: torch.Tensor, backend: str) -> int | None:
+    """Rows per chunk of the fused ops' torch fallback in the training loop: ~8 MiB of fp32 logits (13 rows at
+    V = 152064), as fused_linear_logp's default; None (the op's own choice) where the Triton kernels run. The
+    fallback's default otherwise sizes chunks from a quarter of the free memory: on a CPU host a whole micro-batch
+    of [mb, T, V] logits (issue 16: pgpo-train step benchmark, benchmarks/results/logp)."""
+    from pgpo_kernels.torch_fused_logp import default_logp_chunk_rows
+
+    if backend == "torch" or not weight.is_cuda:
+        return default_logp_chunk_rows(weight.shape[0])
+    return None
+
+
+@torch.no_grad()
+def hidden_argmax(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """Greedy next-token ids [..., ] from hidden states [..., H] and the lm_head, a few rows of logits at a time
+    (never [mb, T, V])."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    step = max(1, chunk_bytes // (4 * weight.shape[0]))
+    parts = [torch.nn.functional.linear(rows[lo:lo + step], weight, bias).argmax(-1)
+             for lo in range(0, rows.shape[0], step)]
+    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=hidden.device)
+    return out.reshape(hidden.shape[:-1])

@@ -82,3 +82,25 @@ def logp_entropy(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool
         with torch.no_grad():
             ent = logz - (torch.softmax(logits, -1) * logits).sum(-1)
     return logp, ent
+
+
+def response_logp(model, inputs: dict, targets: torch.Tensor, temperature: float, fused: bool = False,
+                  backend: str = "auto", with_entropy: bool = False):
+    """(log-prob [mb, T], entropy [mb, T] or None) of the response tokens, differentiable in the log-prob.
+
+    fused: hidden states + pgpo_kernels.fused_linear_logp inside the model's own forward (lm_head.fused_head_forward),
+    so no [mb, T, V] tensor exists in forward or backward (issue 16); else the logits path (logits, log-softmax and
+    their autograd buffers)."""
+    n_resp = targets.shape[1]
+    if fused:
+        from pgpo_kernels import fused_linear_logp
+        from pgpo_train.lm_head import fused_head_forward
+
+        def head(hidden, weight, bias):  # [mb, T, 2]: log-prob and entropy, the "logits" of this forward
+            lp, ent = fused_linear_logp(hidden, weight, targets, bias, temperature=temperature, with_entropy=True,
+                                        backend=backend)
+            return torch.stack([lp, ent], -1)
+
+        out = fused_head_forward(model, inputs, n_resp, head)
+        return out[..., 0], (out[..., 1] if with_entropy else None)
+    return logp_entropy(response_logits(model, inputs, n_resp, temperature), targets, with_entropy)

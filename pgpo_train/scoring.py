@@ -16,10 +16,12 @@ from pgpo_train.batching import select_rows
 from pgpo_train.batching import text_only_kwargs
 from pgpo_train.batching import visual_kwargs
 from pgpo_train.config import TrainConfig
+from pgpo_train.lm_head import fallback_chunk_rows
 from pgpo_train.lm_head import lm_head_params
 from pgpo_train.lm_head import response_hidden
 from pgpo_train.policy import logp_entropy
 from pgpo_train.policy import response_logits
+from pgpo_train.policy import response_logp
 from pgpo_train.timing import timed
 from pgpo_train.weight_variants import control_generator
 
@@ -28,9 +30,9 @@ from pgpo_train.weight_variants import control_generator
 def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused_lm_head: bool = False) -> dict:
     """Old log-probs with the image and, for pgpo, token visual-dependency scores from the text-only pass.
 
-    Works micro-batch by micro-batch. With `fused_lm_head` (pgpo only) both passes stop at the last hidden states
-    [mb, T, H] and pgpo_kernels.fused_linear_token_stats applies the lm_head tile by tile: no [mb, T, V] logits
-    exist. Otherwise at most one micro-batch's [mb, T, V] logits of each pass are alive, at response positions only.
+    Works micro-batch by micro-batch. With `fused_lm_head` both passes stop at the last hidden states [mb, T, H]
+    and pgpo_kernels.fused_linear_token_stats (grpo/dapo: fused_linear_logp) applies the lm_head tile by tile: no
+    [mb, T, V] logits exist. Otherwise at most one micro-batch's [mb, T, V] logits of each pass are alive, at response positions only.
 
     Returns:
         dict with old_logp [B, T], entropy [B, T] and (pgpo) scores [B, T].
@@ -47,7 +49,10 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
         mb = select_rows(model, batch, torch.arange(start, min(B, start + cfg.micro_batch_size)))
         with timed(times, "timing/old_logp"):
             kw = visual_kwargs(model, mb)
-            if fused:
+            if fused_lm_head and not pgpo:  # [mb, T] straight from hidden states
+                vis = None
+                lp, ent = response_logp(model, kw, mb["responses"], cfg.temperature, True, cfg.pgpo.backend, True)
+            elif fused:
                 vis = response_hidden(model, kw, T)  # [mb, T, H]; the vision tower ran (pixel_values in kw)
             else:
                 vis = response_logits(model, kw, T, logits_temp)  # [mb, T, V]
@@ -71,6 +76,7 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
                     mb["responses"],
                     bias,
                     temperature=cfg.temperature,
+                    chunk_size=fallback_chunk_rows(weight, cfg.pgpo.backend),
                     estimator=cfg.pgpo.estimator,
                     backend=cfg.pgpo.backend,
                 )

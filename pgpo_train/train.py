@@ -104,7 +104,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"--model {cfg.model or '(embedded tiny)'}: cannot load it: {first}") from e
     # resolved once, before any step: "on" with an unsupported lm_head fails here, not mid-run
-    fused_lm_head = cfg.algo == "pgpo" and use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)
+    fused_lm_head = use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)  # every algo's passes (issue 16)
     small = sum(p.numel() for p in model.parameters()) < 50_000_000
     if not cfg.threads and device.type == "cpu" and small:
         # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
@@ -185,7 +185,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         # --- SFT warm-up
         if step < sft_end:
             recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
-            m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp), len(recs), 0.0)
+            m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp, fused_lm_head), len(recs), 0.0)
             step += 1
             check_finite_metrics(step, m, ("sft/loss", "sft/grad_norm"))
             sft_accs = (sft_accs + [m["sft/seq_acc"]])[-3:]
@@ -212,8 +212,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         times: dict = {}
         t0 = time.perf_counter()
         batch, metrics, texts, filler = sample_batch(model, processor, stream, cfg, device, times, dp)
-        if cfg.algo == "pgpo":
-            metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which old-log-prob path ran (1: hidden states)
+        metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which path every pass took (1: hidden states)
         # this rank's responses and kept tokens, to weigh its metrics (torchrun: every rank samples as many)
         n_resp, n_tok = len(texts), 0.0
         kept_anywhere = dp.any(batch is not None)
@@ -224,13 +223,13 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             check_token_advantages(step + 1, batch["advantages"], tok_adv, batch["response_mask"])
             metrics.update(w_m)
             metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
-            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp))
+            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp, fused_lm_head))
             check_finite_metrics(step + 1, metrics, ("actor/loss", "actor/grad_norm"))
             n_tok = float(batch["response_mask"].sum())
         elif kept_anywhere:  # torchrun: another rank kept groups; this one pairs their collectives with zero weight
             with dp.full_params(model):
                 pass
-            metrics.update(policy_update(model, optimizer, filler, None, cfg, times, dp))
+            metrics.update(policy_update(model, optimizer, filler, None, cfg, times, dp, fused_lm_head))
             check_finite_metrics(step + 1, metrics, ("actor/grad_norm",))  # global: every rank stops together
         # else: every group had equal rewards, also after the refill rounds -> no gradient signal this step
         step += 1

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from pgpo_kernels import fused_linear_logp
 from pgpo_train import core_algos
 from pgpo_train import distributed
 from pgpo_train.batching import build_sequences
@@ -15,14 +16,18 @@ from pgpo_train.batching import encode_prompts
 from pgpo_train.batching import select_rows
 from pgpo_train.batching import visual_kwargs
 from pgpo_train.config import TrainConfig
+from pgpo_train.lm_head import fused_head_forward
+from pgpo_train.lm_head import hidden_argmax
 from pgpo_train.policy import logp_entropy
 from pgpo_train.policy import response_logits
+from pgpo_train.policy import response_logp
 from pgpo_train.tasks import probe_ignored_ids
 from pgpo_train.timing import timed
 
 
 def policy_update(
-    model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict, dp=distributed.SINGLE
+    model, optimizer, batch: dict, tok_adv: torch.Tensor, cfg: TrainConfig, times: dict, dp=distributed.SINGLE,
+    fused_lm_head: bool = False,
 ) -> dict:
     """ppo_epochs x mini-batches of the clipped loss; micro-batches accumulate to each mini-batch's mean.
 
@@ -30,8 +35,7 @@ def policy_update(
     rank with the most (distributed.py); tok_adv None: this rank kept no rows and only runs zero-weight forwards."""
     model.train()
     policy_loss = core_algos.get_policy_loss_fn("vanilla")
-    B, T = batch["responses"].shape
-    B = 0 if tok_adv is None else B
+    B = 0 if tok_adv is None else batch["responses"].shape[0]
     sums = {"actor/loss": 0.0, "actor/clip_frac": 0.0, "actor/ppo_kl": 0.0, "actor/grad_norm": 0.0}
     n_mb = 0
     with timed(times, "timing/update"):
@@ -43,11 +47,13 @@ def policy_update(
                 for idx in dp.micro_batches(mini, cfg.micro_batch_size):
                     if len(idx) == 0:  # torchrun: another rank has a micro-batch more; FSDP's collectives must pair
                         mb = select_rows(model, batch, torch.arange(1))
-                        (response_logits(model, visual_kwargs(model, mb), T, cfg.temperature).sum() * 0.0).backward()
+                        lp0, _ = response_logp(model, visual_kwargs(model, mb), mb["responses"], cfg.temperature,
+                                               fused_lm_head, cfg.pgpo.backend)
+                        (lp0.sum() * 0.0).backward()
                         continue
                     mb = select_rows(model, batch, idx)
-                    logits = response_logits(model, visual_kwargs(model, mb), T, cfg.temperature)
-                    logp, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
+                    logp, _ = response_logp(model, visual_kwargs(model, mb), mb["responses"], cfg.temperature,
+                                            fused_lm_head, cfg.pgpo.backend)
                     loss, m = policy_loss(
                         batch["old_logp"][idx],
                         logp,
@@ -72,7 +78,8 @@ def policy_update(
     return {k: v / max(n_mb, 1) for k, v in sums.items()}
 
 
-def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=distributed.SINGLE) -> dict:
+def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=distributed.SINGLE,
+             fused_lm_head: bool = False) -> dict:
     """One supervised step on the reference responses (the warm-up): mean token NLL with the image.
 
     Under torchrun each rank holds its share of the records; its loss is weighed by its share of the tokens, so the
@@ -84,14 +91,24 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
     enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
     responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
-    logits = response_logits(model, visual_kwargs(model, batch), responses.shape[1], 1.0)
-    logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
+    if fused_lm_head:  # hidden states + fused_linear_logp: no [B, T, V] logits (issue 16)
+        greedy_ids = []
+
+        def head(hidden, weight, bias):
+            greedy_ids.append(hidden_argmax(hidden.detach(), weight, bias))  # the accuracy probe, chunked
+            return fused_linear_logp(hidden, weight, batch["responses"], bias, backend=cfg.pgpo.backend)
+
+        logp = fused_head_forward(model, visual_kwargs(model, batch), responses.shape[1], head)
+    else:
+        logits = response_logits(model, visual_kwargs(model, batch), responses.shape[1], 1.0)
+        logp, _ = logp_entropy(logits, batch["responses"], with_entropy=False)
     loss = core_algos.agg_loss(-logp, batch["response_mask"], "token-mean")
     if dp.world > 1:
         n_tok = float(batch["response_mask"].sum())
         loss = loss * (n_tok / dp.sum(n_tok))
     with torch.no_grad():  # before the update, on records not trained on yet: a free held-out accuracy probe
-        hit = (logits.argmax(-1) == batch["responses"]) | ~batch["response_mask"].bool()
+        greedy = greedy_ids[0] if fused_lm_head else logits.argmax(-1)  # [B, T]
+        hit = (greedy == batch["responses"]) | ~batch["response_mask"].bool()
         skip = probe_ignored_ids(cfg.task, tok) if not cfg.dataset else []  # grid-reason: its random filler
         if skip:
             hit |= torch.isin(batch["responses"], torch.tensor(skip, device=hit.device))

@@ -175,3 +175,23 @@ def test_bad_input_named_before_launch(kwargs, exc, words, monkeypatch):
     args.update(kwargs)
     with pytest.raises(exc, match=words.replace("(", r"\(").replace("[", r"\[")):
         fused_linear_logp(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_qwen_shape_against_reference(dtype):
+    """The compiled kernels at V = 152064 (not a multiple of 1024), H = 3584, odd N, with ignored rows and entropy."""
+    N, H, V = 129, 3584, 152064
+    h, w, _, t = (x.cuda() if x is not None else None for x in _inputs(N, H, V, dtype, bias=False, n_ignored=5))
+    g_lp = torch.randn(N, dtype=torch.float64, device="cuda")
+    g_ent = torch.randn(N, dtype=torch.float64, device="cuda")
+    got = _loss_grads(lambda h_, w_: fused_linear_logp(h_, w_, t, temperature=0.9, with_entropy=True,
+                                                       backend="triton"), (h, w), g_lp, g_ent)
+    ref = _loss_grads(lambda h_, w_: fused_linear_logp_ref(h_, w_, t, None, 0.9), (h, w), g_lp, g_ent)
+    tol = 5e-5 if dtype == torch.float32 else _TOL[dtype]
+    torch.testing.assert_close(got[0].double(), ref[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(got[1].double(), ref[1], atol=tol, rtol=tol)
+    for gg, rr in zip(got[2], ref[2]):
+        scale = rr.abs().max().item()
+        torch.testing.assert_close(gg.double(), rr.double(), atol=tol * max(scale, 1.0), rtol=0)

@@ -152,8 +152,9 @@ def test_fused_lm_head_mode_resolution():
     model, _ = build_tiny(seed=0)
     assert use_fused_lm_head("on", model, CPU) is True
     assert use_fused_lm_head("off", model, torch.device("cuda")) is False
-    assert use_fused_lm_head("auto", model, CPU) is False  # our choice: logits path on CPU
+    assert use_fused_lm_head("auto", model, CPU) is True  # issue 16: every device alike
     assert use_fused_lm_head("auto", model, torch.device("cuda")) is True  # only resolves, runs nothing on CUDA
+    assert TrainConfig(out_dir="x").pgpo.fused_lm_head == "auto"
     cfg = TrainConfig(out_dir="x")
     cfg.pgpo.fused_lm_head = "yes"
     with pytest.raises(ValueError, match="--pgpo.fused-lm-head must be auto, on or off"):

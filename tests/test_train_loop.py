@@ -144,10 +144,14 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
 def test_pgpo_tau0_beta0_equals_dapo_run(assets, tmp_path, monkeypatch):
     # the same old-log-prob code in both runs: Adam turns 1e-7 rounding differences into visible parameter
     # differences; the fused token_stats path is compared with the unfused one in its own test below
+    # (the logits path: with the fused lm head, pgpo's old log-probs come from fused_linear_token_stats and dapo's
+    # from fused_linear_logp, equal to ~1e-7; tests/test_train_update_fused.py compares fused with logits runs)
     monkeypatch.setenv("PGPO_NO_TOKEN_STATS", "1")
-    dapo = train(_cfg(assets, tmp_path / "dapo", algo="dapo", sft_steps=0, dynamic_sampling="off", lr=1e-2))
+    cfg = _cfg(assets, tmp_path / "dapo", algo="dapo", sft_steps=0, dynamic_sampling="off", lr=1e-2)
+    cfg.pgpo.fused_lm_head = "off"
+    dapo = train(cfg)
     cfg = _cfg(assets, tmp_path / "pgpo", algo="pgpo", sft_steps=0, dynamic_sampling="off", lr=1e-2)
-    cfg.pgpo.tau, cfg.pgpo.beta = 0.0, 0.0
+    cfg.pgpo.tau, cfg.pgpo.beta, cfg.pgpo.fused_lm_head = 0.0, 0.0, "off"
     pgpo = train(cfg)
     lines = _rl_lines(tmp_path / "pgpo")
     assert any(x["adv/mean_abs"] > 0 for x in lines), "test needs non-zero advantages"
