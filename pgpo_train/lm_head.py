@@ -127,7 +127,10 @@ def fused_head_forward(model, inputs: dict, n_resp: int, head_fn):
     head = model.lm_head if hasattr(model, "lm_head") else model_family.unwrap(model).lm_head
 
     def forward(hidden):  # hidden: [mb, n_resp + 1, H] (logits_to_keep); the last position predicts nothing
-        return head_fn(hidden[:, :-1], head.weight, head.bias)
+        out = head_fn(hidden[:, :-1], head.weight, head.bias)
+        # FSDP2 hooks the root's output for its pre-backward and warns on a view (an in-place op on one would drop
+        # the hook); fused_linear_logp's [mb, T] is a reshape of [N]: a copy of mb x T floats
+        return out.clone() if out._base is not None else out
 
     head.forward = forward  # this instance, this call only
     try:
