@@ -8,6 +8,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -39,8 +40,12 @@ def compile_case(arch, module, name, signature, constexprs, num_warps, hints=())
     ptx = kernel.asm.get("ptx", "")
     if not kernel.asm.get("cubin") or ".entry" not in ptx:
         raise RuntimeError("no cubin/ptx entry produced")
+    # atomics that order memory (tl.atomic_add's default sem="acq_rel": atom + a GPU-wide fence and an L1 invalidate in
+    # SASS around each one) vs fire-and-forget reductions (sem="relaxed": red)
+    fenced = sorted(set(re.findall(r"atom\.global\.[\w.]*(?:acq_rel|acquire|release)[\w.]*", ptx)))
     return {"ok": True, "cubin": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared, "mma": "mma.sync" in ptx,
-            "wgmma": "wgmma" in ptx, "pipelined": "cp.async" in ptx}
+            "wgmma": "wgmma" in ptx, "pipelined": "cp.async" in ptx, "fenced_atomics": fenced,
+            "relaxed_reductions": "red.global" in ptx and ".relaxed." in ptx}
 
 
 def main():
