@@ -52,7 +52,10 @@ FWD_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num
               "GROUP_N": 16}
 FWD_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2, "CHUNK_TILES": 32,
                    "GROUP_N": 16}
-BWD_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "GROUP_N": 16}
+# backward: 128 x 128 tiles cut the fp32 atomic traffic N H V (1/BLOCK_V + 1/BLOCK_N) by a third against 64 x 128
+# (139 vs 209 GB at N = 4096, V = 152064, H = 3584), with 0 spills on sm_80 and sm_90, fewer hot-loop instructions
+# per MAC and less shared memory (benchmarks/results/logp/bwd_tile_sweep.md: static, no GPU timing behind it)
+BWD_BLOCKS = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3, "GROUP_N": 16}
 BWD_BLOCKS_FP32 = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2, "GROUP_N": 16}
 # the interpreter runs on numpy: small tiles (tl.dot needs every dim >= 16)
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "CHUNK_TILES": 2,
