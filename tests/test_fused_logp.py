@@ -139,6 +139,34 @@ def test_torch_qwen_vocab_and_chunk_bound(monkeypatch):
     assert tfl.default_logp_chunk_rows(152064) == 13
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_row_offsets_beyond_int32(backend):
+    """hidden rows and weight rows that start past 2**31 elements: every pointer offset must be int64 (forward and
+    backward). The storages are only reserved (untouched pages of an empty tensor); the rows read are small."""
+    N, H, V, stride = 3, 16, 5, 2**31 + 97
+    src_h, src_w, _, t = _inputs(N, H, V, torch.bfloat16, bias=False, n_ignored=0)
+    big_h = torch.empty(stride * (N - 1) // 2 + H + stride, dtype=torch.bfloat16)
+    h = big_h.as_strided((N, H), (stride // 2, 1))  # rows 0, 1, 2 at 0, ~2**30, ~2**31 + 97 elements
+    big_w = torch.empty(stride * (V - 1) // 4 + H, dtype=torch.bfloat16)
+    w = big_w.as_strided((V, H), (stride // 4, 1))  # the last row past 2**31 elements
+    h.copy_(src_h)
+    w.copy_(src_w)
+    assert h.stride(0) * (N - 1) > 2**31 and w.stride(0) * (V - 1) > 2**31
+    g_lp, g_ent = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    ref = _loss_grads(lambda h_, w_: fused_linear_logp_ref(h_, w_, t), (src_h, src_w), g_lp, g_ent)
+    h.requires_grad_()  # on the strided views themselves (a clone would be contiguous)
+    w.requires_grad_()
+    lp, ent = fused_linear_logp(h, w, t, with_entropy=True, backend=backend)
+    assert h.stride(0) == stride // 2 and w.stride(0) == stride // 4
+    loss = (lp.double() * g_lp).sum() + (ent.double() * g_ent).sum()
+    got = (lp.detach(), ent.detach(), torch.autograd.grad(loss, [h, w]))
+    tol = _TOL[torch.bfloat16]
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    for gg, rr in zip(got[2], ref[2]):
+        torch.testing.assert_close(gg.double(), rr.double(), atol=tol * max(rr.abs().max().item(), 1.0), rtol=0)
+
+
 def test_empty_rows():
     w = torch.randn(10, 4)
     for backend in ("torch", "triton"):
