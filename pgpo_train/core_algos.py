@@ -228,13 +228,8 @@ def normalized_scores(scores: torch.Tensor, response_mask: torch.Tensor, eps: fl
     Returns:
         [B, T] float32 in [0, 1], 0 on padding.
     """
-    m = response_mask.bool()
-    s = torch.log1p(scores.float().clamp_min(0))
-    inf = torch.tensor(float("inf"), device=s.device)
-    lo = torch.where(m, s, inf).amin(-1, keepdim=True)  # [B, 1]
-    hi = torch.where(m, s, -inf).amax(-1, keepdim=True)  # [B, 1]
-    I = torch.where(hi == inf, (s == inf).float(), (s - lo) / (hi - lo + eps))
-    return torch.where(m, I, torch.zeros_like(I))
+    # the reshape variants' I_t (one formula): scores clamped at 0 first, so no -inf and no < -1 case is left
+    return weight_variants.normalized_dependency(scores.float().clamp_min(0), response_mask.bool(), eps)[0]
 
 
 def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
