@@ -56,11 +56,12 @@ bench 80 weights weights --tokens "$SWEEP" --seq-len "$SEQ_LEN"
 bench 90 stats stats --tokens "$SWEEP"
 bench 70 linear linear --tokens "$LINEAR_TOKENS" --hidden "$HIDDEN"
 # the policy update's loss head (fused_linear_logp, issue 16): fwd + bwd, peak extra memory (allocator) and time per
-# token, one process per provider; its own table (benchmarks/logp.py), not merged into the GB/s report
+# token, one process per provider; its own table (benchmarks/logp.py), not merged into the GB/s report; the last
+# provider (the backward's previous tiles) checks the static tile choice and is the one a timeout would cut
 LOGP_TOKENS=${LOGP_TOKENS:-8192}
 echo "== logp: pgpo-bench logp --tokens $LOGP_TOKENS" | tee -a "$OUT/sweep.log"
 timeout 40 "$PY" -m benchmarks.cli logp --tokens "$LOGP_TOKENS" --vocab "$VOCAB" --hidden "$HIDDEN" --dtype bfloat16 \
-  --device "$DEVICE" --providers ours_triton,logits,trl_chunked,liger --reps 3 --timeout 30 --json "$OUT/logp.json" \
+  --device "$DEVICE" --providers ours_triton,logits,trl_chunked,liger,ours_triton_bwd64 --reps 3 --timeout 30 --json "$OUT/logp.json" \
   --md "$OUT/logp.md" >>"$OUT/sweep.log" 2>&1 || echo "!! logp exited with $? (timeout 124)" | tee -a "$OUT/sweep.log"
 
 # -- 2b. pgpo-train data parallel (torchrun + FSDP2, nccl): tiny model, 1 GPU vs all GPUs, at most 90 s ----------

@@ -13,6 +13,9 @@ Providers (same inputs: hidden [N, H] and lm_head [V, H] requiring grad, N targe
     trl_chunked    TRL 1.16's ChunkedLogProbFunction (the kernel of trl's add_fused_lm_head), entropy on
     ours_torch     fused_linear_logp(backend='torch'): row chunks of ~8 MiB fp32 logits
     ours_triton    fused_linear_logp(backend='triton') (CUDA only; the interpreter is never timed)
+    ours_triton_bwd64
+                   the same with the backward's previous 64 x 128 x 64 tiles, to time the static tile choice
+                   (csrc_notes/fused_ops.md) against the one it replaced on the first GPU
 
 Each (provider, N) runs in a fresh subprocess. Peak extra memory: on the CPU the process's peak RSS (VmHWM, reset with
 /proc/self/clear_refs after the inputs are built and a warm-up at a small N) minus its RSS just before the call; on CUDA
@@ -32,7 +35,9 @@ import subprocess
 import sys
 import time
 
-PROVIDERS = ("logits", "compile", "liger", "trl_chunked", "ours_torch", "ours_triton")
+PROVIDERS = ("logits", "compile", "liger", "trl_chunked", "ours_torch", "ours_triton", "ours_triton_bwd64")
+# the backward tiles before the static sweep (benchmarks/results/logp/bwd_tile_sweep.md)
+BWD64_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "GROUP_N": 16}
 # bytes per token x vocab entry the logits path was measured to need (issue 16: ~20); used only to skip a size that
 # would not fit in the host's available memory
 LOGITS_BYTES_PER_ENTRY = 20
@@ -109,10 +114,14 @@ def make_provider(name: str, temperature: float, device):
                                                ("entropy",))
             return out[0] * valid, out[1] * valid
         return trl
-    if name in ("ours_torch", "ours_triton"):
+    if name in ("ours_torch", "ours_triton", "ours_triton_bwd64"):
         from pgpo_kernels import fused_linear_logp
 
-        backend = name.removeprefix("ours_")
+        backend = "torch" if name == "ours_torch" else "triton"
+        if name == "ours_triton_bwd64":  # this provider's own process: a module-level swap touches no other row
+            import pgpo_kernels.fused_logp as fl
+
+            fl.BWD_BLOCKS = dict(BWD64_BLOCKS)
         if backend == "triton" and device.type != "cuda":
             raise RuntimeError("the Triton kernels run on CUDA (the interpreter is never timed)")
         return lambda h, w, t: fused_linear_logp(h, w, t, temperature=temperature, with_entropy=True,
@@ -204,7 +213,7 @@ def run(args) -> dict:
     for n in args.tokens:
         for prov in args.providers:
             need = LOGITS_BYTES_PER_ENTRY * n * args.vocab if prov in ("logits", "compile") else 0
-            if prov == "ours_triton" and args.device != "cuda":
+            if prov.startswith("ours_triton") and args.device != "cuda":
                 rec = {"provider": prov, "tokens": n, "status": "skipped",
                        "reason": "CUDA only (the interpreter is never timed)"}
             elif args.device == "cpu" and need > args.memory_share * _available_bytes():
