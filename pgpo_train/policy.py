@@ -96,11 +96,11 @@ def response_logp(model, inputs: dict, targets: torch.Tensor, temperature: float
         from pgpo_kernels import fused_linear_logp
         from pgpo_train.lm_head import fused_head_forward
 
-        def head(hidden, weight, bias):  # [mb, T, 2]: log-prob and entropy, the "logits" of this forward
-            lp, ent = fused_linear_logp(hidden, weight, targets, bias, temperature=temperature, with_entropy=True,
-                                        backend=backend)
-            return torch.stack([lp, ent], -1)
+        def head(hidden, weight, bias):  # the "logits" of this forward: [mb, T] log-prob, or [mb, T, 2] with entropy
+            out = fused_linear_logp(hidden, weight, targets, bias, temperature=temperature, with_entropy=with_entropy,
+                                    backend=backend)
+            return torch.stack(out, -1) if with_entropy else out
 
         out = fused_head_forward(model, inputs, n_resp, head)
-        return out[..., 0], (out[..., 1] if with_entropy else None)
+        return (out[..., 0], out[..., 1]) if with_entropy else (out, None)
     return logp_entropy(response_logits(model, inputs, n_resp, temperature), targets, with_entropy)

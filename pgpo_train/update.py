@@ -45,15 +45,15 @@ def policy_update(
                 n_tok = dp.sum(float(batch["response_mask"][mini].sum()))
                 n_seq = dp.sum(float(len(mini)))
                 for idx in dp.micro_batches(mini, cfg.micro_batch_size):
-                    if len(idx) == 0:  # torchrun: another rank has a micro-batch more; FSDP's collectives must pair
-                        mb = select_rows(model, batch, torch.arange(1))
-                        lp0, _ = response_logp(model, visual_kwargs(model, mb), mb["responses"], cfg.temperature,
-                                               fused_lm_head, cfg.pgpo.backend)
-                        (lp0.sum() * 0.0).backward()
-                        continue
-                    mb = select_rows(model, batch, idx)
+                    # torchrun: an empty micro-batch (another rank has one more) runs row 0 with zero weight, so
+                    # FSDP's collectives pair
+                    empty = len(idx) == 0
+                    mb = select_rows(model, batch, torch.arange(1) if empty else idx)
                     logp, _ = response_logp(model, visual_kwargs(model, mb), mb["responses"], cfg.temperature,
                                             fused_lm_head, cfg.pgpo.backend)
+                    if empty:
+                        (logp.sum() * 0.0).backward()
+                        continue
                     loss, m = policy_loss(
                         batch["old_logp"][idx],
                         logp,
