@@ -42,6 +42,7 @@ CHOICES = {
     "loss_agg_mode": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
     "backend": ["auto", "torch", "triton"],  # pgpo.backend
     "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "rollout_engine": ["hf", "vllm"],
 }
 
 
@@ -159,6 +160,20 @@ class TrainConfig:
     )
     temperature: float = opt(1.0, "sampling temperature; log-probs use the same")
     top_p: float = opt(1.0, "nucleus sampling of the rollouts; paper: 0.99")
+    rollout_engine: str = opt(
+        "hf",
+        "hf: the policy's generate; vllm: a vLLM engine in this process, weights synced before every step's "
+        "rollouts (pip install -e .[vllm]; docs/vllm_rollouts.md)",
+    )
+    vllm_gpu_memory_utilization: float = opt(
+        0.3, "--rollout-engine vllm on CUDA: share of GPU memory its engine takes (weights + KV cache)"
+    )
+    vllm_sleep: bool = opt(
+        True, "--rollout-engine vllm on CUDA: free the engine's weights and KV cache between rollouts (sleep mode)"
+    )
+    vllm_max_model_len: int | None = opt(
+        None, "--rollout-engine vllm: longest prompt + response in tokens; auto: max_new_tokens + 4096 (model's cap)"
+    )
     # --- SFT warm-up (gives the random tiny model a start)
     sft_steps: int | None = opt(
         None,

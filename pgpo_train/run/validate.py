@@ -165,6 +165,11 @@ def check_values(c, choices: dict[str, list[str]]) -> None:
     ):
         _range(name, getattr(c, name), getattr(c, name) >= 1, ">= 1")
     _range("max_new_tokens", c.max_new_tokens, c.max_new_tokens >= 1, ">= 1")
+    _range("vllm_gpu_memory_utilization", c.vllm_gpu_memory_utilization, 0 < c.vllm_gpu_memory_utilization <= 1,
+           "in (0, 1]")
+    if c.vllm_max_model_len is not None:
+        _range("vllm_max_model_len", c.vllm_max_model_len, c.vllm_max_model_len > c.max_new_tokens,
+               f"> --max-new-tokens ({c.max_new_tokens}): room for the prompt too")
     for name, unset in (
         ("steps", ""),
         ("sft_steps", ""),

@@ -77,7 +77,8 @@ def test_rollouts_and_weight_sync_match_policy_logp(setup):
     records = _records()
     batch = _sample(engine, model, processor, records)
     assert batch["responses"].shape[0] == 4 and batch["response_mask"].sum() > 0
-    assert _gap(model, batch) <= TOL
+    first = _gap(model, batch)
+    assert first <= TOL
 
     # one optimizer step on the sampled tokens (every parameter moves), then the engine still has the old weights
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -89,9 +90,13 @@ def test_rollouts_and_weight_sync_match_policy_logp(setup):
     model.eval()
 
     stale = _sample(engine, model, processor, records, sync=False)
-    assert _gap(model, stale) > 1e-3  # the update moved the policy: an unsynced engine is visibly off
+    stale_gap = _gap(model, stale)
+    assert stale_gap > 1e-3  # the update moved the policy: an unsynced engine is visibly off
     fresh = _sample(engine, model, processor, records)
-    assert _gap(model, fresh) <= TOL
+    fresh_gap = _gap(model, fresh)
+    assert fresh_gap <= TOL
+    print(f"\nsync check (max |vLLM - policy| log-prob, fp32): before the update {first:.2e}, after it unsynced "
+          f"{stale_gap:.2e}, synced {fresh_gap:.2e} ({int(fresh['response_mask'].sum())} tokens)")
     m = vllm_engine.logp_gap_metrics(fresh["rollout_logp"], _policy_logp(model, fresh), fresh["response_mask"])
     assert m["rollout/vllm_logp_gap_max"] <= TOL
 
@@ -106,12 +111,16 @@ def test_repeated_image_after_vision_update_uses_new_tower(setup):
         for p in tower.parameters():
             p.add_(0.2 * torch.randn_like(p))
     batch = _sample(engine, model, processor, records)  # the same images again, after the tower changed
-    assert _gap(model, batch) <= TOL
+    gap = _gap(model, batch)
+    assert gap <= TOL
     new_logp = _policy_logp(model, batch)
     tower.load_state_dict(old)
     old_logp = _policy_logp(model, batch)
     mask = batch["response_mask"].bool()
-    assert (new_logp - old_logp)[mask].abs().max() > 1e-3  # the tower change reaches these log-probs
+    moved = (new_logp - old_logp)[mask].abs().max().item()
+    assert moved > 1e-3  # the tower change reaches these log-probs
+    print(f"\nrepeated image after a vision-tower update: gap {gap:.2e} (the update moved the log-probs by up to "
+          f"{moved:.2e})")
 
 
 def test_banned_visual_ids_never_sampled(setup):
@@ -130,6 +139,8 @@ def test_banned_visual_ids_never_sampled(setup):
         logits = response_logits(model, visual_kwargs(model, batch), batch["responses"].shape[1], 1.0)
         p_banned = torch.softmax(logits, -1)[..., banned].sum(-1)[batch["response_mask"].bool()]
         assert p_banned.mean() > 0.5  # unbanned, more than every other token sampled would be a visual id
+        print(f"\nbanned ids: policy mass on them {p_banned.mean():.3f} per token, "
+              f"{int(batch['response_mask'].sum())} tokens sampled, none of them banned")
         assert not torch.isin(batch["responses"][batch["response_mask"].bool()], torch.tensor(banned)).any()
         assert batch["response_mask"].sum() > 0
     finally:
@@ -170,3 +181,58 @@ def test_vllm_leaves_run_rng_and_threads_alone(setup):
     torch.manual_seed(7)
     torch.randint(0, 2**31 - 1, (batch["responses"].shape[0],))  # the only draw: one sampling seed per response
     assert torch.equal(after, torch.get_rng_state())
+
+
+# %% the trainer's loop with --rollout-engine vllm
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A tiny model after a short SFT (mixed rewards, so RL steps update) and its dataset."""
+    from pgpo_train.data.tasks import save_count_dataset
+    from pgpo_train.models.tiny import save_tiny_checkpoint
+    from pgpo_train.recipe.train import train
+    from pgpo_train.run.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("vllm-loop")
+    data = save_count_dataset(root / "count", n_train=64, n_test=8, seed=0)
+    out = train(TrainConfig(model=save_tiny_checkpoint(root / "raw", seed=0), dataset=data, prompt_template="tiny",
+                            out_dir=str(root / "sft"), steps=0, sft_steps=50, sft_batch_size=16, sft_lr=4e-3,
+                            eval_every=0, tensorboard=False, progress=False))
+    return {"model": save_tiny_checkpoint(root / "warm", model=out["model"], processor=out["processor"]),
+            "data": data}
+
+
+def _loop_cfg(warm, out, **kw):
+    from pgpo_train.run.config import TrainConfig
+
+    base = dict(model=warm["model"], dataset=warm["data"], prompt_template="tiny", out_dir=str(out), steps=3,
+                prompts_per_step=2, group_size=4, mini_batch_size=4, micro_batch_size=4, max_new_tokens=12,
+                sft_steps=0, eval_every=0, tensorboard=False, progress=False, save_every=1, seed=3, lr=1e-3,
+                dynamic_sampling="off", rollout_engine="vllm", threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _rl_lines(run_dir):
+    import json
+
+    with open(run_dir / "metrics.jsonl") as f:
+        lines = [json.loads(x) for x in f]
+    return [{k: v for k, v in x.items() if not k.startswith("timing/")} for x in lines if x["phase"] == "rl"]
+
+
+def test_loop_with_vllm_resumes_exactly(warm, tmp_path):
+    from pgpo_train.recipe.train import train
+
+    full = train(_loop_cfg(warm, tmp_path / "full"))
+    train(_loop_cfg(warm, tmp_path / "cut", steps=1))  # "killed" after 1 RL step (checkpointed)
+    resumed = train(_loop_cfg(warm, tmp_path / "cut", resume=True))
+    assert resumed["resumed_from"] is not None
+    lines = _rl_lines(tmp_path / "full")
+    assert len(lines) == 3 and sum(x.get("adv/mean_abs", 0) > 0 for x in lines) >= 2, "test needs real updates"
+    # every step: vLLM sampled from the weights of the previous update (a stale engine would be ~1e-2 off)
+    assert all(x["rollout/vllm_logp_gap_max"] < 1e-4 for x in lines), [x["rollout/vllm_logp_gap_max"] for x in lines]
+    print("\nloop: logp gap max per step", [f"{x['rollout/vllm_logp_gap_max']:.1e}" for x in lines])
+    assert lines == _rl_lines(tmp_path / "cut")  # the same rollouts, rewards, losses after the resume
+    a, b = dict(full["model"].named_parameters()), dict(resumed["model"].named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
