@@ -169,7 +169,7 @@ class TrainConfig:
         0.3, "--rollout-engine vllm on CUDA: share of GPU memory its engine takes (weights + KV cache)"
     )
     vllm_sleep: bool = opt(
-        True, "--rollout-engine vllm on CUDA: free the engine's weights and KV cache between rollouts (sleep mode)"
+        True, "--rollout-engine vllm on CUDA: offload the engine's weights and free its KV cache between rollouts"
     )
     vllm_max_model_len: int | None = opt(
         None, "--rollout-engine vllm: longest prompt + response in tokens; auto: max_new_tokens + 4096 (model's cap)"

@@ -184,9 +184,22 @@ class VLLMRollout:
             vllm = import_vllm(model.config.architectures[0] if model.config.architectures else None)
             self._sampling_params = vllm.SamplingParams
             self.llm = vllm.LLM(**kw)
-            if self.sleeps:
-                self.llm.sleep(level=2)  # weights and KV cache freed until the first rollout
+        self._asleep = False
+        self._sleep()  # CUDA: the GPU memory is the update's until the first rollout
         self.syncs = 0
+
+    def _sleep(self) -> None:
+        """CUDA: weights offloaded to CPU memory, KV cache freed (sleep level 1: waking restores the weights, so a
+        refill round needs no new push); the update gets the GPU memory back."""
+        if self.sleeps and not self._asleep:
+            with kept_process_state():
+                self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def close(self) -> None:
         if self._dir:
@@ -198,8 +211,7 @@ class VLLMRollout:
         """Pushes the policy's current weights into the engine in place; resets its prefix and encoder caches (a
         cached vision embedding of a seen image would be the old tower's)."""
         with kept_process_state():
-            if self.sleeps:
-                self.llm.wake_up(tags=["weights"])
+            self._wake()
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": checkpoint_weights(model), "is_checkpoint_format": True}
             )
@@ -233,11 +245,9 @@ class VLLMRollout:
         ]
         prompts = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images)]
         with kept_process_state():
-            if self.sleeps:
-                self.llm.wake_up(tags=["kv_cache"])
+            self._wake()
             outs = self.llm.generate(prompts, params, use_tqdm=False)
-            if self.sleeps:
-                self.llm.sleep(level=2)  # the update gets the memory back
+        self._sleep()
         T = max(1, max(len(o.outputs[0].token_ids) for o in outs))
         responses = torch.full((B, T), pad_id, dtype=torch.long)
         logp = torch.zeros(B, T, dtype=torch.float32)

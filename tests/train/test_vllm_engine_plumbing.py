@@ -99,3 +99,54 @@ def test_logp_gap_metrics():
     assert m["rollout/vllm_logp_gap_mean"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
     assert m["rollout/vllm_logp_gap_max"] == pytest.approx(0.3)
     assert vllm_engine.logp_gap_metrics(a, b, torch.zeros_like(mask)) == {}
+
+
+def test_cuda_sleep_order_with_a_recording_engine(tiny):
+    """CUDA's sleep mode cannot run on this machine: a recording stand-in for vLLM's LLM checks the call order the
+    engine wrapper makes (sleep after start-up and after each rollout round, wake before a sync or a refill round).
+    What it leaves unverified: vLLM's own sleep/wake_up on a GPU (benchmarks/gpu_sweep.sh rollout runs them)."""
+    model, processor = tiny
+    calls = []
+
+    class Out:
+        def __init__(self, ids):
+            self.prompt_token_ids = ids
+            self.outputs = [type("C", (), {"token_ids": [5, 6], "logprobs": [{5: _LP(-0.5)}, {6: _LP(-0.25)}]})()]
+
+    class LLM:
+        llm_engine = type("E", (), {"reset_encoder_cache": lambda self: calls.append("reset_encoder_cache")})()
+
+        def sleep(self, level):
+            calls.append(f"sleep{level}")
+
+        def wake_up(self):
+            calls.append("wake_up")
+
+        def collective_rpc(self, method, kwargs):
+            calls.append(method)
+            assert sum(1 for _ in kwargs["weights_iterator"]) == len(list(model.parameters()))
+
+        def reset_prefix_cache(self):
+            calls.append("reset_prefix_cache")
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append("generate")
+            return [Out([1, 2]) for _ in prompts]
+
+    engine = object.__new__(vllm_engine.VLLMRollout)
+    engine.llm, engine.sleeps, engine._asleep, engine.syncs, engine.device = LLM(), True, False, 0, "cpu"
+    engine._sampling_params = lambda **kw: kw
+    engine.allowed = list(range(10))
+    engine._sleep()  # what __init__ does after building the engine
+    engine.sync(model)
+    cfg = type("Cfg", (), {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4})()
+    responses, logp = engine.generate(["a", "b"], [None, None], [[1, 2], [1, 2]], cfg, [7], 0)
+    engine.generate(["a"], [None], [[1, 2]], cfg, [7], 0)  # a refill round: no sync in between
+    assert calls == ["sleep1", "wake_up", "reload_weights", "reset_prefix_cache", "reset_encoder_cache", "generate",
+                     "sleep1", "wake_up", "generate", "sleep1"]
+    assert responses.tolist() == [[5, 6], [5, 6]] and logp.tolist() == [[-0.5, -0.25], [-0.5, -0.25]]
+
+
+class _LP:
+    def __init__(self, logprob):
+        self.logprob = logprob
