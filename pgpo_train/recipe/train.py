@@ -198,7 +198,7 @@ def setup(cfg: TrainConfig, dp) -> Run:
         torch.set_num_threads(1)
     engine = None
     if cfg.rollout_engine == "vllm":  # built from the whole model, before FSDP shards it; synced before each step
-        engine = vllm_engine.VLLMRollout(model, processor, cfg, device, dp.world, dp.rank)
+        engine = vllm_engine.VLLMRollout(model, processor, cfg, device, dp)
     if dp.world > 1:  # every rank built the same model; each keeps its shard and samples with its own RNG stream
         model = distributed.shard_policy(model, device, cfg.fsdp_cpu_offload)
         dist_checkpoint.fresh_rng(cfg.seed, 0, dp.rank)

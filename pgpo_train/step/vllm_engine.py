@@ -28,6 +28,7 @@ import tempfile
 import torch
 
 from pgpo_train.models import model_family
+from pgpo_train.run import distributed
 from pgpo_train.run.checkpoint import rng_state
 from pgpo_train.run.checkpoint import set_rng_state
 
@@ -146,10 +147,12 @@ class VLLMRollout:
         model, processor: the policy (its weights, dtype and architecture) and its processor.
         cfg: TrainConfig (seed, temperature, top_p, max_new_tokens, prompts_per_step, group_size, the vllm_* fields).
         device: the training device (CUDA: gpu_memory_utilization and sleep mode; CPU: VLLM_CPU_KVCACHE_SPACE).
-        world, rank: torchrun's (each rank its own engine, TP 1, vLLM's external_launcher executor).
+        dp: pgpo_train.run.distributed's SINGLE or torchrun's (each rank its own engine, TP 1, vLLM's
+            external_launcher executor; the embedded model is saved once, by rank 0, into a node-local temp folder).
     """
 
-    def __init__(self, model, processor, cfg, device: torch.device, world: int = 1, rank: int = 0):
+    def __init__(self, model, processor, cfg, device: torch.device, dp=distributed.SINGLE):
+        world, rank = dp.world, dp.rank
         self.processor, self.device = processor, device
         self.banned = model_family.special_ids(model)
         vocab = len(processor.tokenizer)
@@ -161,8 +164,13 @@ class VLLMRollout:
         if not source:  # the embedded model lives in memory only: saved once, read once by the engine
             from pgpo_train.models.tiny import save_tiny_checkpoint
 
-            self._dir = tempfile.mkdtemp(prefix="pgpo-vllm-")
-            source = save_tiny_checkpoint(self._dir, model=model, processor=processor)
+            # transformers' save_pretrained writes on rank 0 only under torchrun: one folder, its path broadcast
+            self._dir = dp.broadcast_object(tempfile.mkdtemp(prefix="pgpo-vllm-") if rank == 0 else None)
+            if rank == 0:
+                save_tiny_checkpoint(self._dir, model=model, processor=processor)
+            dp.barrier()
+            source = self._dir
+        self._owns_dir = rank == 0
         kw = dict(
             model=source,
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -181,7 +189,7 @@ class VLLMRollout:
         if world > 1:  # torchrun: every rank its own engine inside the existing process group (as TRL's colocate)
             kw["distributed_executor_backend"] = "external_launcher"
         with kept_process_state():
-            vllm = import_vllm(model.config.architectures[0] if model.config.architectures else None)
+            vllm = import_vllm((model.config.architectures or [type(model).__name__])[0])  # built in memory: no list
             self._sampling_params = vllm.SamplingParams
             self.llm = vllm.LLM(**kw)
         self._asleep = False
@@ -202,9 +210,9 @@ class VLLMRollout:
             self._asleep = False
 
     def close(self) -> None:
-        if self._dir:
+        if self._dir and self._owns_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._dir = None
 
     @torch.no_grad()
     def sync(self, model) -> None:
