@@ -153,6 +153,7 @@ class VLLMRollout:
 
     def __init__(self, model, processor, cfg, device: torch.device, dp=distributed.SINGLE):
         world, rank = dp.world, dp.rank
+        self.world, self.llm = world, None
         self.processor, self.device = processor, device
         self.banned = model_family.special_ids(model)
         vocab = len(processor.tokenizer)
@@ -210,6 +211,13 @@ class VLLMRollout:
             self._asleep = False
 
     def close(self) -> None:
+        """Removes the embedded model's folder; under torchrun, vLLM's process groups go now, before torchrun's
+        (vLLM's exit-time finalizer would otherwise destroy them after the default group is gone, and fail)."""
+        if self.world > 1 and self.llm is not None:
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            destroy_model_parallel()
+            self.llm = None
         if self._dir and self._owns_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
