@@ -100,7 +100,7 @@ def warm_up(model, processor, steps: int, seed: int = 0) -> None:
     from pgpo_train.run.config import TrainConfig
     from pgpo_train.step.update import sft_step
 
-    cfg = TrainConfig(sft_lr=2e-3)
+    cfg = TrainConfig(sft_lr=2e-3).resolved()  # the tiny task's prompt template and token budget
     optimizer = make_optimizer(model, cfg.sft_lr, 0.0)
     records = make_count_records(16 * steps, seed=seed + 7)  # not the RL prompts' seed
     device = next(model.parameters()).device
