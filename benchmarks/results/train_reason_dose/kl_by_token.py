@@ -14,19 +14,19 @@ import sys
 
 import torch
 
-from pgpo_train import core_algos
-from pgpo_train.config import PGPOConfig
-from pgpo_train.config import TrainConfig
-from pgpo_train.data import RecordStream
-from pgpo_train.data import Sampler
-from pgpo_train.data import load_split
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.tasks import grid_reason_max_tokens
-from pgpo_train.train import load_policy
-from pgpo_train.train import old_logp_and_scores
-from pgpo_train.train import pgpo_weights
-from pgpo_train.train import rollout
-from pgpo_train.train import seed_everything
+from pgpo_train.data.loading import RecordStream
+from pgpo_train.data.loading import Sampler
+from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.data.tasks import grid_reason_max_tokens
+from pgpo_train.recipe.train import load_policy
+from pgpo_train.recipe.train import old_logp_and_scores
+from pgpo_train.recipe.train import pgpo_weights
+from pgpo_train.recipe.train import rollout
+from pgpo_train.recipe.train import seed_everything
+from pgpo_train.rl import core_algos
+from pgpo_train.run.config import PGPOConfig
+from pgpo_train.run.config import TrainConfig
 
 
 def main(argv=None) -> int:
