@@ -25,7 +25,7 @@ RECORD_KEYS = ("op", "tokens", "shape", "dtype", "backend", "bytes", "flops", "s
                "err_rows")
 STATUSES = ("ok", "unavailable", "error")
 
-# issue 3's targets, checked when our Triton kernels ran (on CUDA)
+# the kernels' performance targets (benchmarks/README.md, "targets"), checked when our Triton kernels ran (on CUDA)
 KL_COPY_FRACTION_TARGET = 0.90
 KL_TARGET_MIN_TOKENS = 1024
 RESHAPE_OVER_KL_TARGET = 0.02
@@ -88,7 +88,7 @@ def _ok(records: list[dict], op: str, backend: str | None = None) -> dict[int, d
 
 
 def evaluate_targets(records: list[dict]) -> list[dict]:
-    """Issue 3's targets for our Triton kernels, one entry per (target, tokens); empty when they did not run."""
+    """The performance targets of our Triton kernels, one entry per (target, tokens); empty when they did not run."""
     out: list[dict] = []
     kl = _ok(records, "kl", "pgpo-triton")
     for n, r in sorted(kl.items()):

@@ -1,5 +1,5 @@
 """PGPOGRPOTrainer on every supported model family, with LoRA, without images, without args, and with k3 reusing
-TRL's visual log-probs: real TRL steps on tiny random models built locally (issue 12)."""
+TRL's visual log-probs: real TRL steps on tiny random models built locally."""
 
 import warnings
 

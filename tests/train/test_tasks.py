@@ -59,7 +59,7 @@ def test_grid_text_only_predictor_is_at_chance():
 
 
 def test_count_copy_answer_is_partly_guessable_from_text():
-    """Contrast: count-copy's question names a colour, the case PGPO is not expected to help with (issue 10)."""
+    """Contrast: count-copy's question names a colour, the case PGPO is not expected to help with."""
     recs = make_count_records(50, seed=0)
     assert len({r["problem"] for r in recs}) == 3
 
@@ -106,7 +106,7 @@ def test_grid_image_is_nine_image_tokens():
     assert int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 9
 
 
-# %% grid-reason (issue 17)
+# %% grid-reason
 
 
 def _rows_total(solution):

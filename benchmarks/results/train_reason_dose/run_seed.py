@@ -1,4 +1,4 @@
-"""One (filler, seed) of the grid-reason dose-response benchmark (issue 17): the default SFT warm-up once, saved;
+"""One (filler, seed) of the grid-reason dose-response benchmark: the default SFT warm-up once, saved;
 then, at that fixed checkpoint, the token-role KL and the mini-batch gradient variance (grad_at_checkpoint.py); then
 every variant's RL from it.
 
