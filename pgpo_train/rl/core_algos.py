@@ -144,8 +144,8 @@ def pgpo_weights(
     scores -> weights path of the project (the loop, `integrations.token_scores`, TRL and verl all call it).
 
     The paper's gate (absolute tau, no floor, not inverted) runs the fused `pgpo_kernels.reshape_weights`; the
-    issue-17 variants run pgpo_train.rl.weight_variants' torch math; "shuffled" then permutes each sequence's weights
-    among its valid tokens with `generator` (weight_variants.control_generator); min_spread acts last.
+    variants (docs/method.md#variants) run rl.weight_variants' torch math; "shuffled" then permutes each sequence's
+    weights among its valid tokens with `generator` (weight_variants.control_generator); min_spread acts last.
 
     Args:
         scores: [B, T] S_t >= 0 (token KL, full or k3).
