@@ -65,7 +65,7 @@ def _pgpo_version() -> str | None:
 
 def build_report(*, argv: list[str], device: dict, copy: dict | None, config: dict, records: list[dict],
                  peak_memory_method: str) -> dict[str, Any]:
-    """The whole run as one JSON-ready dict (see README "JSON schema")."""
+    """The whole run as one JSON-ready dict (see benchmarks/README.md, "JSON schema")."""
     report = {
         "schema": SCHEMA,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="OUT.png", default=None, help="plot of the merged runs")
     p.add_argument("--markdown", metavar="OUT.md", default=None, help="write the markdown table here too")
     p.add_argument("--largest", action="store_true",
-                   help="table only: keep each op's largest token count (the README's compact table)")
+                   help="table only: keep each op's largest token count (benchmarks/README.md's compact table)")
     args = p.parse_args(argv)
     reports = []
     for path in args.paths:

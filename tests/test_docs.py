@@ -121,6 +121,20 @@ def test_code_cites_existing_docs():
     assert not problems, "\n".join(problems)
 
 
+def test_code_cites_existing_readme_sections():
+    """`README "Architecture"` in a comment names a section the root README still has."""
+    headings = {h.strip() for h in re.findall(r"^#{1,6}\s+(.+)$", _prose((ROOT / "README.md").read_text()), re.M)}
+    problems = []
+    for f in _tracked_files():
+        if f.suffix not in CODE_SUFFIXES or f == Path(__file__).resolve():
+            continue
+        for lineno, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            for name in re.findall(r'(?<![\w/.])README,? "([^"]+)"', line):
+                if name not in headings:
+                    problems.append(f"{f.relative_to(ROOT)}:{lineno}: README has no section {name!r}")
+    assert not problems, "\n".join(problems)
+
+
 def test_no_citation_outside_the_repository():
     """The method lives in docs/method.md: nothing cites the spec file the project was built from."""
     hits = []
