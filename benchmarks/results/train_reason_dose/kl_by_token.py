@@ -25,7 +25,7 @@ from pgpo_train.recipe.train import pgpo_weights
 from pgpo_train.recipe.train import rollout
 from pgpo_train.recipe.train import seed_everything
 from pgpo_train.rl import core_algos
-from pgpo_train.run.config import PGPOConfig
+from pgpo_train.run.config import PGPOWeightsConfig
 from pgpo_train.run.config import TrainConfig
 
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     seed_everything(a.seed)
     cfg = TrainConfig(model=a.model, dataset=tiny_dataset_path(task="grid-reason", filler=a.filler),
                       prompt_template="tiny", max_new_tokens=grid_reason_max_tokens(a.filler), sft_steps=0, lr=1e-4,
-                      algo="pgpo", seed=a.seed, out_dir="/tmp/unused", pgpo=PGPOConfig()).resolved()  # fmt: skip
+                      algo="pgpo", seed=a.seed, out_dir="/tmp/unused", pgpo=PGPOWeightsConfig()).resolved()  # fmt: skip
     dev = torch.device("cpu")
     model, processor = load_policy(cfg, dev)
     cols = {"image": "image", "problem": "problem", "answer": "answer"}
