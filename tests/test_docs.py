@@ -1,4 +1,4 @@
-"""The docs point at things that exist: every relative link and repo path cited in README.md and docs/, every
+"""The docs point at things that exist: every relative link and repo path cited in the markdown files, every
 `docs/...` reference in code (anchors included), no citation of a file outside the repository, and the README's
 commands and kernels snippet are the ones that work."""
 
@@ -22,15 +22,20 @@ TEST_COMMAND = "python -m pytest -q"
 
 
 def _md_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    """README.md, docs/ and every other markdown file of the repository (benchmark results, integrations)."""
+    return sorted({ROOT / "README.md", *(f for f in _tracked_files() if f.suffix == ".md")})
 
 
 def _tracked_files() -> list[Path]:
     """The repository's files (git's list when this is a checkout, else a walk without build/venv folders)."""
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
     if out.returncode == 0 and out.stdout.strip():
-        return [ROOT / line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
-    return [p for p in ROOT.rglob("*") if p.is_file() and not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
+        files = [ROOT / line for line in out.stdout.splitlines()]
+    else:
+        files = list(ROOT.rglob("*"))
+    # a virtual environment or build folder git does not ignore is not the project's
+    return [p for p in files if p.is_file() and not SKIP_DIRS & set(p.relative_to(ROOT).parts)
+            and "site-packages" not in p.parts]
 
 
 def _prose(text: str) -> str:
