@@ -68,7 +68,7 @@ def test_task_is_selectable_and_validated(tmp_path):
     assert set(TASKS) == {"grid-count", "grid-reason", "count-copy"}
     assert TrainConfig().task == "grid-count"
     c = TrainConfig(task="count-copy", out_dir=str(tmp_path)).resolved()
-    assert (c.sft_steps, c.sft_stop_acc) == (300, 0.0)  # the old default warm-up
+    assert (c.sft_steps, c.sft_stop_acc) == (300, 0.0)  # count-copy's warm-up: fixed length, no accuracy stop
     g = TrainConfig(out_dir=str(tmp_path)).resolved()
     assert (g.sft_steps, g.sft_stop_acc) == (1000, 0.75)
     with pytest.raises(ValueError, match="--task"):
@@ -78,7 +78,7 @@ def test_task_is_selectable_and_validated(tmp_path):
 
 
 def test_count_copy_dataset_is_the_old_default(tmp_path):
-    """--task count-copy generates exactly the data the old default (tiny.save_count_dataset) did."""
+    """--task count-copy generates exactly the data of save_count_dataset, so its benchmark results stay comparable."""
     import datasets
 
     from pgpo_train.data.tasks import save_count_dataset
