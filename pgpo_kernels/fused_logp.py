@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pgpo_kernels.token_kl import chunk_layout
-from pgpo_kernels.token_kl import split_chunks
-from pgpo_kernels.torch_fused_logp import default_logp_chunk_rows
-from pgpo_kernels.torch_fused_logp import fused_linear_logp_torch
+from pgpo_kernels.online_softmax import chunk_layout
+from pgpo_kernels.online_softmax import split_chunks
+from pgpo_kernels.torch_fallback.fused_logp import default_logp_chunk_rows
+from pgpo_kernels.torch_fallback.fused_logp import fused_linear_logp_torch
 from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_chunk_size
 from pgpo_kernels.utils import check_float

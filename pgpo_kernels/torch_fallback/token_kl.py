@@ -1,18 +1,8 @@
-"""The torch fallback: same results as the Triton kernels, memory-frugal, for CPUs and where Triton cannot run.
+"""Torch fallback of token_kl (forward and backward): same results as the Triton kernels, row-chunked.
 
-Token KL works over row chunks, so it never holds a full fp32 copy of an [N, V] input: peak extra memory is a few
-[chunk, V] fp32 buffers. Each chunk runs one of two fast paths, then fixes the rows they cannot do exactly:
-
-- compiled (torch.compile of `kl_block`, see torch_compile.py), for large inputs where inductor works;
-- eager, the plain formula with in-place ops (no more [chunk, V] passes than a hand-written eager KL).
-
-Both fast paths give a non-finite KL for every row that needs care (an -inf, NaN or +inf logit, or a huge finite one
-whose fp32 differences overflow), and only those rows are recomputed by `kl_block` in float64 with every rule
-spelled out (NONFINITE rules, README "Kernels API"): -inf as SPEC 1, NaN/+inf in a row -> NaN for that row, huge
-finite logits -> the true value (finite, or +inf where it overflows fp32).
-
-The reshape is vectorized over all sequences with segment reductions (scatter_reduce), for the padded and the packed
-layout alike, under no_grad (the weights carry no gradient), with no host sync.
+The forward runs each chunk through the compiled or the eager fast path and recomputes in float64, by `kl_block`, the
+rows those give a non-finite KL (common.py). The backward recomputes both softmaxes from the logits, nothing [N, V]
+saved.
 """
 
 from __future__ import annotations
@@ -21,41 +11,12 @@ import math
 
 import torch
 
-from pgpo_kernels.torch_compile import run_compiled
-
-# Rows per chunk are chosen so that one fp32 [chunk, V] buffer stays near this many elements (64 MiB).
-_CHUNK_ELEMS = 1 << 24
-
-
-# The eager path works on smaller slices: its ~10 passes over a slice then hit the CPU's cache, not DRAM (measured
-# 3-4x faster than one 64 MiB chunk at V = 32768, benchmarks/results/cpu-fallback-2026-11-30.md).
-_EAGER_ELEMS = 1 << 17
-
-
-def _rows_per_chunk(n_cols: int) -> int:
-    return max(1, _CHUNK_ELEMS // max(n_cols, 1))
-
-
-def eager_slices(n_rows: int, n_cols: int):
-    """(lo, hi) row slices of about _EAGER_ELEMS elements (at least one row) covering n_rows."""
-    step = max(1, min(_EAGER_ELEMS, _CHUNK_ELEMS) // max(n_cols, 1))
-    return [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation whatever the input dtype (SPEC 1), fp64 kept for float64 inputs (gradcheck needs it)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def centred_logp(t: torch.Tensor, dt: torch.dtype, temperature: float):
-    """log_softmax(t / T) as (x - max) - log(sum(exp(x - max))), written out so that inductor fuses it into the
-    reductions that use it instead of writing a [c, V] buffer -> (logp [c, V], x - max [c, V], log-sum [c, 1],
-    max [c, 1]). The max also says what kind of row it is: NaN or +inf (a bad row), -inf (no mass), else finite."""
-    x = t.to(dt) / temperature
-    m = x.amax(-1, keepdim=True)  # propagates NaN
-    xs = x - m  # centred: no cancellation of large logits
-    lse = xs.exp().sum(-1, keepdim=True).log()
-    return xs - lse, xs, lse, m
+from pgpo_kernels.torch_fallback.common import centred_logp
+from pgpo_kernels.torch_fallback.common import compute_dtype
+from pgpo_kernels.torch_fallback.common import eager_slices
+from pgpo_kernels.torch_fallback.common import fix_rows
+from pgpo_kernels.torch_fallback.common import rows_per_chunk
+from pgpo_kernels.torch_fallback.compile import run_compiled
 
 
 def kl_block(a: torch.Tensor, b: torch.Tensor, temperature: float, dt: torch.dtype) -> torch.Tensor:
@@ -96,13 +57,6 @@ def _kl_plain(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Ten
     return logp.exp_().mul_(diff).sum(-1)
 
 
-def fix_rows(out: torch.Tensor, special: torch.Tensor, exact) -> None:
-    """Recompute the rows flagged by `special` ([c] bool) with exact(row_index) -> values; one host sync per chunk."""
-    rows = special.nonzero().squeeze(-1)
-    if rows.numel():
-        out[rows] = exact(rows).to(out.dtype)
-
-
 def _kl_rows(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """One chunk: [c, V] logits x2 -> [c] KL in the compute dtype. Never writes into its inputs."""
     kl = run_compiled(kl_block, a.numel(), a, b, temperature, compute_dtype(a.dtype))
@@ -119,7 +73,7 @@ def token_kl_torch(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0) -
     """
     n_rows, n_cols = a.shape
     out = torch.empty(n_rows, dtype=compute_dtype(a.dtype), device=a.device)
-    step = _rows_per_chunk(n_cols)
+    step = rows_per_chunk(n_cols)
     with torch.no_grad():
         for lo in range(0, n_rows, step):
             hi = min(lo + step, n_rows)
@@ -127,66 +81,59 @@ def token_kl_torch(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0) -
     return out
 
 
-def _segment_ids_packed(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    pos = torch.arange(total, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens[1:].long(), pos, right=True)  # [total]
+# %% backward ---------------------------------------------------------------------------------------------------------
+def kl_grad_block(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, temperature: float, dt: torch.dtype):
+    """[c, V] x2 and grad_out [c] -> (dKL/da, dKL/db) [c, V] x2 in dtype dt plus the rows' KL [c], every rule explicit.
 
-
-@torch.no_grad()  # the weights carry no gradient (SPEC 2), whatever the scores' requires_grad
-def reshape_weights_torch(
-    scores: torch.Tensor,
-    mask: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    tau: float,
-    beta: float,
-    eps: float,
-    renormalize: bool,
-) -> torch.Tensor:
-    """SPEC section 2 over a padded [B, T] (+ mask) or packed [total] (+ cu_seqlens) batch -> float32, 0 at padding.
-
-    A NaN, -inf or < -1 score (log1p undefined) in a valid position makes its sequence's weights NaN; +inf scores
-    are the sequence maximum (I = 1), a score of exactly -1 (log1p = -inf) its minimum (I = 0). No host sync.
+    A row with no distribution (all -inf in a) gets 0; a row whose KL is +inf, or with a NaN or +inf logit, gets NaN
+    (no derivative). In float32 a row with overflowing differences gets a non-finite KL: recompute it in float64.
     """
-    if cu_seqlens is not None:
-        n_seq = cu_seqlens.numel() - 1
-        seg = _segment_ids_packed(cu_seqlens, scores.numel())
-        valid = torch.ones_like(scores, dtype=torch.bool)
-    else:
-        n_seq = scores.shape[0]
-        seg = torch.arange(n_seq, device=scores.device).unsqueeze(1).expand_as(scores)
-        valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()
-    shape = scores.shape
-    raw = scores.float().reshape(-1)
-    s = torch.log1p(raw)  # log-compression, [N]
-    seg, valid = seg.reshape(-1), valid.reshape(-1)
-    inf = torch.tensor(math.inf, device=s.device)
-    zeros = torch.zeros(n_seq, device=s.device)
+    inv_t = 1.0 / temperature
+    x, y = a.to(dt) * inv_t, b.to(dt) * inv_t
+    logp = x.log_softmax(-1)  # [c, V]
+    logq = y.log_softmax(-1)
+    p = logp.exp()
+    zero = torch.zeros((), dtype=dt, device=a.device)
+    diff = torch.where(p > 0, logp - logq, zero)  # p_i = 0 contributes nothing, never 0 * inf
+    kl = (p * diff).sum(-1, keepdim=True)  # [c, 1]
+    gs = g.to(dt).unsqueeze(-1) * inv_t  # [c, 1]
+    ga = gs * p * (diff - kl)
+    gb = gs * (logq.exp() - p)
+    support = a != -math.inf
+    has_mass = support.any(-1, keepdim=True)  # [c, 1]
+    # no distribution: KL is the constant 0; infinite KL (a finite where b = -inf) or bad logits: no derivative
+    kl = torch.where((support & (b == -math.inf)).any(-1, keepdim=True), math.inf, kl)
+    # NaN or +inf anywhere in a row (max NaN or +inf; in fp32 also an overflow of a / T, redone in float64)
+    nonfinite = ~(x.amax(-1, keepdim=True) < math.inf) | ~(y.amax(-1, keepdim=True) < math.inf)
+    bad = has_mass & ~torch.isfinite(kl) | nonfinite
+    nan = torch.full((), math.nan, dtype=dt, device=a.device)
+    ga = torch.where(bad, nan, torch.where(has_mass, ga, zero))
+    gb = torch.where(bad, nan, torch.where(has_mass, gb, zero))
+    return ga, gb, torch.where(has_mass, kl, zero).squeeze(-1)
 
-    # 0. a score log1p cannot take (NaN, -inf, < -1) in a valid position poisons its sequence (NaN weights)
-    bad_tok = valid & (torch.isnan(raw) | (raw < -1.0))
-    bad = zeros.scatter_add(0, seg, bad_tok.float()) > 0  # [B]
 
-    # 1. min, max and count over each sequence's valid tokens; padding never enters.
-    m = zeros.scatter_reduce(0, seg, torch.where(valid, s, inf), "amin", include_self=False)  # [B]
-    M = zeros.scatter_reduce(0, seg, torch.where(valid, s, -inf), "amax", include_self=False)  # [B]
-    n_valid = zeros.scatter_add(0, seg, valid.float())  # [B]
-    m_t, M_t = m[seg], M[seg]  # [N]
+def token_kl_backward_torch(
+    a: torch.Tensor, b: torch.Tensor, grad_out: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of KL(softmax(a/T) || softmax(b/T)) per row, scaled by grad_out [N]; [N, V] x2 -> grads [N, V] x2.
 
-    # 2. min-max normalize; a +inf score is the sequence maximum (I = 1) and finite ones then sit at I = 0; failing
-    # that, a -inf s (score -1) is the minimum (I = 0) and finite ones sit at I = 1 (both: the limits of the formula)
-    I = torch.where(M_t == inf, (s == inf).float(),
-                    torch.where(m_t == -inf, (s != -inf).float(), (s - m_t) / (M_t - m_t + eps)))
-    # 3. gate: suppress below tau (ramp 0..1), amplify above (1 .. 1 + beta)
-    w = torch.where(I < tau, I / (tau + eps), 1.0 + beta * (I - tau) / (1.0 - tau + eps))
-    w = torch.where(valid, w, torch.zeros_like(w))
+        dKL/da_j = p_j ((log p_j - log q_j) - KL) / T,    dKL/db_j = (q_j - p_j) / T
 
-    # 4. renormalize to keep the mass: sum of weights = number of valid tokens
-    total = zeros.scatter_add(0, seg, w)  # [B]
-    # our choice (SPEC 2): all-equal, single token or zero mass -> uniform weights 1, never NaN
-    degenerate = (n_valid <= 1) | (M == m) | ~(total > 0)
-    scale = n_valid / total if renormalize else torch.ones_like(total)
-    scale = torch.where(degenerate, torch.ones_like(scale), scale)
-    out = torch.where(degenerate[seg], torch.ones_like(w), w * scale[seg])
-    out = torch.where(bad[seg], torch.full_like(out, math.nan), out)
-    out = torch.where(valid, out, torch.zeros_like(out))
-    return out.reshape(shape)
+    Rows whose KL is +inf (a finite where b = -inf) or that hold a NaN or +inf logit get NaN gradients: the
+    derivative does not exist there. Rows whose fp32 KL overflows (huge finite logits) are recomputed in float64.
+    """
+    n_rows, n_cols = a.shape
+    grad_a = torch.empty_like(a)
+    grad_b = torch.empty_like(b)
+    dt = compute_dtype(a.dtype)
+    for lo, hi in eager_slices(n_rows, n_cols):
+        ca, cb, cg = a[lo:hi], b[lo:hi], grad_out[lo:hi]
+        ga, gb, kl = kl_grad_block(ca, cb, cg, temperature, dt)
+        # a non-finite KL in fp32 is either a rule's case (same verdict in float64) or an overflow: redo in float64
+        rows = (~torch.isfinite(kl)).nonzero().squeeze(-1)  # one host sync per chunk
+        if rows.numel() and dt != torch.float64:
+            ga64, gb64, _ = kl_grad_block(ca[rows], cb[rows], cg[rows], temperature, torch.float64)
+            ga[rows], gb[rows] = ga64.to(dt), gb64.to(dt)
+        grad_a[lo:hi] = ga.to(a.dtype)
+        grad_b[lo:hi] = gb.to(b.dtype)
+    return grad_a, grad_b

@@ -1,56 +1,20 @@
-"""Torch fallbacks of the fused ops: same results as the Triton kernels, chunked over rows, for CPUs and tests.
-
-- token stats (log pi(target), entropy, KL) from two [N, V] logit tensors, a few [chunk, V] buffers at a time;
-- fused-linear KL / stats from hidden states [N, H] and the lm_head [V, H]: logits are built for `chunk` rows at a
-  time, so peak extra memory is O(chunk x V), never [N, V];
-- the token-KL gradient (recomputes both softmaxes from the logits, nothing [N, V] saved).
-
-Unlike the Triton kernels (fp32 accumulators straight from tl.dot), the fused-linear fallback rounds each logit
-chunk to the input dtype, exactly as an unfused `lm_head(hidden)` would.
+"""Torch fallback of token_stats: log pi(target), entropy and KL from two [N, V] logit tensors, a few [chunk, V]
+buffers at a time (the compiled or eager fast path per chunk, then its special rows exactly in float64: common.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
-import torch.nn.functional as F
 
-from pgpo_kernels.torch_compile import run_compiled
-from pgpo_kernels.torch_ops import _rows_per_chunk
-from pgpo_kernels.torch_ops import centred_logp
-from pgpo_kernels.torch_ops import compute_dtype
-from pgpo_kernels.torch_ops import eager_slices
-from pgpo_kernels.torch_ops import token_kl_torch
-
-# our choice: a fallback chunk may use up to this share of the free memory, and never more than this many rows
-FREE_MEMORY_SHARE = 0.25
-MAX_CHUNK_ROWS = 8192
+from pgpo_kernels.torch_fallback.common import centred_logp
+from pgpo_kernels.torch_fallback.common import compute_dtype
+from pgpo_kernels.torch_fallback.common import eager_slices
+from pgpo_kernels.torch_fallback.common import rows_per_chunk
+from pgpo_kernels.torch_fallback.compile import run_compiled
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Free bytes where the tensors live: CUDA's mem_get_info, else the host's available memory (Linux sysconf)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-Linux hosts
-        return 1 << 30
-
-
-def default_chunk_rows(n_cols: int, itemsize: int, device: torch.device) -> int:
-    """Rows per fused-linear fallback chunk, from free memory.
-
-    One chunk row costs about two logit rows in the input dtype (both passes) plus four fp32 rows (two
-    log-softmaxes, the product and a temporary): V * (2 * itemsize + 16) bytes.
-    """
-    per_row = max(n_cols, 1) * (2 * itemsize + 16)
-    rows = int(free_memory_bytes(device) * FREE_MEMORY_SHARE) // per_row
-    return max(1, min(MAX_CHUNK_ROWS, rows))
-
-
-# %% token stats from logits ---------------------------------------------------------------------------------------
 def stats_block(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float, dt: torch.dtype):
     """[c, V] logits x2 + [c] targets -> (logp, logp_txt, entropy, kl) in dtype dt, every rule explicit (compilable).
 
@@ -102,7 +66,7 @@ def _stats_plain(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, tempera
     return lp_t, lq_t, ent, kl
 
 
-def _stats_chunk(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float):
+def stats_chunk(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float):
     """One chunk through the compiled or the eager fast path, then its special rows exactly (float64)."""
     outs = run_compiled(stats_block, a.numel(), a, b, target, temperature, compute_dtype(a.dtype))
     if outs is None:
@@ -122,110 +86,9 @@ def token_stats_torch(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, te
     """[N, V] x2 + [N] int targets -> (logp, logp_txt, entropy, kl), each [N] float32, row chunks of ~64 MiB."""
     n_rows, n_cols = a.shape
     outs = [torch.empty(n_rows, dtype=torch.float32, device=a.device) for _ in range(4)]
-    step = _rows_per_chunk(n_cols)
+    step = rows_per_chunk(n_cols)
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
-        for out, val in zip(outs, _stats_chunk(a[lo:hi], b[lo:hi], target[lo:hi], temperature)):
+        for out, val in zip(outs, stats_chunk(a[lo:hi], b[lo:hi], target[lo:hi], temperature)):
             out[lo:hi] = val
     return tuple(outs)
-
-
-# %% fused linear (hidden states -> KL / stats) -------------------------------------------------------------------
-def fused_linear_token_kl_torch(
-    hidden_vis: torch.Tensor,
-    hidden_txt: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-    chunk_rows: int,
-) -> torch.Tensor:
-    """KL per row from [N, H] hidden states x2 and the lm_head [V, H]; logits built chunk_rows at a time -> [N] fp32."""
-    n_rows = hidden_vis.shape[0]
-    out = torch.empty(n_rows, dtype=torch.float32, device=hidden_vis.device)
-    for lo in range(0, n_rows, chunk_rows):
-        hi = min(lo + chunk_rows, n_rows)
-        la = F.linear(hidden_vis[lo:hi], weight, bias)  # [c, V], the only V-sized buffers alive
-        lb = F.linear(hidden_txt[lo:hi], weight, bias)
-        out[lo:hi] = token_kl_torch(la, lb, temperature)  # [c] (fp64 stays exact here, cast on store)
-        del la, lb
-    return out
-
-
-def fused_linear_token_stats_torch(
-    hidden_vis: torch.Tensor,
-    hidden_txt: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-    chunk_rows: int,
-):
-    """(logp, logp_txt, entropy, kl), each [N] float32, from hidden states; logits built chunk_rows at a time."""
-    n_rows = hidden_vis.shape[0]
-    outs = [torch.empty(n_rows, dtype=torch.float32, device=hidden_vis.device) for _ in range(4)]
-    for lo in range(0, n_rows, chunk_rows):
-        hi = min(lo + chunk_rows, n_rows)
-        la = F.linear(hidden_vis[lo:hi], weight, bias)  # [c, V]
-        lb = F.linear(hidden_txt[lo:hi], weight, bias)
-        for out, val in zip(outs, _stats_chunk(la, lb, target[lo:hi], temperature)):
-            out[lo:hi] = val
-        del la, lb
-    return tuple(outs)
-
-
-# %% token KL gradient ----------------------------------------------------------------------------------------------
-def kl_grad_block(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, temperature: float, dt: torch.dtype):
-    """[c, V] x2 and grad_out [c] -> (dKL/da, dKL/db) [c, V] x2 in dtype dt plus the rows' KL [c], every rule explicit.
-
-    A row with no distribution (all -inf in a) gets 0; a row whose KL is +inf, or with a NaN or +inf logit, gets NaN
-    (no derivative). In float32 a row with overflowing differences gets a non-finite KL: recompute it in float64.
-    """
-    inv_t = 1.0 / temperature
-    x, y = a.to(dt) * inv_t, b.to(dt) * inv_t
-    logp = x.log_softmax(-1)  # [c, V]
-    logq = y.log_softmax(-1)
-    p = logp.exp()
-    zero = torch.zeros((), dtype=dt, device=a.device)
-    diff = torch.where(p > 0, logp - logq, zero)  # p_i = 0 contributes nothing, never 0 * inf
-    kl = (p * diff).sum(-1, keepdim=True)  # [c, 1]
-    gs = g.to(dt).unsqueeze(-1) * inv_t  # [c, 1]
-    ga = gs * p * (diff - kl)
-    gb = gs * (logq.exp() - p)
-    support = a != -math.inf
-    has_mass = support.any(-1, keepdim=True)  # [c, 1]
-    # no distribution: KL is the constant 0; infinite KL (a finite where b = -inf) or bad logits: no derivative
-    kl = torch.where((support & (b == -math.inf)).any(-1, keepdim=True), math.inf, kl)
-    # NaN or +inf anywhere in a row (max NaN or +inf; in fp32 also an overflow of a / T, redone in float64)
-    nonfinite = ~(x.amax(-1, keepdim=True) < math.inf) | ~(y.amax(-1, keepdim=True) < math.inf)
-    bad = has_mass & ~torch.isfinite(kl) | nonfinite
-    nan = torch.full((), math.nan, dtype=dt, device=a.device)
-    ga = torch.where(bad, nan, torch.where(has_mass, ga, zero))
-    gb = torch.where(bad, nan, torch.where(has_mass, gb, zero))
-    return ga, gb, torch.where(has_mass, kl, zero).squeeze(-1)
-
-
-def token_kl_backward_torch(
-    a: torch.Tensor, b: torch.Tensor, grad_out: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of KL(softmax(a/T) || softmax(b/T)) per row, scaled by grad_out [N]; [N, V] x2 -> grads [N, V] x2.
-
-        dKL/da_j = p_j ((log p_j - log q_j) - KL) / T,    dKL/db_j = (q_j - p_j) / T
-
-    Rows whose KL is +inf (a finite where b = -inf) or that hold a NaN or +inf logit get NaN gradients: the
-    derivative does not exist there. Rows whose fp32 KL overflows (huge finite logits) are recomputed in float64.
-    """
-    n_rows, n_cols = a.shape
-    grad_a = torch.empty_like(a)
-    grad_b = torch.empty_like(b)
-    dt = compute_dtype(a.dtype)
-    for lo, hi in eager_slices(n_rows, n_cols):
-        ca, cb, cg = a[lo:hi], b[lo:hi], grad_out[lo:hi]
-        ga, gb, kl = kl_grad_block(ca, cb, cg, temperature, dt)
-        # a non-finite KL in fp32 is either a rule's case (same verdict in float64) or an overflow: redo in float64
-        rows = (~torch.isfinite(kl)).nonzero().squeeze(-1)  # one host sync per chunk
-        if rows.numel() and dt != torch.float64:
-            ga64, gb64, _ = kl_grad_block(ca[rows], cb[rows], cg[rows], temperature, torch.float64)
-            ga[rows], gb[rows] = ga64.to(dt), gb64.to(dt)
-        grad_a[lo:hi] = ga.to(a.dtype)
-        grad_b[lo:hi] = gb.to(b.dtype)
-    return grad_a, grad_b
