@@ -74,8 +74,8 @@ class TokenStats(NamedTuple):
 # %% device helpers ------------------------------------------------------------------------------------------------
 @triton.jit
 def _finish_kl(S_a, S_b, T, HIT, inv_tu):
-    """KL in nats (T in UNITs: inv_tu = 1 / (temperature UNIT) converts); an all -inf row of a has no distribution (0); a
-    finite a_i where b_i = -inf gives +inf."""
+    """KL in nats (T in UNITs: inv_tu = 1 / (temperature UNIT) converts); an all -inf row of a has no distribution
+    (0); a finite a_i where b_i = -inf gives +inf."""
     kl = inv_tu * (T / S_a) + LN2_C * (tl.log2(S_b) - tl.log2(S_a))
     kl = tl.where(HIT > float("-inf"), float("inf"), kl)
     kl = tl.where(S_a == 0.0, 0.0, kl)
@@ -92,7 +92,8 @@ def _finish_entropy(S_a, U, inv_tu):
 
 @triton.jit
 def _finish_logp(x_t, M, S, inv_tu):
-    """log softmax at the target in nats: (x_t - M) / T in UNITs (no overflow), minus ln S; no distribution (S = 0) -> -inf."""
+    """log softmax at the target in nats: (x_t - M) / T in UNITs (no overflow), minus ln S; no distribution (S = 0)
+    -> -inf."""
     lp = (x_t * UNIT_C - M * UNIT_C) * inv_tu - LN2_C * tl.log2(S)
     lp = tl.where(S == 0.0, float("-inf"), lp)
     return tl.where(lp > 0.0, 0.0, lp)  # clamp tiny positive rounding when p(target) ~ 1
