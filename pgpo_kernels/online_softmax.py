@@ -39,6 +39,7 @@ FLT_MAX = 3.4028234663852886e38
 UNIT = 2.0 ** -21
 N_PART = 7  # per-(row, chunk) partial stats of fold / merge, in this order: m_a, s_a, m_b, s_b, t, u, hit
 # globals read inside @triton.jit must be constexpr
+LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
 NEG_MAX_C = tl.constexpr(-FLT_MAX)
 UNIT_C = tl.constexpr(UNIT)
