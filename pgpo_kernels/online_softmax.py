@@ -16,11 +16,13 @@ Units, one convention:
 Where a kernel departs from it, and why:
 
 - token_kl (its own stats: m_a, s_a, m_b, s_b, t) takes differences in half units (x / 2 - m / 2) and keeps t in
-  units of 2^-24 nats, with 1/T folded into t's per-element factor. Rewriting either in UNITs gives the same bits
-  for normal values (power-of-2 rescalings), but scale / UNIT overflows fp32 for T below ~1e-32 where scale * 2
-  holds to ~1e-38, and t in UNITs would re-round every term (not bit-identical); neither saves an instruction.
+  units of 2^-24 nats, 1/T folded into t's per-element factor, so its sums need no 2^-21 headroom. Differences in
+  UNITs there compile to the same SASS and give the same bits (power-of-2 rescalings), but scale / UNIT overflows
+  fp32 for T below ~1e-32 (token_stats returns NaN there), where half units hold to T ~ 1e-38; t in UNITs would
+  re-round every term (not bit-identical).
 - fused_linear_logp keeps x = logits / T in natural units (t in nats): its chunk partials are combined by torch ops
-  and its backward reads the log-sum-exp in nats, and its hot loop is the GEMM, not the exponentials.
+  and its backward reads the log-sum-exp in nats; its hot loops are GEMMs, and base-2 units there would re-round
+  every logit (not bit-identical).
 
 Non-finite inputs (fold / merge): a NaN or +inf anywhere in a row makes every sum of the row NaN (the max propagates
 NaN); -inf entries contribute nothing (their d clamps to -FLT_MAX, 2^(d scale_u) is 0 and 0 * d stays 0).
