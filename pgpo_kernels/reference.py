@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from pgpo_kernels.defaults import BETA
+from pgpo_kernels.defaults import EPS
+from pgpo_kernels.defaults import RENORMALIZE
+from pgpo_kernels.defaults import TAU
+from pgpo_kernels.defaults import TEMPERATURE
+
 
 def _shift_by_finite_max(x: torch.Tensor) -> torch.Tensor:
     """x - max over the finite entries of each row (rows with no finite entry unshifted); NaN and +inf stay."""
@@ -16,7 +22,7 @@ def _shift_by_finite_max(x: torch.Tensor) -> torch.Tensor:
     return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """KL(softmax(a / temp) || softmax(b / temp)) per row, in float64 (docs/method.md#visual-dependency).
 
     Args:
@@ -45,13 +51,13 @@ def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature
     return kl.clamp_min(0.0)
 
 
-def token_logprob_ref(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprob_ref(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """log softmax(logits / temp)[target] per row, float64. [..., V] x [...] -> [...]."""
     x = _shift_by_finite_max(logits.double() / temperature)
     return torch.gather(x, -1, target_ids.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
 
 
-def token_entropy_ref(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_entropy_ref(logits: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """Entropy of softmax(logits / temp) per row, float64, in nats. [..., V] -> [...]."""
     x = logits.double() / temperature
     logp = torch.log_softmax(x, -1)
@@ -103,10 +109,10 @@ def reshape_weights_ref(
     mask: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
+    tau: float = TAU,
+    beta: float = BETA,
+    eps: float = EPS,
+    renormalize: bool = RENORMALIZE,
 ) -> torch.Tensor:
     """Per-sequence PGPO reshape of visual-dependency scores into token weights, float64 (docs/method.md#reshape).
 
@@ -131,10 +137,10 @@ def pgpo_token_weights_ref(
     logits_txt: torch.Tensor,
     mask: torch.Tensor | None,
     *,
-    temperature: float = 1.0,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
+    temperature: float = TEMPERATURE,
+    tau: float = TAU,
+    beta: float = BETA,
+    eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token KL of [B, T, V] logits then the padded reshape: -> (weights [B, T], kl [B, T]), float64."""
     kl = token_kl_ref(logits_vis, logits_txt, temperature)
@@ -148,7 +154,7 @@ def linear_logits_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def token_kl_grad_ref(
-    logits_vis: torch.Tensor, logits_txt: torch.Tensor, grad_out: torch.Tensor, temperature: float = 1.0
+    logits_vis: torch.Tensor, logits_txt: torch.Tensor, grad_out: torch.Tensor, temperature: float = TEMPERATURE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of sum(grad_out * KL(softmax(a / T) || softmax(b / T))) w.r.t. a and b, float64, written out:
 

@@ -18,7 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pgpo_kernels.torch_ops import reshape_weights_torch
+from pgpo_kernels.defaults import BETA
+from pgpo_kernels.defaults import EPS
+from pgpo_kernels.defaults import RENORMALIZE
+from pgpo_kernels.defaults import TAU
+from pgpo_kernels.torch_fallback.reshape import reshape_weights_torch
 from pgpo_kernels.utils import check_cu_seqlens
 from pgpo_kernels.utils import check_float
 from pgpo_kernels.utils import check_mask
@@ -216,10 +220,10 @@ def reshape_weights(
     mask: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
+    tau: float = TAU,
+    beta: float = BETA,
+    eps: float = EPS,
+    renormalize: bool = RENORMALIZE,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Reshape visual-dependency scores into PGPO token weights (arXiv 2604.01840, Sec. 3: log-compression, min-max

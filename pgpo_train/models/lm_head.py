@@ -144,7 +144,7 @@ def fallback_chunk_rows(weight: torch.Tensor, backend: str) -> int | None:
     V = 152064), as fused_linear_logp's default; None (the op's own choice) where the Triton kernels run. The
     fallback's default otherwise sizes chunks from a quarter of the free memory: on a CPU host a whole micro-batch
     of [mb, T, V] logits (measured: benchmarks/results/logp/train_step_v152064.md)."""
-    from pgpo_kernels.torch_fused_logp import default_logp_chunk_rows
+    from pgpo_kernels.torch_fallback.fused_logp import default_logp_chunk_rows
 
     if backend == "torch" or not weight.is_cuda:
         return default_logp_chunk_rows(weight.shape[0])

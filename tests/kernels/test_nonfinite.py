@@ -199,7 +199,7 @@ def test_kl_gradient_rules_torch(dtype, temperature):
 @pytest.mark.parametrize("dtype, temperature", [(torch.float32, 0.7), (torch.bfloat16, 1.0)])
 def test_logit_rules_torch_compiled(dtype, temperature, monkeypatch):
     # the compiled fast path (torch.compile of the per-chunk blocks) gives the same verdicts as the eager one
-    import pgpo_kernels.torch_compile as tc
+    import pgpo_kernels.torch_fallback.compile as tc
 
     monkeypatch.setenv("PGPO_TORCH_COMPILE", "1")
     monkeypatch.setattr(tc, "_failed", set())
@@ -419,7 +419,7 @@ def test_real_number_types_accepted(backend):
 
 def test_compile_policy(monkeypatch):
     # auto: small chunks never compile, a large one compiles from its second call; 0 never; 1 always
-    import pgpo_kernels.torch_compile as tc
+    import pgpo_kernels.torch_fallback.compile as tc
 
     monkeypatch.setattr(tc, "_large_calls", {})
 
@@ -438,7 +438,7 @@ def test_compile_policy(monkeypatch):
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     # a compiler that fails (no C++ compiler, no Triton on a GPU) warns once and the eager path gives the values
-    import pgpo_kernels.torch_compile as tc
+    import pgpo_kernels.torch_fallback.compile as tc
 
     def broken_compile(fn):
         def run(*args):
@@ -455,7 +455,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     _close(kl, _expected(a, b, tgt, bad, 1.0)[3])
     import warnings
 
-    from pgpo_kernels.torch_ops import kl_block
+    from pgpo_kernels.torch_fallback.token_kl import kl_block
 
     assert kl_block in tc._failed
     with warnings.catch_warnings():
