@@ -40,6 +40,7 @@ def run_one(engine: str, args) -> dict:
             dynamic_sampling="off", prompts_per_step=args.prompts_per_step, group_size=args.group_size,
             max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed, rollout_engine=engine,
             tensorboard=False, progress=False, save_every=0, mini_batch_size=args.prompts_per_step * args.group_size,
+            tiny_head_dim=args.tiny_head_dim,  # the same model for both engines (vLLM needs 32)
         )
         t0 = time.perf_counter()
         summary = train(cfg)
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny-head-dim", type=int, default=32, help="embedded model's head size (vLLM needs 32)")
     p.add_argument("--out", default="benchmarks/results/rollout_engine")
     p.add_argument("--machine", default="", help="described in the report (default: platform + CPU count)")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run this engine, print its JSON
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
     meta = {
         "machine": machine,
         "command": "python -m pgpo_bench.rollout_engine " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "setup": (f"pgpo-train's loop, {args.model or 'embedded tiny model'}, {args.steps} RL steps "
+        "setup": (f"pgpo-train's loop, {args.model or f'embedded tiny model (head size {args.tiny_head_dim})'}, "
+                  f"{args.steps} RL steps "
                   f"(first apart), {args.prompts_per_step} prompts x {args.group_size} responses of <= "
                   f"{args.max_new_tokens} tokens, dynamic sampling off, seed {args.seed}; means over steps 2.."),
     }

@@ -50,7 +50,9 @@ BAD_FLAGS = [
     ("--prompt-template no-question-here", "--prompt-template"),
     ("--vllm-gpu-memory-utilization 0", "--vllm-gpu-memory-utilization"),
     ("--vllm-gpu-memory-utilization 1.5", "--vllm-gpu-memory-utilization"),
-    ("--vllm-max-model-len 24", "--vllm-max-model-len"),  # the tiny task's 24 new tokens leave no prompt room
+    ("--vllm-max-model-len 24", "--vllm-max-model-len"),
+    ("--tiny-head-dim 8", "--tiny-head-dim"),
+    ("--rollout-engine vllm --tiny-head-dim 16", "--tiny-head-dim"),  # the tiny task's 24 new tokens leave no prompt room
 ]
 
 

@@ -11,6 +11,7 @@ import torch
 from pgpo_train.data.tasks import TINY_PROMPT_TEMPLATE
 from pgpo_train.data.tasks import make_grid_records
 from pgpo_train.models.tiny import build_tiny
+from pgpo_train.models.tiny import tiny_config
 from pgpo_train.step import vllm_engine
 from pgpo_train.step.batching import build_sequences
 from pgpo_train.step.batching import concat_rollouts
@@ -19,7 +20,7 @@ from pgpo_train.step.batching import encode_prompts
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_tiny(seed=0)
+    return build_tiny(tiny_config(32), seed=0)  # what --rollout-engine vllm trains
 
 
 @pytest.mark.skipif(vllm_engine.vllm_available(), reason="vLLM is installed here")
@@ -65,7 +66,7 @@ def test_kv_cache_gib_sized_from_the_run(tiny):
     model, _ = tiny
     text = model.config.get_text_config()
     head_dim = text.hidden_size // text.num_attention_heads
-    assert head_dim == 32  # the embedded model's head size: vLLM's CPU attention takes 32, not 16
+    assert head_dim == 32  # the embedded model's head size with vLLM: its CPU attention takes 32, not 16
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 4
     assert vllm_engine.kv_cache_gib(model, 32, 2048) == 1  # tiny: the 1 GiB minimum
     n = 2**30 // per_token * 4  # 4 GiB worth of tokens -> 5 GiB with the 25% headroom
@@ -150,3 +151,14 @@ def test_cuda_sleep_order_with_a_recording_engine(tiny):
 class _LP:
     def __init__(self, logprob):
         self.logprob = logprob
+
+
+def test_tiny_head_dim_auto_and_same_parameter_count():
+    from pgpo_train.run.config import TrainConfig
+
+    assert TrainConfig(out_dir="x").resolved().tiny_head_dim == 16
+    assert TrainConfig(out_dir="x", rollout_engine="vllm").resolved().tiny_head_dim == 32
+    counts = {d: sum(p.numel() for p in build_tiny(tiny_config(d))[0].parameters()) for d in (16, 32)}
+    assert counts[16] == counts[32]
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        tiny_config(8)

@@ -24,6 +24,7 @@ from pgpo_train.data.tasks import make_grid_records  # noqa: E402
 from pgpo_train.models import model_family  # noqa: E402
 from pgpo_train.models.policy import response_logits  # noqa: E402
 from pgpo_train.models.tiny import build_tiny  # noqa: E402
+from pgpo_train.models.tiny import tiny_config  # noqa: E402
 from pgpo_train.step.batching import visual_kwargs  # noqa: E402
 from pgpo_train.step.sampling import rollout  # noqa: E402
 
@@ -41,7 +42,7 @@ def _cfg(**kw):
 @pytest.fixture(scope="module")
 def setup():
     torch.set_num_threads(1)
-    model, processor = build_tiny(seed=0)
+    model, processor = build_tiny(tiny_config(32), seed=0)
     engine = vllm_engine.VLLMRollout(model, processor, _cfg(), torch.device("cpu"))
     yield engine, model, processor
     engine.close()
@@ -196,7 +197,8 @@ def warm(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vllm-loop")
     data = save_count_dataset(root / "count", n_train=64, n_test=8, seed=0)
-    out = train(TrainConfig(model=save_tiny_checkpoint(root / "raw", seed=0), dataset=data, prompt_template="tiny",
+    raw = save_tiny_checkpoint(root / "raw", tiny_config(32), seed=0)
+    out = train(TrainConfig(model=raw, dataset=data, prompt_template="tiny",
                             out_dir=str(root / "sft"), steps=0, sft_steps=50, sft_batch_size=16, sft_lr=4e-3,
                             eval_every=0, tensorboard=False, progress=False))
     return {"model": save_tiny_checkpoint(root / "warm", model=out["model"], processor=out["processor"]),
