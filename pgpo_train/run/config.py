@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from dataclasses import field
 
+from pgpo_kernels import defaults
 from pgpo_train.data.tasks import grid_reason_max_tokens
 from pgpo_train.data.tasks import task_filler
 from pgpo_train.run.validate import check_types
@@ -50,18 +51,18 @@ class PGPOWeightsConfig:
     """pgpo-train's PGPO token-weighting options, TrainConfig.pgpo (`--pgpo.*`; docs/method.md#reshape). Named
     apart from the TRL adapter's `pgpo_train.integrations.PGPOConfig` (a GRPOConfig)."""
 
-    estimator: str = opt("full", "\"full\": exact token KL over the vocab; \"k3\": (r-1)-log r on the sampled token")
-    tau: float = opt(0.4, "gate threshold on the min-max normalized score (paper best: 0.4)")
-    beta: float = opt(2.0, "amplification of tokens above tau (paper best: 2.0)")
-    eps: float = opt(1e-6, "added to the min-max denominator (a sequence of equal scores gets I = 0)")
-    renormalize: bool = opt(True, "keep each sequence's advantage mass (paper ablates False)")
+    estimator: str = opt(defaults.ESTIMATOR, "\"full\": exact token KL over the vocab; \"k3\": (r-1)-log r on the sampled token")
+    tau: float = opt(defaults.TAU, "gate threshold on the min-max normalized score (paper best: 0.4)")
+    beta: float = opt(defaults.BETA, "amplification of tokens above tau (paper best: 2.0)")
+    eps: float = opt(defaults.EPS, "added to the min-max denominator (a sequence of equal scores gets I = 0)")
+    renormalize: bool = opt(defaults.RENORMALIZE, "keep each sequence's advantage mass (paper ablates False)")
     # variants and controls (docs/method.md#variants); the defaults are the paper's formula (the fused kernel runs)
-    tau_mode: str = opt("absolute", "absolute: gate at I = tau; quantile: at each response's tau-quantile of I")
-    floor: float = opt(0.0, "minimum weight after the gate, before renormalization (authors' dev code: 0.1)")
-    control: str = opt("none", "none | shuffled (weights permuted within each response) | inverted (I -> 1 - I)")
+    tau_mode: str = opt(defaults.TAU_MODE, "absolute: gate at I = tau; quantile: at each response's tau-quantile of I")
+    floor: float = opt(defaults.FLOOR, "minimum weight after the gate, before renormalization (authors' dev code: 0.1)")
+    control: str = opt(defaults.CONTROL, "none | shuffled (weights permuted within each response) | inverted (I -> 1 - I)")
     # our choice, off by default (the paper has no such guard): min-max normalization stretches any spread to [0, 1]
     min_spread: float = opt(
-        0.0,
+        defaults.MIN_SPREAD,
         "uniform weights for a sequence whose log1p(KL) spread (max - min) is below this; 0 = off",
     )
     backend: str = opt("auto", "pgpo_kernels backend: triton on CUDA, torch otherwise")
