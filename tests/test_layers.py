@@ -12,12 +12,12 @@ LAYERS = [
     ["pgpo_kernels"],
     ["pgpo_train.validate", "pgpo_train.config", "pgpo_train.signals", "pgpo_train.nonfinite", "pgpo_train.rundir",
      "pgpo_train.checkpoint", "pgpo_train.distributed", "pgpo_train.dist_checkpoint", "pgpo_train.timing",
-     "pgpo_train.rewards", "pgpo_train.plot", "pgpo_train.synthetic", "pgpo_train.tasks"],
+     "pgpo_train.rewards", "pgpo_train.plot", "pgpo_train.synthetic", "pgpo_train.tasks", "pgpo_train.config_file"],
     ["pgpo_train.model_family", "pgpo_train.lm_head", "pgpo_train.weight_variants", "pgpo_train.core_algos", "pgpo_train.processor",
      "pgpo_train.tiny", "pgpo_train.tiny_families", "pgpo_train.data", "pgpo_train.text_only"],
     ["pgpo_train.policy", "pgpo_train.batching", "pgpo_train.refill", "pgpo_train.sampling", "pgpo_train.scoring",
-     "pgpo_train.update", "pgpo_train.run_log", "pgpo_train.integrations"],
-    ["pgpo_train.train", "pgpo_train.inspect_run"],
+     "pgpo_train.update", "pgpo_train.run_log", "pgpo_train.integrations", "pgpo_train.hf_export"],
+    ["pgpo_train.train", "pgpo_train.inspect_run", "pgpo_train.evaluation"],
     ["pgpo_train.cli", "pgpo_train.__main__", "pgpo_train"],
 ]
 
