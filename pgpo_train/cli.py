@@ -67,6 +67,9 @@ def _train_parser() -> argparse.ArgumentParser:
         "generated grid-count task, a few minutes on CPU).\n\nsubcommands:\n" + SUBCOMMANDS,
         formatter_class=Formatter,
     )
+    # read (and removed from the command line) by parse_train_argv before argparse sees the rest
+    p.add_argument("--config", metavar="FILE", help="a YAML config (recipes/*.yaml, or a run's config.yaml): any flag "
+                   "below by name (pgpo: {tau: 0.4} or pgpo.tau: 0.4); flags on the command line override it")
     add_train_args(p)
     return p
 
@@ -95,6 +98,19 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the run's")
     p.add_argument("--out", default="inspect.html", help="output .html or .png")
     return p
+
+
+def parse_train_argv(argv: list[str]):
+    """The TrainConfig of a train command line: --config FILE's values, then the flags given (they win)."""
+    from pgpo_train.config import config_from_args
+    from pgpo_train.config_file import apply_config_file
+    from pgpo_train.config_file import argv_config
+
+    parser = _train_parser()
+    config_path, flags = argv_config(argv)
+    if config_path:
+        apply_config_file(parser, config_path)
+    return config_from_args(parser.parse_args(flags))
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -164,23 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         return _export_main(argv[1:]) if argv[0] == "export" else _eval_main(argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
-    from pgpo_train.config import config_from_args
-    from pgpo_train.config_file import apply_config_file
-    from pgpo_train.config_file import argv_config
     from pgpo_train.nonfinite import NonFiniteError
     from pgpo_train.signals import TrainingInterrupted
     from pgpo_train.train import train
 
-    parser = _train_parser()
     try:
-        config_path, flags = argv_config(argv)
-        if config_path:
-            apply_config_file(parser, config_path)
-    except ValueError as e:
+        cfg = parse_train_argv(argv)
+    except ValueError as e:  # the --config file: one line naming it
         print(f"pgpo-train: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    ns = parser.parse_args(flags)
-    cfg = config_from_args(ns)
     if cfg.resume and not any(x == "--out-dir" or x.startswith("--out-dir=") for x in argv):
         print(f"pgpo-train: resuming {cfg.out_dir}")
     t0 = time.perf_counter()
@@ -219,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgpo-train: {line}")
     curves = f"curves {summary['curves']}" if summary.get("curves") else f"curves: pgpo-train plot {summary['out_dir']}"
     print(f"pgpo-train: run dir {summary['out_dir']} ({curves})")
+    if summary.get("model_dir"):
+        print(f"pgpo-train: model folder {summary['model_dir']} (from_pretrained; pgpo-train eval {summary['out_dir']})")
     return 0
 
 

@@ -35,6 +35,7 @@ CHOICES = {
     "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
     "backend": ["auto", "torch", "triton"],  # pgpo.backend
     "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "export_dtype": ["auto", "float32", "bfloat16", "float16"],
 }
 
 
@@ -76,6 +77,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     tensorboard: bool = True  # also write tensorboard events when tensorboard is installed
     progress: bool = True  # tqdm progress bar
+    export_model: bool = True  # at the end, a Hugging Face model folder (save_pretrained, safetensors) in RUN_DIR/model
+    export_checkpoints: bool = False  # also one per checkpoint in RUN_DIR/models/step-N (pgpo-train export: later)
+    export_dtype: str = "auto"  # the model folders' weights; auto: the base model's dtype (fp32: the tiny model)
     # --- model
     model: str = ""  # hub name or local path of a supported VLM (README); empty = the embedded tiny model (random init)
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU

@@ -36,11 +36,13 @@ from pgpo_train.checkpoint import latest_checkpoint
 from pgpo_train.checkpoint import read_trainer_state
 from pgpo_train.checkpoint import save_checkpoint
 from pgpo_train.config import TrainConfig
+from pgpo_train.config_file import config_yaml
 from pgpo_train.data import RecordStream
 from pgpo_train.data import Sampler
 from pgpo_train.data import check_first_rows
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
+from pgpo_train.hf_export import run_exporter
 from pgpo_train.lm_head import use_fused_lm_head
 from pgpo_train.nonfinite import check_finite_metrics
 from pgpo_train.nonfinite import check_token_advantages
@@ -89,6 +91,8 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
     if dp.is_writer:  # torchrun: rank 0 holds the run dir (train() opened it there only)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:  # pgpo-train --config RUN_DIR/config.yaml
+            f.write(config_yaml(cfg))
 
     # data: the generated tiny task unless a dataset is given
     data_path = cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task, filler=cfg.task_filler)
@@ -148,7 +152,12 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
     logger = (
         Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None) if dp.is_writer else None
     )
-    save = save_checkpoint if dp.world == 1 else functools.partial(dist_checkpoint.save, dp)
+    save_state = save_checkpoint if dp.world == 1 else functools.partial(dist_checkpoint.save, dp)
+    export_after_checkpoint, export_at_end = run_exporter(cfg, processor, dp)
+
+    def save(ckpt_dir, step, model, *args):
+        save_state(ckpt_dir, step, model, *args)
+        export_after_checkpoint(step, model)
 
     def state():
         return {
@@ -256,6 +265,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         bar.close()
     if logger:
         logger.close()
+    model_dir = export_at_end(model)  # RUN_DIR/model: from_pretrained / vLLM / pgpo-train eval load it
     curves = write_curves(cfg.out_dir) if dp.is_writer else None
     summary = {
         "out_dir": cfg.out_dir,
@@ -267,6 +277,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         "sft_steps": sft_end,
         "rl_steps": step - sft_end,
         "curves": curves,
+        "model_dir": model_dir,
         **last_eval,
         **eval_summary(os.path.join(cfg.out_dir, "metrics.jsonl"), sft_end, len(eval_records)),
     }

@@ -326,7 +326,7 @@ def check_sources(c) -> None:
 RESUME_MAY_CHANGE = {
     "out_dir", "resume", "overwrite", "steps", "save_every", "keep_checkpoints", "tensorboard", "progress",
     "eval_every", "eval_size", "eval_split", "threads", "device", "micro_batch_size", "gradient_checkpointing",
-    "fsdp_cpu_offload",
+    "fsdp_cpu_offload", "export_model", "export_checkpoints", "export_dtype",
 }  # fmt: skip
 
 
