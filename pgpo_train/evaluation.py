@@ -300,6 +300,8 @@ def eval_main(a) -> dict:
 
         model, processor, _ = load_checkpoint_model(a.target)
         model = model.to(device)
+    if device.type == "cpu" and not cfg.threads and sum(p.numel() for p in model.parameters()) < 50_000_000:
+        torch.set_num_threads(1)  # as training: a tiny model's matmuls only thrash with more threads
     seed_everything(a.seed)
     name = os.path.basename(os.path.normpath(data_path)) or "dataset"
     out = a.out or os.path.join(a.target, "eval", f"{name}-{cfg.eval_split}")

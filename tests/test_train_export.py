@@ -68,7 +68,7 @@ def run(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("run") / "r"
     cfg = TrainConfig(dataset=data, prompt_template="tiny", out_dir=str(out), steps=1, sft_steps=2, sft_batch_size=4,
                       sft_lr=1e-2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_every=0,
-                      tensorboard=False, progress=False, save_every=1, keep_checkpoints=3)
+                      tensorboard=False, progress=False, save_every=1, keep_checkpoints=3, export_model=False)
     summary = train(cfg)
     return {"dir": str(out), "model": summary["model"], "processor": summary["processor"]}
 
@@ -86,6 +86,19 @@ def test_export_cli_reproduces_the_trained_policy(run):
     got = _logp(model, processor)
     assert (want != 0).any()
     assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_eval_of_a_run_without_a_model_folder_reads_its_latest_checkpoint(run, tmp_path):
+    """No RUN_DIR/model (--no-export-model): eval loads the latest checkpoint, and answers as the exported folder."""
+    assert not os.path.exists(os.path.join(run["dir"], hf_export.MODEL_DIR))
+    folder = os.path.join(run["dir"], "exported-for-eval")
+    assert main(["export", run["dir"], "--out", folder]) == 0
+    rows = {}
+    for name, target in (("run", run["dir"]), ("folder", folder)):
+        out = tmp_path / name
+        assert main(["eval", target, "--k", "2", "--max-samples", "4", "--out", str(out), "--no-progress"]) == 0
+        rows[name] = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    assert rows["run"] == rows["folder"] and len(rows["run"]) == 4 * 3
 
 
 def test_export_an_earlier_step_and_a_missing_one(run, capsys):
