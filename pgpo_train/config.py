@@ -117,6 +117,8 @@ class TrainConfig:
     lr: float = 0.0  # RL learning rate; 0 = auto: 1e-4 for the embedded tiny model, the paper's 1e-6 with --model
     weight_decay: float = 0.01  # AdamW weight decay (SFT and RL)
     grad_clip: float = 1.0  # max global gradient norm (0: off)
+    # a verifiable reward of your own instead: fn(response, record) -> float, or fn(responses, records) -> list
+    reward: str = ""  # module:function or path/to/file.py:function; empty = the paper's 0.9 acc + 0.1 format
     acc_weight: float = 0.9  # reward = acc_weight x accuracy + format_weight x format (paper: 0.9 / 0.1)
     format_weight: float = 0.1  # see --acc-weight
     # --- rollout

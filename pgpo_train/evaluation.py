@@ -2,7 +2,7 @@
 
 Per prompt: one greedy response and k sampled ones (the paper reports avg@8). avg@k is the mean accuracy over the k
 samples, averaged over prompts; pass@k the share of prompts with at least one right sample (the unbiased estimator
-1 - C(n - c, k) / C(n, k) with n = k); greedy accuracy the greedy response's. Accuracy is the training reward's
+1 - C(n - c, k) / C(n, k) with n = k; a sample is right when its accuracy is >= 0.5); greedy accuracy the greedy response's. Accuracy is the training reward's
 (math-verify on the last \\boxed{}), with the training prompt template. Every response goes to responses.jsonl, the
 numbers to summary.json, a table to stdout.
 
@@ -31,8 +31,8 @@ from pgpo_train.data import is_empty
 from pgpo_train.data import load_split
 from pgpo_train.data import tiny_dataset_path
 from pgpo_train.policy import eos_ids
-from pgpo_train.rewards import compute_score
 from pgpo_train.rewards import last_boxed
+from pgpo_train.sampling import reward_of
 
 # %% the command line
 
@@ -57,6 +57,8 @@ def eval_parser(parser_cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--image-column", default="", help="(default: the run's, image)")
     p.add_argument("--problem-column", default="", help="(default: the run's, problem)")
     p.add_argument("--answer-column", default="", help="(default: the run's, answer)")
+    p.add_argument("--reward", default=None, help="module:function verifiable reward (default: the run's; the "
+                   "paper's accuracy + format)")
     p.add_argument("--out", default="", help="results folder (default: TARGET/eval/DATASET-SPLIT)")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -126,6 +128,8 @@ def eval_settings(a, cfg: TrainConfig) -> TrainConfig:
         over["temperature"] = a.temperature
     if a.top_p is not None:
         over["top_p"] = a.top_p
+    if a.reward is not None:
+        over["reward"] = a.reward
     return dataclasses.replace(cfg, **over).resolved()
 
 
@@ -210,7 +214,8 @@ def summarize(rows: list[dict], k: int, greedy: bool) -> dict:
         out["greedy/format"] = float(np.mean([r["format"] for r in rows if r["mode"] == "greedy"]))
     if k:
         per = np.array([np.mean([r["acc"] for r in s]) for s in by_prompt.values()])  # [prompts]
-        passed = np.array([pass_at_k(len(s), int(sum(r["acc"] for r in s)), k) for s in by_prompt.values()])
+        # a sample is right when its accuracy is >= 0.5: the default's is 0 or 1; a custom reward's may be graded
+        passed = np.array([pass_at_k(len(s), sum(r["acc"] >= 0.5 for r in s), k) for s in by_prompt.values()])
         out[f"avg@{k}"] = float(per.mean())
         out[f"avg@{k}_se"] = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else 0.0
         out[f"pass@{k}"] = float(passed.mean())
@@ -262,8 +267,8 @@ def run_eval(model, processor, cfg: TrainConfig, records: list[dict], k: int, gr
             if k:
                 texts = generate(model, processor, recs, cfg, k, True, device)
                 jobs += [("sample", r, s, texts[n * k + s]) for n, r in enumerate(recs) for s in range(k)]
-            for mode, rec, s, text in jobs:
-                score = compute_score(text, rec["answer"], cfg.acc_weight, cfg.format_weight)
+            scores = reward_of(cfg)([t for *_, t in jobs], [rec for _, rec, _, _ in jobs])
+            for (mode, rec, s, text), score in zip(jobs, scores):
                 row = {"index": rec["index"], "mode": mode, "sample": s, "problem": rec["problem"],
                        "answer": rec["answer"], "response": text, "extracted": last_boxed(text),
                        "acc": score["acc"], "format": score["format"], "reward": score["score"]}
@@ -290,6 +295,7 @@ def eval_main(a) -> dict:
     kind, folder, run_cfg = resolve_target(a.target)
     cfg = eval_settings(a, run_cfg)
     records, skipped, data_path = load_records(cfg, a.max_samples)  # a wrong column fails before the model loads
+    reward_of(cfg).probe(records[0])  # a custom reward that cannot score fails here too
     device = resolve_device(cfg)
     t0 = time.perf_counter()
     if folder:

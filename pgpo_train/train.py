@@ -55,6 +55,7 @@ from pgpo_train.run_log import eval_summary
 from pgpo_train.run_log import write_curves
 from pgpo_train.rundir import open_run_dir
 from pgpo_train.sampling import evaluate_on_ranks
+from pgpo_train.sampling import reward_of
 from pgpo_train.sampling import sample_batch
 from pgpo_train.scoring import old_logp_and_scores
 from pgpo_train.scoring import token_advantages
@@ -101,6 +102,8 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         columns["solution"] = cfg.solution_column
     train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
     check_first_rows(train_ds, columns)  # wrong columns fail here, not after the model loaded
+    if cfg.reward:  # a custom reward is tried on one real record now, not mid-run
+        reward_of(cfg).probe(RecordStream(train_ds, columns, Sampler(len(train_ds), cfg.seed)).next_batch(1)[0])
 
     try:
         model, processor = load_policy(cfg, device)

@@ -309,6 +309,10 @@ def check_sources(c) -> None:
             _check_hub_name("--model", c.model, "model")
     if c.dataset and not os.path.exists(c.dataset):
         _check_hub_name("--dataset", c.dataset, "dataset")
+    if c.reward:  # importable and callable (train() tries it on a record once the data is loaded)
+        from pgpo_train.rewards import load_reward_fn
+
+        load_reward_fn(c.reward)
     if c.resume:
         if not os.path.isdir(c.out_dir):
             raise ValueError(f"--resume: there is no run directory {c.out_dir}")
