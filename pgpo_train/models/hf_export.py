@@ -96,6 +96,12 @@ def save_model_folder(model, processor, out: str, dp=SINGLE, dtype: torch.dtype 
     if not dp.is_writer:
         dp.barrier()
         return None
+    from pgpo_train.models.lora import is_peft
+    from pgpo_train.models.lora import merged_state_dict
+
+    if is_peft(model):  # LoRA: the adapters merged into the base weights, a plain model folder
+        state = merged_state_dict(state, model)
+        model = model.get_base_model()
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     # an empty shell on the meta device carries the config and the class name; the weights are `state`

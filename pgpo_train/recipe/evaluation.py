@@ -102,12 +102,9 @@ def resolve_target(target: str) -> tuple[str, str, TrainConfig]:
         check_model_dir(target, "pgpo-train eval")
         saved = os.path.join(target, RUN_CONFIG)
         if os.path.isfile(saved):
-            from pgpo_train.run.config_file import read_config_file
+            from pgpo_train.run.config_file import config_from_file
 
-            flat = read_config_file(saved)
-            pgpo = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("pgpo.")}
-            cfg = TrainConfig(**{k: v for k, v in flat.items() if "." not in k})
-            cfg.pgpo = dataclasses.replace(cfg.pgpo, **pgpo)
+            cfg = config_from_file(saved)
         else:  # a model pgpo-train did not train: the paper's template, dataset from the flags
             cfg = TrainConfig(model=target)
         return "model", target, cfg
@@ -299,8 +296,10 @@ def eval_main(a) -> dict:
     device = resolve_device(cfg)
     t0 = time.perf_counter()
     if folder:
-        model, processor = load_policy(dataclasses.replace(cfg, model=folder, gradient_checkpointing=False,
-                                                           freeze_vision=False), device)
+        # an exported folder holds merged weights: no LoRA adapters on top
+        plain = dataclasses.replace(cfg, model=folder, gradient_checkpointing=False, freeze_vision=False,
+                                    lora=dataclasses.replace(cfg.lora, rank=0))
+        model, processor = load_policy(plain, device)
     else:  # a run without a final model folder: its latest checkpoint
         from pgpo_train.models.hf_export import load_checkpoint_model
 

@@ -67,6 +67,17 @@ class PGPOWeightsConfig:
 
 
 @dataclass
+class LoraOptions:
+    """LoRA through peft, TrainConfig.lora (`--lora.*`); rank 0 = off (the paper trains every weight)."""
+
+    rank: int = 0  # LoRA rank r; 0 = off (full fine-tuning)
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: str = "all-linear"  # comma-separated linear layer names (q_proj,v_proj), or all-linear (not lm_head)
+    vision: bool = False  # adapters on the vision tower's linear layers too (else the tower stays frozen)
+
+
+@dataclass
 class TrainConfig:
     # --- I/O
     out_dir: str = ""  # run directory (metrics.jsonl, checkpoints/, config.json); empty = runs/{algo}-{time}
@@ -102,6 +113,7 @@ class TrainConfig:
     # --- algorithm
     algo: str = "pgpo"  # grpo | dapo | pgpo (pgpo = dapo + perception-grounded token weights)
     pgpo: PGPOWeightsConfig = field(default_factory=PGPOWeightsConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)
     steps: int = 60  # RL steps (rollout + update); paper ~200
     prompts_per_step: int = 8  # paper: 384
     group_size: int = 4  # G responses per prompt; paper: 5
@@ -143,7 +155,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated (every flag: pgpo_train.run.validate)."""
         check_types(self)
-        c = dataclasses.replace(self, pgpo=dataclasses.replace(self.pgpo))
+        c = dataclasses.replace(self, pgpo=dataclasses.replace(self.pgpo), lora=dataclasses.replace(self.lora))
         if c.clip_ratio_high == 0.0:
             c.clip_ratio_high = 0.2 if c.algo == "grpo" else 0.28
         if not c.loss_agg_mode:
@@ -218,16 +230,28 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     _add_fields(parser, TrainConfig)
 
 
+def _nested_fields(cls) -> dict[str, type]:
+    """name -> dataclass type of the nested option groups (pgpo, lora)."""
+    return {f.name: type(f.default_factory()) for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+
+
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    pgpo_kw = {f.name: getattr(ns, f"pgpo__{f.name}") for f in dataclasses.fields(PGPOWeightsConfig)}
-    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "pgpo"}
-    return TrainConfig(pgpo=PGPOWeightsConfig(**pgpo_kw), **kw)
+    nested = _nested_fields(TrainConfig)
+    groups = {g: cls(**{f.name: getattr(ns, f"{g}__{f.name}") for f in dataclasses.fields(cls)})
+              for g, cls in nested.items()}
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in nested}
+    return TrainConfig(**groups, **kw)
 
 
 def config_from_dict(d: dict) -> TrainConfig:
     """TrainConfig from a run's config.json; keys this version does not know are ignored (older runs)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"pgpo"}
-    known_pgpo = {f.name for f in dataclasses.fields(PGPOWeightsConfig)}
-    pgpo = PGPOWeightsConfig(**{k: v for k, v in d.get("pgpo", {}).items() if k in known_pgpo})
-    return TrainConfig(pgpo=pgpo, **{k: v for k, v in d.items() if k in known})
+    nested = _nested_fields(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(nested)
+    groups = {}
+    for g, cls in nested.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        groups[g] = cls(**{k: v for k, v in (d.get(g) or {}).items() if k in names})
+    return TrainConfig(**groups, **{k: v for k, v in d.items() if k in known})
+
 

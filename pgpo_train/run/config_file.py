@@ -125,3 +125,17 @@ def apply_config_file(parser, path: str) -> None:
     """Sets the parser's defaults from the file: flags given on the command line still win."""
     values = read_config_file(path)
     parser.set_defaults(**{k.replace(".", "__"): v for k, v in values.items()})
+
+
+def config_from_file(path: str) -> TrainConfig:
+    """The TrainConfig a config file describes (defaults for what it leaves out)."""
+    from pgpo_train.run.config import config_from_dict
+
+    nested: dict = {}
+    for key, value in read_config_file(path).items():
+        *groups, leaf = key.split(".")
+        d = nested
+        for g in groups:
+            d = d.setdefault(g, {})
+        d[leaf] = value
+    return config_from_dict(nested)

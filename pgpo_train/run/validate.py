@@ -137,6 +137,11 @@ def check_values(c, choices: dict[str, list[str]]) -> None:
         raise ValueError("--acc-weight and --format-weight are both 0: every reward would be 0")
     _range("sft_stop_acc", c.sft_stop_acc, 0 <= c.sft_stop_acc <= 1, "in [0, 1] (0 = off, -1 = auto)")
     _range("pgpo.min_spread", c.pgpo.min_spread, c.pgpo.min_spread >= 0, ">= 0 (0 = off: the paper's reshape)")
+    if c.lora.rank > 0:
+        _range("lora.alpha", c.lora.alpha, c.lora.alpha > 0, "> 0")
+        _range("lora.dropout", c.lora.dropout, 0 <= c.lora.dropout < 1, "in [0, 1)")
+        if not c.lora.target_modules.strip(" ,"):
+            raise ValueError("--lora.target-modules must name linear layers (q_proj,v_proj) or be all-linear")
     _range("group_size", c.group_size, c.group_size >= 2, ">= 2 (advantages are relative to the group)")
     for name in (
         "prompts_per_step",
