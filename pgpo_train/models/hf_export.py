@@ -202,23 +202,10 @@ def export_checkpoint(run_dir: str, step: int | None = None, out: str = "", dtyp
 # %% the training loop's exports
 
 
-def run_exporter(cfg, processor, dp=SINGLE):
-    """(after_checkpoint(step, model), at_end(model) -> folder or None): the loop's two export points, per
-    --export-checkpoints (RUN_DIR/models/step-XXXXXXXX beside each checkpoint) and --export-model (RUN_DIR/model).
-    Both are collective under torchrun."""
+def export_run_model(cfg, model, processor, dp=SINGLE, name: str = "") -> str | None:
+    """The run's model folder: RUN_DIR/model (name ""), or RUN_DIR/models/NAME beside a checkpoint, in
+    --export-dtype with the run's config.yaml inside. Collective under torchrun; the folder's path on the writer."""
     from pgpo_train.run.config_file import config_yaml
 
-    text = config_yaml(cfg)
-    dtype = export_dtype(cfg.export_dtype, cfg.model)
-
-    def after_checkpoint(step: int, model) -> None:
-        if cfg.export_checkpoints:
-            out = os.path.join(cfg.out_dir, EXPORTS_DIR, f"step-{step:08d}")
-            save_model_folder(model, processor, out, dp, dtype, text)
-
-    def at_end(model) -> str | None:
-        if not cfg.export_model:
-            return None
-        return save_model_folder(model, processor, os.path.join(cfg.out_dir, MODEL_DIR), dp, dtype, text)
-
-    return after_checkpoint, at_end
+    out = os.path.join(cfg.out_dir, EXPORTS_DIR, name) if name else os.path.join(cfg.out_dir, MODEL_DIR)
+    return save_model_folder(model, processor, out, dp, export_dtype(cfg.export_dtype, cfg.model), config_yaml(cfg))

@@ -18,16 +18,13 @@ from pgpo_train.run.config import TrainConfig
 RUN_ONLY = ("out_dir", "resume", "overwrite")
 
 
-def _leaves(cls, prefix: str = "") -> dict[str, type]:
-    """dotted field name -> its default's type, for every leaf field of a config dataclass."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if dataclasses.is_dataclass(default):
-            out.update(_leaves(type(default), f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = type(default)
-    return out
+def _leaves() -> dict[str, tuple[type, bool]]:
+    """dotted field name -> (its type, whether None means "auto" there), for every leaf field of TrainConfig."""
+    from pgpo_train.run.validate import _fields
+    from pgpo_train.run.validate import _is_auto
+
+    cfg = TrainConfig()
+    return {name: (kind, _is_auto(cfg, name)) for name, _, kind in _fields(cfg)}
 
 
 def _flatten(d: dict, path: str, prefix: str = "") -> dict:
@@ -43,18 +40,22 @@ def _flatten(d: dict, path: str, prefix: str = "") -> dict:
     return out
 
 
-def _coerce(key: str, value, kind: type, path: str):
-    """YAML value -> the field's type (YAML 1.1 reads 1e-6 as a string, 2 as an int for a float field)."""
+def _coerce(key: str, value, kind: type, auto: bool, path: str):
+    """YAML value -> the field's type (YAML 1.1 reads 1e-6 as a string, 2 as an int for a float field); `auto` or
+    null where the field's default is auto."""
     where = f"--config {path}: {key}"
+    if auto and (value is None or value == "auto"):
+        return None
     if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
+            raise ValueError(f"{where} must be a number{' or auto' if auto else ''}, got {value!r}") from None
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if kind is not type(None) and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{where} must be {kind.__name__}{' or auto' if auto else ''}, got {value!r} "
+                         f"({type(value).__name__})")
     return value
 
 
@@ -74,16 +75,16 @@ def read_config_file(path: str) -> dict[str, object]:
         return {}
     if not isinstance(raw, dict):
         raise ValueError(f"--config {path}: must be a mapping of flag names to values, got {type(raw).__name__}")
-    known = _leaves(TrainConfig)
+    known = _leaves()
     out = {}
     for key, value in _flatten(raw, path).items():
         if key not in known:
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ValueError(f"--config {path}: unknown key {key!r}: not a pgpo-train flag{hint}")
-        out[key] = _coerce(key, value, known[key], path)
-        choices = [c for c in CHOICES.get(key.rsplit(".", 1)[-1], []) if c]
-        if choices and out[key] not in choices and out[key] != "":
+        out[key] = _coerce(key, value, *known[key], path)
+        choices = CHOICES.get(key.rsplit(".", 1)[-1], [])
+        if choices and out[key] not in choices and out[key] is not None:
             raise ValueError(f"--config {path}: {key} must be one of {', '.join(choices)}, got {out[key]!r}")
     return out
 
