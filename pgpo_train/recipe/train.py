@@ -243,7 +243,8 @@ def open_logs(run: Run, state: RunState) -> None:
     if not run.dp.is_writer:
         return
     run.logger = Logger(run.cfg.out_dir, run.cfg.tensorboard,
-                        truncate_after=state.step if state.resumed_from else None)
+                        truncate_after=state.step if state.resumed_from else None, report_to=run.cfg.report_to,
+                        config=dataclasses.asdict(run.cfg))
     if run.cfg.progress:
         from tqdm.auto import tqdm  # lazy: only with a progress bar
 

@@ -43,6 +43,7 @@ CHOICES = {
     "backend": ["auto", "torch", "triton"],  # pgpo.backend
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "export_dtype": ["auto", "float32", "bfloat16", "float16"],
+    "report_to": ["none", "wandb"],
 }
 
 
@@ -106,6 +107,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
     tensorboard: bool = opt(True, "also write tensorboard events when tensorboard is installed")
     progress: bool = opt(True, "tqdm progress bar")
+    report_to: str = opt("none", "also send metrics to: none | wandb (Weights & Biases, installed separately; the "
+                         "project is $WANDB_PROJECT, default pgpo)")
     export_model: bool = opt(True, "at the end, a Hugging Face model folder (save_pretrained, safetensors): RUN_DIR/model")
     export_checkpoints: bool = opt(
         False,

@@ -331,6 +331,10 @@ def check_sources(c) -> None:
             _check_hub_name("--model", c.model, "model")
     if c.dataset and not os.path.exists(c.dataset):
         _check_hub_name("--dataset", c.dataset, "dataset")
+    import importlib.util
+
+    if c.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--report-to wandb: wandb is not installed (pip install wandb), or use --report-to none")
     if c.reward:  # importable and callable (train() tries it on a record once the data is loaded)
         from pgpo_train.data.rewards import load_reward_fn
 
@@ -352,7 +356,7 @@ def check_sources(c) -> None:
 RESUME_MAY_CHANGE = {
     "out_dir", "resume", "overwrite", "steps", "save_every", "keep_checkpoints", "tensorboard", "progress",
     "eval_every", "eval_size", "eval_split", "threads", "device", "micro_batch_size", "gradient_checkpointing",
-    "fsdp_cpu_offload", "export_model", "export_checkpoints", "export_dtype",
+    "fsdp_cpu_offload", "export_model", "export_checkpoints", "export_dtype", "report_to",
 }  # fmt: skip
 
 
