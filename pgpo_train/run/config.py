@@ -147,7 +147,7 @@ class TrainConfig:
     # --- algorithm
     algo: str = opt("pgpo", "grpo | dapo | pgpo (pgpo = dapo + perception-grounded token weights)")
     pgpo: PGPOWeightsConfig = field(default_factory=PGPOWeightsConfig)
-    lora: LoraOptions = field(default_factory=LoraOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA through peft (--lora.*)"})
     steps: int = opt(60, "RL steps (rollout + update); paper ~200")
     prompts_per_step: int = opt(8, "paper: 384")
     group_size: int = opt(4, "G responses per prompt; paper: 5")
