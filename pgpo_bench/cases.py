@@ -36,7 +36,8 @@ STATS_FIELDS = ("logp", "entropy", "kl")
 # spread. None of it changes the memory traffic being measured.
 LOGIT_STD = 2.0
 TXT_NOISE_STD = 0.5
-TAU, BETA, EPS = 0.4, 2.0, 1e-6  # reshape at the paper's defaults (SPEC 2) in every backend and the reference
+# reshape at the paper's defaults (docs/method.md#defaults) in every backend and the reference
+TAU, BETA, EPS = 0.4, 2.0, 1e-6
 REF_CHUNK_ROWS = 256  # rows of a float64 [rows, V] reference computed at once
 
 

@@ -327,7 +327,7 @@ def fused_linear_token_kl(
     """PGPO's S_t = KL(softmax(h_vis W^T / T) || softmax(h_txt W^T / T)) without building the [N, V] logits.
 
     (arXiv 2604.01840, S_t; the tiling follows cut-cross-entropy's online log-sum-exp over vocab tiles.) A weight,
-    not a loss: no gradient flows (SPEC 1).
+    not a loss: no gradient flows (docs/method.md#visual-dependency).
 
     Args:
         hidden_vis: [..., H] last hidden states of the visual pass (bf16, fp16, fp32; fp64 on the torch backend).

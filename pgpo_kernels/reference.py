@@ -1,6 +1,6 @@
 """Float64 oracles of every pgpo op: plain, slow, and the tests' ground truth.
 
-Each function follows ../shared/SPEC.md literally, in float64, with no chunking and no cleverness, so a reader can
+Each function follows docs/method.md literally, in float64, with no chunking and no cleverness, so a reader can
 check it against the paper line by line. The fast paths (Triton kernels, torch fallback) are tested against these.
 """
 
@@ -17,7 +17,7 @@ def _shift_by_finite_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(a / temp) || softmax(b / temp)) per row, in float64 (SPEC section 1).
+    """KL(softmax(a / temp) || softmax(b / temp)) per row, in float64 (docs/method.md#visual-dependency).
 
     Args:
         logits_vis: [..., V] logits a of the visual pass.
@@ -75,7 +75,7 @@ def k3_kl_ref(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
 
 
 def _reshape_one_ref(s: torch.Tensor, tau: float, beta: float, eps: float, renormalize: bool) -> torch.Tensor:
-    """SPEC section 2 on the valid scores of one sequence, [n] float64 -> [n] float64."""
+    """The reshape (docs/method.md#reshape) on the valid scores of one sequence, [n] float64 -> [n] float64."""
     n = s.numel()
     if n == 0:
         return s.clone()
@@ -83,7 +83,7 @@ def _reshape_one_ref(s: torch.Tensor, tau: float, beta: float, eps: float, renor
     m, M = s.min(), s.max()
     ones = torch.ones_like(s)
     if n == 1 or bool(m == M):
-        return ones  # our choice (SPEC 2): no information to reshape, uniform weights
+        return ones  # our choice (docs/method.md#reshape-edge-cases): no information to reshape, uniform weights
     if torch.isinf(M):
         # +inf counts as the sequence maximum (I = 1); finite scores then sit at I = 0.
         I = torch.where(torch.isinf(s), ones, torch.zeros_like(s))
@@ -108,7 +108,7 @@ def reshape_weights_ref(
     eps: float = 1e-6,
     renormalize: bool = True,
 ) -> torch.Tensor:
-    """Per-sequence PGPO reshape of visual-dependency scores into token weights, float64 (SPEC section 2).
+    """Per-sequence PGPO reshape of visual-dependency scores into token weights, float64 (docs/method.md#reshape).
 
     Padded layout: scores [B, T] with bool mask [B, T] (None = all valid) -> [B, T], 0 at padding.
     Packed layout: scores [total] with cu_seqlens [B + 1] -> [total].

@@ -1,6 +1,6 @@
 """PGPO reshape of per-token visual-dependency scores into advantage weights, one launch for the whole batch.
 
-Per sequence, over its valid tokens only (SPEC section 2):
+Per sequence, over its valid tokens only (docs/method.md#reshape):
 
     s = log1p(S);  I = (s - m) / (M - m + eps);  w = I / (tau + eps)                     if I <  tau
                                                      1 + beta (I - tau) / (1 - tau + eps)  if I >= tau
@@ -123,7 +123,7 @@ def _reshape_weights_fwd_kernel(
         _, valid, _, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
         acc += tl.where(valid, _gate(_normalized(s, m, denom, big_inf, small_inf), tau, beta, eps), 0.0)
     total = tl.sum(acc, axis=0)
-    # our choice (SPEC 2): all-equal, single token or zero mass -> uniform weights 1, never NaN
+    # our choice (docs/method.md#reshape-edge-cases): all-equal, one token or zero mass -> weights 1
     degenerate = (n_valid <= 1.0) | (M == m) | (total <= 0.0)
     if RENORMALIZE:
         scale = n_valid / tl.where(total > 0.0, total, 1.0)

@@ -8,7 +8,7 @@ Token KL works over row chunks, so it never holds a full fp32 copy of an [N, V] 
 
 Both fast paths give a non-finite KL for every row that needs care (an -inf, NaN or +inf logit, or a huge finite one
 whose fp32 differences overflow), and only those rows are recomputed by `kl_block` in float64 with every rule
-spelled out (NONFINITE rules, README "Kernels API"): -inf as SPEC 1, NaN/+inf in a row -> NaN for that row, huge
+spelled out (docs/method.md#nonfinite): the -inf rules, NaN/+inf in a row -> NaN for that row, huge
 finite logits -> the true value (finite, or +inf where it overflows fp32).
 
 The reshape is vectorized over all sequences with segment reductions (scatter_reduce), for the padded and the packed
@@ -43,7 +43,7 @@ def eager_slices(n_rows: int, n_cols: int):
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation whatever the input dtype (SPEC 1), fp64 kept for float64 inputs (gradcheck needs it)."""
+    """fp32 accumulation whatever the input dtype (docs/method.md#kl-from-logits), fp64 for fp64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -75,7 +75,7 @@ def kl_block(a: torch.Tensor, b: torch.Tensor, temperature: float, dt: torch.dty
     m_a, m_b = m_a.squeeze(-1), m_b.squeeze(-1)
     # an all -inf row of b (with mass in a) has no q: +inf
     kl = torch.where(m_b == -math.inf, math.inf, kl)
-    # our choice (SPEC 1 is silent): an all -inf row of a has no distribution -> KL 0
+    # our choice (docs/method.md#nonfinite): an all -inf row of a has no distribution -> KL 0
     kl = torch.where(m_a == -math.inf, zero, kl).clamp_min(0.0)
     # NaN or +inf anywhere in either row (max NaN or +inf): the row's KL is NaN, never 0 or finite garbage
     return torch.where(~(m_a < math.inf) | ~(m_b < math.inf), math.nan, kl)
@@ -132,7 +132,7 @@ def _segment_ids_packed(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].long(), pos, right=True)  # [total]
 
 
-@torch.no_grad()  # the weights carry no gradient (SPEC 2), whatever the scores' requires_grad
+@torch.no_grad()  # weights carry no gradient (docs/method.md#reshape-edge-cases)
 def reshape_weights_torch(
     scores: torch.Tensor,
     mask: torch.Tensor | None,
@@ -142,7 +142,7 @@ def reshape_weights_torch(
     eps: float,
     renormalize: bool,
 ) -> torch.Tensor:
-    """SPEC section 2 over a padded [B, T] (+ mask) or packed [total] (+ cu_seqlens) batch -> float32, 0 at padding.
+    """The reshape over a padded [B, T] (+ mask) or packed [total] (+ cu_seqlens) batch -> float32, 0 at padding.
 
     A NaN, -inf or < -1 score (log1p undefined) in a valid position makes its sequence's weights NaN; +inf scores
     are the sequence maximum (I = 1), a score of exactly -1 (log1p = -inf) its minimum (I = 0). No host sync.
@@ -182,7 +182,7 @@ def reshape_weights_torch(
 
     # 4. renormalize to keep the mass: sum of weights = number of valid tokens
     total = zeros.scatter_add(0, seg, w)  # [B]
-    # our choice (SPEC 2): all-equal, single token or zero mass -> uniform weights 1, never NaN
+    # our choice (docs/method.md#reshape-edge-cases): all-equal, one token or zero mass -> weights 1
     degenerate = (n_valid <= 1) | (M == m) | ~(total > 0)
     scale = n_valid / total if renormalize else torch.ones_like(total)
     scale = torch.where(degenerate, torch.ones_like(scale), scale)

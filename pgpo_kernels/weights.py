@@ -64,7 +64,7 @@ def pgpo_token_weights(
     # every reshape check runs here, before the KL launch: a bad mask must not cost a pass over [N, V]
     check_reshape_args(torch.empty(score_shape, device="meta"), mask, cu_seqlens, tau, beta, eps, renormalize,
                        device=logits_vis.device)
-    with torch.no_grad():  # weights, never a loss (SPEC 1): neither output carries a gradient on any backend
+    with torch.no_grad():  # weights, never a loss (docs/method.md#visual-dependency): no gradient on any backend
         if estimator == "k3":  # token_stats checks target_ids (shape, dtype, range) before reading the logits
             kl = token_stats(logits_vis, logits_txt, target_ids, temperature=temperature, estimator="k3",
                              backend=backend).kl  # [B, T] float32

@@ -346,7 +346,7 @@ def test_qwen_vocab_152064(n_chunks):
     _close(out, token_kl_ref(a, b), 1e-5, 1e-5)
 
 
-# %% launch heuristics (item 5 of issue 9) ------------------------------------------------------------------------
+# %% launch heuristics ------------------------------------------------------------------------------------------
 def test_stream_config_is_one_16_byte_vector_per_thread():
     for itemsize, vec in ((2, 8), (4, 4)):
         cfg = kl_stream_config(152064, itemsize)
