@@ -83,7 +83,7 @@ def test_recipes_parse_resolve_and_source_every_number(tmp_path):
             assert m.group(3), f"{f.name}: {line!r} says nowhere where its value comes from"
             if re.fullmatch(r"[-+0-9.e]+", m.group(2)):
                 assert re.search(r"paper|EasyR1|our choice", m.group(3)), f"{f.name}: {line!r}"
-        if f.stem.startswith("qwen"):  # the paper's recipe (SPEC section 3)
+        if f.stem.startswith("qwen"):  # the paper's recipe (docs/method.md#11-the-papers-recipe)
             assert (cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.lr) == (384, 5, 2048, 1e-6)
             assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.top_p, cfg.steps) == (0.2, 0.28, 0.99, 200)
             assert (cfg.acc_weight, cfg.format_weight, cfg.dynamic_sampling) == (0.9, 0.1, "on")
