@@ -33,6 +33,33 @@ class FilterTiles:
         return self.skipped / self.tiles if self.tiles else 0.0
 
 
+def tile_rule(x: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, g_lp: torch.Tensor, g_en: torch.Tensor,
+              temperature: float, eps: float, block_v: int) -> tuple[int, torch.Tensor]:
+    """One row block of logits x [b, V] (already / T) -> (its skipped tiles, per-row skipped |d| / s of valid rows)."""
+    n_cols = x.shape[1]
+    n_col_blocks = -(-n_cols // block_v)
+    logp = x.log_softmax(-1)
+    p = logp.exp()
+    gl = g_lp.to(x.device, torch.float32)[:, None]
+    ge = g_en.to(x.device, torch.float32)[:, None]
+    ent = -(p * logp).nan_to_num(0.0).sum(-1, keepdim=True)
+    d = -p * (gl + ge * (logp + ent))
+    tgt = targets.to(x.device)
+    rows = torch.arange(x.shape[0], device=x.device)
+    ok = valid.to(x.device)
+    d[rows[ok], tgt[ok].long()] += gl[ok, 0]
+    d = d / temperature
+    scale = (gl.abs() + ge.abs()) / temperature  # [b, 1]
+    small = (d.abs() < eps * scale) | (d == 0)
+    pad = n_col_blocks * block_v - n_cols  # the kernel's columns past V are 0, hence small
+    small = F.pad(small, (0, pad), value=True).view(x.shape[0], n_col_blocks, block_v)
+    tile_small = small.all(-1).all(0)  # [n_col_blocks]
+    rel = torch.where(scale > 0, d.abs() / scale.clamp_min(1e-30), 0.0)
+    rel = F.pad(rel, (0, pad)).view(x.shape[0], n_col_blocks, block_v)
+    mass = (rel * tile_small[None, :, None]).sum((1, 2))
+    return int(tile_small.sum()), mass[scale[:, 0] > 0].double().cpu()
+
+
 def filter_tiles(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
                  *, grad_logp: torch.Tensor | None = None, grad_entropy: torch.Tensor | None = None,
                  temperature: float = 1.0, grad_filter: float | None = None, block_n: int = 128, block_v: int = 128,
@@ -60,27 +87,10 @@ def filter_tiles(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         for lo in range(0, n_rows, block_n):
             hi = min(lo + block_n, n_rows)
             x = F.linear(hidden[lo:hi], weight, bias).float() / temperature  # [b, V]
-            logp = x.log_softmax(-1)
-            p = logp.exp()
-            gl = g_lp[lo:hi].to(x.device, torch.float32)[:, None]
-            ge = g_en[lo:hi].to(x.device, torch.float32)[:, None]
-            ent = -(p * logp).nan_to_num(0.0).sum(-1, keepdim=True)
-            d = -p * (gl + ge * (logp + ent))
-            tgt = targets[lo:hi].to(x.device)
-            rows = torch.arange(hi - lo, device=x.device)
-            ok = valid[lo:hi].to(x.device)
-            d[rows[ok], tgt[ok].long()] += gl[ok, 0]
-            d = d / temperature
-            scale = (gl.abs() + ge.abs()) / temperature  # [b, 1]
-            small = (d.abs() < eps * scale) | (d == 0)
-            pad = n_col_blocks * block_v - n_cols  # the kernel's columns past V are 0, hence small
-            small = F.pad(small, (0, pad), value=True).view(hi - lo, n_col_blocks, block_v)
-            tile_small = small.all(-1).all(0)  # [n_col_blocks]
-            skipped += int(tile_small.sum())
-            rel = torch.where(scale > 0, d.abs() / scale.clamp_min(1e-300), 0.0)
-            rel = F.pad(rel, (0, pad)).view(hi - lo, n_col_blocks, block_v)
-            mass = (rel * tile_small[None, :, None]).sum((1, 2))  # [b]
-            masses.append(mass[scale[:, 0] > 0].double().cpu())
+            sk, mass = tile_rule(x, targets[lo:hi], valid[lo:hi], g_lp[lo:hi], g_en[lo:hi], temperature, eps,
+                                 block_v)
+            skipped += sk
+            masses.append(mass)
     mass = torch.cat(masses) if masses else torch.zeros(0)
     return FilterTiles(tiles=-(-n_rows // block_n) * n_col_blocks, skipped=skipped,
                        skipped_mass_max=float(mass.max()) if mass.numel() else 0.0,
