@@ -210,9 +210,33 @@ def worker(args) -> dict:
     k = min(8, args.tokens)
     ref = fused_linear_logp_ref(h.detach()[:k].cpu(), w.detach().cpu(), t[:k].cpu(), None, args.temperature)[0]
     err = float((lp[:k].double().cpu() - ref).abs().max())
-    return {"provider": args.provider, "tokens": args.tokens, "peak_extra_bytes": int(peak),
-            "time_ms": 1e3 * times[len(times) // 2], "us_per_token": 1e6 * times[len(times) // 2] / args.tokens,
-            "max_abs_err_logp": err, "status": "ok"}
+    rec = {"provider": args.provider, "tokens": args.tokens, "peak_extra_bytes": int(peak),
+           "time_ms": 1e3 * times[len(times) // 2], "us_per_token": 1e6 * times[len(times) // 2] / args.tokens,
+           "max_abs_err_logp": err, "status": "ok"}
+    if args.provider == "ours_triton":
+        rec["skipped_tile_fraction"] = triton_skip_fraction(h.detach(), w.detach(), t, args.temperature)
+        rec["note"] = f"filter skipped {rec['skipped_tile_fraction']:.1%} of backward tiles"
+    return rec
+
+
+def triton_skip_fraction(h, w, t, temperature: float, grad_filter: float | None = None) -> float:
+    """The share of the Triton backward's tiles its gradient filter skips on these inputs (the kernel's own count:
+    one forward for the row stats, one backward of sum(logp) + 0.01 sum(entropy), as timed)."""
+    import torch
+
+    import pgpo_kernels.fused_logp as fl
+
+    eps = fl.resolve_grad_filter(grad_filter, h.dtype)
+    valid = t != -100
+    tt = t.long().contiguous()
+    _, ent, lse = fl.logp_forward(h, w, None, tt, temperature, True)
+    grads = torch.stack([valid.float(), 0.01 * valid.float()], -1)
+    counter = torch.zeros(1, dtype=torch.int32, device=h.device)
+    fl.logp_backward(h, w, None, tt, torch.stack([lse, ent], -1), grads, temperature, True, (True, True, False),
+                     filter_eps=eps, skip_counter=counter)
+    cfg = fl.logp_launch_configs(h.dtype, h.device)[1]
+    tiles = -(-h.shape[0] // cfg["BLOCK_N"]) * -(-w.shape[0] // cfg["BLOCK_V"])
+    return int(counter.item()) / tiles
 
 
 # %% driver --------------------------------------------------------------------------------------------------------

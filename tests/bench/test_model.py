@@ -120,3 +120,21 @@ def test_liger_shape_arithmetic_and_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pgpo_bench.cli", "model", "--skip", "2"], capture_output=True,
                           text=True, check=False, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode != 0 and "--skip" in proc.stderr
+
+
+def test_logp_bench_skip_fraction_is_the_kernels_count():
+    """pgpo-bench logp's skipped-tile column (the ours_triton row on a GPU) is the kernel's own counter: here in the
+    interpreter it equals the torch rule's count on peaked logits, and is 0 with the filter off."""
+    from pgpo_bench.logp import triton_skip_fraction
+    from pgpo_kernels.logp_filter import filter_tiles
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(32, H, generator=g)
+    w = torch.randn(256, H, generator=g) * 6.0
+    t = (h @ w.T).argmax(-1)
+    t[::7] = -100
+    got = triton_skip_fraction(h, w, t, 1.0, grad_filter=1e-2)
+    ref = filter_tiles(h, w, t, grad_logp=(t != -100).double(), grad_entropy=0.01 * (t != -100).double(),
+                       grad_filter=1e-2, block_n=16, block_v=32)
+    assert 0 < got == ref.fraction
+    assert triton_skip_fraction(h, w, t, 1.0, grad_filter=0.0) == 0.0
