@@ -82,8 +82,8 @@ def _logp_configs(dtype: str):
 def logp_forward(n: int, v: int, h: int, dtype: str = "bfloat16", cfg: dict | None = None, n_sm: int = 132,
                  bias: bool = False) -> Traffic:
     """fused_linear_logp forward: grid (row block) x (vocab chunk), each program recomputing its logit tiles."""
-    from pgpo_kernels.token_kl import chunk_layout
-    from pgpo_kernels.token_kl import split_chunks
+    from pgpo_kernels.online_softmax import chunk_layout
+    from pgpo_kernels.online_softmax import split_chunks
 
     cfg = cfg or _logp_configs(dtype)[0]
     e = ITEMSIZE[dtype]
@@ -157,8 +157,8 @@ def fused_linear(n: int, v: int, h: int, dtype: str = "bfloat16", n_sm: int = 13
     import torch
 
     from pgpo_kernels.fused_linear import fused_linear_launch_config
-    from pgpo_kernels.token_kl import chunk_layout
-    from pgpo_kernels.token_kl import split_chunks
+    from pgpo_kernels.online_softmax import chunk_layout
+    from pgpo_kernels.online_softmax import split_chunks
 
     cfg = cfg or fused_linear_launch_config(getattr(torch, dtype), torch.device("cuda"))
     e = ITEMSIZE[dtype]
