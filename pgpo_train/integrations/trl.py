@@ -21,6 +21,8 @@ from dataclasses import field
 
 import torch
 
+from pgpo_kernels import defaults
+
 try:
     from trl import GRPOConfig
     from trl import GRPOTrainer
@@ -82,11 +84,11 @@ def liger_problem() -> str | None:
 class PGPOConfig(GRPOConfig):
     """GRPOConfig plus PGPO's options (arXiv 2604.01840; defaults are the paper's best, docs/method.md#defaults)."""
 
-    pgpo_tau: float = field(default=0.4, metadata={"help": "PGPO gate threshold tau in [0, 1]."})
-    pgpo_beta: float = field(default=2.0, metadata={"help": "PGPO amplification beta >= 0 (not GRPO's KL beta)."})
-    pgpo_eps: float = field(default=1e-6, metadata={"help": "PGPO small constant eps > 0."})
+    pgpo_tau: float = field(default=defaults.TAU, metadata={"help": "PGPO gate threshold tau in [0, 1]."})
+    pgpo_beta: float = field(default=defaults.BETA, metadata={"help": "PGPO amplification beta >= 0 (not GRPO's KL beta)."})
+    pgpo_eps: float = field(default=defaults.EPS, metadata={"help": "PGPO small constant eps > 0."})
     pgpo_estimator: str = field(
-        default="full",
+        default=defaults.ESTIMATOR,
         metadata={"help": "Visual-dependency estimator: 'full' (exact token KL from logits, fused) or 'k3' (the "
                   "paper's appendix estimate from the sampled token's log-probs)."},
     )
@@ -94,20 +96,20 @@ class PGPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Softmax temperature of the token KL ('full' only); None = the sampling temperature."},
     )
-    pgpo_renormalize: bool = field(default=True,
+    pgpo_renormalize: bool = field(default=defaults.RENORMALIZE,
                                    metadata={"help": "Keep each sequence's weight mass (docs/method.md#reshape)."})
     pgpo_min_spread: float = field(
-        default=0.0,
+        default=defaults.MIN_SPREAD,
         metadata={"help": "Uniform weights for a sequence whose log1p(KL) spread is below this; 0 = off (our "
                   "choice, as pgpo-train's --pgpo.min-spread)."},
     )
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
     # variants and controls (docs/method.md#variants); defaults: the paper's formula
-    pgpo_control: str = field(default="none", metadata={"help": "none, shuffled (weights permuted within each "
+    pgpo_control: str = field(default=defaults.CONTROL, metadata={"help": "none, shuffled (weights permuted within each "
                               "completion) or inverted (I -> 1 - I before the gate): controls."})
-    pgpo_tau_mode: str = field(default="absolute", metadata={"help": "absolute (gate at I = tau) or quantile (at "
+    pgpo_tau_mode: str = field(default=defaults.TAU_MODE, metadata={"help": "absolute (gate at I = tau) or quantile (at "
                                "each completion's tau-quantile of I)."})
-    pgpo_floor: float = field(default=0.0, metadata={"help": "Minimum weight after the gate, before renormalizing."})
+    pgpo_floor: float = field(default=defaults.FLOOR, metadata={"help": "Minimum weight after the gate, before renormalizing."})
     pgpo_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgpo_kernels import defaults
 from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.models import model_family
@@ -221,10 +222,11 @@ class PGPOVerlTrainerMixin:
         if checks.verl_bypass_mode(self.config):  # old_log_probs are the rollout engine's: recompute on the actor
             logp_vis = self._compute_old_log_prob(batch)[0].batch["old_log_probs"]
         _, metrics = pgpo_reshape_advantages_(
-            batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
-            beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
-            min_spread=cfg.get("min_spread", 0.0), control=cfg.get("control", "none"),
-            tau_mode=cfg.get("tau_mode", "absolute"), floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg),
+            batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", defaults.TAU),
+            beta=cfg.get("beta", defaults.BETA), eps=cfg.get("eps", defaults.EPS),
+            renormalize=cfg.get("renormalize", defaults.RENORMALIZE), min_spread=cfg.get("min_spread", defaults.MIN_SPREAD),
+            control=cfg.get("control", defaults.CONTROL), tau_mode=cfg.get("tau_mode", defaults.TAU_MODE),
+            floor=cfg.get("floor", defaults.FLOOR), generator=self._pgpo_generator(cfg),
             weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)

@@ -13,6 +13,7 @@ from enum import Enum
 
 import torch
 
+from pgpo_kernels import defaults
 from pgpo_kernels import reshape_weights
 from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.utils import check_float
@@ -129,15 +130,15 @@ def pgpo_weights(
     scores: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
-    min_spread: float = 0.0,
+    tau: float = defaults.TAU,
+    beta: float = defaults.BETA,
+    eps: float = defaults.EPS,
+    renormalize: bool = defaults.RENORMALIZE,
+    min_spread: float = defaults.MIN_SPREAD,
     backend: str = "auto",
-    control: str = "none",
-    tau_mode: str = "absolute",
-    floor: float = 0.0,
+    control: str = defaults.CONTROL,
+    tau_mode: str = defaults.TAU_MODE,
+    floor: float = defaults.FLOOR,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """PGPO advantage weights (arXiv 2604.01840; docs/method.md#reshape) from token visual-dependency scores: the one
@@ -269,8 +270,8 @@ def weight_metrics(
     scores: torch.Tensor,
     mask: torch.Tensor,
     *,
-    tau: float = 0.4,
-    eps: float = 1e-6,
+    tau: float = defaults.TAU,
+    eps: float = defaults.EPS,
     token_adv: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The PGPO metrics every trainer logs (the loop, TRL, verl: one key set), as 0-d tensors: no host sync here,
