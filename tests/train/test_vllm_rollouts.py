@@ -7,7 +7,6 @@ distribution it samples from (temperature, visual special ids banned), so the re
 """
 
 import random
-import types
 
 import numpy as np
 import pytest
@@ -33,10 +32,11 @@ TOL = 1e-5  # fp32
 
 
 def _cfg(**kw):
-    base = dict(model="", seed=0, temperature=1.0, top_p=1.0, max_new_tokens=8, prompts_per_step=2, group_size=2,
-                prompt_template=TINY_PROMPT_TEMPLATE, acc_weight=0.9, format_weight=0.1, vllm_max_model_len=0,
-                vllm_gpu_memory_utilization=0.3, vllm_sleep=True)
-    return types.SimpleNamespace(**{**base, **kw})
+    from pgpo_train.run.config import TrainConfig
+
+    base = dict(out_dir="unused", seed=0, max_new_tokens=8, prompts_per_step=2, group_size=2,
+                prompt_template=TINY_PROMPT_TEMPLATE, rollout_engine="vllm")
+    return TrainConfig(**{**base, **kw}).resolved()
 
 
 @pytest.fixture(scope="module")
