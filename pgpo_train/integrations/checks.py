@@ -99,7 +99,7 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
         raise ValueError(f"{who}: unknown option(s) algorithm.pgpo.{unknown} (a typo would fall back to a default "
                          f"silently); known: {list(VERL_PGPO_KEYS)}")
     check_reshape_params(opts.get("tau", 0.4), opts.get("beta", 2.0), opts.get("eps", 1e-6))
-    from pgpo_train.weight_variants import check_variant_args
+    from pgpo_train.rl.weight_variants import check_variant_args
 
     check_variant_args(opts.get("control", "none"), opts.get("tau_mode", "absolute"), opts.get("floor", 0.0))
     strategy = _path(config, "actor_rollout_ref.actor.strategy", "fsdp")
@@ -265,7 +265,7 @@ def check_no_tool_images(model, completion_ids, completion_mask, tool_mask) -> N
     the prompt's image only and numbers completions as text, so such a batch is refused, naming the option."""
     import torch
 
-    from pgpo_train import model_family
+    from pgpo_train.models import model_family
 
     ids = torch.tensor(model_family.placeholder_ids(model), device=completion_ids.device)
     from_tools = completion_mask.bool() & ~tool_mask.bool()  # TRL's tool_mask is 0 on tool-response tokens

@@ -3,7 +3,7 @@
 Trainers hold different things after their two passes: TRL can give logits (the exact KL, "full"), verl's and
 EasyR1's workers give the sampled tokens' log-probs (the paper's appendix estimator, "k3"), and a custom worker may
 already have per-token scores. All three end in the project's one scores -> weights path,
-`pgpo_train.core_algos.pgpo_weights` (SPEC section 2); `k3_scores` and `weight_metrics` live in core_algos too and
+`pgpo_train.rl.core_algos.pgpo_weights` (SPEC section 2); `k3_scores` and `weight_metrics` live in core_algos too and
 are re-exported here.
 """
 
@@ -19,12 +19,12 @@ from pgpo_kernels.utils import check_logits_pair
 from pgpo_kernels.utils import check_mask
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
-from pgpo_train.core_algos import k3_scores
-from pgpo_train.core_algos import pgpo_weights
-from pgpo_train.core_algos import weight_metrics
-from pgpo_train.core_algos import weight_options
-from pgpo_train.weight_variants import check_variant_args
-from pgpo_train.weight_variants import is_default
+from pgpo_train.rl.core_algos import k3_scores
+from pgpo_train.rl.core_algos import pgpo_weights
+from pgpo_train.rl.core_algos import weight_metrics
+from pgpo_train.rl.core_algos import weight_options
+from pgpo_train.rl.weight_variants import check_variant_args
+from pgpo_train.rl.weight_variants import is_default
 
 __all__ = ["ESTIMATORS", "apply_variants", "check_estimator", "k3_scores", "pgpo_weights_from_passes",
            "weight_metrics"]
@@ -56,7 +56,7 @@ def pgpo_weights_from_passes(
         logp_vis, logp_txt: [B, T] sampled-token log-probs of the two passes ("k3").
         scores: [B, T] precomputed visual-dependency scores S_t >= 0 (e.g. token_kl run inside a worker).
         temperature: of the token KL (logits source only).
-        options: `pgpo_train.core_algos.pgpo_weights`' keyword options (tau, beta, eps, renormalize, min_spread,
+        options: `pgpo_train.rl.core_algos.pgpo_weights`' keyword options (tau, beta, eps, renormalize, min_spread,
             backend, and the issue-17 control, tau_mode, floor, generator), with its defaults (the paper's).
 
     Returns:

@@ -7,7 +7,7 @@ pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compu
 they are. `use_liger_kernel=True` is allowed where TRL only applies Liger's layer kernels (TRL 1.16) and refused
 where it swaps in Liger's GRPO loss, which takes [B] advantages only (`liger_problem`).
 
-Every family of `pgpo_train.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
+Every family of `pgpo_train.models.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
 Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused before a model is loaded.
 """
 
@@ -31,18 +31,18 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 from pgpo_kernels.utils import BACKENDS
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
-from pgpo_train import model_family
-from pgpo_train.core_algos import WEIGHT_METRIC_MAX
-from pgpo_train.core_algos import WEIGHT_METRIC_MIN
-from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations import checks
 from pgpo_train.integrations import fused_passes
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import apply_variants
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.weight_variants import check_variant_args
-from pgpo_train.weight_variants import control_generator
+from pgpo_train.models import model_family
+from pgpo_train.rl.core_algos import WEIGHT_METRIC_MAX
+from pgpo_train.rl.core_algos import WEIGHT_METRIC_MIN
+from pgpo_train.rl.core_algos import weight_metrics
+from pgpo_train.rl.weight_variants import check_variant_args
+from pgpo_train.rl.weight_variants import control_generator
 
 logger = logging.getLogger(__name__)
 
