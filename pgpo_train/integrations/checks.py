@@ -166,7 +166,7 @@ def check_verl_qwen2_vl_fix(config, who: str = "PGPOVerlTrainerMixin") -> None:
     libs = [libs] if isinstance(libs, str) else list(libs)
     if fix.__name__ in libs:
         return
-    if fix.needs_fix():
+    if fix.verl_is_affected():
         raise ValueError(
             f"{who}: this verl's Qwen2-VL forward crashes on every micro-batch without images ({fix.VERL_LINE} "
             "raises AttributeError: 'BaseModelOutputWithPooling' object has no attribute 'mean' under transformers "

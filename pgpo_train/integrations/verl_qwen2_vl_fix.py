@@ -40,22 +40,31 @@ def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def needs_fix(qwen2_vl_module=None) -> bool:
-    """True when the installed verl's Qwen2-VL no-image branch calls `.mean()` on the raw tower output and the
-    installed transformers returns an output object from the tower (transformers >= 5)."""
-    if qwen2_vl_module is None:
-        try:
-            from verl.models.transformers import qwen2_vl as qwen2_vl_module
-        except (ImportError, AttributeError):  # no verl, or one whose Qwen2-VL module does not import here
-            return False
-    fn = getattr(qwen2_vl_module, "_get_input_embeds", None)
-    if fn is None or getattr(fn, "_pgpo_fixed", False):
+def _verl_get_input_embeds():
+    try:
+        from verl.models.transformers import qwen2_vl
+    except (ImportError, AttributeError):  # no verl, or one whose Qwen2-VL module does not import here
+        return None
+    return getattr(qwen2_vl, "_get_input_embeds", None)
+
+
+def verl_is_affected() -> bool:
+    """True when the installed verl's own no-image branch (patched here or not) calls `.mean()` on the raw tower
+    output and the installed transformers returns an output object from the tower (transformers >= 5)."""
+    fn = _verl_get_input_embeds()
+    if fn is None:
         return False
     try:
-        source = inspect.getsource(fn)
+        source = inspect.getsource(inspect.unwrap(fn))
     except (OSError, TypeError):
         return False
     return bool(_BROKEN_BRANCH.search(source)) and transformers_major() >= 5
+
+
+def needs_fix() -> bool:
+    """True when verl is affected and this process has not applied the fix yet."""
+    fn = _verl_get_input_embeds()
+    return fn is not None and not getattr(fn, "_pgpo_fixed", False) and verl_is_affected()
 
 
 def apply() -> bool:
@@ -93,4 +102,4 @@ def apply() -> bool:
 
 APPLIED = apply()  # on import: verl's external_lib hook imports this module in every worker
 
-__all__ = ["APPLIED", "VERL_LINE", "apply", "needs_fix"]
+__all__ = ["APPLIED", "VERL_LINE", "apply", "needs_fix", "verl_is_affected"]

@@ -2,7 +2,7 @@
 
 - a CPU platform for verl's device layer (verl's platform registry knows CUDA, NPU and ROCm only and falls back
   to CUDA), so that its FSDP engine builds the model on CPU and talks gloo;
-- flash-attn's varlen kernel (per-segment SDPA, tests/real_code/flash_standin.py) in the modules that imported it
+- flash-attn's varlen kernel (per-segment SDPA, tests/support/flash_standin.py) in the modules that imported it
   from flash-attn (verl's Qwen2-VL attention patch), where flash-attn has no CPU build.
 
 Everything else (apply_monkey_patch, the engine worker, RayPPOTrainer's _compute_old_log_prob / _update_actor, the
@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import socket
 
-import torch
-
 import flash_standin
+import torch
 
 
 class _CPUDeviceModule:
