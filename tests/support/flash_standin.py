@@ -46,14 +46,23 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **
 
 def transformers_flash_attention_forward(query_states, key_states, value_states, attention_mask, query_length,
                                          is_causal=True, dropout=0.0, softmax_scale=None, sliding_window=None,
-                                         **_):
+                                         cu_seq_lens_q=None, cu_seq_lens_k=None, **_):
     """transformers' `_flash_attention_forward` (its wrapper around flash-attn) for unpadded rows: [B, L, H, D]."""
     # A 4-D mask only exists because the tests load the model with sdpa (flash_attention_2 needs a CUDA flash-attn):
-    # transformers' flash path builds no such mask, and verl calls the flash wrapper without position ids, i.e. plain
-    # causal attention over the row. A 2-D padding mask would need unpadding, which these calls never do.
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise NotImplementedError("the stand-in takes unpadded rows only (a 2-D attention_mask must be all ones)")
+    # transformers' flash path builds no such mask, and the trainers call this wrapper without position ids, i.e.
+    # plain causal attention over each row. A 2-D mask is a padding mask: each row's attended tokens form one
+    # segment (transformers unpads them for flash-attn's varlen kernel) and padded slots give zeros.
     if sliding_window is not None and sliding_window < key_states.shape[1]:
         raise NotImplementedError("the stand-in has no sliding window")
-    return flash_attn_func(query_states, key_states, value_states, dropout, softmax_scale, is_causal)
-
+    if cu_seq_lens_q is not None:  # explicit segments (e.g. one per image in a vision tower): [1, total, H, D]
+        return flash_attn_varlen_func(query_states[0], key_states[0], value_states[0], cu_seq_lens_q,
+                                      cu_seq_lens_k, dropout_p=dropout, softmax_scale=softmax_scale,
+                                      causal=is_causal)[None]
+    if attention_mask is None or attention_mask.dim() != 2:
+        return flash_attn_func(query_states, key_states, value_states, dropout, softmax_scale, is_causal)
+    out = torch.zeros_like(query_states)
+    for b in range(query_states.shape[0]):
+        keep = attention_mask[b].bool()
+        out[b, keep] = flash_attn_func(query_states[b, keep][None], key_states[b, keep][None],
+                                       value_states[b, keep][None], dropout, softmax_scale, is_causal)[0]
+    return out
