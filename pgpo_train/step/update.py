@@ -91,7 +91,7 @@ def sft_step(model, optimizer, processor, records, cfg: TrainConfig, device, dp=
     enc = tok(sols, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="right")
     responses, response_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = build_sequences(model, prompt, responses, response_mask, tok.pad_token_id)
-    if fused_lm_head:  # hidden states + fused_linear_logp: no [B, T, V] logits (issue 16)
+    if fused_lm_head:  # hidden states + fused_linear_logp: no [B, T, V] logits
         greedy_ids = []
 
         def head(hidden, weight, bias):
