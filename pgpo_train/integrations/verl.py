@@ -182,8 +182,8 @@ def _check_no_tool_images(tensors, ids: list[int], prompt_len: int | None) -> No
             "pgpo_text_only_batch: image placeholders inside the responses, on tokens the policy did not sample "
             f"(response_mask 0, rows {hit.any(-1).nonzero().flatten().tolist()}): a multi-turn tool returned images "
             "(actor_rollout_ref.rollout.multi_turn with image-returning tools). PGPO's text-only pass masks the "
-            "prompt's image only (SPEC section 1), so it would attend these image tokens without their pixels. Use "
-            "tools that return text, or train without PGPO.")
+            "prompt's image only (docs/method.md#text-only-pass), so it would attend these image tokens without "
+            "their pixels. Use tools that return text, or train without PGPO.")
 
 
 def _text_only_meta_info(meta_info, attention_mask: torch.Tensor) -> dict:
