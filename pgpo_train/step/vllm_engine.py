@@ -189,10 +189,14 @@ class VLLMRollout:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib(model, n_seqs, self.max_model_len))
         if world > 1:  # torchrun: every rank its own engine inside the existing process group (as TRL's colocate)
             kw["distributed_executor_backend"] = "external_launcher"
-        with kept_process_state():
-            vllm = import_vllm((model.config.architectures or [type(model).__name__])[0])  # built in memory: no list
-            self._sampling_params = vllm.SamplingParams
-            self.llm = vllm.LLM(**kw)
+        try:
+            with kept_process_state():
+                vllm = import_vllm((model.config.architectures or [type(model).__name__])[0])  # in memory: no list
+                self._sampling_params = vllm.SamplingParams
+                self.llm = vllm.LLM(**kw)
+        except BaseException:
+            self.close()  # the saved embedded model's folder does not outlive a failed start
+            raise
         self._asleep = False
         self._sleep()  # CUDA: the GPU memory is the update's until the first rollout
         self.syncs = 0
