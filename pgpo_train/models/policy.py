@@ -15,6 +15,7 @@ from pgpo_train.models.processor import load_processor
 from pgpo_train.models.tiny import build_tiny
 from pgpo_train.models.tiny import tiny_config
 from pgpo_train.run.config import TrainConfig
+from pgpo_train.run.config import auto_tiny_head_dim
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -32,7 +33,9 @@ def seed_everything(seed: int) -> None:
 def load_policy(cfg: TrainConfig, device: torch.device):
     """(model, processor): the embedded tiny model when cfg.model is empty, else from_pretrained(cfg.model)."""
     if not cfg.model:
-        model, processor = build_tiny(tiny_config(cfg.tiny_head_dim), seed=cfg.seed)
+        # a run dir's config.json from before the option (or written by hand) leaves it at auto
+        head_dim = cfg.tiny_head_dim if cfg.tiny_head_dim is not None else auto_tiny_head_dim(cfg.rollout_engine)
+        model, processor = build_tiny(tiny_config(head_dim), seed=cfg.seed)
     else:
         from transformers import AutoModelForImageTextToText
 

@@ -26,6 +26,11 @@ PAPER_PROMPT_TEMPLATE = (
     "\\boxed{{}}."
 )
 
+def auto_tiny_head_dim(rollout_engine: str) -> int:
+    """--tiny-head-dim auto: 32 for vLLM (its CPU attention has no head size 16), else the embedded default 16."""
+    return 32 if rollout_engine == "vllm" else 16
+
+
 def opt(default, help: str):
     """A config field with its --help text (TRL's `field(metadata={"help": ...})`, shorter)."""
     return field(default=default, metadata={"help": help})
@@ -252,7 +257,7 @@ class TrainConfig:
         c.task_filler = task_filler(c.task, c.task_filler)  # ValueError naming --task-filler off grid-reason
         grid = c.task in ("grid-count", "grid-reason")
         if c.tiny_head_dim is None:
-            c.tiny_head_dim = 32 if c.rollout_engine == "vllm" else 16
+            c.tiny_head_dim = auto_tiny_head_dim(c.rollout_engine)
         if c.max_new_tokens is None:
             tiny_tokens = grid_reason_max_tokens(c.task_filler) if c.task == "grid-reason" else 24
             c.max_new_tokens = tiny_tokens if embedded else 2048
