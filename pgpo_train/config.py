@@ -30,11 +30,24 @@ CHOICES = {
     "control": ["none", "shuffled", "inverted"],  # pgpo.control
     "tau_mode": ["absolute", "quantile"],  # pgpo.tau_mode
     "estimator": ["full", "k3"],
+    "preset": ["none", "dev-easyr1"],  # pgpo.preset (PRESETS)
     "fused_lm_head": ["auto", "on", "off"],
     "dynamic_sampling": ["auto", "on", "off"],
     "loss_agg_mode": ["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
     "backend": ["auto", "torch", "triton"],  # pgpo.backend
     "dtype": ["auto", "float32", "bfloat16", "float16"],
+}
+
+
+# --pgpo.preset: named bundles of existing options.
+# dev-easyr1: the authors' development variant as an independent EasyR1 reproduction that ran it reports it (second-
+# hand: not in the paper, not checked against the authors' code): each response's gate at its own tau-quantile of I,
+# weights below it floored at 0.1, no renormalization, k3 on the sampled token with log r clamped to [-20, 20] and
+# S_t to [0, 10] (verl's low_var_kl clamps, the text-only pass as the reference).
+PRESETS = {
+    "none": {},
+    "dev-easyr1": {"tau_mode": "quantile", "floor": 0.1, "renormalize": False, "estimator": "k3",
+                   "k3_log_ratio_max": 20.0, "k3_score_max": 10.0},
 }
 
 
@@ -55,10 +68,21 @@ class PGPOWeightsConfig:
     control: str = "none"  # none | shuffled (weights permuted within each response) | inverted (I -> 1 - I)
     # our choice, off by default (the paper has no such guard): min-max normalization stretches any spread to [0, 1]
     min_spread: float = 0.0  # uniform weights for a sequence whose log1p(KL) spread (max - min) is below this; 0 = off
+    # k3 only: log r = log pi_txt - log pi_vis clamped to [-x, x] before (r-1) - log r, and S_t to [0, y] after it
+    k3_log_ratio_max: float = 0.0  # k3: clamp of the text-only log-ratio (dev-easyr1: 20); 0 = off (the paper's)
+    k3_score_max: float = 0.0  # k3: clamp of the score S_t to [0, this] (dev-easyr1: 10); 0 = off (the paper's)
+    # named bundles of the options above; a preset fills only options left at their defaults (see PRESETS)
+    preset: str = "none"  # none | dev-easyr1 (the authors' development variant, second-hand: README)
     backend: str = "auto"  # pgpo_kernels backend: triton on CUDA, torch otherwise
     # every pass (old log-probs, text-only, policy update, SFT) from hidden states + fused lm_head, no [B, T, V]
     # logits (issue 16); auto: on wherever the logits are plain lm_head(hidden) (pgpo_train.lm_head's rules)
     fused_lm_head: str = "auto"  # auto | on | off
+
+    def with_preset(self) -> PGPOWeightsConfig:
+        """A copy with the preset's values in every option still at its default (explicit values win)."""
+        defaults = PGPOWeightsConfig()
+        over = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) == getattr(defaults, k)}
+        return dataclasses.replace(self, **over)
 
     def weight_kwargs(self) -> dict:
         """The reshape options, as core_algos.pgpo_weights takes them (its generator aside)."""
@@ -125,6 +149,9 @@ class TrainConfig:
     # stopping on accuracy leaves RL the same room in every seed
     sft_stop_acc: float = -1.0  # end SFT once its last 3 batches' exact match reaches this; -1 = auto: 0.75 grid-count
     sft_batch_size: int = 32  # reference responses per SFT step
+    # a share of the warm-up's samples trained on exactly the text-only pass's inputs (no pixels, placeholders
+    # unattended), so the text-only pass PGPO scores with is a calibrated prior, as a real VLM's (trained on text too)
+    sft_text_only_prob: float = 0.0  # share of each SFT batch trained text-only (seeded by seed and step); 0 = off
     sft_lr: float = 2e-3  # AdamW learning rate of the warm-up (RL starts with a fresh optimizer at --lr)
     # --- eval
     eval_every: int = 20  # RL steps between greedy evals on eval_split (0: off)
@@ -138,7 +165,8 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated (every flag: pgpo_train.validate)."""
         check_types(self)
-        c = dataclasses.replace(self, pgpo=dataclasses.replace(self.pgpo))
+        check_values_preset(self.pgpo.preset)
+        c = dataclasses.replace(self, pgpo=self.pgpo.with_preset())
         if c.clip_ratio_high == 0.0:
             c.clip_ratio_high = 0.2 if c.algo == "grpo" else 0.28
         if not c.loss_agg_mode:
@@ -167,6 +195,11 @@ class TrainConfig:
             c.prompt_template = "tiny" if embedded else PAPER_PROMPT_TEMPLATE
         check_values(c, CHOICES)
         return c
+
+
+def check_values_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"--pgpo.preset must be one of {sorted(PRESETS)}, got {preset!r}")
 
 
 # %% argparse from the dataclasses

@@ -61,6 +61,7 @@ from pgpo_train.signals import TrainingInterrupted
 from pgpo_train.signals import stop_requested_anywhere
 from pgpo_train.update import policy_update
 from pgpo_train.update import sft_step
+from pgpo_train.update import sft_text_rows
 from pgpo_train.validate import check_sources
 
 
@@ -185,7 +186,9 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         # --- SFT warm-up
         if step < sft_end:
             recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
-            m = dp.merge_metrics(sft_step(model, optimizer, processor, recs, cfg, device, dp, fused_lm_head), len(recs), 0.0)
+            text_rows = sft_text_rows(cfg.seed, step, len(recs), cfg.sft_text_only_prob)
+            m = sft_step(model, optimizer, processor, recs, cfg, device, dp, fused_lm_head, text_rows)
+            m = dp.merge_metrics(m, len(recs), 0.0)
             step += 1
             check_finite_metrics(step, m, ("sft/loss", "sft/grad_norm"))
             sft_accs = (sft_accs + [m["sft/seq_acc"]])[-3:]
