@@ -59,6 +59,8 @@ def pgpo_reshape_advantages_(
     logp_vis_key: str = "old_log_probs",
     logp_txt_key: str = TEXT_LOGP_KEY,
     weights_key: str | None = WEIGHTS_KEY,
+    k3_log_ratio_max: float = 0.0,
+    k3_score_max: float = 0.0,
     **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840, Eq. for the token advantage; SPEC 2-3).
@@ -78,6 +80,7 @@ def pgpo_reshape_advantages_(
             control's permutations, e.g. `pgpo_train.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
+        k3_log_ratio_max, k3_score_max: the k3 clamps (log-prob source only; 0 = off): core_algos.k3_scores'.
 
     Returns:
         (weights [B, T_resp] float32, metrics): metrics are floats with "pgpo/" keys (one host sync; this runs
@@ -101,7 +104,7 @@ def pgpo_reshape_advantages_(
             logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
-        temperature=temperature, **options)
+        temperature=temperature, k3_log_ratio_max=k3_log_ratio_max, k3_score_max=k3_score_max, **options)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
@@ -191,7 +194,9 @@ class PGPOVerlTrainerMixin:
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
     +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `control` / `tau_mode` / `floor`
-    (issue 17's variants and controls; `seed` seeds the shuffled control, default data.seed), `visual_token_ids`
+    (issue 17's variants and controls; `seed` seeds the shuffled control, default data.seed), `k3_log_ratio_max` /
+    `k3_score_max` (the k3 clamps, 0 = off), `preset` (dev-easyr1: the authors' development variant, second-hand,
+    pgpo_train.config.PRESETS; fills the keys not given), `visual_token_ids`
     (default: the placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the
     tokenizer's `<|image_pad|>` and `<|video_pad|>`).
     """
@@ -220,11 +225,13 @@ class PGPOVerlTrainerMixin:
         logp_vis = None  # verl's old_log_probs: the actor's with-image pass
         if checks.verl_bypass_mode(self.config):  # old_log_probs are the rollout engine's: recompute on the actor
             logp_vis = self._compute_old_log_prob(batch)[0].batch["old_log_probs"]
+        cfg = checks.verl_options_with_preset(cfg)
         _, metrics = pgpo_reshape_advantages_(
             batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
             beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
             min_spread=cfg.get("min_spread", 0.0), control=cfg.get("control", "none"),
             tau_mode=cfg.get("tau_mode", "absolute"), floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg),
+            k3_log_ratio_max=cfg.get("k3_log_ratio_max", 0.0), k3_score_max=cfg.get("k3_score_max", 0.0),
             weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)
