@@ -185,8 +185,11 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
             raise TrainingInterrupted(requested, step, latest_checkpoint(ckpt_dir), cfg.out_dir)
         # --- SFT warm-up
         if step < sft_end:
-            recs = dp.shard(stream.next_batch(cfg.sft_batch_size))
+            recs = stream.next_batch(cfg.sft_batch_size)
+            # the text-only rows are drawn over the global batch, then sharded with it (torchrun = one process)
             text_rows = sft_text_rows(cfg.seed, step, len(recs), cfg.sft_text_only_prob)
+            mine = dp.shard(list(range(len(recs))))
+            recs, text_rows = [recs[i] for i in mine], text_rows[mine]
             m = sft_step(model, optimizer, processor, recs, cfg, device, dp, fused_lm_head, text_rows)
             m = dp.merge_metrics(m, len(recs), 0.0)
             step += 1

@@ -47,6 +47,24 @@ def _paired(a: dict, b: dict) -> tuple[str, list]:
     return f"{statistics.mean(d):+.1f} +- {sd:.1f} ({w}/{t}/{len(d) - w - t}, n={len(d)})", d
 
 
+def param_shift(start: str, run: str) -> float | None:
+    """||theta_final - theta_warm-up|| over every parameter: how far RL moved the policy (the step size the clip and
+    the learning rate allow, summed over the run)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpts = sorted(glob.glob(os.path.join(run, "checkpoints", "step-*", "state.pt")))
+    if not ckpts or not os.path.exists(os.path.join(start, "model.safetensors")):
+        return None
+    a = load_file(os.path.join(start, "model.safetensors"))
+    b = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["model"]
+    b = {k.removeprefix("model.language_model.").removeprefix("model."): v for k, v in b.items()}
+    a = {k.removeprefix("model.language_model.").removeprefix("model."): v for k, v in a.items()}
+    if a.keys() != b.keys():
+        return None
+    return float(sum(((b[k].double() - a[k].double()) ** 2).sum() for k in a) ** 0.5)
+
+
 def collect(root: str, split: str) -> dict:
     units = {}
     for base in sorted(glob.glob(os.path.join(root, "f*-p*-s*"))):
@@ -82,6 +100,7 @@ def collect(root: str, split: str) -> dict:
                 r[k] = statistics.mean(xs) if xs else None
                 if k in ("pgpo/eff_token_ratio", "pgpo/top10_mass") and len(xs) >= 10:
                     r[k + "/first5"], r[k + "/last5"] = statistics.mean(xs[:5]), statistics.mean(xs[-5:])
+            r["param_shift"] = param_shift(os.path.join(base, "sft-model"), run)
             u["runs"][name] = r
         units[seed] = u
     return units
@@ -94,8 +113,9 @@ def tables(units: dict, dose_summary: str | None) -> tuple[str, dict]:
     sft_eval = [units[s]["sft"]["eval"] for s in seeds if units[s].get("sft", {}).get("eval") is not None]
     out.append(f"### Final test accuracy after RL ({len(seeds)} warm-up seeds: {seeds}; eval after the warm-up "
                f"{_ms(sft_eval)})\n")
-    out.append("| variant | seeds | final acc | final - SFT (points) | pre-clip grad norm | post-clip | clip frac |")
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("| variant | seeds | final acc | final - SFT (points) | pre-clip grad norm | post-clip | clip frac | "
+               "param shift |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for v in ORDER:
         if not acc[v]:
             continue
@@ -103,7 +123,8 @@ def tables(units: dict, dose_summary: str | None) -> tuple[str, dict]:
                 is not None]
         g = {k: [units[s]["runs"][v][k] for s in acc[v] if units[s]["runs"][v][k] is not None] for k in GRAD}
         out.append(f"| {v} | {len(acc[v])} | {_ms(list(acc[v].values()))} | "
-                   f"{statistics.mean(gain):+.1f} | {_ms(g[GRAD[0]])} | {_ms(g[GRAD[1]])} | {_ms(g[GRAD[2]])} |")
+                   f"{statistics.mean(gain):+.1f} | {_ms(g[GRAD[0]])} | {_ms(g[GRAD[1]])} | {_ms(g[GRAD[2]])} | "
+                   f"{_ms([units[s]['runs'][v]['param_shift'] for s in acc[v] if units[s]['runs'][v]['param_shift'] is not None])} |")
         res[v] = {"final": acc[v], "grad": {k: g[k] for k in GRAD}}
     out.append("\n### Paired differences (final test accuracy, points): mean +- sd (W/T/L, n)\n")
     out.append("| comparison | difference |")
