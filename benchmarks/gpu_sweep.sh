@@ -47,7 +47,7 @@ COMMON=(--vocab "$VOCAB" --dtype bf16 --device "$DEVICE" --warmup-ms 10 --rep-ms
 bench() {  # bench LIMIT_S NAME ARGS...: one op's sweep into /tmp/pgpo_sweep/NAME.json
   local limit=$1 name=$2; shift 2
   echo "== $name: pgpo-bench $*" | tee -a "$OUT/sweep.log"
-  timeout "$limit" "$PY" -m benchmarks.cli "$@" "${COMMON[@]}" --json "/tmp/pgpo_sweep/$name.json" \
+  timeout "$limit" "$PY" -m pgpo_bench.cli "$@" "${COMMON[@]}" --json "/tmp/pgpo_sweep/$name.json" \
     >>"$OUT/sweep.log" 2>&1 || echo "!! $name exited with $? (timeout 124)" | tee -a "$OUT/sweep.log"
 }
 bench 90 kl kl --tokens "$SWEEP"
@@ -56,11 +56,11 @@ bench 80 weights weights --tokens "$SWEEP" --seq-len "$SEQ_LEN"
 bench 90 stats stats --tokens "$SWEEP"
 bench 70 linear linear --tokens "$LINEAR_TOKENS" --hidden "$HIDDEN"
 # the policy update's loss head (fused_linear_logp, issue 16): fwd + bwd, peak extra memory (allocator) and time per
-# token, one process per provider; its own table (benchmarks/logp.py), not merged into the GB/s report; the last
+# token, one process per provider; its own table (pgpo_bench/logp.py), not merged into the GB/s report; the last
 # provider (the backward's previous tiles) checks the static tile choice and is the one a timeout would cut
 LOGP_TOKENS=${LOGP_TOKENS:-8192}
 echo "== logp: pgpo-bench logp --tokens $LOGP_TOKENS" | tee -a "$OUT/sweep.log"
-timeout 40 "$PY" -m benchmarks.cli logp --tokens "$LOGP_TOKENS" --vocab "$VOCAB" --hidden "$HIDDEN" --dtype bfloat16 \
+timeout 40 "$PY" -m pgpo_bench.cli logp --tokens "$LOGP_TOKENS" --vocab "$VOCAB" --hidden "$HIDDEN" --dtype bfloat16 \
   --device "$DEVICE" --providers ours_triton,logits,trl_chunked,liger,ours_triton_bwd64 --reps 3 --timeout 30 --json "$OUT/logp.json" \
   --md "$OUT/logp.md" >>"$OUT/sweep.log" 2>&1 || echo "!! logp exited with $? (timeout 124)" | tee -a "$OUT/sweep.log"
 
@@ -70,14 +70,14 @@ if [ "${NGPU:-0}" -ge 1 ]; then
   echo "== train_dist: 1 and $NGPU GPUs" | tee -a "$OUT/sweep.log"
   NPROC=1; EXTRA=--skip-unshard  # the unshard comparison needs 2 GPUs (2 nccl ranks)
   [ "$NGPU" -gt 1 ] && NPROC="1,$NGPU" && EXTRA=""
-  timeout 90 "$PY" -m benchmarks.train_dist --device cuda --nproc "$NPROC" --steps 3 --out "$OUT/train_dist" $EXTRA \
+  timeout 90 "$PY" -m pgpo_bench.train_dist --device cuda --nproc "$NPROC" --steps 3 --out "$OUT/train_dist" $EXTRA \
     --machine "device machine, $NGPU GPU(s)" >>"$OUT/sweep.log" 2>&1 || echo "!! train_dist exited with $?" | tee -a "$OUT/sweep.log"
 fi
 
 # -- 3. one merged report: JSON + plot + markdown table, named by device ------------------------------------------
-SLUG=$("$PY" -c "import torch; from benchmarks.roofline import device_info, device_slug; \
+SLUG=$("$PY" -c "import torch; from pgpo_bench.roofline import device_info, device_slug; \
 print(device_slug(device_info(torch.device('$DEVICE'))))")
-"$PY" -m benchmarks.report /tmp/pgpo_sweep/*.json --merge "$OUT/$SLUG.json" --plot "$OUT/$SLUG.png" \
+"$PY" -m pgpo_bench.report /tmp/pgpo_sweep/*.json --merge "$OUT/$SLUG.json" --plot "$OUT/$SLUG.png" \
   --markdown "$OUT/$SLUG.md" >/dev/null 2>>"$OUT/sweep.log"
 grep -h "^- target\|^- targets" "$OUT/$SLUG.md"
 grep -h "^!!" "$OUT/sweep.log"

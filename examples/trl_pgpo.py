@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 
-from pgpo_train.data import build_prompt
-from pgpo_train.data import decode_image
-from pgpo_train.data import load_split
-from pgpo_train.data import tiny_dataset_path
+from pgpo_train.data.loading import build_prompt
+from pgpo_train.data.loading import decode_image
+from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.data.rewards import compute_score
 from pgpo_train.integrations import PGPOConfig
 from pgpo_train.integrations import PGPOGRPOTrainer
-from pgpo_train.rewards import compute_score
 
 
 def parse_args(argv=None):
@@ -61,12 +61,14 @@ def parse_args(argv=None):
 def load_policy(path: str | None):
     """(model, processor): a checkpoint, or the tiny embedded Qwen2.5-VL built in memory."""
     if path is None:
-        from pgpo_train.tiny import build_tiny
+        from pgpo_train.models.tiny import build_tiny
 
         return build_tiny(seed=0)
     from transformers import AutoModelForImageTextToText
 
-    from pgpo_train.tiny import load_processor  # AutoProcessor, or its parts where the video processor cannot load
+    from pgpo_train.models.processor import (
+        load_processor,  # AutoProcessor, or its parts where the video processor cannot load
+    )
 
     return AutoModelForImageTextToText.from_pretrained(path, dtype="auto"), load_processor(path)
 
@@ -93,10 +95,10 @@ def warm_up(model, processor, steps: int, seed: int = 0) -> None:
         return
     import torch
 
-    from pgpo_train.config import TrainConfig
-    from pgpo_train.policy import make_optimizer
-    from pgpo_train.tiny import make_count_records
-    from pgpo_train.update import sft_step
+    from pgpo_train.data.tasks import make_count_records
+    from pgpo_train.models.policy import make_optimizer
+    from pgpo_train.run.config import TrainConfig
+    from pgpo_train.step.update import sft_step
 
     cfg = TrainConfig(sft_lr=2e-3)
     optimizer = make_optimizer(model, cfg.sft_lr, 0.0)

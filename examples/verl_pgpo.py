@@ -20,14 +20,14 @@ from dataclasses import field
 import numpy as np
 import torch
 
-from pgpo_train import model_family
-from pgpo_train.batching import response_mask_from
-from pgpo_train.core_algos import compute_grpo_outcome_advantage
-from pgpo_train.data import build_prompt
+from pgpo_train.data.loading import build_prompt
+from pgpo_train.data.rewards import compute_score
+from pgpo_train.data.tasks import make_count_records
 from pgpo_train.integrations import pgpo_reshape_advantages_
 from pgpo_train.integrations import pgpo_text_only_batch
-from pgpo_train.rewards import compute_score
-from pgpo_train.tiny import make_count_records
+from pgpo_train.models import model_family
+from pgpo_train.rl.core_algos import compute_grpo_outcome_advantage
+from pgpo_train.step.batching import response_mask_from
 
 
 def parse_args(argv=None):
@@ -61,12 +61,14 @@ def make_dataproto(tensors: dict, non_tensors: dict):
 
 def load_policy(path: str | None):
     if path is None:
-        from pgpo_train.tiny import build_tiny
+        from pgpo_train.models.tiny import build_tiny
 
         return build_tiny(seed=0)
     from transformers import AutoModelForImageTextToText
 
-    from pgpo_train.tiny import load_processor  # AutoProcessor, or its parts where the video processor cannot load
+    from pgpo_train.models.processor import (
+        load_processor,  # AutoProcessor, or its parts where the video processor cannot load
+    )
 
     return AutoModelForImageTextToText.from_pretrained(path, dtype="auto"), load_processor(path)
 

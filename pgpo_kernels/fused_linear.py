@@ -17,7 +17,7 @@ Both passes share each W tile, loaded once for one dot of twice the rows; the la
 passes into one contiguous [2 BLOCK_N, H] slab (stack_row_blocks) so the A tile streams like any matmul operand.
 Memory: one stacked copy of the hidden states [2 N, H] (per launch chunk) + [N, C, 7] + [N, 2] fp32, nothing V-sized. Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row
 blocks fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2
-while the chunks advance, and each W tile is fetched from HBM about once per group (csrc_notes/fused_ops.md has the
+while the chunks advance, and each W tile is fetched from HBM about once per group (docs/design/fused_ops.md has the
 numbers, and the static comparison with the chunked cuBLAS matmul + token_stats alternative).
 
 Non-finite values follow token_stats: a NaN or +inf logit (from NaN/inf hidden states or weights) makes that row's
@@ -57,7 +57,7 @@ from pgpo_kernels.utils import interpreter_enabled
 from pgpo_kernels.utils import resolve_backend
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# our choice: tile sizes for sm_80 / sm_90, picked by the compiled code (csrc_notes/fused_ops.md: registers, spills,
+# our choice: tile sizes for sm_80 / sm_90, picked by the compiled code (docs/design/fused_ops.md: registers, spills,
 # MMA shape); not timed on hardware yet. BLOCK_N rows of each pass stack into a 2 BLOCK_N-row A tile.
 # CHUNK_TILES: vocab tiles per chunk (one program's sweep); GROUP_N: row blocks scheduled side by side (L2 reuse)
 GPU_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "CHUNK_TILES": 16,

@@ -15,7 +15,7 @@ Backward, grid = (row block) x (vocab tile), from the saved [N] lse and entropy,
     p = e^(x - lse),  d = (g_logp (onehot - p) - g_ent p (x - lse + H)) / T            [BLOCK_N, BLOCK_V] on chip
     grad_h[rows] += d @ W[cols],  grad_W[cols] += d^T @ h[rows],  grad_b[cols] += sum_rows d     fp32 atomics
 
-Why atomics (csrc_notes/fused_ops.md, "fused_linear_logp"): the alternative split reductions need either a [BLOCK_N, H]
+Why atomics (docs/design/fused_ops.md, "fused_linear_logp"): the alternative split reductions need either a [BLOCK_N, H]
 accumulator per program (H = 3584: 900 KB, no register file holds it, so the logits would be recomputed H / BLOCK_H
 times) or a [N, V_chunk] buffer of d per vocab chunk handed to cuBLAS (memory that grows with N x V_chunk). Atomics keep
 each logit tile computed once and memory at the fp32 grads ([N, H] + [V, H]), at the price of non-deterministic

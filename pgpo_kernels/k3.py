@@ -5,7 +5,7 @@ PGPO's appendix (arXiv 2604.01840) estimates S_t = KL(pi_vis || pi_txt) from the
     r = pi_txt(x_t) / pi_vis(x_t),   S_t ~= (r - 1) - log r          (Schulman's "k3": unbiased, >= 0)
 
 It needs two log-probs per token instead of a sum over the vocabulary, but it is a single-sample estimate: its
-spread around the exact KL is large (see csrc_notes/fused_ops.md for measured numbers). The exact full-vocab KL costs
+spread around the exact KL is large (see docs/design/fused_ops.md for measured numbers). The exact full-vocab KL costs
 the same pass over the logits when log pi(x_t) is computed anyway (token_stats), so "full" is our default.
 
 Elementwise on [N] values: plain torch, no kernel (a launch would cost more than the arithmetic).

@@ -12,7 +12,7 @@ old terms are rescaled and shifted:
 Each thread keeps these five stats for the [R, VEC] tile rows it loads (16 bytes per input per tile, no cross-thread
 work in the loop); the block merges them once at the end with the same rule. Exps run in base 2; differences are
 taken in half units (x / 2 - m / 2, never overflows) and t in units of 2^-24 nats, so huge finite logits give the
-true KL. Bytes per row: V * (2 * itemsize) read, 4 written. csrc_notes/kernels.md section 1a has the loop's static
+true KL. Bytes per row: V * (2 * itemsize) read, 4 written. docs/design/kernels.md section 1a has the loop's static
 SASS figures and the non-finite rules (NaN or +inf in a row -> NaN).
 
 Two launch shapes: one program per row (many rows), or a split over vocab chunks (few rows, kl_split_chunks: enough

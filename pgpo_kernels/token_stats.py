@@ -13,7 +13,7 @@ rescaling with alpha = 2^(sh S), sh = (m - M) U, and shifting (u by s_a sh_a, t 
     KL = (t / s_a) / (T U) + ln2 (log2 s_b - log2 s_a),   H = ln2 log2 s_a - (u / s_a) / (T U),
     log pi_vis(x) = (a_x U - m_a U) / (T U) - ln2 log2 s_a
 
-Loop structure (csrc_notes/fused_ops.md has the compiled instruction counts): each program streams one row (or one
+Loop structure (docs/design/fused_ops.md has the compiled instruction counts): each program streams one row (or one
 vocab chunk of it) as [threads, EPT] tiles, so every thread folds the EPT contiguous columns it loaded (one 16-byte
 load per tensor) into its *own* running stats; nothing crosses threads inside the vocab loop, which is software
 pipelined (tl.range num_stages). After the loop the threads' stats merge once. With one chunk per row the program

@@ -1,4 +1,4 @@
-"""pgpo_train: a lean PGPO training loop on transformers' VLMs (README "Architecture" for the module map).
+"""pgpo_train: a lean PGPO training loop on transformers' VLMs (README "Architecture" for the package map).
 
     train(TrainConfig(...))                      the loop (pgpo-train / python -m pgpo_train)
     build_tiny(), save_tiny_checkpoint(path)     the embedded tiny Qwen2.5-VL + processor
@@ -12,23 +12,21 @@ Names resolve lazily, so `import pgpo_train` stays cheap.
 import importlib
 
 _EXPORTS = {
-    "TrainConfig": "pgpo_train.config",
-    "PGPOWeightsConfig": "pgpo_train.config",
-    "train": "pgpo_train.train",
-    "build_tiny": "pgpo_train.tiny",
-    "build_processor": "pgpo_train.tiny",
-    "load_processor": "pgpo_train.processor",
-    "save_tiny_checkpoint": "pgpo_train.tiny",
-    "make_count_records": "pgpo_train.tiny",
-    "save_count_dataset": "pgpo_train.tiny",
-    "position_ids": "pgpo_train.model_family",
-    "text_only_inputs": "pgpo_train.model_family",
-    "visual_inputs": "pgpo_train.model_family",
-    "mrope_position_ids": "pgpo_train.text_only",  # deprecated (warns): model_family.position_ids
-    "compute_score": "pgpo_train.rewards",
+    "TrainConfig": "pgpo_train.run.config",
+    "PGPOWeightsConfig": "pgpo_train.run.config",
+    "train": "pgpo_train.recipe.train",
+    "build_tiny": "pgpo_train.models.tiny",
+    "build_processor": "pgpo_train.models.tiny",
+    "load_processor": "pgpo_train.models.processor",
+    "save_tiny_checkpoint": "pgpo_train.models.tiny",
+    "make_count_records": "pgpo_train.data.tasks",
+    "save_count_dataset": "pgpo_train.data.tasks",
+    "position_ids": "pgpo_train.models.model_family",
+    "text_only_inputs": "pgpo_train.models.model_family",
+    "visual_inputs": "pgpo_train.models.model_family",
+    "compute_score": "pgpo_train.data.rewards",
 }
 __all__ = list(_EXPORTS)
-_EXPORTS["PGPOConfig"] = "pgpo_train.config"  # deprecated (warns): PGPOWeightsConfig; not in __all__
 
 
 def __getattr__(name):

@@ -49,14 +49,14 @@ def resume_command(argv: list[str], out_dir: str) -> str:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from pgpo_train.config import add_train_args
+    from pgpo_train.run.config import add_train_args
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Defaults in every option's help; the description's lines kept as written."""
 
     p = _OneLineParser(
         prog="pgpo-train",
-        description="Train a VLM policy (any pgpo_train.model_family family) with PGPO / DAPO / GRPO (no arguments: the\n"
+        description="Train a VLM policy (any pgpo_train.models.model_family family) with PGPO / DAPO / GRPO (no arguments: the\n"
         "embedded tiny Qwen2.5-VL on the "
         "generated grid-count task, a few minutes on CPU).\n\nsubcommands:\n" + SUBCOMMANDS,
         formatter_class=Formatter,
@@ -94,7 +94,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plot":
-        from pgpo_train.plot import plot_runs
+        from pgpo_train.run.plot import plot_runs
 
         a = _plot_parser().parse_args(argv[1:])
         import os
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgpo-train: wrote {out}")
         return 0
     if argv and argv[0] == "inspect":
-        from pgpo_train.inspect_run import inspect_main
+        from pgpo_train.recipe.inspect_run import inspect_main
 
         a = _inspect_parser().parse_args(argv[1:])
         out = inspect_main(a)
@@ -116,18 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "train":
         argv = argv[1:]
-    from pgpo_train.config import config_from_args
-    from pgpo_train.nonfinite import NonFiniteError
-    from pgpo_train.signals import TrainingInterrupted
-    from pgpo_train.train import train
+    from pgpo_train.recipe.train import train
+    from pgpo_train.rl.nonfinite import NonFiniteError
+    from pgpo_train.run.config import config_from_args
+    from pgpo_train.run.signals import TrainingInterrupted
 
     ns = _train_parser().parse_args(argv)
     cfg = config_from_args(ns)
     if cfg.resume and not any(x == "--out-dir" or x.startswith("--out-dir=") for x in argv):
         print(f"pgpo-train: resuming {cfg.out_dir}")
     t0 = time.perf_counter()
-    from pgpo_train.distributed import is_writer_env
-    from pgpo_train.distributed import teardown
+    from pgpo_train.run.distributed import is_writer_env
+    from pgpo_train.run.distributed import teardown
 
     say = is_writer_env()  # torchrun: rank 0 prints, every rank returns the same code
     try:

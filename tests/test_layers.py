@@ -6,20 +6,19 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# bottom to top; a module may import its own layer and the ones below. Unlisted pgpo_train modules fail the test,
-# so a new module has to say where it belongs.
+# bottom to top, by package; a module may import its own layer and the ones below.
 LAYERS = [
     ["pgpo_kernels"],
-    ["pgpo_train.validate", "pgpo_train.config", "pgpo_train.signals", "pgpo_train.nonfinite", "pgpo_train.rundir",
-     "pgpo_train.checkpoint", "pgpo_train.distributed", "pgpo_train.dist_checkpoint", "pgpo_train.timing",
-     "pgpo_train.rewards", "pgpo_train.plot", "pgpo_train.synthetic", "pgpo_train.tasks"],
-    ["pgpo_train.model_family", "pgpo_train.lm_head", "pgpo_train.weight_variants", "pgpo_train.core_algos", "pgpo_train.processor",
-     "pgpo_train.tiny", "pgpo_train.tiny_families", "pgpo_train.data", "pgpo_train.text_only"],
-    ["pgpo_train.policy", "pgpo_train.batching", "pgpo_train.refill", "pgpo_train.sampling", "pgpo_train.scoring",
-     "pgpo_train.update", "pgpo_train.run_log", "pgpo_train.integrations"],
-    ["pgpo_train.train", "pgpo_train.inspect_run"],
+    ["pgpo_train.data"],  # datasets, embedded tasks, rewards
+    ["pgpo_train.run"],  # config, checks, checkpoints, torchrun/FSDP2, run dir, logging
+    ["pgpo_train.rl"],  # the RL math
+    ["pgpo_train.models"],  # VLM families, lm head, processors, policy, tiny models
+    ["pgpo_train.step", "pgpo_train.integrations"],  # the step phases; the trainers' adapters
+    ["pgpo_train.recipe"],  # the loop
     ["pgpo_train.cli", "pgpo_train.__main__", "pgpo_train"],
 ]
+# the only modules allowed directly under pgpo_train/: everything else lives in a layer's package
+TOP_LEVEL = {"pgpo_train", "pgpo_train.cli", "pgpo_train.__main__"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -79,37 +78,15 @@ def test_lower_layers_never_import_upper_ones():
     graph = _imports(_modules())
     bad = [f"{m} -> {d}" for m, deps in graph.items() for d in deps if _layer(d) > _layer(m)]
     assert not bad, bad
-    # the recipe is imported by nothing but the CLI and the package's lazy `pgpo_train.train` export
-    users = sorted(m for m, deps in graph.items() if "pgpo_train.train" in deps)
+    # the recipe is imported by nothing but the CLI and the package's lazy `pgpo_train.recipe.train` export
+    users = sorted(m for m, deps in graph.items() if "pgpo_train.recipe.train" in deps)
     assert users == ["pgpo_train.cli"], users
 
 
-def test_old_import_paths_resolve_for_one_release_with_a_warning():
-    """pgpo_train.train's old helpers, config.PGPOConfig and pgpo_train.PGPOConfig still resolve, each warning with
-    its new home; the TRL config is the only PGPOConfig that does not warn."""
-    import warnings
-
-    import pytest
-
-    import pgpo_train
-    from pgpo_train import batching
-    from pgpo_train import config
-    from pgpo_train import model_family
-    from pgpo_train import scoring
-    from pgpo_train import train
-
-    for old, new, where in ((lambda: train.build_sequences, batching.build_sequences, "batching"),
-                            (lambda: train.pgpo_weights, scoring.token_weights, "scoring.token_weights"),
-                            (lambda: train.check_vlm, model_family.check_processor, "check_processor"),
-                            (lambda: config.PGPOConfig, config.PGPOWeightsConfig, "PGPOWeightsConfig"),
-                            (lambda: pgpo_train.PGPOConfig, config.PGPOWeightsConfig, "PGPOWeightsConfig")):
-        with pytest.warns(DeprecationWarning, match=where):
-            assert old() is new
-    with pytest.raises(AttributeError):
-        _ = train.no_such_helper
-    trl = pytest.importorskip("trl")
-    from pgpo_train.integrations import PGPOConfig
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        assert issubclass(PGPOConfig, trl.GRPOConfig)
+def test_every_module_sits_in_a_layer_package():
+    mods = _modules()
+    flat = sorted(m for m in mods if m.startswith("pgpo_train") and m.count(".") == 1 and m not in TOP_LEVEL
+                  and not (ROOT / m.replace(".", "/")).is_dir())
+    assert not flat, f"modules directly under pgpo_train/ (put them in a layer package): {flat}"
+    for m in mods:
+        _layer(m)  # raises for a module in no layer

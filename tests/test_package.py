@@ -19,8 +19,8 @@ def test_kernels_import_pulls_no_training_stack():
 
 
 def test_wheel_ships_no_results_and_no_generic_top_level_name(tmp_path):
-    """The wheel (built from a copy of the sources, offline) holds pgpo_kernels, pgpo_train and pgpo_bench (the
-    benchmarks/ folder under its own name), no benchmarks/results scripts, and pgpo-bench runs from it alone."""
+    """The wheel (built from a copy of the sources, offline) holds pgpo_kernels, pgpo_train and pgpo_bench, no
+    benchmarks/results scripts (copied in, they must stay out), and pgpo-bench runs from it alone."""
     import shutil
     import zipfile
     from pathlib import Path
@@ -31,7 +31,7 @@ def test_wheel_ships_no_results_and_no_generic_top_level_name(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("pgpo_kernels", "pgpo_train", "benchmarks"):
+    for name in ("pgpo_kernels", "pgpo_train", "pgpo_bench", "benchmarks"):
         shutil.copytree(root / name, src / name, ignore=ignore)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                             "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)

@@ -89,8 +89,8 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
                          f"silently); known: {list(VERL_PGPO_KEYS)}")
     opts = verl_options_with_preset(opts)  # ValueError naming algorithm.pgpo.preset when unknown
     check_reshape_params(opts.get("tau", 0.4), opts.get("beta", 2.0), opts.get("eps", 1e-6))
-    from pgpo_train.core_algos import check_k3_clamps
-    from pgpo_train.weight_variants import check_variant_args
+    from pgpo_train.rl.core_algos import check_k3_clamps
+    from pgpo_train.rl.weight_variants import check_variant_args
 
     check_k3_clamps(opts.get("k3_log_ratio_max", 0.0), opts.get("k3_score_max", 0.0))
     check_variant_args(opts.get("control", "none"), opts.get("tau_mode", "absolute"), opts.get("floor", 0.0))
@@ -111,9 +111,9 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
 
 
 def verl_options_with_preset(opts) -> dict:
-    """`algorithm.pgpo` as a dict with its `preset`'s values (pgpo_train.config.PRESETS) in the keys not given;
+    """`algorithm.pgpo` as a dict with its `preset`'s values (pgpo_train.run.config.PRESETS) in the keys not given;
     verl's estimator is k3 always (old_log_probs against the text-only pass), so a preset's estimator is dropped."""
-    from pgpo_train.config import PRESETS
+    from pgpo_train.run.config import PRESETS
 
     opts = dict(opts)
     preset = opts.get("preset", "none")
@@ -216,7 +216,7 @@ def check_no_tool_images(model, completion_ids, completion_mask, tool_mask) -> N
     the prompt's image only and numbers completions as text, so such a batch is refused, naming the option."""
     import torch
 
-    from pgpo_train import model_family
+    from pgpo_train.models import model_family
 
     ids = torch.tensor(model_family.placeholder_ids(model), device=completion_ids.device)
     from_tools = completion_mask.bool() & ~tool_mask.bool()  # TRL's tool_mask is 0 on tool-response tokens

@@ -2,7 +2,7 @@
 
 TRL 1.16 never builds the logits of its own passes (its fused LM head returns log-probs), so PGPO's two extra
 passes should not either: both stop at the last hidden states and `fused_linear_token_kl` applies the lm_head tile by
-tile. Used where the model's logits are plain `lm_head(hidden)` (pgpo_train.lm_head's rules, TRL's own fused-head
+tile. Used where the model's logits are plain `lm_head(hidden)` (pgpo_train.models.lm_head's rules, TRL's own fused-head
 patch allowed); elsewhere the adapter keeps the logits path.
 """
 
@@ -13,10 +13,10 @@ import os
 import torch
 
 from pgpo_kernels import fused_linear_token_kl
-from pgpo_train import model_family
-from pgpo_train.lm_head import fused_lm_head_problem
-from pgpo_train.lm_head import lm_head_params
-from pgpo_train.lm_head import response_hidden
+from pgpo_train.models import model_family
+from pgpo_train.models.lm_head import fused_lm_head_problem
+from pgpo_train.models.lm_head import lm_head_params
+from pgpo_train.models.lm_head import response_hidden
 
 
 def is_trl_fused_head(model) -> bool:

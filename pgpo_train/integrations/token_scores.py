@@ -3,7 +3,7 @@
 Trainers hold different things after their two passes: TRL can give logits (the exact KL, "full"), verl's and
 EasyR1's workers give the sampled tokens' log-probs (the paper's appendix estimator, "k3"), and a custom worker may
 already have per-token scores. All three end in the project's one scores -> weights path,
-`pgpo_train.core_algos.pgpo_weights` (SPEC section 2); `k3_scores` and `weight_metrics` live in core_algos too and
+`pgpo_train.rl.core_algos.pgpo_weights` (SPEC section 2); `k3_scores` and `weight_metrics` live in core_algos too and
 are re-exported here.
 """
 
@@ -19,12 +19,12 @@ from pgpo_kernels.utils import check_logits_pair
 from pgpo_kernels.utils import check_mask
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
-from pgpo_train.core_algos import k3_scores
-from pgpo_train.core_algos import pgpo_weights
-from pgpo_train.core_algos import weight_metrics
-from pgpo_train.core_algos import weight_options
-from pgpo_train.weight_variants import check_variant_args
-from pgpo_train.weight_variants import is_default
+from pgpo_train.rl.core_algos import k3_scores
+from pgpo_train.rl.core_algos import pgpo_weights
+from pgpo_train.rl.core_algos import weight_metrics
+from pgpo_train.rl.core_algos import weight_options
+from pgpo_train.rl.weight_variants import check_variant_args
+from pgpo_train.rl.weight_variants import is_default
 
 __all__ = ["ESTIMATORS", "apply_variants", "check_estimator", "k3_scores", "pgpo_weights_from_passes",
            "weight_metrics"]
@@ -61,7 +61,7 @@ def pgpo_weights_from_passes(
         k3_log_ratio_max, k3_score_max: the k3 clamps (log-prob source only; 0 = off, the paper's):
             `core_algos.k3_scores`' log_ratio_max and score_max (pgpo-train's --pgpo.k3-*; the dev-easyr1 preset's
             20 and 10).
-        options: `pgpo_train.core_algos.pgpo_weights`' keyword options (tau, beta, eps, renormalize, min_spread,
+        options: `pgpo_train.rl.core_algos.pgpo_weights`' keyword options (tau, beta, eps, renormalize, min_spread,
             backend, and the issue-17 control, tau_mode, floor, generator), with its defaults (the paper's).
 
     Returns:

@@ -7,7 +7,7 @@ pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compu
 they are. `use_liger_kernel=True` is allowed where TRL only applies Liger's layer kernels (TRL 1.16) and refused
 where it swaps in Liger's GRPO loss, which takes [B] advantages only (`liger_problem`).
 
-Every family of `pgpo_train.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
+Every family of `pgpo_train.models.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
 Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused before a model is loaded.
 """
 
@@ -32,21 +32,21 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 from pgpo_kernels.utils import BACKENDS
 from pgpo_kernels.utils import check_reshape_params
 from pgpo_kernels.utils import check_temperature
-from pgpo_train import model_family
-from pgpo_train.config import PRESETS
-from pgpo_train.config import check_values_preset
-from pgpo_train.core_algos import WEIGHT_METRIC_MAX
-from pgpo_train.core_algos import WEIGHT_METRIC_MIN
-from pgpo_train.core_algos import check_k3_clamps
-from pgpo_train.core_algos import weight_metrics
 from pgpo_train.integrations import checks
 from pgpo_train.integrations import fused_passes
 from pgpo_train.integrations.token_scores import ESTIMATORS
 from pgpo_train.integrations.token_scores import apply_variants
 from pgpo_train.integrations.token_scores import check_estimator
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
-from pgpo_train.weight_variants import check_variant_args
-from pgpo_train.weight_variants import control_generator
+from pgpo_train.models import model_family
+from pgpo_train.rl.core_algos import WEIGHT_METRIC_MAX
+from pgpo_train.rl.core_algos import WEIGHT_METRIC_MIN
+from pgpo_train.rl.core_algos import check_k3_clamps
+from pgpo_train.rl.core_algos import weight_metrics
+from pgpo_train.rl.weight_variants import check_variant_args
+from pgpo_train.rl.weight_variants import control_generator
+from pgpo_train.run.config import PRESETS
+from pgpo_train.run.config import check_values_preset
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class PGPOConfig(GRPOConfig):
     pgpo_k3_score_max: float = field(default=0.0, metadata={"help": "k3 only: the score clamped to [0, x]; 0 = off "
                                      "(the paper's). dev-easyr1: 10."})
     pgpo_preset: str = field(default="none", metadata={"help": "none or dev-easyr1: the authors' development "
-                             "variant, second-hand (pgpo_train.config.PRESETS); fills the pgpo_* options still at "
+                             "variant, second-hand (pgpo_train.run.config.PRESETS); fills the pgpo_* options still at "
                              "their defaults."})
     pgpo_chunk_size: int | None = field(
         default=None,
@@ -133,7 +133,7 @@ class PGPOConfig(GRPOConfig):
 
 
 def apply_pgpo_preset(args) -> None:
-    """pgpo_preset's values (pgpo_train.config.PRESETS, as pgpo_<option>) into the options still at their defaults."""
+    """pgpo_preset's values (pgpo_train.run.config.PRESETS, as pgpo_<option>) into the options still at their defaults."""
     check_values_preset(args.pgpo_preset)
     defaults = {f.name: f.default for f in dataclasses.fields(PGPOConfig)}
     for k, v in PRESETS[args.pgpo_preset].items():

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgpo_train import model_family
-from pgpo_train.core_algos import weight_metrics
-from pgpo_train.core_algos import weight_options
 from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
+from pgpo_train.models import model_family
+from pgpo_train.rl.core_algos import weight_metrics
+from pgpo_train.rl.core_algos import weight_options
 
 TEXT_LOGP_KEY = "pgpo_text_log_probs"  # where the recipe stores the text-only pass's log-probs
 WEIGHTS_KEY = "pgpo_weights"
@@ -77,7 +77,7 @@ def pgpo_reshape_advantages_(
         temperature: only for the logits source.
         options: the PGPO reshape's keyword options, as `core_algos.pgpo_weights` takes them (tau, beta, eps,
             renormalize, min_spread, backend; issue 17's control, tau_mode, floor, and generator for the "shuffled"
-            control's permutations, e.g. `pgpo_train.weight_variants.control_generator(seed, step)`).
+            control's permutations, e.g. `pgpo_train.rl.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
         k3_log_ratio_max, k3_score_max: the k3 clamps (log-prob source only; 0 = off): core_algos.k3_scores'.
@@ -134,7 +134,7 @@ def pgpo_text_only_batch(
     Args:
         data: a verl DataProto with `input_ids` [B, L], `attention_mask` [B, L] and `position_ids`.
         visual_token_ids: the image (and video) placeholder ids (e.g. Qwen2.5-VL's `<|image_pad|>` 151655), or the
-            HF model / config, whose family's text-only mask is used (`pgpo_train.model_family.text_only_mask`:
+            HF model / config, whose family's text-only mask is used (`pgpo_train.models.model_family.text_only_mask`:
             the placeholders; for Idefics3 / SmolVLM each image's whole span, grid tags included).
         multimodal_keys: non-tensor keys whose per-sample dicts are replaced by {} (verl's own text-only form).
 
@@ -196,7 +196,7 @@ class PGPOVerlTrainerMixin:
     +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `control` / `tau_mode` / `floor`
     (issue 17's variants and controls; `seed` seeds the shuffled control, default data.seed), `k3_log_ratio_max` /
     `k3_score_max` (the k3 clamps, 0 = off), `preset` (dev-easyr1: the authors' development variant, second-hand,
-    pgpo_train.config.PRESETS; fills the keys not given), `visual_token_ids`
+    pgpo_train.run.config.PRESETS; fills the keys not given), `visual_token_ids`
     (default: the placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the
     tokenizer's `<|image_pad|>` and `<|video_pad|>`).
     """
@@ -242,7 +242,7 @@ class PGPOVerlTrainerMixin:
         """The shuffled control's generator: a function of (trainer.seed, verl's global step), so resumable."""
         if cfg.get("control", "none") != "shuffled":
             return None
-        from pgpo_train.weight_variants import control_generator
+        from pgpo_train.rl.weight_variants import control_generator
 
         seed = cfg.get("seed", None)
         if seed is None:

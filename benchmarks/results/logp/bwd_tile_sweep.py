@@ -31,7 +31,7 @@ def sweep_configs():
 
 def compile_one(cfg: dict, arch: str) -> dict:
     import pgpo_kernels.fused_logp as fl
-    from benchmarks import sass
+    from pgpo_bench import sass
 
     fl.BWD_BLOCKS = dict(cfg)  # read at launch-config time by logp_launch_configs
     buf = io.StringIO()

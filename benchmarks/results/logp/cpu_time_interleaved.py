@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from benchmarks.logp import _inputs
-from benchmarks.logp import _step
-from benchmarks.logp import make_provider
+from pgpo_bench.logp import _inputs
+from pgpo_bench.logp import _step
+from pgpo_bench.logp import make_provider
 
 
 def main() -> None:

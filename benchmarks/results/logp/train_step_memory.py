@@ -26,11 +26,11 @@ V = 152064
 
 
 def build_checkpoint(path: str) -> str:
-    from pgpo_train.tiny import build_image_processor
-    from pgpo_train.tiny import build_tiny_model
-    from pgpo_train.tiny import build_tokenizer
-    from pgpo_train.tiny import make_processor
-    from pgpo_train.tiny import save_tiny_checkpoint
+    from pgpo_train.models.processor import make_processor
+    from pgpo_train.models.tiny import build_image_processor
+    from pgpo_train.models.tiny import build_tiny_model
+    from pgpo_train.models.tiny import build_tokenizer
+    from pgpo_train.models.tiny import save_tiny_checkpoint
 
     if os.path.exists(os.path.join(path, "config.json")):
         return path
@@ -77,7 +77,7 @@ def main() -> int:
     a = p.parse_args()
     os.makedirs(a.work, exist_ok=True)
     ckpt = build_checkpoint(os.path.join(a.work, "tiny-v152064"))
-    from pgpo_train.tiny import save_count_dataset
+    from pgpo_train.data.tasks import save_count_dataset
 
     data = save_count_dataset(os.path.join(a.work, "count"), n_train=16, n_test=4, seed=0)
     rows = []

@@ -12,8 +12,8 @@ import shutil
 import statistics
 import sys
 
-from pgpo_train.plot import plot_runs
-from pgpo_train.plot import read_metrics
+from pgpo_train.run.plot import plot_runs
+from pgpo_train.run.plot import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

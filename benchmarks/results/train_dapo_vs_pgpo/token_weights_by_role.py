@@ -11,14 +11,14 @@ import sys
 
 import torch
 
-from pgpo_train.checkpoint import latest_checkpoint
-from pgpo_train.config import config_from_dict
-from pgpo_train.data import RecordStream
-from pgpo_train.data import Sampler
-from pgpo_train.data import load_split
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.inspect_run import token_dependency
-from pgpo_train.policy import load_policy
+from pgpo_train.data.loading import RecordStream
+from pgpo_train.data.loading import Sampler
+from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.models.policy import load_policy
+from pgpo_train.recipe.inspect_run import token_dependency
+from pgpo_train.run.checkpoint import latest_checkpoint
+from pgpo_train.run.config import config_from_dict
 
 
 def main(run_dir: str, n: int = 64) -> dict:

@@ -22,12 +22,12 @@ import time
 
 import torch
 
-from pgpo_train.config import PGPOWeightsConfig
-from pgpo_train.config import TrainConfig
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.tasks import grid_reason_max_tokens
-from pgpo_train.tiny import save_tiny_checkpoint
-from pgpo_train.train import train
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.data.tasks import grid_reason_max_tokens
+from pgpo_train.models.tiny import save_tiny_checkpoint
+from pgpo_train.recipe.train import train
+from pgpo_train.run.config import PGPOWeightsConfig
+from pgpo_train.run.config import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "train_reason_dose"))

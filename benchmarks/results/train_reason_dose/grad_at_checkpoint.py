@@ -24,21 +24,21 @@ import sys
 
 import torch
 
-from pgpo_train import core_algos
-from pgpo_train.batching import select_rows
-from pgpo_train.config import PGPOWeightsConfig
-from pgpo_train.config import TrainConfig
-from pgpo_train.data import RecordStream
-from pgpo_train.data import Sampler
-from pgpo_train.data import load_split
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.policy import load_policy
-from pgpo_train.policy import seed_everything
-from pgpo_train.sampling import rollout
-from pgpo_train.scoring import old_logp_and_scores
-from pgpo_train.scoring import token_weights
-from pgpo_train.tasks import FILLER_WORDS
-from pgpo_train.tasks import grid_reason_max_tokens
+from pgpo_train.data.loading import RecordStream
+from pgpo_train.data.loading import Sampler
+from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.data.tasks import FILLER_WORDS
+from pgpo_train.data.tasks import grid_reason_max_tokens
+from pgpo_train.models.policy import load_policy
+from pgpo_train.models.policy import seed_everything
+from pgpo_train.rl import core_algos
+from pgpo_train.run.config import PGPOWeightsConfig
+from pgpo_train.run.config import TrainConfig
+from pgpo_train.step.batching import select_rows
+from pgpo_train.step.sampling import rollout
+from pgpo_train.step.scoring import old_logp_and_scores
+from pgpo_train.step.scoring import token_weights
 
 _GV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train_task_ablation", "grad_variance.py")
 _spec = importlib.util.spec_from_file_location("ablation_grad_variance", _GV)

@@ -14,19 +14,19 @@ import sys
 
 import torch
 
-from pgpo_train import core_algos
-from pgpo_train.config import PGPOConfig
-from pgpo_train.config import TrainConfig
-from pgpo_train.data import RecordStream
-from pgpo_train.data import Sampler
-from pgpo_train.data import load_split
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.tasks import grid_reason_max_tokens
-from pgpo_train.train import load_policy
-from pgpo_train.train import old_logp_and_scores
-from pgpo_train.train import pgpo_weights
-from pgpo_train.train import rollout
-from pgpo_train.train import seed_everything
+from pgpo_train.data.loading import RecordStream
+from pgpo_train.data.loading import Sampler
+from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.data.tasks import grid_reason_max_tokens
+from pgpo_train.recipe.train import load_policy
+from pgpo_train.recipe.train import old_logp_and_scores
+from pgpo_train.recipe.train import pgpo_weights
+from pgpo_train.recipe.train import rollout
+from pgpo_train.recipe.train import seed_everything
+from pgpo_train.rl import core_algos
+from pgpo_train.run.config import PGPOWeightsConfig
+from pgpo_train.run.config import TrainConfig
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     seed_everything(a.seed)
     cfg = TrainConfig(model=a.model, dataset=tiny_dataset_path(task="grid-reason", filler=a.filler),
                       prompt_template="tiny", max_new_tokens=grid_reason_max_tokens(a.filler), sft_steps=0, lr=1e-4,
-                      algo="pgpo", seed=a.seed, out_dir="/tmp/unused", pgpo=PGPOConfig()).resolved()  # fmt: skip
+                      algo="pgpo", seed=a.seed, out_dir="/tmp/unused", pgpo=PGPOWeightsConfig()).resolved()  # fmt: skip
     dev = torch.device("cpu")
     model, processor = load_policy(cfg, dev)
     cols = {"image": "image", "problem": "problem", "answer": "answer"}

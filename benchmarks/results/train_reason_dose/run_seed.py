@@ -4,7 +4,7 @@ every variant's RL from it.
 
 As in ../train_task_ablation/run_seed.py: all variants of a (filler, seed) start RL from the same checkpoint and see
 the same prompts in the same order (same seed), so their differences are paired. Each variant is a plain
-`pgpo_train.train.train` call with model = the warm-up checkpoint, dataset = the generated task, and the embedded
+`pgpo_train.recipe.train.train` call with model = the warm-up checkpoint, dataset = the generated task, and the embedded
 defaults made explicit (prompt template "tiny", grid_reason_max_tokens(filler) new tokens, lr 1e-4, no more SFT).
 
 python benchmarks/results/train_reason_dose/run_seed.py --filler 24 --seed 0 --out runs/reason
@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from pgpo_train.config import PGPOWeightsConfig
-from pgpo_train.config import TrainConfig
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.tasks import grid_reason_max_tokens
-from pgpo_train.tiny import save_tiny_checkpoint
-from pgpo_train.train import train
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.data.tasks import grid_reason_max_tokens
+from pgpo_train.models.tiny import save_tiny_checkpoint
+from pgpo_train.recipe.train import train
+from pgpo_train.run.config import PGPOWeightsConfig
+from pgpo_train.run.config import TrainConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from grad_at_checkpoint import measure

@@ -21,22 +21,22 @@ import sys
 
 import torch
 
-from pgpo_train import core_algos
-from pgpo_train.batching import select_rows
-from pgpo_train.batching import visual_kwargs
-from pgpo_train.config import PGPOWeightsConfig
-from pgpo_train.config import TrainConfig
-from pgpo_train.data import RecordStream
-from pgpo_train.data import Sampler
-from pgpo_train.data import load_split
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.policy import load_policy
-from pgpo_train.policy import logp_entropy
-from pgpo_train.policy import response_logits
-from pgpo_train.policy import seed_everything
-from pgpo_train.sampling import rollout
-from pgpo_train.scoring import old_logp_and_scores
-from pgpo_train.scoring import token_weights
+from pgpo_train.data.loading import RecordStream
+from pgpo_train.data.loading import Sampler
+from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.models.policy import load_policy
+from pgpo_train.models.policy import logp_entropy
+from pgpo_train.models.policy import response_logits
+from pgpo_train.models.policy import seed_everything
+from pgpo_train.rl import core_algos
+from pgpo_train.run.config import PGPOWeightsConfig
+from pgpo_train.run.config import TrainConfig
+from pgpo_train.step.batching import select_rows
+from pgpo_train.step.batching import visual_kwargs
+from pgpo_train.step.sampling import rollout
+from pgpo_train.step.scoring import old_logp_and_scores
+from pgpo_train.step.scoring import token_weights
 
 
 def flat_grad(model, batch, tok_adv, cfg) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """One (task, seed) of the ablation: the default SFT warm-up once, saved, then every variant's RL from it.
 
 All variants of a seed start RL from the same checkpoint and see the same prompts in the same order (same seed), so
-their differences are paired. Each variant is a plain `pgpo_train.train.train` call, the code `pgpo-train` runs, with
+their differences are paired. Each variant is a plain `pgpo_train.recipe.train.train` call, the code `pgpo-train` runs, with
 model = the warm-up checkpoint, dataset = the generated task, and the embedded defaults made explicit (prompt
 template "tiny", 24 new tokens, lr 1e-4, no further SFT).
 
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from pgpo_train.config import PGPOWeightsConfig
-from pgpo_train.config import TrainConfig
-from pgpo_train.data import tiny_dataset_path
-from pgpo_train.tiny import save_tiny_checkpoint
-from pgpo_train.train import train
+from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.models.tiny import save_tiny_checkpoint
+from pgpo_train.recipe.train import train
+from pgpo_train.run.config import PGPOWeightsConfig
+from pgpo_train.run.config import TrainConfig
 
 # variant -> (algo, PGPOWeightsConfig overrides)
 VARIANTS = {
