@@ -183,12 +183,39 @@ def tables(units: dict, dose_summary: str | None) -> tuple[str, dict]:
     return "\n".join(out) + "\n", res
 
 
+def choose_rates(root: str) -> tuple[dict, str]:
+    """The validation split's choice: per variant, the learning rate with the best mean final accuracy over the
+    selection seeds; and the table it came from."""
+    acc = {}
+    for run in glob.glob(os.path.join(root, "f*-p*-s*", "validation", "*-lr*", "metrics.jsonl")):
+        name, lr = re.match(r"(.+)-lr(.+)$", os.path.basename(os.path.dirname(run))).groups()
+        if not os.path.exists(os.path.join(os.path.dirname(run), "summary.json")):
+            continue
+        evals = [x["eval/acc"] for x in _lines(run) if x.get("phase") == "rl" and "eval/acc" in x]
+        if evals:
+            acc.setdefault(name, {}).setdefault(lr, []).append(evals[-1])
+    best, rows = {}, ["| variant | " + " | ".join(["lr: mean final validation acc (seeds)"]) + " | chosen |", "|---|---|---|"]
+    for name in [v for v in ORDER if v in acc]:
+        by = acc[name]
+        best[name] = max(by, key=lambda lr: statistics.mean(by[lr]))
+        cells = ", ".join(f"{lr}: {statistics.mean(xs):.3f} ({len(xs)})" for lr, xs in sorted(by.items(),
+                                                                                            key=lambda t: float(t[0])))
+        rows.append(f"| {name} | {cells} | {best[name]} |")
+    return best, "\n".join(rows) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("root")
     p.add_argument("--split", default="test")
+    p.add_argument("--choose", action="store_true", help="print variant@lr chosen on the validation split and exit")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "summary.json"))
     a = p.parse_args(argv)
+    if a.choose:
+        best, md = choose_rates(a.root)
+        print(md, file=sys.stderr)
+        print(",".join(f"{v}@{lr}" for v, lr in best.items()))
+        return 0
     units = collect(a.root, a.split)
     dose = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train_reason_dose", "summary.json")
     md, res = tables(units, dose)
