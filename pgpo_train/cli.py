@@ -52,7 +52,11 @@ def _train_parser() -> argparse.ArgumentParser:
     from pgpo_train.run.config import add_train_args
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """Defaults in every option's help; the description's lines kept as written."""
+        """Defaults in every option's help ("auto" where the default is None); the description's lines as written."""
+
+        def _get_help_string(self, action):
+            text = super()._get_help_string(action)
+            return text.replace("%(default)s", "auto") if action.default is None and action.option_strings else text
 
     p = _OneLineParser(
         prog="pgpo-train",

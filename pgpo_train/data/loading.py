@@ -19,7 +19,8 @@ from pgpo_train.data.tasks import task_cache_name
 TINY_DATASET_VERSION = "count-v2"  # the count-copy task's cache name (tasks.TASKS holds every task's)
 
 
-def tiny_dataset_path(cache_dir: str | None = None, seed: int = 0, task: str = DEFAULT_TASK, filler: int = -1) -> str:
+def tiny_dataset_path(cache_dir: str | None = None, seed: int = 0, task: str = DEFAULT_TASK,
+                      filler: int | None = None) -> str:
     """Generates (once) an embedded task (pgpo_train.data.tasks; grid-reason with `filler` words) under a cache dir and
     returns its path."""
     cache_dir = cache_dir or os.environ.get("PGPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pgpo"))

@@ -229,7 +229,7 @@ FILLER_PHRASES = (
     "Think and answer",
     "are the shapes in the system",
 )
-DEFAULT_FILLER = 24  # --task-filler -1 (auto) for grid-reason
+DEFAULT_FILLER = 24  # --task-filler auto for grid-reason
 # The warm-up teacher keeps grid-count's undercount (TEACHER_UNDERCOUNT_FROM, _P): for N >= 5 it writes the LAST
 # non-empty row's count one too low in 3 of 4 records, and the total and box consistently (N - 1). The bias is
 # needed for the reason given at TEACHER_UNDERCOUNT_FROM, and it must sit on a fixed row: with a random row each
@@ -344,22 +344,22 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def task_filler(task: str, filler: int) -> int:
-    """The filler words of a task: -1 (auto) is DEFAULT_FILLER for grid-reason; other tasks take none."""
+def task_filler(task: str, filler: int | None) -> int:
+    """The filler words of a task: None (auto) is DEFAULT_FILLER for grid-reason; other tasks take none."""
     if task != "grid-reason":
-        if filler not in (-1, 0):
+        if filler not in (None, 0):
             raise ValueError(f"--task-filler applies to --task grid-reason only, got {filler} with --task {task}")
         return 0
-    return DEFAULT_FILLER if filler == -1 else filler
+    return DEFAULT_FILLER if filler is None else filler
 
 
-def task_cache_name(task: str, filler: int = -1) -> str:
+def task_cache_name(task: str, filler: int | None = None) -> str:
     """The generated dataset's cache key: the task's version, plus the filler words for grid-reason."""
     v = get_task(task).version
     return f"{v}-f{task_filler(task, filler)}" if task == "grid-reason" else v
 
 
-def records_fn(task: str, filler: int = -1) -> Callable[[int, int], list[dict]]:
+def records_fn(task: str, filler: int | None = None) -> Callable[[int, int], list[dict]]:
     """(n, seed) -> records of a task (grid-reason with its filler words)."""
     make = get_task(task).make_records
     if task != "grid-reason":
@@ -369,7 +369,7 @@ def records_fn(task: str, filler: int = -1) -> Callable[[int, int], list[dict]]:
 
 
 def save_task_dataset(
-    task: str, path: str | os.PathLike, n_train: int = 2048, n_test: int = 256, seed: int = 0, filler: int = -1
+    task: str, path: str | os.PathLike, n_train: int = 2048, n_test: int = 256, seed: int = 0, filler: int | None = None
 ) -> str:
     """Writes a task as parquet splits under path, loadable by `datasets.load_dataset(path)`; returns path."""
     return save_records_dataset(path, records_fn(task, filler), n_train, n_test, seed)

@@ -1,5 +1,7 @@
 """The PGPO recipe: the training loop and nothing else (nanoGPT's / torchtune's sense of a recipe; no module imports
-it). Every phase of a step is a library function it calls:
+it). It reads top to bottom: train() -> setup() -> restore() -> sft_phase_step() / rl_phase_step() -> finish(); the run's
+objects live in a Run, what the loop carries from step to step in a RunState. Every phase of a step is a library
+function it calls:
 
   setup            pgpo_train.models.policy     device, seeds, the policy (tiny or from_pretrained), optimizers
   SFT warm-up      pgpo_train.step.update     sft_step: mean token NLL of the reference responses, with the image
@@ -21,6 +23,8 @@ import functools
 import json
 import os
 import time
+from dataclasses import dataclass
+from dataclasses import field
 
 import torch
 from safetensors import SafetensorError
@@ -76,12 +80,88 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
-    """train()'s body, in a locked run dir."""
+    """train()'s body, in a locked run dir: setup, restore, the SFT and RL steps, finish."""
+    run = setup(cfg, dp)
+    state = restore(run)
+    open_logs(run, state)
+    stop.arm()
+    while state.step < state.total(cfg):
+        stop_if_requested(run, state, stop)
+        if state.step < state.sft_end:
+            sft_phase_step(run, state)
+        else:
+            rl_phase_step(run, state)
+    return finish(run, state)
+
+
+# %% the run: what setup builds and what the loop carries
+
+
+@dataclass
+class Run:
+    """The objects a run is made of, built once by setup() (restore() replaces the optimizer)."""
+
+    cfg: TrainConfig
+    dp: object  # distributed.DataParallel (SINGLE outside torchrun)
+    device: torch.device
+    model: torch.nn.Module
+    processor: object
+    optimizer: torch.optim.Optimizer | None
+    train_ds: object
+    columns: dict
+    eval_records: list
+    fused_lm_head: bool
+    ckpt_dir: str
+    sampler: Sampler | None = None
+    stream: RecordStream | None = None
+    logger: Logger | None = None
+    bar: object = None  # tqdm, writer rank only
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def save(self, state: RunState) -> None:
+        save = save_checkpoint if self.dp.world == 1 else functools.partial(dist_checkpoint.save, self.dp)
+        save(self.ckpt_dir, state.step, self.model, self.optimizer, state.trainer_state(self),
+             self.cfg.keep_checkpoints)
+        state.saved_at = state.step
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step; a checkpoint's trainer state is built from it (trainer_state)."""
+
+    step: int = 0
+    sft_end: int = 0  # the step the warm-up ends at (earlier than --sft-steps with --sft-stop-acc)
+    sft_accs: list = field(default_factory=list)  # the last 3 warm-up sequence accuracies (--sft-stop-acc)
+    resumed_from: str | None = None
+    saved_at: int = -1  # the step of the newest checkpoint
+    last_eval: dict = field(default_factory=dict)
+
+    def total(self, cfg: TrainConfig) -> int:
+        return self.sft_end + cfg.steps
+
+    def trainer_state(self, run: Run) -> dict:
+        return {
+            "step": self.step,
+            "phase": "sft" if self.step < self.sft_end else "rl",
+            "data_pos": run.sampler.position,
+            "skipped_images": run.stream.skipped_images,
+            "skipped_empty": run.stream.skipped_empty,
+            "sft_end": self.sft_end,
+            "sft_accs": list(self.sft_accs),
+            "config": dataclasses.asdict(run.cfg),
+        }
+
+
+# %% setup and restore
+
+
+def setup(cfg: TrainConfig, dp) -> Run:
+    """Device, seeds and threads; the config written to the run dir; the data (columns checked on the first rows
+    before the model loads), the policy (sharded under torchrun) and the eval records."""
     device = resolve_device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
     if dp.is_writer:  # torchrun: rank 0 holds the run dir (train() opened it there only)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -100,7 +180,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"--model {cfg.model or '(embedded tiny)'}: cannot load it: {first}") from e
     # resolved once, before any step: "on" with an unsupported lm_head fails here, not mid-run
-    fused_lm_head = use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)  # every algo's passes (issue 16)
+    fused_lm_head = use_fused_lm_head(cfg.pgpo.fused_lm_head, model, device)
     small = sum(p.numel() for p in model.parameters()) < 50_000_000
     if not cfg.threads and device.type == "cpu" and small:
         # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
@@ -108,171 +188,185 @@ def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
     if dp.world > 1:  # every rank built the same model; each keeps its shard and samples with its own RNG stream
         model = distributed.shard_policy(model, device, cfg.fsdp_cpu_offload)
         dist_checkpoint.fresh_rng(cfg.seed, 0, dp.rank)
-    eval_records = []
-    if cfg.eval_every > 0:
-        try:
-            eval_ds = load_split(
-                data_path, cfg.eval_split, {k: v for k, v in columns.items() if k != "solution"}, cfg.eval_size
-            )
-            eval_records = RecordStream(eval_ds, columns | {"solution": None}, Sampler(len(eval_ds), 0)).next_batch(
-                len(eval_ds)
-            )
-        except ValueError as e:
-            print(f"pgpo-train: no eval ({e})")
+    return Run(cfg=cfg, dp=dp, device=device, model=model, processor=processor, optimizer=None, train_ds=train_ds,
+               columns=columns, eval_records=load_eval_records(cfg, data_path, columns), fused_lm_head=fused_lm_head,
+               ckpt_dir=os.path.join(cfg.out_dir, "checkpoints"))
 
-    # state; resume restores all of it. Checkpoints are written in both phases; the optimizer a checkpoint holds is
-    # the one of its phase ("sft" before step sft_end, "rl" from the SFT -> RL switch on).
-    step, data_pos, skipped, skipped_empty, resumed_from = 0, 0, 0, 0, None
-    sft_end, sft_accs = cfg.sft_steps, []  # sft_end: the step the warm-up ends at (earlier with --sft-stop-acc)
-    optimizer = make_optimizer(model, cfg.sft_lr if cfg.sft_steps > 0 else cfg.lr, cfg.weight_decay)
+
+def load_eval_records(cfg: TrainConfig, data_path: str, columns: dict) -> list:
+    """The greedy evals' records (the first --eval-size of --eval-split); none without evals or that split."""
+    if cfg.eval_every <= 0:
+        return []
+    try:
+        eval_ds = load_split(data_path, cfg.eval_split, {k: v for k, v in columns.items() if k != "solution"},
+                             cfg.eval_size)
+        return RecordStream(eval_ds, columns | {"solution": None}, Sampler(len(eval_ds), 0)).next_batch(len(eval_ds))
+    except ValueError as e:
+        print(f"pgpo-train: no eval ({e})")
+        return []
+
+
+def restore(run: Run) -> RunState:
+    """A fresh state, or with --resume the latest checkpoint's: model, optimizer (of the checkpoint's phase: "sft"
+    before its sft_end, "rl" from the SFT -> RL switch on), RNG, step and data position. Then the data stream."""
+    cfg = run.cfg
+    state = RunState(sft_end=cfg.sft_steps)
+    run.optimizer = make_optimizer(run.model, cfg.sft_lr if cfg.sft_steps > 0 else cfg.lr, cfg.weight_decay)
+    data_pos, skipped, skipped_empty = 0, 0, 0
     if cfg.resume:
-        path = latest_checkpoint(ckpt_dir)
+        path = latest_checkpoint(run.ckpt_dir)
         if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
+            raise FileNotFoundError(f"--resume: no checkpoint under {run.ckpt_dir}")
         saved = read_trainer_state(path)
         in_sft = saved["step"] < saved.get("sft_end", cfg.sft_steps)
-        optimizer = make_optimizer(model, cfg.sft_lr if in_sft else cfg.lr, cfg.weight_decay)
-        st = dist_checkpoint.load(path, model, optimizer, dp, cfg.seed)
-        step, data_pos, skipped = st["step"], st["data_pos"], st["skipped_images"]
-        skipped_empty = st.get("skipped_empty", 0)
-        sft_end = st.get("sft_end", cfg.sft_steps)
-        sft_accs = list(st.get("sft_accs", []))
-        resumed_from = path
-    sampler = Sampler(len(train_ds), cfg.seed, data_pos)
-    stream = RecordStream(train_ds, columns, sampler)
-    stream.skipped_images, stream.skipped_empty = skipped, skipped_empty
-    logger = (
-        Logger(cfg.out_dir, cfg.tensorboard, truncate_after=step if resumed_from else None) if dp.is_writer else None
-    )
-    save = save_checkpoint if dp.world == 1 else functools.partial(dist_checkpoint.save, dp)
+        run.optimizer = make_optimizer(run.model, cfg.sft_lr if in_sft else cfg.lr, cfg.weight_decay)
+        st = dist_checkpoint.load(path, run.model, run.optimizer, run.dp, cfg.seed)
+        data_pos, skipped, skipped_empty = st["data_pos"], st["skipped_images"], st.get("skipped_empty", 0)
+        state = RunState(step=st["step"], sft_end=st.get("sft_end", cfg.sft_steps),
+                         sft_accs=list(st.get("sft_accs", [])), resumed_from=path, saved_at=st["step"])
+    run.sampler = Sampler(len(run.train_ds), cfg.seed, data_pos)
+    run.stream = RecordStream(run.train_ds, run.columns, run.sampler)
+    run.stream.skipped_images, run.stream.skipped_empty = skipped, skipped_empty
+    return state
 
-    def state():
-        return {
-            "step": step,
-            "phase": "sft" if step < sft_end else "rl",
-            "data_pos": sampler.position,
-            "skipped_images": stream.skipped_images,
-            "skipped_empty": stream.skipped_empty,
-            "sft_end": sft_end,
-            "sft_accs": list(sft_accs),
-            "config": dataclasses.asdict(cfg),
-        }
 
-    total = sft_end + cfg.steps
-    bar = None
-    if cfg.progress and dp.is_writer:
+def open_logs(run: Run, state: RunState) -> None:
+    """metrics.jsonl (cut back to the checkpoint's step on resume) and the progress bar, on the writer rank."""
+    if not run.dp.is_writer:
+        return
+    run.logger = Logger(run.cfg.out_dir, run.cfg.tensorboard,
+                        truncate_after=state.step if state.resumed_from else None)
+    if run.cfg.progress:
         from tqdm.auto import tqdm  # lazy: only with a progress bar
 
-        bar = tqdm(total=total, initial=step, desc=f"{cfg.algo}", dynamic_ncols=True)
-    t_start = time.perf_counter()
-    last_eval = {}
-    saved_at = step if resumed_from else -1  # the step of the newest checkpoint
-    stop.arm()
-    while step < total:
-        requested = stop.requested if dp.world == 1 else stop_requested_anywhere(stop.requested, device)
-        if requested:  # a signal came during the step just finished (torchrun: on any rank): checkpoint, stop
-            if saved_at != step and step > 0:
-                save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
-            if bar:
-                bar.close()
-            if logger:
-                logger.close()
-            raise TrainingInterrupted(requested, step, latest_checkpoint(ckpt_dir), cfg.out_dir)
-        # --- SFT warm-up
-        if step < sft_end:
-            recs = stream.next_batch(cfg.sft_batch_size)
-            # the text-only rows are drawn over the global batch, then sharded with it (torchrun = one process)
-            text_rows = sft_text_rows(cfg.seed, step, len(recs), cfg.sft_text_only_prob)
-            mine = dp.shard(list(range(len(recs))))
-            recs, text_rows = [recs[i] for i in mine], text_rows[mine]
-            m = sft_step(model, optimizer, processor, recs, cfg, device, dp, fused_lm_head, text_rows)
-            m = dp.merge_metrics(m, len(recs), 0.0)
-            step += 1
-            check_finite_metrics(step, m, ("sft/loss", "sft/grad_norm"))
-            sft_accs = (sft_accs + [m["sft/seq_acc"]])[-3:]
-            if cfg.sft_stop_acc > 0 and len(sft_accs) == 3 and sum(sft_accs) / 3 >= cfg.sft_stop_acc:
-                sft_end, total = step, step + cfg.steps  # warm enough: RL starts now
-                if bar:
-                    bar.total = total
-            if step == sft_end:
-                if eval_records:
-                    last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
-                    m.update(last_eval)
-                optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
-            if logger:
-                logger.log(step, {"phase": "sft", **m})
-            if step == sft_end or (cfg.save_every > 0 and step % cfg.save_every == 0):
-                save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
-                saved_at = step
-            if bar:
-                bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
-                bar.update(1)
-            continue
+        run.bar = tqdm(total=state.total(run.cfg), initial=state.step, desc=f"{run.cfg.algo}", dynamic_ncols=True)
 
-        # --- RL step
-        times: dict = {}
-        t0 = time.perf_counter()
-        batch, metrics, texts, filler = sample_batch(model, processor, stream, cfg, device, times, dp)
-        metrics["pgpo/fused_lm_head"] = float(fused_lm_head)  # which path every pass took (1: hidden states)
-        # this rank's responses and kept tokens, to weigh its metrics (torchrun: every rank samples as many)
-        n_resp, n_tok = len(texts), 0.0
-        kept_anywhere = dp.any(batch is not None)
-        if batch is not None:
-            with dp.full_params(model):
-                batch.update(old_logp_and_scores(model, batch, cfg, times, fused_lm_head))
-            tok_adv, w_m = token_advantages(batch, cfg, times, step)
-            check_token_advantages(step + 1, batch["advantages"], tok_adv, batch["response_mask"])
-            metrics.update(w_m)
-            metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
-            metrics.update(policy_update(model, optimizer, batch, tok_adv, cfg, times, dp, fused_lm_head))
-            check_finite_metrics(step + 1, metrics, ("actor/loss", "actor/grad_norm"))
-            n_tok = float(batch["response_mask"].sum())
-        elif kept_anywhere:  # torchrun: another rank kept groups; this one pairs their collectives with zero weight
-            with dp.full_params(model):
-                pass
-            metrics.update(policy_update(model, optimizer, filler, None, cfg, times, dp, fused_lm_head))
-            check_finite_metrics(step + 1, metrics, ("actor/grad_norm",))  # global: every rank stops together
-        # else: every group had equal rewards, also after the refill rounds -> no gradient signal this step
-        step += 1
-        metrics.update(times)
-        metrics["timing/step"] = time.perf_counter() - t0
-        metrics["data/skipped_images"] = stream.skipped_images
-        metrics["data/skipped_empty"] = stream.skipped_empty
-        metrics["data/epoch"] = sampler.position / sampler.n
-        rl_step = step - sft_end
-        metrics = dp.merge_metrics(metrics, n_resp, n_tok)
-        if eval_records and cfg.eval_every > 0 and (rl_step % cfg.eval_every == 0 or step == total):
-            last_eval = evaluate_on_ranks(model, processor, eval_records, cfg, device, dp)
-            metrics.update(last_eval)
-            metrics["sample/response"] = texts[0]  # one rollout response per eval, to eyeball what the policy writes
-        if logger:
-            logger.log(step, {"phase": "rl", **metrics})
-        if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or step == total:
-            save(ckpt_dir, step, model, optimizer, state(), cfg.keep_checkpoints)
-            saved_at = step
-        if bar:
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/acc']:.2f}")
-            bar.update(1)
-    if bar:
-        bar.close()
-    if logger:
-        logger.close()
-    curves = write_curves(cfg.out_dir) if dp.is_writer else None
+
+def stop_if_requested(run: Run, state: RunState, stop: StopOnSignal) -> None:
+    """A signal came during the step just finished (torchrun: on any rank): checkpoint, then stop."""
+    dp = run.dp
+    requested = stop.requested if dp.world == 1 else stop_requested_anywhere(stop.requested, run.device)
+    if not requested:
+        return
+    if state.saved_at != state.step and state.step > 0:
+        run.save(state)
+    close_logs(run)
+    raise TrainingInterrupted(requested, state.step, latest_checkpoint(run.ckpt_dir), run.cfg.out_dir)
+
+
+# %% the two kinds of step
+
+
+def sft_phase_step(run: Run, state: RunState) -> None:
+    """One SFT warm-up step; at the warm-up's end (--sft-steps, or earlier at --sft-stop-acc) the eval, a fresh
+    optimizer for RL and a checkpoint."""
+    cfg, dp = run.cfg, run.dp
+    recs = run.stream.next_batch(cfg.sft_batch_size)
+    # the text-only rows are drawn over the global batch, then sharded with it (torchrun = one process)
+    text_rows = sft_text_rows(cfg.seed, state.step, len(recs), cfg.sft_text_only_prob)
+    mine = dp.shard(list(range(len(recs))))
+    recs, text_rows = [recs[i] for i in mine], text_rows[mine]
+    m = sft_step(run.model, run.optimizer, run.processor, recs, cfg, run.device, dp, run.fused_lm_head, text_rows)
+    m = dp.merge_metrics(m, len(recs), 0.0)
+    state.step += 1
+    check_finite_metrics(state.step, m, ("sft/loss", "sft/grad_norm"))
+    state.sft_accs = (state.sft_accs + [m["sft/seq_acc"]])[-3:]
+    if cfg.sft_stop_acc > 0 and len(state.sft_accs) == 3 and sum(state.sft_accs) / 3 >= cfg.sft_stop_acc:
+        state.sft_end = state.step  # warm enough: RL starts now
+        if run.bar:
+            run.bar.total = state.total(cfg)
+    if state.step == state.sft_end:
+        if run.eval_records:
+            state.last_eval = evaluate_on_ranks(run.model, run.processor, run.eval_records, cfg, run.device, dp)
+            m.update(state.last_eval)
+        run.optimizer = make_optimizer(run.model, cfg.lr, cfg.weight_decay)  # our choice: fresh AdamW for RL
+    if run.logger:
+        run.logger.log(state.step, {"phase": "sft", **m})
+    if state.step == state.sft_end or (cfg.save_every > 0 and state.step % cfg.save_every == 0):
+        run.save(state)
+    if run.bar:
+        run.bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
+        run.bar.update(1)
+
+
+def rl_phase_step(run: Run, state: RunState) -> None:
+    """One RL step: 1. rollout (+ DAPO refill), 2. scoring passes and token advantages, 3. clipped update; then
+    metrics, the periodic eval and checkpoint."""
+    cfg, dp, model, device = run.cfg, run.dp, run.model, run.device
+    times: dict = {}
+    t0 = time.perf_counter()
+    batch, metrics, texts, filler = sample_batch(model, run.processor, run.stream, cfg, device, times, dp)
+    metrics["pgpo/fused_lm_head"] = float(run.fused_lm_head)  # which path every pass took (1: hidden states)
+    # this rank's responses and kept tokens, to weigh its metrics (torchrun: every rank samples as many)
+    n_resp, n_tok = len(texts), 0.0
+    kept_anywhere = dp.any(batch is not None)
+    if batch is not None:
+        with dp.full_params(model):
+            batch.update(old_logp_and_scores(model, batch, cfg, times, run.fused_lm_head))
+        tok_adv, w_m = token_advantages(batch, cfg, times, state.step)
+        check_token_advantages(state.step + 1, batch["advantages"], tok_adv, batch["response_mask"])
+        metrics.update(w_m)
+        metrics["actor/entropy"] = float(batch["entropy"][batch["response_mask"].bool()].mean())
+        metrics.update(policy_update(model, run.optimizer, batch, tok_adv, cfg, times, dp, run.fused_lm_head))
+        check_finite_metrics(state.step + 1, metrics, ("actor/loss", "actor/grad_norm"))
+        n_tok = float(batch["response_mask"].sum())
+    elif kept_anywhere:  # torchrun: another rank kept groups; this one pairs their collectives with zero weight
+        with dp.full_params(model):
+            pass
+        metrics.update(policy_update(model, run.optimizer, filler, None, cfg, times, dp, run.fused_lm_head))
+        check_finite_metrics(state.step + 1, metrics, ("actor/grad_norm",))  # global: every rank stops together
+    # else: every group had equal rewards, also after the refill rounds -> no gradient signal this step
+    state.step += 1
+    metrics.update(times)
+    metrics["timing/step"] = time.perf_counter() - t0
+    metrics["data/skipped_images"] = run.stream.skipped_images
+    metrics["data/skipped_empty"] = run.stream.skipped_empty
+    metrics["data/epoch"] = run.sampler.position / run.sampler.n
+    rl_step, last = state.step - state.sft_end, state.step == state.total(cfg)
+    metrics = dp.merge_metrics(metrics, n_resp, n_tok)
+    if run.eval_records and cfg.eval_every > 0 and (rl_step % cfg.eval_every == 0 or last):
+        state.last_eval = evaluate_on_ranks(model, run.processor, run.eval_records, cfg, device, dp)
+        metrics.update(state.last_eval)
+        metrics["sample/response"] = texts[0]  # one rollout response per eval, to eyeball what the policy writes
+    if run.logger:
+        run.logger.log(state.step, {"phase": "rl", **metrics})
+    if (cfg.save_every > 0 and rl_step % cfg.save_every == 0) or last:
+        run.save(state)
+    if run.bar:
+        run.bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/acc']:.2f}")
+        run.bar.update(1)
+
+
+# %% finish
+
+
+def close_logs(run: Run) -> None:
+    if run.bar:
+        run.bar.close()
+    if run.logger:
+        run.logger.close()
+
+
+def finish(run: Run, state: RunState) -> dict:
+    """Closes the logs, draws the curves and writes summary.json (writer rank); returns the summary with the
+    model and processor."""
+    cfg = run.cfg
+    close_logs(run)
+    curves = write_curves(cfg.out_dir) if run.dp.is_writer else None
     summary = {
         "out_dir": cfg.out_dir,
-        "steps": step,
-        "wall_s": time.perf_counter() - t_start,
-        "skipped_images": stream.skipped_images,
-        "skipped_empty": stream.skipped_empty,
-        "resumed_from": resumed_from,
-        "sft_steps": sft_end,
-        "rl_steps": step - sft_end,
+        "steps": state.step,
+        "wall_s": time.perf_counter() - run.t_start,
+        "skipped_images": run.stream.skipped_images,
+        "skipped_empty": run.stream.skipped_empty,
+        "resumed_from": state.resumed_from,
+        "sft_steps": state.sft_end,
+        "rl_steps": state.step - state.sft_end,
         "curves": curves,
-        **last_eval,
-        **eval_summary(os.path.join(cfg.out_dir, "metrics.jsonl"), sft_end, len(eval_records)),
+        **state.last_eval,
+        **eval_summary(os.path.join(cfg.out_dir, "metrics.jsonl"), state.sft_end, len(run.eval_records)),
     }
-    if dp.is_writer:
+    if run.dp.is_writer:
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-    return {**summary, "model": model, "processor": processor}
-
+    return {**summary, "model": run.model, "processor": run.processor}

@@ -30,22 +30,29 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
 def _fields(obj, prefix: str = ""):
-    """(dotted name, value, default's type) of every leaf field of a config dataclass."""
+    """(dotted name, value, type) of every leaf field of a config dataclass: the default's type, or for an "auto"
+    field (default None) the annotation's (`float | None` -> float)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             yield from _fields(value, f"{prefix}{f.name}.")
+        elif default is None:
+            yield prefix + f.name, value, _TYPES.get(str(f.type).split("|")[0].strip(), type(None))
         else:
             yield prefix + f.name, value, type(default)
 
 
 def check_types(cfg) -> None:
-    """Each field holds its default's type; int fields take no bool, float fields a finite int or float."""
+    """Each field holds its type; int fields take no bool, float fields a finite int or float; None is "auto" where
+    the default is None."""
     for name, value, kind in _fields(cfg):
-        if kind is type(None):
-            continue  # an optional setting: no type to hold it to
+        if kind is type(None) or (value is None and _is_auto(cfg, name)):
+            continue  # an optional setting, or "auto" (resolved() fills it in)
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:
@@ -58,6 +65,15 @@ def check_types(cfg) -> None:
             raise ValueError(f"{flag(name)} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{flag(name)} must be a finite number, got {value}")
+
+
+def _is_auto(cfg, name: str) -> bool:
+    """Whether a (dotted) field's default is None, i.e. None means "auto" there."""
+    *parents, leaf = name.split(".")
+    for p in parents:
+        cfg = getattr(cfg, p)
+    f = next(f for f in dataclasses.fields(cfg) if f.name == leaf)
+    return f.default is None
 
 
 def _choice(name: str, value: str, choices: list[str]) -> None:
@@ -127,23 +143,23 @@ def check_values(c, choices: dict[str, list[str]]) -> None:
         if v > 0 and c.pgpo.estimator != "k3":
             raise ValueError(f"{flag('pgpo.' + name)} clamps the k3 estimator; it needs --pgpo.estimator k3 "
                              f"(got {c.pgpo.estimator!r})")
-    _range("task_filler", c.task_filler, c.task_filler >= 0, ">= 0 filler words (-1 = auto)")
+    _range("task_filler", c.task_filler, c.task_filler >= 0, ">= 0 filler words")
     # optimisation and rollout
-    _range("lr", c.lr, c.lr > 0, "> 0 (0 = auto)")
+    _range("lr", c.lr, c.lr > 0, "> 0")
     _range("sft_lr", c.sft_lr, c.sft_lr > 0, "> 0")
     _range("sft_text_only_prob", c.sft_text_only_prob, 0 <= c.sft_text_only_prob < 1,
            "in [0, 1) (the share of warm-up samples trained text-only; some must keep the image)")
     _range("weight_decay", c.weight_decay, c.weight_decay >= 0, ">= 0")
     _range("grad_clip", c.grad_clip, c.grad_clip >= 0, ">= 0 (0 = off)")
     _range("clip_ratio_low", c.clip_ratio_low, 0 <= c.clip_ratio_low < 1, "in [0, 1)")
-    _range("clip_ratio_high", c.clip_ratio_high, c.clip_ratio_high >= 0, ">= 0 (0 = by algo)")
+    _range("clip_ratio_high", c.clip_ratio_high, c.clip_ratio_high >= 0, ">= 0")
     _range("temperature", c.temperature, c.temperature > 0, "> 0")
     _range("top_p", c.top_p, 0 < c.top_p <= 1, "in (0, 1]")
     _range("acc_weight", c.acc_weight, c.acc_weight >= 0, ">= 0")
     _range("format_weight", c.format_weight, c.format_weight >= 0, ">= 0")
     if c.acc_weight == 0 and c.format_weight == 0:
         raise ValueError("--acc-weight and --format-weight are both 0: every reward would be 0")
-    _range("sft_stop_acc", c.sft_stop_acc, 0 <= c.sft_stop_acc <= 1, "in [0, 1] (0 = off, -1 = auto)")
+    _range("sft_stop_acc", c.sft_stop_acc, 0 <= c.sft_stop_acc <= 1, "in [0, 1] (0 = off)")
     _range("pgpo.min_spread", c.pgpo.min_spread, c.pgpo.min_spread >= 0, ">= 0 (0 = off: the paper's reshape)")
     _range("group_size", c.group_size, c.group_size >= 2, ">= 2 (advantages are relative to the group)")
     for name in (
@@ -156,19 +172,20 @@ def check_values(c, choices: dict[str, list[str]]) -> None:
         "keep_checkpoints",
     ):
         _range(name, getattr(c, name), getattr(c, name) >= 1, ">= 1")
-    _range("max_new_tokens", c.max_new_tokens, c.max_new_tokens >= 1, ">= 1 (0 = auto)")
+    _range("max_new_tokens", c.max_new_tokens, c.max_new_tokens >= 1, ">= 1")
     for name, unset in (
         ("steps", ""),
-        ("sft_steps", " (-1 = auto)"),
+        ("sft_steps", ""),
         ("save_every", " (0 = only at the end)"),
         ("eval_every", " (0 = off)"),
         ("max_samples", " (0 = all)"),
-        ("threads", " (0 = auto)"),
     ):
         _range(name, getattr(c, name), getattr(c, name) >= 0, ">= 0" + unset)
+    if c.threads is not None:
+        _range("threads", c.threads, c.threads >= 1, ">= 1 (or auto)")
     _range("seed", c.seed, 0 <= c.seed < 2**32, "in [0, 2**32)")
     for name, value, kind in _fields(c):  # no number means anything below 0 once the 'auto' values are filled in
-        if kind in (int, float):
+        if kind in (int, float) and value is not None:
             _range(name, value, value >= 0, ">= 0")
     for name in ("split", "eval_split", "image_column", "problem_column", "answer_column"):
         if not getattr(c, name):

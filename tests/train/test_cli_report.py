@@ -21,7 +21,25 @@ def test_every_train_option_has_help_and_default():
         if action.dest == "help":
             continue
         assert action.help, f"{action.option_strings} has no help text"
-        assert "%(default)" in parser.formatter_class(prog="x")._get_help_string(action), action.option_strings
+        text = parser.formatter_class(prog="x")._get_help_string(action)
+        assert "%(default)" in text or "(default: auto)" in text, action.option_strings
+
+
+def test_help_text_lives_in_the_fields_metadata_and_auto_is_none():
+    """Each config field carries its help (no comment parsing); every 'auto' default is None and reads 'auto'."""
+    import dataclasses
+
+    from pgpo_train.run.config import PGPOWeightsConfig
+    from pgpo_train.run.config import TrainConfig
+
+    for cls in (TrainConfig, PGPOWeightsConfig):
+        for f in dataclasses.fields(cls):
+            if f.name != "pgpo":
+                assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help metadata"
+            if f.default is None:
+                assert "auto" in f.metadata["help"], f"{f.name}: a None default must say what auto means"
+    ns = _train_parser().parse_args(["--lr", "auto", "--sft-steps", "5", "--threads", "auto"])
+    assert (ns.lr, ns.sft_steps, ns.threads) == (None, 5, None)
 
 
 def test_help_lists_subcommands(capsys):

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         t0 = time.perf_counter()
         warm = train(TrainConfig(task="grid-reason", task_filler=a.filler, steps=0, out_dir=os.path.join(base, "sft"),
-                                 eval_every=1, eval_size=a.eval_size, sft_steps=a.sft_steps,
+                                 eval_every=1, eval_size=a.eval_size, sft_steps=None if a.sft_steps < 0 else a.sft_steps,
                                  sft_text_only_prob=a.text_prob, **common))
         save_tiny_checkpoint(ckpt, model=warm["model"], processor=warm["processor"])
         print(f"{tag} sft: {warm['sft_steps']} steps, test eval {warm.get('eval/acc')}, "

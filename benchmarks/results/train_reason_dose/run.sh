@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The grid-reason dose-response sweep (issue 17): for each (filler, seed) one SFT warm-up, then the checkpoint
-# measurements and RL from it with every variant (run_seed.py). Two workers in the background (the machine has 2
+# measurements (grad_at_checkpoint.py) and RL from it with every variant (python -m pgpo_bench.paired_runs). Two workers in the background (the machine has 2
 # cores shared with other jobs), one thread each, niced; each (filler, seed) logs to $OUT/f<filler>-s<seed>.log.
 # Jobs run seed-major (seed 0 of every filler, then seed 1, ...), so a sweep cut short still has paired seeds at
 # every filler. Finished runs are skipped: rerunning continues where it stopped.
@@ -25,9 +25,13 @@ worker() {
     read -r f seed <<< "${jobs[$j]}"
     v=$VARIANTS
     [ "$f" = "$GRPO_FILLER" ] && v="$v,grpo"
-    OMP_NUM_THREADS=1 nice -n 10 python "$HERE/run_seed.py" --filler "$f" --seed "$seed" --out "$OUT" \
-      --rl-steps "$RL_STEPS" --eval-size "$EVAL_SIZE" --variants "$v" >> "$OUT/f$f-s$seed.log" 2>&1 \
-      || echo "failed: f$f s$seed" >> "$OUT/failed.txt"
+    base="$OUT/grid-reason-f$f-s$seed"
+    {
+      OMP_NUM_THREADS=1 nice -n 10 python -m pgpo_bench.paired_runs --task grid-reason --filler "$f" --seed "$seed" \
+        --out "$OUT" --rl-steps "$RL_STEPS" --eval-every 5 --eval-size "$EVAL_SIZE" --lr 1e-4 --variants "$v" \
+      && { [ -f "$base/at_checkpoint.json" ] || OMP_NUM_THREADS=1 nice -n 10 python "$HERE/grad_at_checkpoint.py" \
+             "$base/sft-model" --filler "$f" --seed "$seed" > "$base/at_checkpoint.json"; }
+    } >> "$OUT/f$f-s$seed.log" 2>&1 || echo "failed: f$f s$seed" >> "$OUT/failed.txt"
   done
 }
 worker 0 &

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The ablation sweep: for each (task, seed) one SFT warm-up, then RL from it with every variant (run_seed.py).
+# The ablation sweep: for each (task, seed) one SFT warm-up, then RL from it with every variant
+# (python -m pgpo_bench.paired_runs).
 # Two workers in the background (the machine has 2 cores shared with other jobs), one thread each; each (task, seed)
 # logs to $OUT/<task>-s<seed>.log. Finished runs are skipped, so rerunning continues where it stopped.
 #   bash benchmarks/results/train_task_ablation/run.sh                  # 8 seeds x 2 tasks, 40 RL steps
@@ -20,8 +21,8 @@ worker() {  # worker i takes every second job: the first task's seeds first, two
   local i=$1
   for ((j = i; j < ${#jobs[@]}; j += 2)); do
     read -r task seed <<< "${jobs[$j]}"
-    OMP_NUM_THREADS=1 python "$HERE/run_seed.py" --task "$task" --seed "$seed" --out "$OUT" --rl-steps "$RL_STEPS" \
-      --variants "$VARIANTS" >> "$OUT/$task-s$seed.log" 2>&1 || echo "failed: $task s$seed" >> "$OUT/failed.txt"
+    OMP_NUM_THREADS=1 python -m pgpo_bench.paired_runs --task "$task" --seed "$seed" --out "$OUT" \
+      --rl-steps "$RL_STEPS" --eval-every 10 --eval-size 256 --variants "$VARIANTS" >> "$OUT/$task-s$seed.log" 2>&1 || echo "failed: $task s$seed" >> "$OUT/failed.txt"
   done
 }
 worker 0 &
