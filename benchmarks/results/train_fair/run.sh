@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The fair comparison (issue 28) as a job queue over run_unit.py: workers in the background, niced, one thread
-# each; a job is one warm-up (seed, no runs) or one (seed, variant@lr) RL run, which waits for its seed's warm-up.
+# The fair comparison (issue 28), a job queue over pgpo_bench.paired_runs: workers in the background, niced, one
+# thread each; a job is one warm-up (seed, no runs) or one (seed, variant@lr) RL run, which waits for its seed's warm-up.
 # Finished runs are skipped (rerun to continue).
 #   STAGE=select bash benchmarks/results/train_fair/run.sh   # the lr grid on the validation split
 #   STAGE=test bash benchmarks/results/train_fair/run.sh     # the seeds at the rates select chose (summarize --choose)
@@ -13,7 +13,7 @@ WORKERS=${WORKERS:-4}
 FILLER=${FILLER:-24}
 TEXT_PROB=${TEXT_PROB:-0.3}
 VARIANTS=${VARIANTS:-dapo pgpo pgpo-shuffled pgpo-dev}
-RL_STEPS=${RL_STEPS:-60}; EVAL_SIZE=${EVAL_SIZE:-256}; SFT_STEPS=${SFT_STEPS:--1}  # smaller only for smoke tests
+RL_STEPS=${RL_STEPS:-60}; EVAL_SIZE=${EVAL_SIZE:-256}; SFT_STEPS=${SFT_STEPS:-}  # smaller only for smoke tests
 if [ "$STAGE" = select ]; then
   SEEDS=${SEEDS:-"100 101"}; LRS=${LRS:-"3e-5 1e-4 3e-4"}; SPLIT=validation
   RUNS=$(for lr in $LRS; do for v in $VARIANTS; do printf '%s@%s ' "$v" "$lr"; done; done)
@@ -34,7 +34,7 @@ worker() {
     while IFS='|' read -r seed runs; do
       n=$((n + 1))
       [ -d "$OUT/queue-$STAGE/claim-$n" ] && continue
-      if [ -n "$runs" ] && [ ! -f "$OUT/f$FILLER-p$TEXT_PROB-s$seed/roles.json" ]; then continue; fi
+      if [ -n "$runs" ] && [ ! -f "$OUT/grid-reason-f$FILLER-p$TEXT_PROB-s$seed/roles.json" ]; then continue; fi
       if mkdir "$OUT/queue-$STAGE/claim-$n" 2>/dev/null; then picked="$seed|$runs"; break; fi
     done < "$JOBS"
     if [ -z "$picked" ]; then
@@ -42,9 +42,9 @@ worker() {
       sleep 30; continue
     fi
     IFS='|' read -r seed runs <<< "$picked"
-    nice -n 10 python "$HERE/run_unit.py" --filler "$FILLER" --text-prob "$TEXT_PROB" --seed "$seed" \
-      --split "$SPLIT" --runs "$runs" --rl-steps "$RL_STEPS" --eval-every "$RL_STEPS" --eval-size "$EVAL_SIZE" \
-      --sft-steps "$SFT_STEPS" --roles 32 --out "$OUT" >> "$OUT/unit-s$seed.log" 2>&1 \
+    nice -n 10 python -m pgpo_bench.paired_runs --task grid-reason --filler "$FILLER" --text-prob "$TEXT_PROB" \
+      --seed "$seed" --eval-split "$SPLIT" --variants "$runs" --rl-steps "$RL_STEPS" --eval-every "$RL_STEPS" \
+      --eval-size "$EVAL_SIZE" ${SFT_STEPS:+--sft-steps "$SFT_STEPS"} --roles 32 --out "$OUT" >> "$OUT/unit-s$seed.log" 2>&1 \
       || echo "failed: s$seed $runs" >> "$OUT/failed.txt"
   done
 }
