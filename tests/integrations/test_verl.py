@@ -315,7 +315,7 @@ def test_integrations_import_without_trl_or_verl():
 def test_trainer_mixin_dev_preset_is_the_hand_formula():
     """algorithm.pgpo.preset=dev-easyr1: clamped k3 (log r in [-20, 20], S in [0, 10]), each response's gate at its
     0.4-quantile of I, floor 0.1, no renormalization (the loop's weights on the clamped scores)."""
-    from pgpo_train import core_algos
+    from pgpo_train.rl import core_algos
 
     data, seq_adv, text_logp = _proto_batch()
     text_logp[0, 0] = data.batch["old_log_probs"][0, 0] - 30.0  # log r = -30: the clamps act (k3 29 -> 10)
