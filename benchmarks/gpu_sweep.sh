@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU run of pgpo-bench: its steps' time limits add up to 595 s (kl 90, weights 80, linear 70 and logp 40
-# since issue 16), inside the device tool's 10 minutes per command (not yet run on a GPU). Runs the GPU tests, then
+# among them), inside the device tool's 10 minutes per command (not yet run on a GPU). Runs the GPU tests, then
 # the sweeps (bf16, vocab 152064, every op and backend), and leaves in $OUT:
 #   gpu_tests.log, sweep.log, <device>.json (all ops merged), <device>.png (GB/s vs tokens), <device>.md (table),
 #   logp.{json,md} (loss head fwd + bwd: peak extra memory, time per token),
@@ -55,7 +55,7 @@ bench 60 reshape reshape --tokens "$SWEEP,$RESHAPE_EXTRA" --seq-len "$SEQ_LEN"
 bench 80 weights weights --tokens "$SWEEP" --seq-len "$SEQ_LEN"
 bench 90 stats stats --tokens "$SWEEP"
 bench 70 linear linear --tokens "$LINEAR_TOKENS" --hidden "$HIDDEN"
-# the policy update's loss head (fused_linear_logp, issue 16): fwd + bwd, peak extra memory (allocator) and time per
+# the policy update's loss head (fused_linear_logp): fwd + bwd, peak extra memory (allocator) and time per
 # token, one process per provider; its own table (pgpo_bench/logp.py), not merged into the GB/s report; the last
 # provider (the backward's previous tiles) checks the static tile choice and is the one a timeout would cut
 LOGP_TOKENS=${LOGP_TOKENS:-8192}

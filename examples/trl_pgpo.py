@@ -100,7 +100,7 @@ def warm_up(model, processor, steps: int, seed: int = 0) -> None:
     from pgpo_train.run.config import TrainConfig
     from pgpo_train.step.update import sft_step
 
-    cfg = TrainConfig(sft_lr=2e-3)
+    cfg = TrainConfig(sft_lr=2e-3).resolved()  # the tiny task's prompt template and token budget
     optimizer = make_optimizer(model, cfg.sft_lr, 0.0)
     records = make_count_records(16 * steps, seed=seed + 7)  # not the RL prompts' seed
     device = next(model.parameters()).device
@@ -124,7 +124,7 @@ def main(argv=None):
         output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, temperature=args.temperature, loss_type=args.loss_type,
-        epsilon=0.2, epsilon_high=0.28, beta=0.0,  # DAPO: clip 0.2 / 0.28, no KL penalty (SPEC section 3)
+        epsilon=0.2, epsilon_high=0.28, beta=0.0,  # DAPO: clip 0.2 / 0.28, no KL penalty (docs/method.md#recipe)
         bf16=args.bf16, use_cpu=not _cuda(), logging_steps=1, report_to=[], save_strategy="no",
         pgpo_estimator=args.estimator, pgpo_tau=args.tau, pgpo_beta=args.beta, pgpo_backend=args.backend,
     )

@@ -21,6 +21,9 @@ from dataclasses import field
 
 import torch
 
+from pgpo_kernels.defaults import BETA  # reshape at the method's defaults in every backend and the reference
+from pgpo_kernels.defaults import EPS
+from pgpo_kernels.defaults import TAU
 from pgpo_kernels.reference import linear_logits_ref
 from pgpo_kernels.reference import reshape_weights_ref
 from pgpo_kernels.reference import token_entropy_ref
@@ -36,7 +39,6 @@ STATS_FIELDS = ("logp", "entropy", "kl")
 # spread. None of it changes the memory traffic being measured.
 LOGIT_STD = 2.0
 TXT_NOISE_STD = 0.5
-TAU, BETA, EPS = 0.4, 2.0, 1e-6  # reshape at the paper's defaults (SPEC 2) in every backend and the reference
 REF_CHUNK_ROWS = 256  # rows of a float64 [rows, V] reference computed at once
 
 

@@ -11,7 +11,7 @@ far apart the two are where it matters, on real rollouts of the default run's po
    visual and text-only passes, then pgpo_kernels.token_stats), once per estimator, so every valid response token
    gets both the full KL and k3;
 4. report mean and spread of both, of their difference, their correlation (Pearson, Spearman), and what the
-   difference does to PGPO's weights (the reshape of SPEC section 2 with the paper's tau, beta);
+   difference does to PGPO's weights (the reshape of docs/method.md#reshape with the paper's tau, beta);
 5. check that generate() sampled from the very distribution the scoring pass computes (k3 is unbiased only then).
 
 Run: python -m pgpo_bench.k3_variance --sft-steps 0 150 --seeds 0 1 2 --prompts 64 --out docs/design/k3_variance.json

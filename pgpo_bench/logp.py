@@ -38,8 +38,8 @@ import time
 PROVIDERS = ("logits", "compile", "liger", "trl_chunked", "ours_torch", "ours_triton", "ours_triton_bwd64")
 # the backward tiles before the static sweep (benchmarks/results/logp/bwd_tile_sweep.md)
 BWD64_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "GROUP_N": 16}
-# bytes per token x vocab entry the logits path was measured to need (issue 16: ~20); used only to skip a size that
-# would not fit in the host's available memory
+# bytes per token x vocab entry the logits path was measured to need (~20, benchmarks/results/logp/); used only to
+# skip a size that would not fit in the host's available memory
 LOGITS_BYTES_PER_ENTRY = 20
 # Liger on a CPU runs in Triton's interpreter (~0.4 ms per token at V = 152064 here): sizes above this are skipped
 LIGER_CPU_MAX_ENTRIES = 2e8

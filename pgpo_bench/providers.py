@@ -22,7 +22,7 @@ from pgpo_kernels import pgpo_token_weights
 from pgpo_kernels import reshape_weights
 from pgpo_kernels import token_kl
 from pgpo_kernels import token_stats
-from pgpo_kernels.torch_ops import reshape_weights_torch
+from pgpo_kernels.torch_fallback.reshape import reshape_weights_torch
 from pgpo_kernels.utils import interpreter_enabled
 
 from .cases import BETA

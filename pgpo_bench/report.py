@@ -25,7 +25,7 @@ RECORD_KEYS = ("op", "tokens", "shape", "dtype", "backend", "bytes", "flops", "s
                "err_rows")
 STATUSES = ("ok", "unavailable", "error")
 
-# issue 3's targets, checked when our Triton kernels ran (on CUDA)
+# the kernels' performance targets (benchmarks/README.md, "targets"), checked when our Triton kernels ran (on CUDA)
 KL_COPY_FRACTION_TARGET = 0.90
 KL_TARGET_MIN_TOKENS = 1024
 RESHAPE_OVER_KL_TARGET = 0.02
@@ -65,7 +65,7 @@ def _pgpo_version() -> str | None:
 
 def build_report(*, argv: list[str], device: dict, copy: dict | None, config: dict, records: list[dict],
                  peak_memory_method: str) -> dict[str, Any]:
-    """The whole run as one JSON-ready dict (see README "JSON schema")."""
+    """The whole run as one JSON-ready dict (see benchmarks/README.md, "JSON schema")."""
     report = {
         "schema": SCHEMA,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -88,7 +88,7 @@ def _ok(records: list[dict], op: str, backend: str | None = None) -> dict[int, d
 
 
 def evaluate_targets(records: list[dict]) -> list[dict]:
-    """Issue 3's targets for our Triton kernels, one entry per (target, tokens); empty when they did not run."""
+    """The performance targets of our Triton kernels, one entry per (target, tokens); empty when they did not run."""
     out: list[dict] = []
     kl = _ok(records, "kl", "pgpo-triton")
     for n, r in sorted(kl.items()):
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="OUT.png", default=None, help="plot of the merged runs")
     p.add_argument("--markdown", metavar="OUT.md", default=None, help="write the markdown table here too")
     p.add_argument("--largest", action="store_true",
-                   help="table only: keep each op's largest token count (the README's compact table)")
+                   help="table only: keep each op's largest token count (benchmarks/README.md's compact table)")
     args = p.parse_args(argv)
     reports = []
     for path in args.paths:

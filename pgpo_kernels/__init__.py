@@ -12,7 +12,8 @@ Public API (names are fixed; trainers import them):
     fused_linear_token_stats(hidden_vis, hidden_txt, lm_head_weight, target_ids, bias=None, *, ...) -> TokenStats
     k3_kl(logp_vis, logp_txt)                                  the paper's sampled-token estimator, [...] float32
 
-Needs only torch and triton. `pgpo_kernels.reference` holds float64 oracles of every op.
+Needs only torch and triton. `pgpo_kernels.reference` holds float64 oracles of every op, `pgpo_kernels.defaults`
+the method's defaults (tau, beta, eps, ...), `pgpo_kernels.torch_fallback` the torch version of each op.
 """
 
 from pgpo_kernels.fused_linear import fused_linear_token_kl

@@ -2,7 +2,7 @@
 
 At Qwen2.5-VL scale (V = 152064) the logits are the memory problem: 8192 tokens x V is 2.5 GB per pass in bf16, and
 trainers that fuse the lm_head (Liger, cut-cross-entropy) never build them. This kernel computes logit tiles on chip
-and folds them into the online log-sum-exp stats of token_stats.py right away:
+and folds them into the online log-sum-exp stats of online_softmax.py (as token_stats does) right away:
 
     for each (row block of BLOCK_N rows, vocab chunk of CHUNK_TILES tiles):   grid = cdiv(N, BLOCK_N) x C, grouped
         for each vocab tile of BLOCK_V columns in the chunk:
@@ -15,7 +15,8 @@ and folds them into the online log-sum-exp stats of token_stats.py right away:
 
 Both passes share each W tile, loaded once for one dot of twice the rows; the launcher stacks each row block's two
 passes into one contiguous [2 BLOCK_N, H] slab (stack_row_blocks) so the A tile streams like any matmul operand.
-Memory: one stacked copy of the hidden states [2 N, H] (per launch chunk) + [N, C, 7] + [N, 2] fp32, nothing V-sized. Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row
+Memory: one stacked copy of the hidden states [2 N, H] (per launch chunk) + [N, C, 7] + [N, 2] fp32, nothing
+V-sized. Traffic: program ids are grouped as in the matmul tutorial (GROUP_N row blocks x all chunks per group, row
 blocks fastest), so the programs in flight cover a few row blocks x a few chunks: their hidden blocks stay in L2
 while the chunks advance, and each W tile is fetched from HBM about once per group (docs/design/fused_ops.md has the
 numbers, and the static comparison with the chunked cuBLAS matmul + token_stats alternative).
@@ -23,7 +24,8 @@ numbers, and the static comparison with the chunked cuBLAS matmul + token_stats 
 Non-finite values follow token_stats: a NaN or +inf logit (from NaN/inf hidden states or weights) makes that row's
 outputs NaN; huge finite logits give the true values.
 
-The torch fallback (torch_fused_ops.py) builds logits for `chunk_size` rows at a time: O(chunk x V) extra memory.
+The torch fallback (torch_fallback/fused_linear.py) builds logits for `chunk_size` rows at a time: O(chunk x V)
+extra memory.
 """
 
 from __future__ import annotations
@@ -32,21 +34,24 @@ import torch
 import triton
 import triton.language as tl
 
+from pgpo_kernels.defaults import ESTIMATOR
+from pgpo_kernels.defaults import TEMPERATURE
 from pgpo_kernels.k3 import check_estimator
-from pgpo_kernels.token_kl import LOG2E
-from pgpo_kernels.token_kl import chunk_layout
-from pgpo_kernels.token_kl import split_chunks
-from pgpo_kernels.token_stats import N_PART
-from pgpo_kernels.token_stats import UNIT
+from pgpo_kernels.online_softmax import LOG2E
+from pgpo_kernels.online_softmax import N_PART
+from pgpo_kernels.online_softmax import N_PART_C
+from pgpo_kernels.online_softmax import UNIT
+from pgpo_kernels.online_softmax import chunk_layout
+from pgpo_kernels.online_softmax import fold
+from pgpo_kernels.online_softmax import init_stats
+from pgpo_kernels.online_softmax import split_chunks
 from pgpo_kernels.token_stats import TokenStats
-from pgpo_kernels.token_stats import _fold
-from pgpo_kernels.token_stats import _init_stats
 from pgpo_kernels.token_stats import check_target_ids
 from pgpo_kernels.token_stats import combine_stats
 from pgpo_kernels.token_stats import finish_stats
-from pgpo_kernels.torch_fused_ops import default_chunk_rows
-from pgpo_kernels.torch_fused_ops import fused_linear_token_kl_torch
-from pgpo_kernels.torch_fused_ops import fused_linear_token_stats_torch
+from pgpo_kernels.torch_fallback.fused_linear import default_chunk_rows
+from pgpo_kernels.torch_fallback.fused_linear import fused_linear_token_kl_torch
+from pgpo_kernels.torch_fallback.fused_linear import fused_linear_token_stats_torch
 from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_chunk_size
 from pgpo_kernels.utils import check_float
@@ -76,7 +81,7 @@ def _fused_linear_stats_partial_kernel(
     #          then the text-only pass's (zero rows pad the last block)
     w_ptr,  # [V, H] lm_head weight, last dim contiguous
     bias_ptr,  # [V] lm_head bias (unused without HAS_BIAS)
-    part_ptr,  # [N, C, 7] float32 partial stats (layout of token_stats.py)
+    part_ptr,  # [N, C, N_PART] float32 partial stats (online_softmax's layout)
     n_rows,  # N
     n_cols,  # V
     n_hidden,  # H (also the row stride of h)
@@ -111,7 +116,7 @@ def _fused_linear_stats_partial_kernel(
     offs_v = tl.arange(0, BLOCK_V)
     offs_h = tl.arange(0, BLOCK_H)
 
-    m_a, s_a, m_b, s_b, t, u, hit = _init_stats(BLOCK_N)
+    m_a, s_a, m_b, s_b, t, u, hit = init_stats(BLOCK_N)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + offs_v.to(tl.int64)
         col_ok = cols < col_end
@@ -132,10 +137,10 @@ def _fused_linear_stats_partial_kernel(
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
         # split the stacked tile into the two passes' [BLOCK_N, BLOCK_V] logits, row by row aligned
         x, y = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_V)), (1, 2, 0)))
-        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
+        m_a, s_a, m_b, s_b, t, u, hit = fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
     rows_a = row_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_a = rows_a < n_rows
-    base = part_ptr + (rows_a * n_chunks + chunk) * 7
+    base = part_ptr + (rows_a * n_chunks + chunk) * N_PART_C
     tl.store(base + 0, m_a, mask=ok_a)
     tl.store(base + 1, s_a, mask=ok_a)
     tl.store(base + 2, m_b, mask=ok_a)
@@ -320,14 +325,14 @@ def fused_linear_token_kl(
     lm_head_weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: float = TEMPERATURE,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """PGPO's S_t = KL(softmax(h_vis W^T / T) || softmax(h_txt W^T / T)) without building the [N, V] logits.
 
     (arXiv 2604.01840, S_t; the tiling follows cut-cross-entropy's online log-sum-exp over vocab tiles.) A weight,
-    not a loss: no gradient flows (SPEC 1).
+    not a loss: no gradient flows (docs/method.md#visual-dependency).
 
     Args:
         hidden_vis: [..., H] last hidden states of the visual pass (bf16, fp16, fp32; fp64 on the torch backend).
@@ -363,9 +368,9 @@ def fused_linear_token_stats(
     target_ids: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: float = TEMPERATURE,
     chunk_size: int | None = None,
-    estimator: str = "full",
+    estimator: str = ESTIMATOR,
     backend: str = "auto",
 ) -> TokenStats:
     """token_stats from hidden states: (log pi_vis(target), entropy of pi_vis, S_t) without the [N, V] logits.

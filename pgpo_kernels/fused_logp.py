@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pgpo_kernels.token_kl import chunk_layout
-from pgpo_kernels.token_kl import split_chunks
-from pgpo_kernels.torch_fused_logp import default_logp_chunk_rows
-from pgpo_kernels.torch_fused_logp import fused_linear_logp_torch
+from pgpo_kernels.online_softmax import LOG2E_C as LOG2E
+from pgpo_kernels.online_softmax import chunk_layout
+from pgpo_kernels.online_softmax import split_chunks
+from pgpo_kernels.torch_fallback.fused_logp import default_logp_chunk_rows
+from pgpo_kernels.torch_fallback.fused_logp import fused_linear_logp_torch
 from pgpo_kernels.utils import as_rows
 from pgpo_kernels.utils import check_chunk_size
 from pgpo_kernels.utils import check_float
@@ -44,9 +45,9 @@ from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import interpreter_enabled
 from pgpo_kernels.utils import resolve_backend
 
-LOG2E = tl.constexpr(1.4426950408889634)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 N_PART = 4  # per (row, chunk): m, s, t, target logit
+N_PART_C = tl.constexpr(N_PART)
 # our choice: tiles picked by the compiled code (registers, spills, MMA shape: `pgpo-bench sass`); not timed on a GPU
 FWD_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "CHUNK_TILES": 16,
               "GROUP_N": 16}
@@ -147,7 +148,7 @@ def _logp_fwd_kernel(
             t = alpha * (t + shift * s) + tl.sum(e * tl.where(col_ok[None, :], xc, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-    base = part_ptr + (rows * n_chunks + chunk) * 4
+    base = part_ptr + (rows * n_chunks + chunk) * N_PART_C
     tl.store(base + 0, m, mask=row_ok)
     tl.store(base + 1, s, mask=row_ok)
     tl.store(base + 2, t, mask=row_ok)

@@ -1,12 +1,18 @@
 """Float64 oracles of every pgpo op: plain, slow, and the tests' ground truth.
 
-Each function follows ../shared/SPEC.md literally, in float64, with no chunking and no cleverness, so a reader can
+Each function follows docs/method.md literally, in float64, with no chunking and no cleverness, so a reader can
 check it against the paper line by line. The fast paths (Triton kernels, torch fallback) are tested against these.
 """
 
 from __future__ import annotations
 
 import torch
+
+from pgpo_kernels.defaults import BETA
+from pgpo_kernels.defaults import EPS
+from pgpo_kernels.defaults import RENORMALIZE
+from pgpo_kernels.defaults import TAU
+from pgpo_kernels.defaults import TEMPERATURE
 
 
 def _shift_by_finite_max(x: torch.Tensor) -> torch.Tensor:
@@ -16,8 +22,8 @@ def _shift_by_finite_max(x: torch.Tensor) -> torch.Tensor:
     return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(a / temp) || softmax(b / temp)) per row, in float64 (SPEC section 1).
+def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """KL(softmax(a / temp) || softmax(b / temp)) per row, in float64 (docs/method.md#visual-dependency).
 
     Args:
         logits_vis: [..., V] logits a of the visual pass.
@@ -45,13 +51,13 @@ def token_kl_ref(logits_vis: torch.Tensor, logits_txt: torch.Tensor, temperature
     return kl.clamp_min(0.0)
 
 
-def token_logprob_ref(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprob_ref(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """log softmax(logits / temp)[target] per row, float64. [..., V] x [...] -> [...]."""
     x = _shift_by_finite_max(logits.double() / temperature)
     return torch.gather(x, -1, target_ids.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
 
 
-def token_entropy_ref(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_entropy_ref(logits: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """Entropy of softmax(logits / temp) per row, float64, in nats. [..., V] -> [...]."""
     x = logits.double() / temperature
     logp = torch.log_softmax(x, -1)
@@ -75,7 +81,7 @@ def k3_kl_ref(logp_vis: torch.Tensor, logp_txt: torch.Tensor) -> torch.Tensor:
 
 
 def _reshape_one_ref(s: torch.Tensor, tau: float, beta: float, eps: float, renormalize: bool) -> torch.Tensor:
-    """SPEC section 2 on the valid scores of one sequence, [n] float64 -> [n] float64."""
+    """The reshape (docs/method.md#reshape) on the valid scores of one sequence, [n] float64 -> [n] float64."""
     n = s.numel()
     if n == 0:
         return s.clone()
@@ -83,7 +89,7 @@ def _reshape_one_ref(s: torch.Tensor, tau: float, beta: float, eps: float, renor
     m, M = s.min(), s.max()
     ones = torch.ones_like(s)
     if n == 1 or bool(m == M):
-        return ones  # our choice (SPEC 2): no information to reshape, uniform weights
+        return ones  # our choice (docs/method.md#reshape-edge-cases): no information to reshape, uniform weights
     if torch.isinf(M):
         # +inf counts as the sequence maximum (I = 1); finite scores then sit at I = 0.
         I = torch.where(torch.isinf(s), ones, torch.zeros_like(s))
@@ -103,12 +109,12 @@ def reshape_weights_ref(
     mask: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
+    tau: float = TAU,
+    beta: float = BETA,
+    eps: float = EPS,
+    renormalize: bool = RENORMALIZE,
 ) -> torch.Tensor:
-    """Per-sequence PGPO reshape of visual-dependency scores into token weights, float64 (SPEC section 2).
+    """Per-sequence PGPO reshape of visual-dependency scores into token weights, float64 (docs/method.md#reshape).
 
     Padded layout: scores [B, T] with bool mask [B, T] (None = all valid) -> [B, T], 0 at padding.
     Packed layout: scores [total] with cu_seqlens [B + 1] -> [total].
@@ -131,10 +137,10 @@ def pgpo_token_weights_ref(
     logits_txt: torch.Tensor,
     mask: torch.Tensor | None,
     *,
-    temperature: float = 1.0,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
+    temperature: float = TEMPERATURE,
+    tau: float = TAU,
+    beta: float = BETA,
+    eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token KL of [B, T, V] logits then the padded reshape: -> (weights [B, T], kl [B, T]), float64."""
     kl = token_kl_ref(logits_vis, logits_txt, temperature)
@@ -148,7 +154,7 @@ def linear_logits_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def token_kl_grad_ref(
-    logits_vis: torch.Tensor, logits_txt: torch.Tensor, grad_out: torch.Tensor, temperature: float = 1.0
+    logits_vis: torch.Tensor, logits_txt: torch.Tensor, grad_out: torch.Tensor, temperature: float = TEMPERATURE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of sum(grad_out * KL(softmax(a / T) || softmax(b / T))) w.r.t. a and b, float64, written out:
 

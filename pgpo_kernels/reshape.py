@@ -1,6 +1,6 @@
 """PGPO reshape of per-token visual-dependency scores into advantage weights, one launch for the whole batch.
 
-Per sequence, over its valid tokens only (SPEC section 2):
+Per sequence, over its valid tokens only (docs/method.md#reshape):
 
     s = log1p(S);  I = (s - m) / (M - m + eps);  w = I / (tau + eps)                     if I <  tau
                                                      1 + beta (I - tau) / (1 - tau + eps)  if I >= tau
@@ -18,7 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pgpo_kernels.torch_ops import reshape_weights_torch
+from pgpo_kernels.defaults import BETA
+from pgpo_kernels.defaults import EPS
+from pgpo_kernels.defaults import RENORMALIZE
+from pgpo_kernels.defaults import TAU
+from pgpo_kernels.torch_fallback.reshape import reshape_weights_torch
 from pgpo_kernels.utils import check_cu_seqlens
 from pgpo_kernels.utils import check_float
 from pgpo_kernels.utils import check_mask
@@ -123,7 +127,7 @@ def _reshape_weights_fwd_kernel(
         _, valid, _, s = _load_chunk(s_ptr, m_ptr, off + offs, n, HAS_MASK)
         acc += tl.where(valid, _gate(_normalized(s, m, denom, big_inf, small_inf), tau, beta, eps), 0.0)
     total = tl.sum(acc, axis=0)
-    # our choice (SPEC 2): all-equal, single token or zero mass -> uniform weights 1, never NaN
+    # our choice (docs/method.md#reshape-edge-cases): all-equal, one token or zero mass -> weights 1
     degenerate = (n_valid <= 1.0) | (M == m) | (total <= 0.0)
     if RENORMALIZE:
         scale = n_valid / tl.where(total > 0.0, total, 1.0)
@@ -216,10 +220,10 @@ def reshape_weights(
     mask: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
+    tau: float = TAU,
+    beta: float = BETA,
+    eps: float = EPS,
+    renormalize: bool = RENORMALIZE,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Reshape visual-dependency scores into PGPO token weights (arXiv 2604.01840, Sec. 3: log-compression, min-max

@@ -12,11 +12,12 @@ old terms are rescaled and shifted:
 Each thread keeps these five stats for the [R, VEC] tile rows it loads (16 bytes per input per tile, no cross-thread
 work in the loop); the block merges them once at the end with the same rule. Exps run in base 2; differences are
 taken in half units (x / 2 - m / 2, never overflows) and t in units of 2^-24 nats, so huge finite logits give the
-true KL. Bytes per row: V * (2 * itemsize) read, 4 written. docs/design/kernels.md section 1a has the loop's static
-SASS figures and the non-finite rules (NaN or +inf in a row -> NaN).
+true KL (online_softmax.py says why these units differ from token_stats'). Bytes per row: V * (2 * itemsize) read,
+4 written. docs/design/kernels.md section 1a has the loop's static SASS figures and the non-finite rules (NaN or +inf
+in a row -> NaN).
 
-Two launch shapes: one program per row (many rows), or a split over vocab chunks (few rows, kl_split_chunks: enough
-chunks for 4 waves of resident CTAs) whose per-chunk stats a tiny kernel combines.
+Two launch shapes: one program per row (many rows), or a split over vocab chunks (few rows, online_softmax's
+split_chunks: enough chunks for 4 waves of resident CTAs) whose per-chunk stats a tiny kernel combines.
 
 Backward (TokenKLFunction): dKL/da_j = p_j ((log p_j - log q_j) - KL) / T and dKL/db_j = (q_j - p_j) / T. When a
 gradient is wanted the forward saves the five fp32 stats per row ([N, 5]); the backward reads each logit once and
@@ -25,24 +26,26 @@ writes only the gradients asked for (GRAD_A / GRAD_B constexprs).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from pgpo_kernels.torch_fused_ops import token_kl_backward_torch
-from pgpo_kernels.torch_ops import token_kl_torch
+from pgpo_kernels.defaults import TEMPERATURE
+from pgpo_kernels.online_softmax import LN2
+from pgpo_kernels.online_softmax import LN2_C
+from pgpo_kernels.online_softmax import LOG2E
+from pgpo_kernels.online_softmax import chunk_layout
+from pgpo_kernels.online_softmax import split_chunks
+from pgpo_kernels.torch_fallback.token_kl import token_kl_backward_torch
+from pgpo_kernels.torch_fallback.token_kl import token_kl_torch
 from pgpo_kernels.utils import as_rows
+from pgpo_kernels.utils import autotune_enabled
 from pgpo_kernels.utils import check_logits_pair
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import next_power_of_2
 from pgpo_kernels.utils import resolve_backend
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-_LN2_C = tl.constexpr(LN2)  # globals read inside @triton.jit must be constexpr
 MAX_BLOCK_V = 4096
 N_STATS = 5  # per-chunk partial stats: m_a, s_a, m_b, s_b, t
 N_STATS_C = tl.constexpr(N_STATS)
@@ -53,21 +56,11 @@ _T_UNIT_INV_C = tl.constexpr(2.0**24)
 _T_SCALE_C = tl.constexpr(2.0 * LN2 * T_UNIT)  # tscale = scale * this: (2 / T) 2^-24 per half input unit
 
 
-# %% shared device helpers -----------------------------------------------------------------------------------------
+# %% device helpers ------------------------------------------------------------------------------------------------
 @triton.jit
 def _safe_max(m):
     # a max of -inf (nothing seen yet, or an all -inf row) is replaced by 0 wherever it offsets an exponent
     return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _rescale_t(t, alpha, s_a, shift):
-    """Carry the p-weighted log-ratio t over to a new max: alpha (t + s_a shift).
-
-    An infinite t (a finite a_i where b_i = -inf) stays infinite even when alpha underflows to 0, and a finite t whose
-    alpha is 0 (nothing seen yet, or mass far below the new max) adds nothing: never 0 * inf.
-    """
-    return tl.where(t == float("inf"), float("inf"), tl.where(alpha == 0.0, 0.0, alpha * (t + s_a * shift)))
 
 
 @triton.jit
@@ -152,23 +145,10 @@ def _kl_stream_thread(a_row_ptr, b_row_ptr, col_start, col_end, scale, BLOCK_V: 
 
 
 @triton.jit
-def _kl_finish(s_a, s_b, t):
-    """KL in nats from base-2 stats; an all -inf row of a has no distribution (0), s_b = 0 < s_a means +inf.
-
-    A NaN in any stat (a NaN or +inf logit in the row, of either input) gives NaN, never 0 or +inf.
-    """
-    kl = _LN2_C * (t / s_a - tl.log2(s_a) + tl.log2(s_b))
-    kl = tl.where(s_b == 0.0, float("inf"), kl)
-    kl = tl.where(s_a == 0.0, 0.0, kl)
-    kl = tl.where(kl < 0.0, 0.0, kl)  # clamp tiny negative rounding (a max() would turn NaN into 0)
-    return tl.where((s_a != s_a) | (s_b != s_b) | (t != t), float("nan"), kl)
-
-
-@triton.jit
 def _kl_raw(s_a, s_b, t):
     """KL in nats from token_kl's stats, unclamped: t is in units of 2^-24 nats (T_SCALE), so t / s_a * 2^24 overflows
     only where the true KL does (t itself is at most V times the KL), and log s_b / s_a is taken in base 2."""
-    return (t / s_a) * _T_UNIT_INV_C + _LN2_C * (tl.log2(s_b) - tl.log2(s_a))
+    return (t / s_a) * _T_UNIT_INV_C + LN2_C * (tl.log2(s_b) - tl.log2(s_a))
 
 
 @triton.jit
@@ -208,21 +188,6 @@ def _merge_stats(m_a, s_a, m_b, s_b, t, scale, tscale):
     dh = (0.5 * _safe_max(m_a) - 0.5 * M_a) - (0.5 * _safe_max(m_b) - 0.5 * M_b)
     t_all = tl.sum(tl.where(t == float("inf"), float("inf"), _carry_t(t, alpha, s_a, dh, tscale)), axis=0)
     return tl.sum(alpha * s_a, axis=0), tl.sum(gamma * s_b, axis=0), t_all
-
-
-@triton.jit
-def _merge_chunks(m_a, s_a, m_b, s_b, t, scale):
-    """Merge per-chunk stats [C] whose t is in base 2 (token_stats) with the streaming update's rule.
-
-    Returns (M_a, M_b, S_a, S_b, t_all, alpha, shift_a): the overall maxes (-inf replaced by 0), the merged sums and
-    t, and each chunk's rescale factor and shift of a, for callers that merge more a-sums with the same rule.
-    """
-    M_a = _safe_max(tl.max(m_a, axis=0))
-    M_b = _safe_max(tl.max(m_b, axis=0))
-    alpha = tl.where(m_a == float("-inf"), 0.0, tl.exp2((m_a - M_a) * scale))
-    shift_a = (_safe_max(m_a) - M_a) * scale
-    S_a, S_b, t_all = _merge_stats(m_a, s_a, m_b, s_b, t, scale, 2.0 * scale)
-    return M_a, M_b, S_a, S_b, t_all, alpha, shift_a
 
 
 # %% kernels -------------------------------------------------------------------------------------------------------
@@ -365,8 +330,8 @@ def _token_kl_bwd_kernel(
     g = tl.where(s_a == 0.0, 0.0, g)
     g = tl.where((s_a > 0.0) & ((s_b == 0.0) | (kl == float("inf"))), float("nan"), g)
     g = tl.where((s_a != s_a) | (s_b != s_b) | (t != t), float("nan"), g)
-    c1 = _LN2_C * scale2
-    c0 = _LN2_C * (lsa - lsb) + kl
+    c1 = LN2_C * scale2
+    c0 = LN2_C * (lsa - lsb) + kl
     R: tl.constexpr = BLOCK_V // VEC
     offs = tl.arange(0, R)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     full_end = col_start + ((col_end - col_start) // BLOCK_V) * BLOCK_V
@@ -396,26 +361,14 @@ def _token_kl_bwd_kernel(
 # split path use. Stages 1 is the unpipelined loop (plain 128-bit LDG, no cp.async, no barrier: 23.4 SASS
 # instructions per pair against 25.1 pipelined, static sm_90a bf16), which may hide latency by occupancy alone
 # (48 warps/SM); only a GPU can tell. Static figures of each: benchmarks/results/static-sm90-after.md.
-_AUTOTUNE_CONFIGS = [
+AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_V": bv, "NUM_STAGES": st}, num_warps=w)
     for bv, w, st in ((1024, 4, 1), (1024, 4, 2), (2048, 8, 1), (2048, 8, 2), (2048, 8, 3), (4096, 16, 2))
 ]
-_token_kl_fwd_kernel_autotuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["n_cols"])(_token_kl_fwd_kernel)
-
-
-def autotune_enabled(device: torch.device) -> bool:
-    """Autotune only on a real GPU (never in the interpreter); PGPO_AUTOTUNE=0 turns it off."""
-    return device.type == "cuda" and os.environ.get("PGPO_AUTOTUNE", "1") != "0"
+_token_kl_fwd_kernel_autotuned = triton.autotune(configs=AUTOTUNE_CONFIGS, key=["n_cols"])(_token_kl_fwd_kernel)
 
 
 # %% launchers -----------------------------------------------------------------------------------------------------
-def kl_launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) by vocab size for the tile-reducing kernels (token_stats): wide blocks for long rows."""
-    block_v = min(MAX_BLOCK_V, next_power_of_2(n_cols))
-    num_warps = 16 if block_v >= 4096 else 8 if block_v >= 2048 else 4
-    return block_v, num_warps
-
-
 def kl_stream_config(n_cols: int, itemsize: int) -> dict:
     """Launch config of the per-thread-stats token_kl kernels: BLOCK_V, VEC, NUM_STAGES and num_warps.
 
@@ -434,6 +387,8 @@ def kl_stream_config(n_cols: int, itemsize: int) -> dict:
 # Resident CTAs per SM of kl_stream_config's 8-warp launch, by (kernel, compute capability major): static figures
 # from `pgpo-bench sass` (registers and warps against the arch's limits; benchmarks/results/static-sm90-after.md):
 # forward/partial 40 regs on sm_90 (6 CTAs), 47 on sm_80 (5); backward 32 regs (8 on both). Unknown archs: 4.
+# split_chunks turns them into waves: at V = 152064 bf16 on an H100 (132 SMs, 6 CTAs/SM) 4096 rows need no split
+# (5.2 waves), 1024 rows get 4 chunks, 16 rows 38 (MIN_TILES_PER_CHUNK caps it).
 RESIDENT_CTAS = {("fwd", 9): 6, ("fwd", 8): 5, ("bwd", 9): 8, ("bwd", 8): 8}
 MIN_TILES_PER_CHUNK = 2  # a chunk streams at least this many tiles: its block merge and store stay a small share
 
@@ -443,34 +398,6 @@ def resident_ctas(kernel: str, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return RESIDENT_CTAS.get((kernel, torch.cuda.get_device_capability(device)[0]), 4)
-
-
-def kl_split_chunks(n_rows: int, n_cols: int, block_v: int, n_sm: int, ctas_per_sm: int, waves: int = 4) -> int:
-    """Vocab chunks per row so the grid, n_rows x chunks CTAs, fills >= `waves` waves of resident CTAs (1 = no split).
-
-    One wave is n_sm * ctas_per_sm CTAs; chunks keep at least MIN_TILES_PER_CHUNK tiles. At V = 152064 bf16 on an
-    H100 (132 SMs, 6 CTAs/SM): 4096 rows need no split (5.2 waves), 1024 rows get 4 chunks, 16 rows 38.
-    """
-    target = waves * n_sm * ctas_per_sm
-    if n_rows >= target:
-        return 1
-    max_chunks = max(1, triton.cdiv(n_cols, MIN_TILES_PER_CHUNK * block_v))
-    return max(1, min(max_chunks, triton.cdiv(target, max(n_rows, 1))))
-
-
-def split_chunks(n_rows: int, n_cols: int, block_v: int, n_sm: int) -> int:
-    """How many vocab chunks each row is split into so the grid covers ~4 waves of SMs (1 = no split)."""
-    if n_rows >= 2 * n_sm:
-        return 1
-    max_chunks = triton.cdiv(n_cols, block_v)
-    return max(1, min(max_chunks, triton.cdiv(4 * n_sm, max(n_rows, 1))))
-
-
-def chunk_layout(n_cols: int, n_chunks: int, block_v: int) -> tuple[int, int]:
-    """(cols_per_chunk, n_chunks): the vocab split into about n_chunks chunks of whole BLOCK_V tiles, none empty."""
-    n_chunks = max(1, min(int(n_chunks), triton.cdiv(n_cols, block_v)))
-    cols_per_chunk = triton.cdiv(triton.cdiv(n_cols, n_chunks), block_v) * block_v
-    return cols_per_chunk, triton.cdiv(n_cols, cols_per_chunk)  # no empty chunk after rounding up
 
 
 def token_kl_forward(
@@ -496,7 +423,8 @@ def token_kl_forward(
     cfg = kl_stream_config(n_cols, a.element_size())
     block_v = cfg["BLOCK_V"]
     if n_chunks is None:
-        n_chunks = kl_split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device), resident_ctas("fwd", a.device))
+        n_chunks = split_chunks(n_rows, n_cols, block_v, device_sm_count(a.device), resident_ctas("fwd", a.device),
+                                min_tiles=MIN_TILES_PER_CHUNK)
     cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, block_v)
     stats_arg = stats if save_stats else out  # a dummy pointer the kernel never writes
     if n_chunks == 1 and autotune_enabled(a.device) and n_cols >= 1024:
@@ -537,8 +465,8 @@ def token_kl_backward(
         g = grad_out.reshape(-1).contiguous()
         cfg = kl_stream_config(n_cols, a.element_size())
         if n_chunks is None:
-            n_chunks = kl_split_chunks(n_rows, n_cols, cfg["BLOCK_V"], device_sm_count(a.device),
-                                       resident_ctas("bwd", a.device))
+            n_chunks = split_chunks(n_rows, n_cols, cfg["BLOCK_V"], device_sm_count(a.device),
+                                    resident_ctas("bwd", a.device), min_tiles=MIN_TILES_PER_CHUNK)
         cols_per_chunk, n_chunks = chunk_layout(n_cols, n_chunks, cfg["BLOCK_V"])
         dummy = grad_a if need_a else grad_b  # a pointer the kernel never touches for the gradient not asked for
         _token_kl_bwd_kernel[(n_rows, n_chunks)](
@@ -589,7 +517,7 @@ class TokenKLFunction(torch.autograd.Function):
 
 # %% public functional ---------------------------------------------------------------------------------------------
 def token_kl(
-    logits_vis: torch.Tensor, logits_txt: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto"
+    logits_vis: torch.Tensor, logits_txt: torch.Tensor, *, temperature: float = TEMPERATURE, backend: str = "auto"
 ) -> torch.Tensor:
     """Per-token visual dependency S_t = KL(softmax(vis / T) || softmax(txt / T)) (PGPO, arXiv 2604.01840, Eq. S_t).
 

@@ -1,32 +1,26 @@
 """Per-token log pi(target), entropy and KL from the two passes' [N, V] logits, in one read of each.
 
 The old-log-prob phase of an RL step needs log pi_vis(x_t) and the entropy of pi_vis anyway; PGPO's KL to the
-text-only pass shares their log-sum-exp, so one streaming pass over the vocabulary yields all three. Stats are kept
-relative to running maxes m_a, m_b, with logit differences in units U = 2^-21 (d = (x - m) U, computed as x U - m U)
-and S = log2(e) / (T U):
+text-only pass shares their log-sum-exp, so one streaming pass over the vocabulary yields all three. The running
+stats are online_softmax's (fold, merge): s_a, s_b, t, u and hit relative to the maxes m_a, m_b, with logit
+differences d in UNITs of 2^-21 and S = log2(e) / (T UNIT). In nats,
 
-    s_a = sum_i 2^(da_i S),  s_b = sum_i 2^(db_i S),  t = sum_i 2^(da_i S) (da_i - db_i),  u = sum_i 2^(da_i S) da_i
-
-plus hit = max of a_i over the columns where b_i = -inf (> -inf means KL = +inf). Two groups of stats merge by
-rescaling with alpha = 2^(sh S), sh = (m - M) U, and shifting (u by s_a sh_a, t by s_a (sh_a - sh_b)). In nats,
-
-    KL = (t / s_a) / (T U) + ln2 (log2 s_b - log2 s_a),   H = ln2 log2 s_a - (u / s_a) / (T U),
-    log pi_vis(x) = (a_x U - m_a U) / (T U) - ln2 log2 s_a
+    KL = (t / s_a) / (T UNIT) + ln2 (log2 s_b - log2 s_a),   H = ln2 log2 s_a - (u / s_a) / (T UNIT),
+    log pi_vis(x) = (a_x UNIT - m_a UNIT) / (T UNIT) - ln2 log2 s_a
 
 Loop structure (docs/design/fused_ops.md has the compiled instruction counts): each program streams one row (or one
 vocab chunk of it) as [threads, EPT] tiles, so every thread folds the EPT contiguous columns it loaded (one 16-byte
 load per tensor) into its *own* running stats; nothing crosses threads inside the vocab loop, which is software
 pipelined (tl.range num_stages). After the loop the threads' stats merge once. With one chunk per row the program
 also finishes the row, reading the target's logits as two scalars (a[row, tgt], b[row, tgt]); with several chunks it
-writes 7 stats per (row, chunk) and a combine kernel merges them the same way and finishes.
+writes N_PART = 7 stats per (row, chunk) and a combine kernel merges them the same way and finishes.
 
 Non-finite inputs (the project's rules): a NaN or +inf anywhere in a row of either input makes every output of that
 row NaN (max is NaN-propagating, so NaN reaches every sum, and the finish checks the sums). Huge finite logits never
-overflow an intermediate: differences are taken in units of 2^-21 (x U - m U cannot overflow, and sums of up to
-2^20 of them stay finite) and clamped at -FLT_MAX, so 2^(d S) underflows to an exact 0 and 0 * d stays 0.
+overflow an intermediate (online_softmax's UNITs).
 
 Rows address a [B, T, V] view through a (batch, time) stride pair, so a slice such as logits[:, :-1] is read in
-place. The fold and merge helpers are shared with fused_linear.py.
+place.
 """
 
 from __future__ import annotations
@@ -37,30 +31,32 @@ import torch
 import triton
 import triton.language as tl
 
+from pgpo_kernels.defaults import ESTIMATOR
+from pgpo_kernels.defaults import TEMPERATURE
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.k3 import k3_kl
-from pgpo_kernels.token_kl import LOG2E
-from pgpo_kernels.token_kl import autotune_enabled
-from pgpo_kernels.token_kl import chunk_layout
-from pgpo_kernels.token_kl import split_chunks
-from pgpo_kernels.torch_fused_ops import token_stats_torch
+from pgpo_kernels.online_softmax import LN2_C
+from pgpo_kernels.online_softmax import LOG2E
+from pgpo_kernels.online_softmax import N_PART
+from pgpo_kernels.online_softmax import N_PART_C
+from pgpo_kernels.online_softmax import NEG_MAX_C
+from pgpo_kernels.online_softmax import UNIT
+from pgpo_kernels.online_softmax import UNIT_C
+from pgpo_kernels.online_softmax import chunk_layout
+from pgpo_kernels.online_softmax import fold
+from pgpo_kernels.online_softmax import init_stats
+from pgpo_kernels.online_softmax import is_nan
+from pgpo_kernels.online_softmax import merge
+from pgpo_kernels.online_softmax import split_chunks
+from pgpo_kernels.torch_fallback.token_stats import token_stats_torch
 from pgpo_kernels.utils import as_rows
+from pgpo_kernels.utils import autotune_enabled
 from pgpo_kernels.utils import check_logits_pair
 from pgpo_kernels.utils import check_temperature
 from pgpo_kernels.utils import device_sm_count
 from pgpo_kernels.utils import next_power_of_2
 from pgpo_kernels.utils import resolve_backend
 from pgpo_kernels.utils import row_view
-
-N_PART = 7  # per-(row, chunk) partial stats: m_a, s_a, m_b, s_b, t, u, hit
-FLT_MAX = 3.4028234663852886e38
-_NEG_MAX = tl.constexpr(-FLT_MAX)  # globals read inside @triton.jit must be constexpr
-_LN2 = tl.constexpr(0.6931471805599453)
-# the unit of the stats' logit differences: d = (x - m) * 2^-21 cannot overflow for finite x, m, and sums of up to
-# 2^20 p-weighted differences stay below FLT_MAX (V = 152064 < 2^18), so t overflows only when the KL itself does
-UNIT = 2.0 ** -21
-_UNIT = tl.constexpr(UNIT)
-_NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
 
 
 class TokenStats(NamedTuple):
@@ -75,109 +71,30 @@ class TokenStats(NamedTuple):
     kl: torch.Tensor
 
 
-# %% shared device helpers -----------------------------------------------------------------------------------------
-@triton.jit
-def _max_nan(x, y):
-    return tl.maximum(x, y, propagate_nan=_NAN_ALL)
-
-
-@triton.jit
-def _is_nan(x):
-    return x != x  # noqa: PLR0124 - the NaN test
-
-
-@triton.jit
-def _diff_u(x, m_u):
-    """(x - m) * UNIT from m_u = m * UNIT, which cannot overflow for finite x, m; -inf (masked logits) clamps to
-    -FLT_MAX, where 2^(. scale_u) is 0 and 0 * . stays 0 (never 0 * inf). NaN stays NaN."""
-    return _max_nan(x * _UNIT - m_u, _NEG_MAX)
-
-
-@triton.jit
-def _times(alpha, v):
-    """alpha * v for a rescale factor alpha in [0, 1]: a group whose alpha underflowed to 0 adds nothing, even if its
-    sum overflowed to +inf (never 0 * inf; a NaN input reaches alpha through the NaN-propagating max)."""
-    return tl.where(alpha == 0.0, 0.0, alpha * v)
-
-
-@triton.jit
-def _init_stats(R: tl.constexpr):
-    """Running stats of R groups before any column: (m_a, s_a, m_b, s_b, t, u, hit).
-
-    The maxes start at -FLT_MAX, not -inf, so no rescale ever computes -inf - (-inf)."""
-    m_a = tl.full((R,), _NEG_MAX, tl.float32)
-    m_b = tl.full((R,), _NEG_MAX, tl.float32)
-    zero = tl.zeros((R,), tl.float32)
-    hit = tl.full((R,), float("-inf"), tl.float32)
-    return m_a, zero, m_b, zero, zero, zero, hit
-
-
-@triton.jit
-def _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_ENTROPY: tl.constexpr):
-    """Fold tiles x, y [R, K] (fp32, -inf on padded lanes) into the running stats [R] along axis 1.
-
-    Stats are in UNITs (d = (x - m) UNIT; 2^(d scale_u) = 2^((x - m) scale)). token_stats calls it with
-    R = threads and K = the columns each thread loaded (no cross-thread work); fused_linear with R = rows of a tile."""
-    new_m_a = _max_nan(m_a, tl.reduce(x, 1, _max_nan))
-    new_m_b = _max_nan(m_b, tl.reduce(y, 1, _max_nan))
-    mu_a = new_m_a * _UNIT
-    mu_b = new_m_b * _UNIT
-    sh_a = _diff_u(m_a, mu_a)  # <= 0: the old sums' shift
-    sh_b = _diff_u(m_b, mu_b)
-    alpha = tl.exp2(sh_a * scale_u)
-    w = alpha * s_a  # old a-mass at the new max
-    da = _diff_u(x, mu_a[:, None])
-    db = _diff_u(y, mu_b[:, None])
-    ea = tl.exp2(da * scale_u)
-    t = _times(alpha, t) + w * (sh_a - sh_b) + tl.sum(ea * (da - db), axis=1)
-    if WITH_ENTROPY:
-        u = alpha * u + w * sh_a + tl.sum(ea * da, axis=1)
-    s_a = w + tl.sum(ea, axis=1)
-    s_b = tl.exp2(sh_b * scale_u) * s_b + tl.sum(tl.exp2(db * scale_u), axis=1)
-    # a finite a_i where b_i = -inf makes the KL +inf: remember the largest such a_i
-    hit = tl.maximum(hit, tl.max(tl.where(y == float("-inf"), x, float("-inf")), axis=1))
-    return new_m_a, s_a, new_m_b, s_b, t, u, hit
-
-
-@triton.jit
-def _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_ENTROPY: tl.constexpr):
-    """Merge groups of stats [G] (threads of a program, or chunks of a row) into scalars, by _fold's rule."""
-    M_a = tl.reduce(m_a, 0, _max_nan)
-    M_b = tl.reduce(m_b, 0, _max_nan)
-    sh_a = _diff_u(m_a, M_a * _UNIT)
-    sh_b = _diff_u(m_b, M_b * _UNIT)
-    alpha = tl.exp2(sh_a * scale_u)
-    w = alpha * s_a
-    T = tl.sum(_times(alpha, t) + w * (sh_a - sh_b), axis=0)
-    U = 0.0
-    if WITH_ENTROPY:
-        U = tl.sum(alpha * u + w * sh_a, axis=0)
-    S_b = tl.sum(tl.exp2(sh_b * scale_u) * s_b, axis=0)
-    return M_a, tl.sum(w, axis=0), M_b, S_b, T, U, tl.max(hit, axis=0)
-
-
+# %% device helpers ------------------------------------------------------------------------------------------------
 @triton.jit
 def _finish_kl(S_a, S_b, T, HIT, inv_tu):
-    """KL in nats (T in UNITs: inv_tu = 1 / (temperature UNIT) converts); an all -inf row of a has no distribution (0); a
-    finite a_i where b_i = -inf gives +inf."""
-    kl = inv_tu * (T / S_a) + _LN2 * (tl.log2(S_b) - tl.log2(S_a))
+    """KL in nats (T in UNITs: inv_tu = 1 / (temperature UNIT) converts); an all -inf row of a has no distribution
+    (0); a finite a_i where b_i = -inf gives +inf."""
+    kl = inv_tu * (T / S_a) + LN2_C * (tl.log2(S_b) - tl.log2(S_a))
     kl = tl.where(HIT > float("-inf"), float("inf"), kl)
     kl = tl.where(S_a == 0.0, 0.0, kl)
     kl = tl.where(kl < 0.0, 0.0, kl)  # tiny negative rounding; a where, not a max, so NaN survives
-    return tl.where(_is_nan(S_a) | _is_nan(S_b) | _is_nan(T), float("nan"), kl)
+    return tl.where(is_nan(S_a) | is_nan(S_b) | is_nan(T), float("nan"), kl)
 
 
 @triton.jit
 def _finish_entropy(S_a, U, inv_tu):
-    ent = _LN2 * tl.log2(S_a) - inv_tu * (U / S_a)
+    ent = LN2_C * tl.log2(S_a) - inv_tu * (U / S_a)
     ent = tl.where(S_a == 0.0, 0.0, ent)
     return tl.where(ent < 0.0, 0.0, ent)
 
 
 @triton.jit
 def _finish_logp(x_t, M, S, inv_tu):
-    """log softmax at the target in nats: (x_t - M) / T in UNITs (no overflow), minus ln S; no distribution (S = 0) -> -inf."""
-    lp = (x_t * _UNIT - M * _UNIT) * inv_tu - _LN2 * tl.log2(S)
+    """log softmax at the target in nats: (x_t - M) / T in UNITs (no overflow), minus ln S; no distribution (S = 0)
+    -> -inf."""
+    lp = (x_t * UNIT_C - M * UNIT_C) * inv_tu - LN2_C * tl.log2(S)
     lp = tl.where(S == 0.0, float("-inf"), lp)
     return tl.where(lp > 0.0, 0.0, lp)  # clamp tiny positive rounding when p(target) ~ 1
 
@@ -186,8 +103,8 @@ def _finish_logp(x_t, M, S, inv_tu):
 def _finish_row(M_a, S_a, M_b, S_b, T, U, HIT, x_t, y_t, row, kl_ptr, logp_ptr, logq_ptr, ent_ptr, scale_u,
                 WITH_TARGET: tl.constexpr):
     """Write one row's outputs; a NaN anywhere in the row's stats (a NaN or +inf logit) makes all of them NaN."""
-    bad = _is_nan(S_a) | _is_nan(S_b) | _is_nan(T) | _is_nan(U)
-    inv_tu = scale_u * _LN2  # 1 / (temperature UNIT)
+    bad = is_nan(S_a) | is_nan(S_b) | is_nan(T) | is_nan(U)
+    inv_tu = scale_u * LN2_C  # 1 / (temperature UNIT)
     tl.store(kl_ptr + row, _finish_kl(S_a, S_b, T, HIT, inv_tu))
     if WITH_TARGET:
         tl.store(ent_ptr + row, tl.where(bad, float("nan"), _finish_entropy(S_a, U, inv_tu)))
@@ -236,22 +153,22 @@ def _token_stats_kernel(
     NT: tl.constexpr = BLOCK_V // EPT
     offs = tl.arange(0, NT)[:, None] * EPT + tl.arange(0, EPT)[None, :]  # [NT, EPT]: a thread's columns in a row
 
-    m_a, s_a, m_b, s_b, t, u, hit = _init_stats(NT)
+    m_a, s_a, m_b, s_b, t, u, hit = init_stats(NT)
     full_end = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
     # whole tiles: unmasked 16-byte loads, fp32 whatever the input dtype
     for start in tl.range(col_start, full_end, BLOCK_V, num_stages=NUM_STAGES):
         x = tl.load(a_row + start + offs).to(tl.float32)
         y = tl.load(b_row + start + offs).to(tl.float32)
-        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
+        m_a, s_a, m_b, s_b, t, u, hit = fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
     if full_end < col_end:  # the ragged last tile: padded lanes are -inf, which contribute nothing
         ok = full_end + offs < col_end
         x = tl.load(a_row + full_end + offs, mask=ok, other=float("-inf")).to(tl.float32)
         y = tl.load(b_row + full_end + offs, mask=ok, other=float("-inf")).to(tl.float32)
-        m_a, s_a, m_b, s_b, t, u, hit = _fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
+        m_a, s_a, m_b, s_b, t, u, hit = fold(m_a, s_a, m_b, s_b, t, u, hit, x, y, scale_u, WITH_TARGET)
     # the one cross-thread step: merge the threads' stats
-    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
+    M_a, S_a, M_b, S_b, T, U, HIT = merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
     if SPLIT:
-        base = part_ptr + (row * n_chunks + chunk) * 7
+        base = part_ptr + (row * n_chunks + chunk) * N_PART_C
         tl.store(base + 0, M_a)
         tl.store(base + 1, S_a)
         tl.store(base + 2, M_b)
@@ -295,15 +212,15 @@ def _token_stats_combine_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     ok = offs < n_chunks
-    base = part_ptr + row * n_chunks * 7 + offs * 7
-    m_a = tl.load(base + 0, mask=ok, other=_NEG_MAX)
+    base = part_ptr + row * n_chunks * N_PART_C + offs * N_PART_C
+    m_a = tl.load(base + 0, mask=ok, other=NEG_MAX_C)
     s_a = tl.load(base + 1, mask=ok, other=0.0)
-    m_b = tl.load(base + 2, mask=ok, other=_NEG_MAX)
+    m_b = tl.load(base + 2, mask=ok, other=NEG_MAX_C)
     s_b = tl.load(base + 3, mask=ok, other=0.0)
     t = tl.load(base + 4, mask=ok, other=0.0)
     u = tl.load(base + 5, mask=ok, other=0.0)
     hit = tl.load(base + 6, mask=ok, other=float("-inf"))
-    M_a, S_a, M_b, S_b, T, U, HIT = _merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
+    M_a, S_a, M_b, S_b, T, U, HIT = merge(m_a, s_a, m_b, s_b, t, u, hit, scale_u, WITH_TARGET)
     x_t = 0.0
     y_t = 0.0
     if WITH_TARGET:
@@ -328,14 +245,11 @@ def stats_launch_config(n_cols: int, itemsize: int) -> dict:
     return {"BLOCK_V": 32 * num_warps * ept, "EPT": ept, "NUM_STAGES": 2, "num_warps": num_warps}
 
 
-def _autotune_configs():
-    # (EPT, warps, stages): 16-byte loads (EPT 8 in bf16/fp16, 4 in fp32) or 32-byte ones, 8 or 16 warps; EPT 4 runs
-    # 2 stages only (3 stages spend > 32 SASS per pair on the pipeline at 4 columns per thread, compiled for sm_90a)
-    return [triton.Config({"BLOCK_V": 32 * w * e, "EPT": e, "NUM_STAGES": s}, num_warps=w)
-            for e in (4, 8, 16) for w in (8, 16) for s in ((2,) if e == 4 else (2, 3))]
-
-
-_token_stats_kernel_autotuned = triton.autotune(configs=_autotune_configs(), key=["n_cols"])(_token_stats_kernel)
+# (EPT, warps, stages): 16-byte loads (EPT 8 in bf16/fp16, 4 in fp32) or 32-byte ones, 8 or 16 warps; EPT 4 runs
+# 2 stages only (3 stages spend > 32 SASS per pair on the pipeline at 4 columns per thread, compiled for sm_90a)
+AUTOTUNE_CONFIGS = [triton.Config({"BLOCK_V": 32 * w * e, "EPT": e, "NUM_STAGES": s}, num_warps=w)
+                    for e in (4, 8, 16) for w in (8, 16) for s in ((2,) if e == 4 else (2, 3))]
+_token_stats_kernel_autotuned = triton.autotune(configs=AUTOTUNE_CONFIGS, key=["n_cols"])(_token_stats_kernel)
 
 
 # %% launchers -----------------------------------------------------------------------------------------------------
@@ -451,8 +365,8 @@ def token_stats(
     logits_txt: torch.Tensor,
     target_ids: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    estimator: str = "full",
+    temperature: float = TEMPERATURE,
+    estimator: str = ESTIMATOR,
     backend: str = "auto",
 ) -> TokenStats:
     """log pi_vis(target), entropy of pi_vis and the visual dependency S_t, in one read of each logit tensor.

@@ -162,6 +162,11 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def autotune_enabled(device: torch.device) -> bool:
+    """Autotune only on a real GPU (never in the interpreter); PGPO_AUTOTUNE=0 turns it off."""
+    return device.type == "cuda" and os.environ.get("PGPO_AUTOTUNE", "1") != "0"
+
+
 def device_sm_count(device: torch.device) -> int:
     """Number of streaming multiprocessors, or a stand-in when not on CUDA (interpreter)."""
     if device.type == "cuda":

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from pgpo_kernels.defaults import BETA
+from pgpo_kernels.defaults import EPS
+from pgpo_kernels.defaults import ESTIMATOR
+from pgpo_kernels.defaults import RENORMALIZE
+from pgpo_kernels.defaults import TAU
+from pgpo_kernels.defaults import TEMPERATURE
 from pgpo_kernels.k3 import check_estimator
 from pgpo_kernels.reshape import check_reshape_args
 from pgpo_kernels.reshape import reshape_weights_checked
@@ -23,12 +29,12 @@ def pgpo_token_weights(
     mask: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
-    estimator: str = "full",
+    temperature: float = TEMPERATURE,
+    tau: float = TAU,
+    beta: float = BETA,
+    eps: float = EPS,
+    renormalize: bool = RENORMALIZE,
+    estimator: str = ESTIMATOR,
     target_ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +70,7 @@ def pgpo_token_weights(
     # every reshape check runs here, before the KL launch: a bad mask must not cost a pass over [N, V]
     check_reshape_args(torch.empty(score_shape, device="meta"), mask, cu_seqlens, tau, beta, eps, renormalize,
                        device=logits_vis.device)
-    with torch.no_grad():  # weights, never a loss (SPEC 1): neither output carries a gradient on any backend
+    with torch.no_grad():  # weights, never a loss (docs/method.md#visual-dependency): no gradient on any backend
         if estimator == "k3":  # token_stats checks target_ids (shape, dtype, range) before reading the logits
             kl = token_stats(logits_vis, logits_txt, target_ids, temperature=temperature, estimator="k3",
                              backend=backend).kl  # [B, T] float32

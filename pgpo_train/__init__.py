@@ -3,7 +3,7 @@
     train(TrainConfig(...))                      the loop (pgpo-train / python -m pgpo_train)
     build_tiny(), save_tiny_checkpoint(path)     the embedded tiny Qwen2.5-VL + processor
     make_count_records(n), save_count_dataset()  the synthetic visual task
-    position_ids(), visual_inputs(), text_only_inputs()  both passes of SPEC section 1 (model_family)
+    position_ids(), visual_inputs(), text_only_inputs()  both passes, docs/method.md#text-only-pass
     compute_score(response, answer)              0.9 x accuracy (math-verify) + 0.1 x format
 
 Names resolve lazily, so `import pgpo_train` stays cheap.

@@ -42,6 +42,7 @@ def test_wheel_ships_no_results_and_no_generic_top_level_name(tmp_path):
     assert tops == {"pgpo_kernels", "pgpo_train", "pgpo_bench"}, tops
     assert not [n for n in names if "results" in n.split("/")], "benchmark results shipped"
     assert "pgpo_bench/cli.py" in names and "pgpo_train/integrations/trl.py" in names
+    assert "pgpo_kernels/torch_fallback/token_kl.py" in names, "a pgpo_kernels subpackage missing from the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "pgpo-bench = pgpo_bench.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     # the installed benchmark tools import each other as pgpo_bench, never through a top-level `benchmarks`

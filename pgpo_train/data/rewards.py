@@ -1,4 +1,4 @@
-"""Verifiable reward of the paper's recipe (SPEC section 3): 0.9 x accuracy (math-verify) + 0.1 x format."""
+"""Verifiable reward of the paper's recipe (docs/method.md#recipe): 0.9 x accuracy (math-verify) + 0.1 x format."""
 
 from __future__ import annotations
 

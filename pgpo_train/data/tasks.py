@@ -5,10 +5,10 @@ grid-count (default): an 84x84 image holds a 3x3 grid of cells; N of them (N = 0
     predictor is at chance (1/10). The response is `<think></think>\\boxed{N}`: the one token that decides the
     reward is read off the image, which is the case PGPO's visual-dependency weighting is designed for. The warm-up
     references come from a teacher that undercounts crowded grids (TEACHER_UNDERCOUNT_FROM), which leaves RL room.
-count-copy (the previous default, make_count_records): a 2x2 grid; "How many <colour> shapes?"; the response
+count-copy (make_count_records, the contrast to grid-count): a 2x2 grid; "How many <colour> shapes?"; the response
     counts every colour inside <think> and copies the asked one into \\boxed{}. After the warm-up the errors are in
     that copy, a text-only token with almost no token KL, so PGPO (as the paper defines it) moves advantage away
-    from the error and is expected NOT to help (issue 10; benchmarks/results/train_dapo_vs_pgpo).
+    from the error and is expected NOT to help (measured: benchmarks/results/train_dapo_vs_pgpo/).
 
 Both tasks share the shapes, colours, drawing and dataset saving of count-copy, which come first.
 """
@@ -142,8 +142,9 @@ GRID_QUESTION = "How many shapes?"
 # it writes N - 1 in 3 of 4 records (the "answer" column, which the reward checks, is always the true N). Why: SFT
 # makes the policy calibrated to its references, and a calibrated policy's greedy answer is already the best its
 # perception allows, so on exact references RL only sharpens sampling and greedy accuracy barely moves in a few
-# minutes (measured, issue 10). The teacher's bias leaves a systematic error on the visual answer token that only
-# the verifiable reward reveals: the room RL (and PGPO's weighting) can visibly use.
+# minutes (measured: benchmarks/results/train_task_ablation/exploration/). The teacher's bias leaves a systematic
+# error on the visual answer token that only the verifiable reward reveals: the room RL (and PGPO's weighting) can
+# visibly use.
 TEACHER_UNDERCOUNT_FROM = 5
 TEACHER_UNDERCOUNT_P = 0.75
 
@@ -202,7 +203,7 @@ def make_grid_records(n: int, seed: int = 0) -> list[dict]:
 
 # %% grid-reason
 
-# The paper's response shape on the grid-count image (issue 17): the answer is the same image-decided count, but the
+# The paper's response shape on the grid-count image: the answer is the same image-decided count, but the
 # reference response reasons in many tokens: linguistic filler sampled with real entropy (random phrases in random
 # order, no bearing on the reward), a few tokens read off the image (the count of each row), a text-derived total
 # (the sum of the row counts) and the boxed answer. --task-filler N sets the filler words (0: no linguistic content).
@@ -326,7 +327,7 @@ TASKS = {
         "grid-reason",
         "grid-reason-v2",  # + "-f{filler}" (task_cache_name)
         make_grid_reason_records,
-        "grid-count's image and answer, a reasoning response: filler words, row counts, a text total (issue 17)",
+        "grid-count's image and answer, a reasoning response: filler words, row counts, a text total",
     ),
     "count-copy": Task(
         "count-copy",

@@ -1,4 +1,4 @@
-"""Start-up refusals and per-step checks for the TRL and verl adapters (issue 19).
+"""Start-up refusals and per-step checks for the TRL and verl adapters.
 
 Every option a user can switch on in the trainers that PGPO does not support gets one error here, before any model
 or worker work, naming the option; the matrix is in integrations/README.md. Nothing in this module imports trl or
@@ -13,25 +13,26 @@ from pgpo_kernels.utils import check_reshape_params
 
 # %% verl
 
-# The mixin's options under `algorithm.pgpo` (SPEC section 2): a typo must not fall back to a default silently.
+# The mixin's options under `algorithm.pgpo` (docs/method.md#defaults): a typo must never fall back to a default.
 VERL_PGPO_KEYS = ("enable", "tau", "beta", "eps", "renormalize", "min_spread", "visual_token_ids", "control",
                   "tau_mode", "floor", "seed", "k3_log_ratio_max", "k3_score_max", "preset")
 
 # verl's actor strategies whose VLM forward keeps the batch's position ids: the FSDP engine packs the (holed)
 # attention mask into varlen sequences and passes `position_ids` (text row + 3 mrope rows) through, so the kept tokens
-# keep their original positions (SPEC section 1; tested with verl's padding helpers).
+# keep their original positions (docs/method.md#text-only-pass; tested with verl's padding helpers).
 VERL_STRATEGIES_KEEPING_POSITIONS = ("fsdp", "fsdp2")
 
 MEGATRON_ERROR = (
     "PGPO does not support actor_rollout_ref.actor.strategy='megatron': verl's Megatron engine calls the VLM with "
     "position_ids=None (verl/models/mcore/model_forward.py), so the Megatron Qwen-VL rebuilds its rope index from the "
     "text-only batch, whose image is gone and whose attention mask is holed: the visual tokens are deleted and the "
-    "rest renumbered, the variant SPEC section 1 rejects (on the tiny model, up to 1.5e-3 in logits, 0.016 in PGPO "
-    "weights). Use actor_rollout_ref.actor.strategy=fsdp (or fsdp2), which keeps the positions."
+    "rest renumbered, the variant the paper rejects, docs/method.md#text-only-pass (on the tiny model, up to 1.5e-3 "
+    "in logits, 0.016 in PGPO weights). Use actor_rollout_ref.actor.strategy=fsdp (or fsdp2), which keeps the "
+    "positions."
 )
 
 # Advantage estimators whose advantages are not one outcome advantage per sequence broadcast over its tokens:
-# PGPO's A_t = A * w~_t is defined on such an A (SPEC section 3, GRPO/DAPO family).
+# PGPO's A_t = A * w~_t is defined on such an A (docs/method.md#rl-step).
 VERL_TOKEN_LEVEL_ESTIMATORS = ("gae", "optimal_token_baseline", "tir_optimal_token_baseline")
 
 
@@ -100,14 +101,15 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
     if strategy not in VERL_STRATEGIES_KEEPING_POSITIONS:
         raise ValueError(f"{who}: PGPO is not tested with actor_rollout_ref.actor.strategy={strategy!r}: its VLM "
                          "forward may rebuild the position ids of the text-only batch from its holed attention mask "
-                         "(the variant SPEC section 1 rejects). Supported: "
+                         "(the variant the paper rejects, docs/method.md#text-only-pass). Supported: "
                          f"{list(VERL_STRATEGIES_KEEPING_POSITIONS)}")
     estimator = _path(config, "algorithm.adv_estimator", "grpo")
     estimator = str(getattr(estimator, "value", estimator))  # verl's AdvantageEstimator is a str Enum
     if estimator in VERL_TOKEN_LEVEL_ESTIMATORS:
         raise ValueError(f"{who}: PGPO does not support algorithm.adv_estimator={estimator!r}: its advantages vary "
                          "by token before PGPO, while PGPO's A_t = A * w~_t reshapes one outcome advantage per "
-                         "sequence (SPEC section 3). Use grpo (the paper's DAPO is grpo + clip-higher + filtering).")
+                         "sequence (docs/method.md#rl-step). Use grpo (the paper's DAPO is grpo + clip-higher + "
+                         "filtering).")
 
 
 def verl_options_with_preset(opts) -> dict:
@@ -223,7 +225,7 @@ def check_no_tool_images(model, completion_ids, completion_mask, tool_mask) -> N
     if bool((torch.isin(completion_ids, ids) & from_tools).any()):
         raise ValueError("PGPOGRPOTrainer does not support tools that return images: a tool response put image "
                          "placeholders inside a completion, and PGPO's text-only pass masks only the prompt's image "
-                         "(SPEC section 1). Use tools that return text, or train without `tools`.")
+                         "(docs/method.md#text-only-pass). Use tools that return text, or train without `tools`.")
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The adapters' PGPO passes from hidden states: the exact token KL without [b, T, V] logits (issue 16).
+"""The adapters' PGPO passes from hidden states: the exact token KL without [b, T, V] logits.
 
 TRL 1.16 never builds the logits of its own passes (its fused LM head returns log-probs), so PGPO's two extra
 passes should not either: both stop at the last hidden states and `fused_linear_token_kl` applies the lm_head tile by

@@ -3,8 +3,8 @@
 Trainers hold different things after their two passes: TRL can give logits (the exact KL, "full"), verl's and
 EasyR1's workers give the sampled tokens' log-probs (the paper's appendix estimator, "k3"), and a custom worker may
 already have per-token scores. All three end in the project's one scores -> weights path,
-`pgpo_train.rl.core_algos.pgpo_weights` (SPEC section 2); `k3_scores` and `weight_metrics` live in core_algos too and
-are re-exported here.
+`pgpo_train.rl.core_algos.pgpo_weights` (docs/method.md#reshape); `k3_scores` and `weight_metrics` live in core_algos
+too and are re-exported here.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def pgpo_weights_from_passes(
             `core_algos.k3_scores`' log_ratio_max and score_max (pgpo-train's --pgpo.k3-*; the dev-easyr1 preset's
             20 and 10).
         options: `pgpo_train.rl.core_algos.pgpo_weights`' keyword options (tau, beta, eps, renormalize, min_spread,
-            backend, and the issue-17 control, tau_mode, floor, generator), with its defaults (the paper's).
+            backend, and the variants' control, tau_mode, floor, generator), with its defaults (the paper's).
 
     Returns:
         (weights, scores): float32 [B, T] each; weights are 0 at padding and sum to the valid-token count per row.
@@ -112,7 +112,7 @@ def apply_variants(
     generator: torch.Generator | None = None,
     **options,
 ) -> torch.Tensor:
-    """The issue-17 options on weights an adapter computed for the whole batch in chunks: `weights` unchanged at
+    """The variant options on weights an adapter computed for the whole batch in chunks: `weights` unchanged at
     the defaults (the paper's formula), else `core_algos.pgpo_weights` again on the whole batch's scores with them
     (so a shuffled control draws one permutation stream per batch). options: tau, beta, eps, renormalize,
     min_spread, backend, as `core_algos.pgpo_weights` takes them."""

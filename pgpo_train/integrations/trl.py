@@ -2,10 +2,10 @@
 
 Where it hooks in (trl >= 1.x): `GRPOTrainer._generate_and_score_completions` returns the rollout batch with one
 group-normalized advantage per completion, [B]. We run the two PGPO passes over that batch (visual, and text-only as
-SPEC section 1 builds it, both under no_grad with explicit position ids), turn them into token weights with
-pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compute_loss` accepts 2-D advantages as
-they are. `use_liger_kernel=True` is allowed where TRL only applies Liger's layer kernels (TRL 1.16) and refused
-where it swaps in Liger's GRPO loss, which takes [B] advantages only (`liger_problem`).
+docs/method.md#text-only-pass builds it, both under no_grad with explicit position ids), turn them into token weights
+with pgpo_kernels, and hand back `advantages` [B, T] = A[:, None] * w~. TRL's `_compute_loss` accepts 2-D advantages as
+they are. `use_liger_kernel=True` is allowed where TRL only applies Liger's layer kernels (TRL 1.16) and refused where
+it swaps in Liger's GRPO loss, which takes [B] advantages only (`liger_problem`).
 
 Every family of `pgpo_train.models.model_family` is supported (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-OneVision,
 Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused before a model is loaded.
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from dataclasses import field
 
 import torch
+
+from pgpo_kernels import defaults
 
 try:
     from trl import GRPOConfig
@@ -84,13 +86,13 @@ def liger_problem() -> str | None:
 # therefore carry a `pgpo_` prefix.
 @dataclass
 class PGPOConfig(GRPOConfig):
-    """GRPOConfig plus PGPO's options (arXiv 2604.01840; defaults are the paper's best, SPEC section 2)."""
+    """GRPOConfig plus PGPO's options (arXiv 2604.01840; defaults are the paper's best, docs/method.md#defaults)."""
 
-    pgpo_tau: float = field(default=0.4, metadata={"help": "PGPO gate threshold tau in [0, 1]."})
-    pgpo_beta: float = field(default=2.0, metadata={"help": "PGPO amplification beta >= 0 (not GRPO's KL beta)."})
-    pgpo_eps: float = field(default=1e-6, metadata={"help": "PGPO small constant eps > 0."})
+    pgpo_tau: float = field(default=defaults.TAU, metadata={"help": "PGPO gate threshold tau in [0, 1]."})
+    pgpo_beta: float = field(default=defaults.BETA, metadata={"help": "PGPO amplification beta >= 0 (not GRPO's KL beta)."})
+    pgpo_eps: float = field(default=defaults.EPS, metadata={"help": "PGPO small constant eps > 0."})
     pgpo_estimator: str = field(
-        default="full",
+        default=defaults.ESTIMATOR,
         metadata={"help": "Visual-dependency estimator: 'full' (exact token KL from logits, fused) or 'k3' (the "
                   "paper's appendix estimate from the sampled token's log-probs)."},
     )
@@ -98,26 +100,27 @@ class PGPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Softmax temperature of the token KL ('full' only); None = the sampling temperature."},
     )
-    pgpo_renormalize: bool = field(default=True, metadata={"help": "Keep each sequence's weight mass (SPEC 2)."})
+    pgpo_renormalize: bool = field(default=defaults.RENORMALIZE,
+                                   metadata={"help": "Keep each sequence's weight mass (docs/method.md#reshape)."})
     pgpo_min_spread: float = field(
-        default=0.0,
+        default=defaults.MIN_SPREAD,
         metadata={"help": "Uniform weights for a sequence whose log1p(KL) spread is below this; 0 = off (our "
                   "choice, as pgpo-train's --pgpo.min-spread)."},
     )
     pgpo_backend: str = field(default="auto", metadata={"help": "pgpo_kernels backend: auto, triton or torch."})
-    # issue 17 (README "PGPO variants and controls"); defaults: the paper's formula
-    pgpo_control: str = field(default="none", metadata={"help": "none, shuffled (weights permuted within each "
+    # variants and controls (docs/method.md#variants); defaults: the paper's formula
+    pgpo_control: str = field(default=defaults.CONTROL, metadata={"help": "none, shuffled (weights permuted within each "
                               "completion) or inverted (I -> 1 - I before the gate): controls."})
-    pgpo_tau_mode: str = field(default="absolute", metadata={"help": "absolute (gate at I = tau) or quantile (at "
+    pgpo_tau_mode: str = field(default=defaults.TAU_MODE, metadata={"help": "absolute (gate at I = tau) or quantile (at "
                                "each completion's tau-quantile of I)."})
-    pgpo_floor: float = field(default=0.0, metadata={"help": "Minimum weight after the gate, before renormalizing."})
-    pgpo_k3_log_ratio_max: float = field(default=0.0, metadata={"help": "k3 only: log r clamped to [-x, x] "
-                                         "before (r - 1) - log r; 0 = off (the paper's). dev-easyr1: 20."})
-    pgpo_k3_score_max: float = field(default=0.0, metadata={"help": "k3 only: the score clamped to [0, x]; 0 = off "
-                                     "(the paper's). dev-easyr1: 10."})
-    pgpo_preset: str = field(default="none", metadata={"help": "none or dev-easyr1: the authors' development "
-                             "variant, second-hand (pgpo_train.run.config.PRESETS); fills the pgpo_* options still at "
-                             "their defaults."})
+    pgpo_floor: float = field(default=defaults.FLOOR, metadata={"help": "Minimum weight after the gate, before renormalizing."})
+    pgpo_k3_log_ratio_max: float = field(default=defaults.K3_LOG_RATIO_MAX, metadata={
+        "help": "k3 only: log r clamped to [-x, x] before (r - 1) - log r; 0 = off (the paper's). dev-easyr1: 20."})
+    pgpo_k3_score_max: float = field(default=defaults.K3_SCORE_MAX, metadata={
+        "help": "k3 only: the score clamped to [0, x]; 0 = off (the paper's). dev-easyr1: 10."})
+    pgpo_preset: str = field(default=defaults.PRESET, metadata={
+        "help": "none or dev-easyr1: the authors' development variant, second-hand (pgpo_kernels.defaults.PRESETS); "
+                "fills the pgpo_* options still at their defaults."})
     pgpo_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
@@ -165,7 +168,7 @@ def check_pgpo_args(args) -> None:
 
 
 class PGPOGRPOTrainer(GRPOTrainer):
-    """`trl.GRPOTrainer` with PGPO token advantages (arXiv 2604.01840; SPEC section 3, steps 3-5).
+    """`trl.GRPOTrainer` with PGPO token advantages (arXiv 2604.01840; docs/method.md#rl-step, steps 3-5).
 
     Use it exactly like GRPOTrainer, with a `PGPOConfig` (built with defaults when `args` is None, as GRPOTrainer
     does). Per rollout batch it adds one text-only forward and, unless TRL already holds the visual pass's
@@ -234,8 +237,9 @@ class PGPOGRPOTrainer(GRPOTrainer):
         return output
 
     def _pgpo_variants(self, weights: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """pgpo_control / pgpo_tau_mode / pgpo_floor (issue 17). The shuffled control's generator is a function of
-        (seed, process, global step, rollout batch within the step): a run resumed at a step draws the same."""
+        """pgpo_control / pgpo_tau_mode / pgpo_floor (docs/method.md#variants). The shuffled control's generator is a
+        function of (seed, process, global step, rollout batch within the step): a run resumed at a step draws the
+        same."""
         args = self.args
         gen = None
         if args.pgpo_control == "shuffled":
@@ -309,8 +313,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             checks.check_no_tool_images(model, output["completion_ids"], output["completion_mask"],
                                         output["tool_mask"])
         model_family.check_responses_are_text(model, output["completion_ids"], output["completion_mask"])
-        # SPEC 1/4: explicit positions from the full visual inputs, for both passes (never generate()'s deltas);
-        # the completions are text whatever they hold
+        # explicit positions from the full visual inputs, for both passes (never generate()'s deltas); the completions
+        # are text whatever they hold (docs/method.md#trainer-traps)
         position_ids = model_family.position_ids(
             model, input_ids, attention_mask, prompt_len=P, image_grid_thw=output.get("image_grid_thw"),
             video_grid_thw=output.get("video_grid_thw"))  # [3, B, L] or [B, L]
@@ -326,7 +330,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
             hi = min(lo + chunk, B)
             ids, am = input_ids[lo:hi], attention_mask[lo:hi]
             pos = position_ids[:, lo:hi] if position_ids.dim() == 3 else position_ids[lo:hi]
-            # pixel_values rows belong to images, images to samples (SPEC 4): split by the family's layout
+            # pixel_values rows belong to images, images to samples: split by the family's layout, never evenly
+            # (docs/method.md#trainer-traps)
             mm = model_family.select_images(model, output, range(lo, hi), num_images=output.get("num_images"),
                                             num_tiles=output.get("num_tiles"))
             vis_kw = model_family.visual_inputs(model, ids, am, pos, mm, prompt_len=P)

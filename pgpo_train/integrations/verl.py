@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgpo_kernels import defaults
 from pgpo_train.integrations import checks
 from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.models import model_family
@@ -63,7 +64,7 @@ def pgpo_reshape_advantages_(
     k3_score_max: float = 0.0,
     **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840, Eq. for the token advantage; SPEC 2-3).
+    """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840; docs/method.md#rl-step).
 
     The visual-dependency scores come from exactly one source, first match wins:
       1. `scores` [B, T_resp] (e.g. `pgpo_kernels.token_kl` run inside a worker);
@@ -76,7 +77,7 @@ def pgpo_reshape_advantages_(
         data: DataProto / TensorDict / dict holding `advantages` [B, T_resp] (float) and `response_mask` [B, T_resp].
         temperature: only for the logits source.
         options: the PGPO reshape's keyword options, as `core_algos.pgpo_weights` takes them (tau, beta, eps,
-            renormalize, min_spread, backend; issue 17's control, tau_mode, floor, and generator for the "shuffled"
+            renormalize, min_spread, backend; the variants' control, tau_mode, floor, and generator for the "shuffled"
             control's permutations, e.g. `pgpo_train.rl.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
@@ -123,11 +124,11 @@ def pgpo_text_only_batch(
 ) -> Any:
     """The text-only twin of a verl rollout batch: same tokens and positions, the prompt's visual tokens masked out.
 
-    SPEC section 1: the attention mask is set to 0 on every visual placeholder of the prompt while the original
-    (mrope) position ids are kept, and the images are dropped (their embeddings would never be attended). Response
-    tokens are text whatever their id (a sampled placeholder is not an image): only the prompt part, the first
+    docs/method.md#text-only-pass: the attention mask is set to 0 on every visual placeholder of the prompt while the
+    original (mrope) position ids are kept, and the images are dropped (their embeddings would never be attended).
+    Response tokens are text whatever their id (a sampled placeholder is not an image): only the prompt part, the first
     L - T_resp tokens when the batch has `responses`, is masked. In verl's padding-free path the holed attention
-    mask deletes the visual tokens but keeps the other tokens' positions, which SPEC checks to be the same pass;
+    mask deletes the visual tokens and keeps the others' positions, the same pass (docs/method.md#text-only-pass);
     `no_padding_2_padding` counts prompt tokens from the same mask, so the response slice stays aligned. Feed the
     result to the actor's log-prob call, e.g. `self._compute_old_log_prob(text_batch)`.
 
@@ -194,11 +195,11 @@ class PGPOVerlTrainerMixin:
 
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
     +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `control` / `tau_mode` / `floor`
-    (issue 17's variants and controls; `seed` seeds the shuffled control, default data.seed), `k3_log_ratio_max` /
-    `k3_score_max` (the k3 clamps, 0 = off), `preset` (dev-easyr1: the authors' development variant, second-hand,
-    pgpo_train.run.config.PRESETS; fills the keys not given), `visual_token_ids`
-    (default: the placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the
-    tokenizer's `<|image_pad|>` and `<|video_pad|>`).
+    (the variants and controls of docs/method.md#variants; `seed` seeds the shuffled control, default data.seed),
+    `k3_log_ratio_max` / `k3_score_max` (the k3 clamps, 0 = off), `preset` (dev-easyr1: the authors' development
+    variant, second-hand, pgpo_kernels.defaults.PRESETS; fills the keys not given), `visual_token_ids` (default: the
+    placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's
+    `<|image_pad|>` and `<|video_pad|>`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -227,11 +228,13 @@ class PGPOVerlTrainerMixin:
             logp_vis = self._compute_old_log_prob(batch)[0].batch["old_log_probs"]
         cfg = checks.verl_options_with_preset(cfg)
         _, metrics = pgpo_reshape_advantages_(
-            batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", 0.4),
-            beta=cfg.get("beta", 2.0), eps=cfg.get("eps", 1e-6), renormalize=cfg.get("renormalize", True),
-            min_spread=cfg.get("min_spread", 0.0), control=cfg.get("control", "none"),
-            tau_mode=cfg.get("tau_mode", "absolute"), floor=cfg.get("floor", 0.0), generator=self._pgpo_generator(cfg),
-            k3_log_ratio_max=cfg.get("k3_log_ratio_max", 0.0), k3_score_max=cfg.get("k3_score_max", 0.0),
+            batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", defaults.TAU),
+            beta=cfg.get("beta", defaults.BETA), eps=cfg.get("eps", defaults.EPS),
+            renormalize=cfg.get("renormalize", defaults.RENORMALIZE), min_spread=cfg.get("min_spread", defaults.MIN_SPREAD),
+            control=cfg.get("control", defaults.CONTROL), tau_mode=cfg.get("tau_mode", defaults.TAU_MODE),
+            floor=cfg.get("floor", defaults.FLOOR), generator=self._pgpo_generator(cfg),
+            k3_log_ratio_max=cfg.get("k3_log_ratio_max", defaults.K3_LOG_RATIO_MAX),
+            k3_score_max=cfg.get("k3_score_max", defaults.K3_SCORE_MAX),
             weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)

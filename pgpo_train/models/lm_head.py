@@ -1,12 +1,12 @@
-"""The fused-lm-head path of every pass: hidden states in, no [mb, T, V] logits (issues 5 and 16, SPEC section 4).
+"""The fused-lm-head path of every pass: hidden states in, no [mb, T, V] logits (docs/method.md#trainer-traps).
 
 `response_hidden` runs the inner model (the whole VLM below the lm_head: vision tower included when pixel_values
 are passed) and keeps the hidden states at exactly the positions `policy.response_logits` projects; the caller hands
 them to `pgpo_kernels.fused_linear_token_stats` with the lm_head's weight and bias.
 
-One code path owns the lm_head (SPEC section 4: stacked fused patches diverged in verl): the fused path reproduces
-`lm_head(hidden)` itself, so `check_fused_lm_head` refuses any model whose logits are something else (a patched or
-hooked lm_head or forward, a non-Linear head, logit soft-capping or scaling in the config).
+One code path owns the lm_head (stacked fused patches diverged in verl: docs/method.md#trainer-traps): the fused path
+reproduces `lm_head(hidden)` itself, so `check_fused_lm_head` refuses any model whose logits are something else (a
+patched or hooked lm_head or forward, a non-Linear head, logit soft-capping or scaling in the config).
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def use_fused_lm_head(mode: str, model, device: torch.device) -> bool:
     """Resolves --pgpo.fused-lm-head: auto (the default: on wherever the model's logits are plain lm_head(hidden),
     else off with a note), on (checked, raises if unsupported), off (every pass builds logits).
 
-    On, every pass of a step goes through hidden states (issue 16): the old-log-prob and text-only passes
+    On, every pass of a step goes through hidden states: the old-log-prob and text-only passes
     (fused_linear_token_stats; grpo/dapo: fused_linear_logp) and the policy update and SFT warm-up (fused_linear_logp
     with its backward), so old and new log-probs come from the same kernels and no [mb, T, V] tensor exists. On CPU
     the torch fallback builds ~8 MiB of logits at a time, rounded to the model dtype as lm_head(hidden) is, so fp32
     metrics match the logits path to ~1e-6; on CUDA the Triton kernels keep fp32 accumulators (bf16 policy: log-probs
     differ from bf16 logits' by their rounding, both passes alike). `device` is kept for callers; every device is
-    treated alike since issue 16 (auto was CUDA-only when only the no-grad passes were fused).
+    treated alike: the fused update saves memory on any device, not only on CUDA.
     """
     if mode not in FUSED_LM_HEAD_MODES:
         raise ValueError(f"--pgpo.fused-lm-head must be one of {FUSED_LM_HEAD_MODES}, got {mode!r}")
@@ -143,8 +143,8 @@ def fallback_chunk_rows(weight: torch.Tensor, backend: str) -> int | None:
     """Rows per chunk of the fused ops' torch fallback in the training loop: ~8 MiB of fp32 logits (13 rows at
     V = 152064), as fused_linear_logp's default; None (the op's own choice) where the Triton kernels run. The
     fallback's default otherwise sizes chunks from a quarter of the free memory: on a CPU host a whole micro-batch
-    of [mb, T, V] logits (issue 16: pgpo-train step benchmark, benchmarks/results/logp)."""
-    from pgpo_kernels.torch_fused_logp import default_logp_chunk_rows
+    of [mb, T, V] logits (measured: benchmarks/results/logp/train_step_v152064.md)."""
+    from pgpo_kernels.torch_fallback.fused_logp import default_logp_chunk_rows
 
     if backend == "torch" or not weight.is_cuda:
         return default_logp_chunk_rows(weight.shape[0])

@@ -1,5 +1,4 @@
-"""What PGPO needs to know about each vision-language model family, in one place (SPEC section 1, "Other model
-families").
+"""What PGPO needs to know about each vision-language model family, in one place (docs/method.md#families).
 
 For a given HF VLM this module knows
 - its visual placeholder ids (the tokens the vision tower's outputs replace) and the visual special ids that must
@@ -12,13 +11,13 @@ For a given HF VLM this module knows
 
 Response tokens are always text. Positions are built with the rope index over the prompt only and the response
 continuing the text positions, and only the prompt's placeholders are masked, so a placeholder id sampled inside a
-response is never counted as an image (issue 11). The sampler should not emit them anyway: `special_ids` is what
+response is never counted as an image. The sampler should not emit them anyway: `special_ids` is what
 rollouts pass as `suppress_tokens`.
 
 Known limit (Gemma 3): its local layers' sliding window is counted in token slots, not positions. While a sequence
 is shorter than the window (1024 in Gemma 3 4B+) masking equals deleting the image tokens (tested); beyond it the
 masked image tokens still take window slots, so local layers see fewer text tokens than deletion would. The
-text-only pass stays the SPEC's masked pass.
+text-only pass stays the masked pass (docs/method.md#families).
 
 PEFT-wrapped models (and DDP/accelerate `.module` wrappers) are unwrapped for lookups; forwards run on the model as
 given, wrapper included.
@@ -35,7 +34,7 @@ import torch
 class Family:
     """One VLM family: how its image enters the sequence and how its positions are built."""
 
-    name: str  # what users read in messages and the README table
+    name: str  # what users read in messages and docs/method.md#families
     model_types: tuple[str, ...]  # config.model_type values of the family
     rope: str  # "mrope" (3-D, get_rope_index) or "1d" (cumsum of the attention mask)
     placeholder_attrs: tuple[str, ...] = ("image_token_id", "video_token_id")
@@ -242,7 +241,7 @@ def position_ids(
     """Explicit position ids of a full (prompt + response) batch: [3, B, L] (mrope) or [B, L] (1-D rope).
 
     Build them for every forward of a training step (stale `rope_deltas` from generate(), holed masks in the
-    text-only pass: SPEC sections 1 and 4).
+    text-only pass: docs/method.md#trainer-traps).
 
     Args:
         model: the policy (wrapped or not).
@@ -348,8 +347,9 @@ def text_only_inputs(
     position_ids: torch.Tensor,
     prompt_len: int | None = None,
 ) -> dict:
-    """Forward kwargs of the text-only pass (SPEC section 1): same ids and positions, visual placeholders unattended,
-    no pixel values (no vision tower, no DeepStack features; the placeholders keep plain embeddings no token sees).
+    """Forward kwargs of the text-only pass (docs/method.md#text-only-pass): same ids and positions, visual
+    placeholders unattended, no pixel values (no vision tower, no DeepStack features; the placeholders keep plain
+    embeddings no token sees).
 
     Args:
         model: the policy. input_ids, attention_mask: [B, L] as in the visual pass. position_ids: from
@@ -413,8 +413,8 @@ def check_responses_are_text(model, responses: torch.Tensor, response_mask: torc
 
 def select_images(model, multimodal: dict, samples, *, num_images=None, num_tiles=None) -> dict:
     """The image tensors of some samples of a batch, in the order given: the one row selector of the project (the
-    loop's micro-batches and refill, TRL's chunks). SPEC section 4: pixel_values are split by image, never evenly;
-    the family's `pixel_layout` says how (see Family).
+    loop's micro-batches and refill, TRL's chunks). pixel_values are split by image, never evenly
+    (docs/method.md#trainer-traps); the family's `pixel_layout` says how (see Family).
 
     Args:
         model: the policy (its family gives the layout), its config, or the Family itself.

@@ -89,7 +89,7 @@ def response_logp(model, inputs: dict, targets: torch.Tensor, temperature: float
     """(log-prob [mb, T], entropy [mb, T] or None) of the response tokens, differentiable in the log-prob.
 
     fused: hidden states + pgpo_kernels.fused_linear_logp inside the model's own forward (lm_head.fused_head_forward),
-    so no [mb, T, V] tensor exists in forward or backward (issue 16); else the logits path (logits, log-softmax and
+    so no [mb, T, V] tensor exists in forward or backward; else the logits path (logits, log-softmax and
     their autograd buffers)."""
     n_resp = targets.shape[1]
     if fused:

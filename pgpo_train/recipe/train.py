@@ -5,15 +5,15 @@ function it calls:
 
   setup            pgpo_train.models.policy     device, seeds, the policy (tiny or from_pretrained), optimizers
   SFT warm-up      pgpo_train.step.update     sft_step: mean token NLL of the reference responses, with the image
-  RL step (SPEC section 3):
+  RL step (docs/method.md#rl-step):
   1. rollout       pgpo_train.step.sampling   G sampled responses per prompt (HF generate), scored by the reward, group
                                          advantages, DAPO's dynamic sampling and refill (pgpo_train.step.refill)
   2. scoring       pgpo_train.step.scoring    old log-probs with the image and (pgpo) the text-only pass, under no_grad,
                                          micro-batch by micro-batch; token KL -> PGPO weights -> A_t = A * w~_t
   3. update        pgpo_train.step.update     clipped policy-gradient loss (DAPO: clip 0.2/0.28, token-mean), AdamW
   eval, logging    pgpo_train.step.sampling (evaluate_on_ranks), pgpo_train.run.run_log (metrics.jsonl, curves, summary)
-Batches and both passes' forward kwargs (explicit positions, SPEC section 4) are pgpo_train.step.batching's, built on
-pgpo_train.models.model_family; the RL math is pgpo_train.rl.core_algos'.
+Batches and both passes' forward kwargs (explicit positions, docs/method.md#trainer-traps) are
+pgpo_train.step.batching's, built on pgpo_train.models.model_family; the RL math is pgpo_train.rl.core_algos'.
 """
 
 from __future__ import annotations

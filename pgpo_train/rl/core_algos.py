@@ -14,6 +14,7 @@ from enum import Enum
 
 import torch
 
+from pgpo_kernels import defaults
 from pgpo_kernels import reshape_weights
 from pgpo_kernels.k3 import k3_kl
 from pgpo_kernels.utils import check_float
@@ -130,23 +131,23 @@ def pgpo_weights(
     scores: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    renormalize: bool = True,
-    min_spread: float = 0.0,
+    tau: float = defaults.TAU,
+    beta: float = defaults.BETA,
+    eps: float = defaults.EPS,
+    renormalize: bool = defaults.RENORMALIZE,
+    min_spread: float = defaults.MIN_SPREAD,
     backend: str = "auto",
-    control: str = "none",
-    tau_mode: str = "absolute",
-    floor: float = 0.0,
+    control: str = defaults.CONTROL,
+    tau_mode: str = defaults.TAU_MODE,
+    floor: float = defaults.FLOOR,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """PGPO advantage weights (arXiv 2604.01840, SPEC section 2) from token visual-dependency scores: the one
+    """PGPO advantage weights (arXiv 2604.01840; docs/method.md#reshape) from token visual-dependency scores: the one
     scores -> weights path of the project (the loop, `integrations.token_scores`, TRL and verl all call it).
 
     The paper's gate (absolute tau, no floor, not inverted) runs the fused `pgpo_kernels.reshape_weights`; the
-    issue-17 variants run pgpo_train.rl.weight_variants' torch math; "shuffled" then permutes each sequence's weights
-    among its valid tokens with `generator` (weight_variants.control_generator); min_spread acts last.
+    variants (docs/method.md#variants) run rl.weight_variants' torch math; "shuffled" then permutes each sequence's
+    weights among its valid tokens with `generator` (weight_variants.control_generator); min_spread acts last.
 
     Args:
         scores: [B, T] S_t >= 0 (token KL, full or k3).
@@ -204,7 +205,7 @@ def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) 
     """[B] bool: max - min of log1p(scores) over a row's valid tokens is below min_spread (or the row is empty).
 
     Min-max normalization stretches any spread to [0, 1]: on a sequence where the image barely changed any
-    prediction, the PGPO weights would only be stretched noise (issue 10). Torch ops only, no host sync.
+    prediction, the PGPO weights would only be stretched noise. Torch ops only, no host sync.
     """
     m = mask.bool()
     ls = torch.log1p(scores.float())  # [B, T]; +inf stays +inf (a huge spread: never flat)
@@ -215,7 +216,7 @@ def flat_sequences(scores: torch.Tensor, mask: torch.Tensor, min_spread: float) 
 
 @torch.no_grad()
 def normalized_scores(scores: torch.Tensor, response_mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """I_t of SPEC section 2, for metrics and pictures: min-max normalized log(1 + S_t) per sequence.
+    """I_t of docs/method.md#reshape, for metrics and pictures: min-max normalized log(1 + S_t) per sequence.
 
     As in the reshape, min and max run over each sequence's valid tokens and +inf scores are the sequence maximum
     (I = 1, its finite scores then sit at I = 0).
@@ -232,8 +233,9 @@ def normalized_scores(scores: torch.Tensor, response_mask: torch.Tensor, eps: fl
 
 
 def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None, *,
-              log_ratio_max: float = 0.0, score_max: float = 0.0) -> torch.Tensor:
-    """The paper's appendix estimator of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3, SPEC 1).
+              log_ratio_max: float = defaults.K3_LOG_RATIO_MAX, score_max: float = defaults.K3_SCORE_MAX) -> torch.Tensor:
+    """The paper's appendix estimator of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3;
+    docs/method.md#estimators).
 
     r = pi_txt(x_t) / pi_vis(x_t),  S_t = (r - 1) - log r  (>= 0). The formula itself is `pgpo_kernels.k3_kl`
     (float64, no clamp: +inf where pi_txt(x_t) = 0, which the reshape treats as the sequence maximum); this adds
@@ -287,8 +289,8 @@ def weight_metrics(
     scores: torch.Tensor,
     mask: torch.Tensor,
     *,
-    tau: float = 0.4,
-    eps: float = 1e-6,
+    tau: float = defaults.TAU,
+    eps: float = defaults.EPS,
     token_adv: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The PGPO metrics every trainer logs (the loop, TRL, verl: one key set), as 0-d tensors: no host sync here,

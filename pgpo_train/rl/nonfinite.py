@@ -1,6 +1,6 @@
 """The trainer stops on a non-finite advantage or PGPO token weight, naming the step, before it reaches the weights.
 
-The kernels answer NaN for a row with a NaN/+inf logit or a NaN/-inf/< -1 score (README, NaN/inf rules); an update
+The kernels answer NaN for a row with a NaN/+inf logit or a NaN/-inf/< -1 score (docs/method.md#nonfinite); an update
 with such a token advantage would turn every parameter NaN, silently. One host sync per step, off the hot path.
 """
 

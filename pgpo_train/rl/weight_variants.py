@@ -1,6 +1,7 @@
-"""PGPO weight variants, controls and diagnostics (issue 17), as torch ops on padded [B, T] tensors, no host sync.
+"""PGPO weight variants, controls and diagnostics (docs/method.md#variants), as torch ops on padded [B, T] tensors,
+no host sync.
 
-The paper's formula (SPEC section 2) stays the default and keeps running through the fused `reshape_weights`
+The paper's formula (docs/method.md#reshape) stays the default and keeps running through the fused `reshape_weights`
 kernel; the functions here are used only when an option leaves its default (core_algos.pgpo_weights):
 
 - tau_mode "quantile": the gate threshold of each sequence is the tau-quantile of its I over valid tokens (the
@@ -38,9 +39,10 @@ def check_variant_args(control: str, tau_mode: str, floor: float) -> None:
 
 @torch.no_grad()
 def normalized_dependency(scores: torch.Tensor, valid: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """I_t of SPEC section 2 exactly as the torch reshape computes it, and [B] bool 'degenerate' rows.
+    """I_t of docs/method.md#reshape exactly as the torch reshape computes it, and [B] bool 'degenerate' rows.
 
-    Degenerate (uniform weights 1, our choice in SPEC 2): no valid token, one valid token, or all-equal scores.
+    Degenerate (uniform weights 1, our choice, docs/method.md#reshape-edge-cases): no valid token, one valid token,
+    or all-equal scores.
     A NaN / < -1 score leaves NaN in its row (log1p), which the weights then carry.
 
     Returns:
@@ -86,7 +88,7 @@ def variant_weights(
     floor: float = 0.0,
     inverted: bool = False,
 ) -> torch.Tensor:
-    """SPEC section 2 with the variants (module doc): [B, T] scores S_t -> [B, T] float32 weights, 0 on padding.
+    """The reshape with the variants (docs/method.md#variants): [B, T] scores S_t -> [B, T] float32 weights, 0 at pad.
 
     With every option at its default this is the paper's formula (equal to `reshape_weights` up to float rounding;
     tested). Per sequence, valid tokens only:
@@ -146,7 +148,7 @@ def shuffle_within_rows(weights: torch.Tensor, mask: torch.Tensor, generator: to
 
 @torch.no_grad()
 def weight_diagnostics(weights: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """How concentrated the PGPO weights are (issue 17), as 0-d float32 tensors (no host sync).
+    """How concentrated the PGPO weights are (docs/method.md#diagnostics), as 0-d float32 tensors (no host sync).
 
     Per sequence, then averaged over the sequences with >= 1 valid token:
         pgpo/weight_gini: Gini coefficient of the valid weights (0 = uniform, -> 1 = all mass on one token);

@@ -2,8 +2,8 @@
 flags (`--pgpo.tau 0.4` style).
 
 Defaults are the embedded tiny run (no model or dataset given): a few minutes on 2 CPU cores. Paper values for real
-runs are noted in each field's help (SPEC section 3). A default of None means "auto": resolved() fills it in from the
-algo, the model and the task (`--lr auto` on the command line).
+runs are noted in each field's help (docs/method.md#recipe). A default of None means "auto": resolved() fills it in
+from the algo, the model and the task (`--lr auto` on the command line).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from dataclasses import field
 
+from pgpo_kernels import defaults
 from pgpo_train.data.tasks import grid_reason_max_tokens
 from pgpo_train.data.tasks import task_filler
 from pgpo_train.run.validate import check_types
@@ -46,16 +47,7 @@ CHOICES = {
 }
 
 
-# --pgpo.preset: named bundles of existing options.
-# dev-easyr1: the authors' development variant as an independent EasyR1 reproduction that ran it reports it (second-
-# hand: not in the paper, not checked against the authors' code): each response's gate at its own tau-quantile of I,
-# weights below it floored at 0.1, no renormalization, k3 on the sampled token with log r clamped to [-20, 20] and
-# S_t to [0, 10] (verl's low_var_kl clamps, the text-only pass as the reference).
-PRESETS = {
-    "none": {},
-    "dev-easyr1": {"tau_mode": "quantile", "floor": 0.1, "renormalize": False, "estimator": "k3",
-                   "k3_log_ratio_max": 20.0, "k3_score_max": 10.0},
-}
+PRESETS = defaults.PRESETS  # --pgpo.preset's bundles (pgpo_kernels/defaults.py)
 
 
 def check_values_preset(preset: str) -> None:
@@ -65,39 +57,39 @@ def check_values_preset(preset: str) -> None:
 
 @dataclass
 class PGPOWeightsConfig:
-    """pgpo-train's PGPO token-weighting options, TrainConfig.pgpo (`--pgpo.*`; SPEC sections 1-2). Named apart from
-    the TRL adapter's `pgpo_train.integrations.PGPOConfig` (a GRPOConfig)."""
+    """pgpo-train's PGPO token-weighting options, TrainConfig.pgpo (`--pgpo.*`; docs/method.md#reshape). Named
+    apart from the TRL adapter's `pgpo_train.integrations.PGPOConfig` (a GRPOConfig)."""
 
-    estimator: str = opt("full", "\"full\": exact token KL over the vocab; \"k3\": (r-1)-log r on the sampled token")
-    tau: float = opt(0.4, "gate threshold on the min-max normalized score (paper best: 0.4)")
-    beta: float = opt(2.0, "amplification of tokens above tau (paper best: 2.0)")
-    eps: float = opt(1e-6, "added to the min-max denominator (a sequence of equal scores gets I = 0)")
-    renormalize: bool = opt(True, "keep each sequence's advantage mass (paper ablates False)")
-    # issue 17 (README "PGPO variants and controls"); the defaults are the paper's formula (the fused kernel runs)
-    tau_mode: str = opt("absolute", "absolute: gate at I = tau; quantile: at each response's tau-quantile of I")
-    floor: float = opt(0.0, "minimum weight after the gate, before renormalization (authors' dev code: 0.1)")
-    control: str = opt("none", "none | shuffled (weights permuted within each response) | inverted (I -> 1 - I)")
+    estimator: str = opt(defaults.ESTIMATOR, "\"full\": exact token KL over the vocab; \"k3\": (r-1)-log r on the sampled token")
+    tau: float = opt(defaults.TAU, "gate threshold on the min-max normalized score (paper best: 0.4)")
+    beta: float = opt(defaults.BETA, "amplification of tokens above tau (paper best: 2.0)")
+    eps: float = opt(defaults.EPS, "added to the min-max denominator (a sequence of equal scores gets I = 0)")
+    renormalize: bool = opt(defaults.RENORMALIZE, "keep each sequence's advantage mass (paper ablates False)")
+    # variants and controls (docs/method.md#variants); the defaults are the paper's formula (the fused kernel runs)
+    tau_mode: str = opt(defaults.TAU_MODE, "absolute: gate at I = tau; quantile: at each response's tau-quantile of I")
+    floor: float = opt(defaults.FLOOR, "minimum weight after the gate, before renormalization (authors' dev code: 0.1)")
+    control: str = opt(defaults.CONTROL, "none | shuffled (weights permuted within each response) | inverted (I -> 1 - I)")
     # our choice, off by default (the paper has no such guard): min-max normalization stretches any spread to [0, 1]
     min_spread: float = opt(
-        0.0,
+        defaults.MIN_SPREAD,
         "uniform weights for a sequence whose log1p(KL) spread (max - min) is below this; 0 = off",
     )
     # k3 only: log r = log pi_txt - log pi_vis clamped to [-x, x] before (r-1) - log r, and S_t to [0, y] after it
-    k3_log_ratio_max: float = opt(0.0, "k3: clamp of the text-only log-ratio log r to [-x, x] (dev-easyr1: 20); 0 = "
+    k3_log_ratio_max: float = opt(defaults.K3_LOG_RATIO_MAX, "k3: clamp of the text-only log-ratio log r to [-x, x] (dev-easyr1: 20); 0 = "
                                   "off (the paper's)")
-    k3_score_max: float = opt(0.0, "k3: clamp of the score S_t to [0, x] (dev-easyr1: 10); 0 = off (the paper's)")
-    preset: str = opt("none", "none | dev-easyr1: the authors' development variant, second-hand (README); fills "
+    k3_score_max: float = opt(defaults.K3_SCORE_MAX, "k3: clamp of the score S_t to [0, x] (dev-easyr1: 10); 0 = off (the paper's)")
+    preset: str = opt(defaults.PRESET, "none | dev-easyr1: the authors' development variant, second-hand (README); fills "
                       "only the options left at their defaults")
     backend: str = opt("auto", "pgpo_kernels backend: triton on CUDA, torch otherwise")
     # every pass (old log-probs, text-only, policy update, SFT) from hidden states + fused lm_head, no [B, T, V]
-    # logits (issue 16); auto: on wherever the logits are plain lm_head(hidden) (pgpo_train.models.lm_head's rules)
+    # logits; auto: on wherever the logits are plain lm_head(hidden) (pgpo_train.models.lm_head's rules)
     fused_lm_head: str = opt("auto", "auto | on | off")
 
     def with_preset(self) -> PGPOWeightsConfig:
         """A copy with the preset's values in every option still at its default (explicit values win)."""
         check_values_preset(self.preset)
-        defaults = PGPOWeightsConfig()
-        over = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) == getattr(defaults, k)}
+        base = PGPOWeightsConfig()
+        over = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) == getattr(base, k)}
         return dataclasses.replace(self, **over)
 
     def weight_kwargs(self) -> dict:
@@ -125,7 +117,8 @@ class TrainConfig:
     # --- model
     model: str = opt(
         "",
-        "hub name or local path of a supported VLM (README); empty = the embedded tiny model (random init)",
+        "hub name or local path of a supported VLM (docs/method.md#families); empty = the embedded tiny model "
+        "(random init)",
     )
     dtype: str = opt("auto", "auto: bf16 on CUDA, fp32 on CPU")
     attn_implementation: str = opt("auto", "auto: flash_attention_2 when installed on CUDA, else sdpa")
@@ -133,8 +126,8 @@ class TrainConfig:
     freeze_vision: bool = opt(False, "paper trains the vision tower too")
     # --- data
     dataset: str = opt("", "hub name or local path for datasets.load_dataset; empty = the generated --task")
-    # grid-count: 3x3 grid, "How many shapes?", answer 0-9 read off the image. count-copy: the previous default,
-    # where the errors are a text-only copy of a count into the box, so PGPO is expected not to help (issue 10)
+    # grid-count: 3x3 grid, "How many shapes?", answer 0-9 read off the image. count-copy: the contrast case, where
+    # the errors are a text-only copy of a count into the box, so PGPO is expected not to help (docs/training.md)
     task: str = opt("grid-count", "embedded task when --dataset is empty: grid-count | grid-reason | count-copy")
     task_filler: int | None = opt(
         None,

@@ -4,7 +4,7 @@
 group (nccl on CUDA, gloo on CPU) and returns a `Distributed`. Without torchrun (or with one process) it returns
 `SINGLE`, whose every method is the identity or today's slicing: one process runs exactly as before.
 
-How the step is split (SPEC section 3 on N ranks):
+How the step is split (docs/method.md#rl-step on N ranks):
   - every rank reads the same global record stream and keeps its contiguous share of the step's prompts, so all G
     responses of a prompt are on one rank (group advantages and dynamic sampling need no communication) and the
     data position is the same on every rank (a checkpoint resumes at any world size);

@@ -1,5 +1,6 @@
-"""Rollout batches (SPEC section 4): prompts encoded with their images, prompt + response sequences with explicit
-position ids, rows selected with their own images, several rounds merged, and the two passes' forward kwargs.
+"""Rollout batches (docs/method.md#trainer-traps): prompts encoded with their images, prompt + response sequences
+with explicit position ids, rows selected with their own images, several rounds merged, and the two passes' forward
+kwargs.
 
 A batch is a dict: input_ids / attention_mask [B, L] (left-padded prompt, then the right-padded response),
 position_ids [3, B, L] (mrope) or [B, L], responses / response_mask [B, T], the processor's image tensors
@@ -76,7 +77,7 @@ def build_sequences(model, prompt: dict, responses: torch.Tensor, response_mask:
 
 def select_rows(model, batch: dict, idx: torch.Tensor) -> dict:
     """Rows idx of a build_sequences batch: per-row tensors indexed, the image tensors selected image by image in
-    the family's pixel layout (model_family.select_images; SPEC sec. 4: never split evenly)."""
+    the family's pixel layout (model_family.select_images; docs/method.md#trainer-traps: never evenly)."""
     out = {}
     for k, v in batch.items():
         if v is None or k in model_family.MULTIMODAL_KEYS:
@@ -101,7 +102,8 @@ def visual_kwargs(model, batch: dict) -> dict:
 
 
 def text_only_kwargs(model, batch: dict) -> dict:
-    """Forward kwargs of the text-only pass of the same batch (model_family.text_only_inputs, SPEC section 1)."""
+    """Forward kwargs of the text-only pass of the same batch (model_family.text_only_inputs,
+    docs/method.md#text-only-pass)."""
     return model_family.text_only_inputs(
         model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], prompt_len=prompt_len(batch)
     )

@@ -1,5 +1,5 @@
 """The step's scoring passes and advantages: old log-probs with the image, the text-only pass and the token
-visual-dependency scores (SPEC sections 1 and 3), then token advantages A * w~_t (core_algos.pgpo_weights).
+visual-dependency scores (docs/method.md#rl-step), then token advantages A * w~_t (core_algos.pgpo_weights).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def sft_forward(model, batch: dict, text_only: bool, cfg: TrainConfig, fused_lm_
     positions, visual placeholders unattended, no pixels)."""
     kw = text_only_kwargs(model, batch) if text_only else visual_kwargs(model, batch)
     T = batch["responses"].shape[1]
-    if fused_lm_head:  # hidden states + fused_linear_logp: no [B, T, V] logits (issue 16)
+    if fused_lm_head:  # hidden states + fused_linear_logp: no [B, T, V] logits
         greedy_ids = []
 
         def head(hidden, weight, bias):

@@ -1,8 +1,8 @@
 """PGPOGRPOTrainer trains real steps with real TRL on the tiny Qwen2.5-VL, and its loss sees A x w~.
 
 The expected weights come from an oracle that shares no code with the trainer's passes: each sequence is run alone,
-unpadded, the text-only pass built by *deleting* the image tokens while keeping the others' 3-D positions (SPEC
-section 1 checks this equals the masked pass), and the weights computed by the float64 reference.
+unpadded, the text-only pass built by *deleting* the image tokens while keeping the others' 3-D positions
+(docs/method.md#text-only-pass: this equals the masked pass), and the weights computed by the float64 reference.
 """
 
 import math

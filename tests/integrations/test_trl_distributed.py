@@ -1,4 +1,4 @@
-"""PGPOGRPOTrainer under 2 processes (gloo, CPU) where only one rank's batch holds an image (issue 19, hole 4).
+"""PGPOGRPOTrainer under 2 processes (gloo, CPU) where only one rank's batch holds an image.
 
 Under FSDP / ZeRO-3 every forward of the policy gathers its sharded parameters: a collective, which every rank must
 run the same number of times. On CPU, TRL runs DDP (whose no-grad forwards of the bare model make no collective),

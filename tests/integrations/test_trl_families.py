@@ -1,5 +1,5 @@
 """PGPOGRPOTrainer on every supported model family, with LoRA, without images, without args, and with k3 reusing
-TRL's visual log-probs: real TRL steps on tiny random models built locally (issue 12)."""
+TRL's visual log-probs: real TRL steps on tiny random models built locally."""
 
 import warnings
 
@@ -170,7 +170,8 @@ def test_k3_reuses_trls_visual_log_probs_with_identical_weights(tmp_path):
 
 
 def test_trl_example_shows_non_zero_reward_and_loss_on_its_defaults(tmp_path, monkeypatch, capsys):
-    """Its defaults used to log loss 0, grad_norm 0, reward 0 every step (a random policy never earns a reward)."""
+    """On its defaults the example must learn something: a random policy never earns a reward, so loss, grad_norm and
+    reward would be 0 every step."""
     import os
     import runpy
 

@@ -1,4 +1,4 @@
-"""TRL adapter, issue 16: the 'full' estimator's passes stop at hidden states (no [b, T, V] logits, as TRL 1.16's
+"""TRL adapter: the 'full' estimator's passes stop at hidden states (no [b, T, V] logits, as TRL 1.16's
 own passes hold none), and use_liger_kernel=True trains a real step where TRL only applies Liger's layer kernels.
 
 The weights themselves are checked against a logits oracle in test_integration_trl.py (which runs this same path)."""

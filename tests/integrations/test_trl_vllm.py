@@ -1,5 +1,5 @@
-"""PGPOGRPOTrainer with vLLM generation bans the visual special ids in the sampling parameters TRL builds (issue 19,
-hole 6), checked without vLLM: TRL 1.16's own VLLMGeneration.generate (colocate) and VLLMClient.generate (server)
+"""PGPOGRPOTrainer with vLLM generation bans the visual special ids in the sampling parameters TRL builds,
+checked without vLLM: TRL 1.16's own VLLMGeneration.generate (colocate) and VLLMClient.generate (server)
 run, with only the engine itself replaced (vLLM's SamplingParams / LLM, the server's HTTP post)."""
 
 from typing import ClassVar

@@ -1,4 +1,4 @@
-"""The verl mixin on verl's real RayPPOTrainer and configs (issue 19, holes 1-3 and 7 for verl).
+"""The verl mixin on verl's real RayPPOTrainer and configs: what it refuses at start-up.
 
 - start-up refusals read verl's own generated configs (Megatron, untested strategies, token-level estimators,
   unknown `algorithm.pgpo` keys), raised before RayPPOTrainer.__init__ builds anything;

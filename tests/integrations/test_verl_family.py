@@ -1,4 +1,4 @@
-"""The verl helpers on the model-family layer: responses are text, placeholder ids come from the model (issue 11/12)."""
+"""The verl helpers on the model-family layer: responses are text, placeholder ids come from the model."""
 
 import os
 import runpy
@@ -50,7 +50,8 @@ def test_mixin_takes_the_placeholder_ids_from_the_policy_config(tmp_path):
 
 
 def test_verl_example_runs_on_its_defaults(capsys):
-    """`python examples/verl_pgpo.py` crashed in get_rope_index when the policy sampled <|image_pad|> (issue 11)."""
+    """`python examples/verl_pgpo.py` runs even where the policy samples <|image_pad|> (it once crashed in
+    get_rope_index: a sampled placeholder counted as an image)."""
     main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "verl_pgpo.py"),
                           run_name="example")["main"]
     main([])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pgpo_kernels.torch_fused_ops as tfo
+import pgpo_kernels.torch_fallback.fused_linear as tfo
 from pgpo_kernels import fused_linear_token_kl
 from pgpo_kernels import fused_linear_token_stats
 from pgpo_kernels import token_stats
@@ -23,7 +23,7 @@ from pgpo_kernels.reference import linear_logits_ref
 from pgpo_kernels.reference import token_entropy_ref
 from pgpo_kernels.reference import token_kl_ref
 from pgpo_kernels.reference import token_logprob_ref
-from pgpo_kernels.torch_fused_ops import default_chunk_rows
+from pgpo_kernels.torch_fallback.fused_linear import default_chunk_rows
 
 _SHAPE_PARAMS = [(1, 16, 7), (37, 40, 150), (20, 72, 33)]  # N, H, V: odd sizes leave ragged row/col/H tiles
 _DTYPE_PARAMS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-3, 2e-3), (torch.float16, 5e-4, 5e-4)]

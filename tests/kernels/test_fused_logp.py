@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import pgpo_kernels.torch_fused_logp as tfl
+import pgpo_kernels.torch_fallback.fused_logp as tfl
 from pgpo_kernels import fused_linear_logp
 from pgpo_kernels.reference import fused_linear_logp_ref
 

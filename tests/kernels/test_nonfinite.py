@@ -1,9 +1,9 @@
-"""The project's non-finite and bad-parameter rules (README "Kernels API", SPEC 1-2) on every op.
+"""The project's non-finite and bad-parameter rules (docs/method.md#nonfinite, #reshape-edge-cases) on every op.
 
 Logit ops (token_kl and its gradient, token_stats full and k3, fused_linear_*, pgpo_token_weights):
   NaN or +inf anywhere in a row of either input -> every output of that row NaN, other rows untouched;
   huge finite logits (+-max of fp32 / bf16) -> the true value (float64 oracle), finite or +inf, never 0 or NaN;
-  -inf as SPEC 1 (all -inf row of a -> 0, all -inf row of b -> +inf).
+  -inf as in docs/method.md#nonfinite (all -inf row of a -> 0, all -inf row of b -> +inf).
 Reshape: a NaN, -inf or < -1 score at a valid position -> NaN weights for that sequence only, padding 0.
 Parameters: real, finite, in range, with the argument's name in the error; renormalize a bool.
 Gradients: token_kl differentiable; token_stats / reshape / pgpo_token_weights outputs carry no grad_fn.
@@ -84,7 +84,8 @@ def _logit_rows(dtype: torch.dtype):
 
 
 def _oracle(a, b, tgt, temperature):
-    """float64 (logp, logp_txt, entropy, kl) from centred log-softmaxes, the SPEC 1 -inf rules written out.
+    """float64 (logp, logp_txt, entropy, kl) from centred log-softmaxes, the -inf rules (docs/method.md#nonfinite)
+    written out.
 
     pgpo_kernels.reference computes lse(a) = max + log(sum) uncentred: next to a logit of 3.4e38 float64 drops the
     log-sum (ulp 4e22), e.g. KL max instead of max / 2 on row 6, log-prob 0 instead of -log 2. This oracle keeps
@@ -198,7 +199,7 @@ def test_kl_gradient_rules_torch(dtype, temperature):
 @pytest.mark.parametrize("dtype, temperature", [(torch.float32, 0.7), (torch.bfloat16, 1.0)])
 def test_logit_rules_torch_compiled(dtype, temperature, monkeypatch):
     # the compiled fast path (torch.compile of the per-chunk blocks) gives the same verdicts as the eager one
-    import pgpo_kernels.torch_compile as tc
+    import pgpo_kernels.torch_fallback.compile as tc
 
     monkeypatch.setenv("PGPO_TORCH_COMPILE", "1")
     monkeypatch.setattr(tc, "_failed", set())
@@ -418,7 +419,7 @@ def test_real_number_types_accepted(backend):
 
 def test_compile_policy(monkeypatch):
     # auto: small chunks never compile, a large one compiles from its second call; 0 never; 1 always
-    import pgpo_kernels.torch_compile as tc
+    import pgpo_kernels.torch_fallback.compile as tc
 
     monkeypatch.setattr(tc, "_large_calls", {})
 
@@ -437,7 +438,7 @@ def test_compile_policy(monkeypatch):
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     # a compiler that fails (no C++ compiler, no Triton on a GPU) warns once and the eager path gives the values
-    import pgpo_kernels.torch_compile as tc
+    import pgpo_kernels.torch_fallback.compile as tc
 
     def broken_compile(fn):
         def run(*args):
@@ -454,7 +455,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     _close(kl, _expected(a, b, tgt, bad, 1.0)[3])
     import warnings
 
-    from pgpo_kernels.torch_ops import kl_block
+    from pgpo_kernels.torch_fallback.token_kl import kl_block
 
     assert kl_block in tc._failed
     with warnings.catch_warnings():

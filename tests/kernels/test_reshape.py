@@ -1,4 +1,5 @@
-"""reshape_weights (Triton under the interpreter, and torch) against the float64 reference and SPEC 2's properties."""
+"""reshape_weights (Triton under the interpreter, and torch) against the float64 reference and the properties of
+docs/method.md#reshape."""
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_strided_padded_scores():
     torch.testing.assert_close(out.double(), reshape_weights_ref(s, mask), rtol=1e-5, atol=1e-5)
 
 
-# %% SPEC 2 properties, on both backends -----------------------------------------------------------------------------
+# %% docs/method.md#reshape properties, on both backends -----------------------------------------------------
 @pytest.mark.parametrize("backend", _BACKENDS)
 def test_mass_conservation_and_padding_zero(backend):
     s, mask = _padded_batch()

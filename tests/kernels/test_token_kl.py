@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pgpo_kernels import token_kl
+from pgpo_kernels.online_softmax import chunk_layout
+from pgpo_kernels.online_softmax import split_chunks
 from pgpo_kernels.reference import token_kl_ref
-from pgpo_kernels.token_kl import chunk_layout
 from pgpo_kernels.token_kl import kl_stream_config
 from pgpo_kernels.token_kl import token_kl_forward
 
@@ -329,11 +330,11 @@ def test_inputs_untouched(backend, dtype, temperature):
 
 def test_torch_fallback_chunks_rows(monkeypatch):
     # the fallback holds only [chunk, V] fp32 buffers: force one row per chunk and check nothing changes
-    import pgpo_kernels.torch_ops as torch_ops
+    import pgpo_kernels.torch_fallback.common as common
 
     a, b = _logits((5, 333), torch.bfloat16)
-    monkeypatch.setattr(torch_ops, "_CHUNK_ELEMS", 333)
-    assert torch_ops._rows_per_chunk(333) == 1
+    monkeypatch.setattr(common, "CHUNK_ELEMS", 333)
+    assert common.rows_per_chunk(333) == 1
     _close(token_kl(a, b, backend="torch"), token_kl_ref(a, b), 1e-5, 1e-5)
 
 
@@ -346,7 +347,7 @@ def test_qwen_vocab_152064(n_chunks):
     _close(out, token_kl_ref(a, b), 1e-5, 1e-5)
 
 
-# %% launch heuristics (item 5 of issue 9) ------------------------------------------------------------------------
+# %% launch heuristics -------------------------------------------------------------------------------------------------
 def test_stream_config_is_one_16_byte_vector_per_thread():
     for itemsize, vec in ((2, 8), (4, 4)):
         cfg = kl_stream_config(152064, itemsize)
@@ -362,7 +363,7 @@ def test_stream_config_is_one_16_byte_vector_per_thread():
     (3, 4, 1, 6),  # the interpreter's stand-in: 16 CTAs for 4 waves of 4 SMs x 1
 ])
 def test_split_heuristic_counts_resident_ctas(n_rows, sms, ctas, expect):
-    chunks = token_kl_module.kl_split_chunks(n_rows, 152064, 2048, sms, ctas)
+    chunks = split_chunks(n_rows, 152064, 2048, sms, ctas, min_tiles=token_kl_module.MIN_TILES_PER_CHUNK)
     assert chunks == expect
     if chunks > 1:
         assert n_rows * chunks >= 4 * sms * ctas or chunks == 152064 // 4096 + 1

@@ -39,7 +39,7 @@ def _refs(a, b, tgt, temperature):
 
 
 def _assert_ranges(st: TokenStats, n_cols: int):
-    """SPEC section 4: a fused log-prob kernel returning positive log-probs collapsed a verl run."""
+    """docs/method.md#trainer-traps: a fused log-prob kernel returning positive log-probs collapsed a verl run."""
     assert bool((st.logp <= 0).all()), "log-probs must be <= 0"
     assert bool((st.kl >= 0).all()), "KL must be >= 0"
     assert bool((st.entropy >= 0).all()), "entropy must be >= 0"

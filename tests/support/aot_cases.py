@@ -6,7 +6,7 @@ ops); the worker compiles them all.
 """
 
 from pgpo_kernels.reshape import reshape_launch_config
-from pgpo_kernels.token_kl import _AUTOTUNE_CONFIGS
+from pgpo_kernels.token_kl import AUTOTUNE_CONFIGS
 from pgpo_kernels.token_kl import kl_stream_config
 
 CASES = []
@@ -38,7 +38,7 @@ for dtype in ("bf16", "fp16", "fp32"):
                           _hinted(sig)))
 
 # every autotune config must build too
-for i, conf in enumerate(_AUTOTUNE_CONFIGS):
+for i, conf in enumerate(AUTOTUNE_CONFIGS):
     sig = _kl_sig("bf16", *_FWD_ARGS)
     CASES.append((f"token_kl_fwd-bf16-autotune{i}", "pgpo_kernels.token_kl", "_token_kl_fwd_kernel", sig,
                   {**conf.kwargs, "VEC": 8, "SAVE_STATS": False}, conf.num_warps, _hinted(sig)))

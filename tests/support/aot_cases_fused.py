@@ -8,7 +8,7 @@ gives up, which would make the tensor-core checks describe a kernel no real laun
 
 from pgpo_kernels.fused_linear import GPU_BLOCKS
 from pgpo_kernels.fused_linear import GPU_BLOCKS_FP32
-from pgpo_kernels.token_stats import _autotune_configs
+from pgpo_kernels.token_stats import AUTOTUNE_CONFIGS
 from pgpo_kernels.token_stats import stats_launch_config
 
 CASES = []
@@ -33,7 +33,7 @@ for dt, itemsize in (("bf16", 2), ("fp32", 4)):
                  {"WITH_TARGET": with_target, "SPLIT": split, "BLOCK_V": cfg["BLOCK_V"], "EPT": cfg["EPT"],
                   "NUM_STAGES": cfg["NUM_STAGES"]}, cfg["num_warps"])
     if dt == "bf16":  # every config the GPU autotuner may pick, at the launch the old-log-prob phase makes
-        for c in _autotune_configs():
+        for c in AUTOTUNE_CONFIGS:
             kw = c.kwargs
             _add(f"token_stats_bf16_autotune_v{kw['BLOCK_V']}_e{kw['EPT']}_w{c.num_warps}_s{kw['NUM_STAGES']}",
                  "pgpo_kernels.token_stats", "_token_stats_kernel", sig,

@@ -84,7 +84,7 @@ def test_adapters_log_the_loops_metric_keys():
 
 
 def test_normalized_scores_are_the_reshapes_I():
-    """I_t gates the reshape: without renormalization its weights are exactly the gate of I_t (SPEC section 2)."""
+    """I_t gates the reshape: without renormalization the weights are the gate of I_t (docs/method.md#reshape)."""
     torch.manual_seed(2)
     tau, beta, eps = 0.4, 2.0, 1e-6
     scores = torch.rand(4, 7) * 3

@@ -63,7 +63,7 @@ def test_fused_lm_head_matches_logits_path(tiny_batch, estimator, backend):
         h1.remove()
         h2.remove()
     n_micro = -(-batch["responses"].shape[0] // cfg.micro_batch_size)
-    assert len(vis_calls) == n_micro, "the visual pass must run the vision tower (SPEC section 4)"
+    assert len(vis_calls) == n_micro, "the visual pass must run the vision tower (docs/method.md#trainer-traps)"
     assert head_calls == [], "the fused path must not build logits with the lm_head"
     assert {"timing/old_logp", "timing/text_only", "timing/kl_reshape"} <= times.keys()
     m = batch["response_mask"].bool()
@@ -77,8 +77,9 @@ def test_fused_lm_head_matches_logits_path(tiny_batch, estimator, backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_lm_head_bf16_ranges_and_agreement(tiny_batch, backend):
-    """bf16 policy (SPEC section 4: check ranges in bf16 too). The torch fallback rounds logit chunks to bf16 like
-    lm_head(hidden) does; Triton keeps fp32 accumulators, so it differs from the bf16 logits by their rounding."""
+    """bf16 policy (docs/method.md#trainer-traps: ranges in bf16 too). The torch fallback rounds logit chunks to
+    bf16 like lm_head(hidden) does; Triton keeps fp32 accumulators, so it differs from the bf16 logits by their
+    rounding."""
     model, batch = tiny_batch
     model16, _ = build_tiny(seed=0)
     model16.load_state_dict(model.state_dict())
@@ -152,7 +153,7 @@ def test_fused_lm_head_mode_resolution():
     model, _ = build_tiny(seed=0)
     assert use_fused_lm_head("on", model, CPU) is True
     assert use_fused_lm_head("off", model, torch.device("cuda")) is False
-    assert use_fused_lm_head("auto", model, CPU) is True  # issue 16: every device alike
+    assert use_fused_lm_head("auto", model, CPU) is True  # every device alike: the fused update saves memory anywhere
     assert use_fused_lm_head("auto", model, torch.device("cuda")) is True  # only resolves, runs nothing on CUDA
     assert TrainConfig(out_dir="x").pgpo.fused_lm_head == "auto"
     cfg = TrainConfig(out_dir="x")

@@ -241,7 +241,7 @@ def test_fused_token_stats_path_matches_unfused(assets, tmp_path, monkeypatch):
             assert torch.allclose(fused[key][m], plain[key][m], atol=1e-4, rtol=1e-4), (estimator, key)
 
 
-# %% issue 17: controls, variants and the grid-reason task, one short step each
+# %% controls, variants and the grid-reason task, one short step each
 
 
 @pytest.mark.parametrize(

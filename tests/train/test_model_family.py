@@ -1,10 +1,10 @@
-"""The model-family layer on a tiny random model of every supported family (SPEC section 1, "Other model families").
+"""The model-family layer on a tiny random model of every supported family (docs/method.md#families).
 
 For each family: the text-only pass equals a forward with the visual tokens deleted (Idefics3 / SmolVLM, image
 splitting on as by default: each image's whole span, grid tags included) and the other tokens'
 positions kept (max abs diff < 1e-5 fp32), its logits do not move when the image changes (while the visual pass's
 do), and the explicit positions match the model's own on an unpadded row. Responses are text: a response holding
-every visual special id gets plain text positions and is never masked as an image (issue 11).
+every visual special id gets plain text positions and is never masked as an image.
 """
 
 import pytest
@@ -300,9 +300,9 @@ def test_idefics_split_image_span_is_transformers_own_and_goes_with_the_image(na
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
 def test_idefics_split_text_only_pass_does_not_see_the_grid_tags(name):
     """With splitting on, the grid tags are gone from the text-only pass: rewriting every <row_i_col_j> tag of the
-    prompt leaves its logits after the image unchanged, while masking the placeholders only (the pass before
-    issue 19) lets the tags through and its logits move. (The span's length, hence the kept positions, still
-    depends on the grid: positions are kept, SPEC section 1.)"""
+    prompt leaves its logits after the image unchanged, while masking the placeholders only
+    lets the tags through and its logits move. (The span's length, hence the kept positions, still
+    depends on the grid: positions are kept, docs/method.md#families.)"""
     model, processor = build_tiny_family(name)
     model.eval()
     b = _batch(model, processor, seed=5)

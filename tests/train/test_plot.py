@@ -1,4 +1,4 @@
-"""`pgpo-train plot`: one colour per run in every panel, every run in the legend (issue 11, "Also seen")."""
+"""`pgpo-train plot`: one colour per run in every panel, every run in the legend."""
 
 from __future__ import annotations
 

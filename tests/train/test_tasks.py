@@ -59,7 +59,7 @@ def test_grid_text_only_predictor_is_at_chance():
 
 
 def test_count_copy_answer_is_partly_guessable_from_text():
-    """Contrast: count-copy's question names a colour, the case PGPO is not expected to help with (issue 10)."""
+    """Contrast: count-copy's question names a colour, the case PGPO is not expected to help with."""
     recs = make_count_records(50, seed=0)
     assert len({r["problem"] for r in recs}) == 3
 
@@ -68,7 +68,7 @@ def test_task_is_selectable_and_validated(tmp_path):
     assert set(TASKS) == {"grid-count", "grid-reason", "count-copy"}
     assert TrainConfig().task == "grid-count"
     c = TrainConfig(task="count-copy", out_dir=str(tmp_path)).resolved()
-    assert (c.sft_steps, c.sft_stop_acc) == (300, 0.0)  # the old default warm-up
+    assert (c.sft_steps, c.sft_stop_acc) == (300, 0.0)  # count-copy's warm-up: fixed length, no accuracy stop
     g = TrainConfig(out_dir=str(tmp_path)).resolved()
     assert (g.sft_steps, g.sft_stop_acc) == (1000, 0.75)
     with pytest.raises(ValueError, match="--task"):
@@ -78,7 +78,7 @@ def test_task_is_selectable_and_validated(tmp_path):
 
 
 def test_count_copy_dataset_is_the_old_default(tmp_path):
-    """--task count-copy generates exactly the data the old default (tiny.save_count_dataset) did."""
+    """--task count-copy generates exactly the data of save_count_dataset, so its benchmark results stay comparable."""
     import datasets
 
     from pgpo_train.data.tasks import save_count_dataset
@@ -106,7 +106,7 @@ def test_grid_image_is_nine_image_tokens():
     assert int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 9
 
 
-# %% grid-reason (issue 17)
+# %% grid-reason
 
 
 def _rows_total(solution):

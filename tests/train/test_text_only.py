@@ -1,4 +1,4 @@
-"""The text-only pass (SPEC section 1) on Qwen2.5-VL: attends to no visual token, keeps the original 3-D positions
+"""The text-only pass (docs/method.md#text-only-pass) on Qwen2.5-VL: attends to no visual token, keeps the original 3-D positions
 (pgpo_train.models.model_family)."""
 
 import pytest
@@ -154,7 +154,8 @@ def test_training_forward_matches_generate(tiny_batch):
 
 
 def test_select_images_splits_by_image_not_evenly():
-    """Samples with 2, 0 and 1 images of different patch counts: each keeps exactly its own rows (SPEC section 4)."""
+    """Samples with 2, 0 and 1 images of different patch counts: each keeps exactly its own rows
+    (docs/method.md#trainer-traps)."""
     from types import SimpleNamespace
 
     qwen = SimpleNamespace(model_type="qwen2_5_vl")  # a config: the family (and its "patches" layout) is all it needs

@@ -1,4 +1,4 @@
-"""Issue 16: with --pgpo.fused-lm-head on, every pass of a step (old log-probs, text-only, policy update, SFT warm-up)
+"""With --pgpo.fused-lm-head on, every pass of a step (old log-probs, text-only, policy update, SFT warm-up)
 goes through hidden states + pgpo_kernels' fused lm_head, and the run is the logits path's: same metrics to 1e-5
 (fp32 tiny model) and the same parameters, for grpo, dapo and pgpo, in one process and under torchrun (gloo, 2
 ranks). With it on, the logits builder is never called outside generation."""

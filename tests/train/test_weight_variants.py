@@ -1,4 +1,4 @@
-"""PGPO variants, controls and weight diagnostics (issue 17): pgpo_train.rl.weight_variants via core_algos."""
+"""PGPO variants, controls and weight diagnostics (docs/method.md#variants): rl.weight_variants via core_algos."""
 
 import math
 

@@ -1,5 +1,5 @@
 """One whole PGPO step of pgpo-train on the tiny Qwen2.5-VL with Qwen's vocabulary size (V = 152064), fused lm head on
-vs off: peak RSS of the training process and time per response token (issue 16).
+vs off: peak RSS of the training process and time per response token.
 
     PYTHONPATH=$PWD python benchmarks/results/logp/train_step_memory.py --tokens 256,1024,4096 \
         --out benchmarks/results/logp/train_step_v152064

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The grid-reason dose-response sweep (issue 17): for each (filler, seed) one SFT warm-up, then the checkpoint
-# measurements (grad_at_checkpoint.py) and RL from it with every variant (python -m pgpo_bench.paired_runs). Two workers in the background (the machine has 2
-# cores shared with other jobs), one thread each, niced; each (filler, seed) logs to $OUT/f<filler>-s<seed>.log.
+# The grid-reason dose-response sweep: for each (filler, seed) one SFT warm-up, then the checkpoint measurements
+# (grad_at_checkpoint.py) and RL from it with every variant (python -m pgpo_bench.paired_runs). Two workers in the
+# background (the machine has 2 cores shared with other jobs), one thread each, niced; each (filler, seed) logs to
+# $OUT/f<filler>-s<seed>.log.
 # Jobs run seed-major (seed 0 of every filler, then seed 1, ...), so a sweep cut short still has paired seeds at
 # every filler. Finished runs are skipped: rerunning continues where it stopped.
 #   bash benchmarks/results/train_reason_dose/run.sh

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pgpo_kernels.torch_ops import compute_dtype
+from pgpo_kernels.torch_fallback.common import compute_dtype
 
 # our choice: one [chunk, V] fp32 buffer of at most this many bytes (a pass holds a few of them): 13 rows at
 # V = 152064. Measured on this CPU (H = 64, N = 1024, fwd + bwd, peak RSS): 52 MB extra with 8 MiB chunks (39 MB of it

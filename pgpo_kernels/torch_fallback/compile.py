@@ -2,9 +2,10 @@
 
 PGPO_TORCH_COMPILE selects: "auto" (the default: compile from the second chunk of at least COMPILE_MIN_ELEMS logits
 on, so a one-off call stays eager and a loop or a big multi-chunk call pays the compile once), "1" (always) or "0"
-(never). Compiling costs ~10-20 s per process on a 2-core CPU (Inductor's disk cache helps later processes). A function whose compile or compiled call fails (no C++
-compiler on the CPU, no Triton on a GPU, an op inductor cannot handle) is reported once with a RuntimeWarning and runs
-eagerly from then on: the eager path computes the same values under the same rules.
+(never). Compiling costs ~10-20 s per process on a 2-core CPU (Inductor's disk cache helps later processes). A
+function whose compile or compiled call fails (no C++ compiler on the CPU, no Triton on a GPU, an op inductor cannot
+handle) is reported once with a RuntimeWarning and runs eagerly from then on: the eager path computes the same values
+under the same rules.
 """
 
 from __future__ import annotations
