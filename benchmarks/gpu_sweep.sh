@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One-shot GPU run of pgpo-bench: its steps' time limits add up to 595 s (kl 90, weights 80, linear 70 and logp 40
-# among them), inside the device tool's 10 minutes per command (not yet run on a GPU). Runs the GPU tests, then
+# One-shot GPU run of pgpo-bench: its steps' time limits add up to 595 s (tests 75, kl 80, reshape 55, weights 80,
+# stats 80, linear 70, logp 60, model 5, train_dist 90), inside the device tool's 10 minutes per command (not yet
+# run on a GPU). Runs the GPU tests, then
 # the sweeps (bf16, vocab 152064, every op and backend), and leaves in $OUT:
 #   gpu_tests.log, sweep.log, <device>.json (all ops merged), <device>.png (GB/s vs tokens), <device>.md (table),
-#   logp.{json,md} (loss head fwd + bwd: peak extra memory, time per token),
+#   logp.{json,md} (loss head fwd + bwd: peak extra memory, time per token), model.{json,md} (modeled bytes/FLOPs/ms),
 #   train_dist/results.{json,md} (pgpo-train rollout/update tokens/s, 1 GPU vs all GPUs).
 # Each step has its own time limit, so a hang or an OOM in one op still leaves the others' results.
 #
@@ -50,19 +51,27 @@ bench() {  # bench LIMIT_S NAME ARGS...: one op's sweep into /tmp/pgpo_sweep/NAM
   timeout "$limit" "$PY" -m pgpo_bench.cli "$@" "${COMMON[@]}" --json "/tmp/pgpo_sweep/$name.json" \
     >>"$OUT/sweep.log" 2>&1 || echo "!! $name exited with $? (timeout 124)" | tee -a "$OUT/sweep.log"
 }
-bench 90 kl kl --tokens "$SWEEP"
-bench 60 reshape reshape --tokens "$SWEEP,$RESHAPE_EXTRA" --seq-len "$SEQ_LEN"
+bench 80 kl kl --tokens "$SWEEP"
+bench 55 reshape reshape --tokens "$SWEEP,$RESHAPE_EXTRA" --seq-len "$SEQ_LEN"
 bench 80 weights weights --tokens "$SWEEP" --seq-len "$SEQ_LEN"
-bench 90 stats stats --tokens "$SWEEP"
+bench 80 stats stats --tokens "$SWEEP"
 bench 70 linear linear --tokens "$LINEAR_TOKENS" --hidden "$HIDDEN"
 # the policy update's loss head (fused_linear_logp): fwd + bwd, peak extra memory (allocator) and time per
 # token, one process per provider; its own table (pgpo_bench/logp.py), not merged into the GB/s report; the last
-# provider (the backward's previous tiles) checks the static tile choice and is the one a timeout would cut
+# provider (the backward's previous tiles) checks the static tile choice and is the one a timeout would cut; first
+# the backward with its default gradient filter, without it (grad_filter=0) and Liger's scaled CE (the published
+# anchor); on these random, unpeaked inputs next to no tile is skipped: the filtered row times the check's cost
 LOGP_TOKENS=${LOGP_TOKENS:-8192}
 echo "== logp: pgpo-bench logp --tokens $LOGP_TOKENS" | tee -a "$OUT/sweep.log"
-timeout 40 "$PY" -m pgpo_bench.cli logp --tokens "$LOGP_TOKENS" --vocab "$VOCAB" --hidden "$HIDDEN" --dtype bfloat16 \
-  --device "$DEVICE" --providers ours_triton,logits,trl_chunked,liger,ours_triton_bwd64 --reps 3 --timeout 30 --json "$OUT/logp.json" \
+timeout 60 "$PY" -m pgpo_bench.cli logp --tokens "$LOGP_TOKENS" --vocab "$VOCAB" --hidden "$HIDDEN" --dtype bfloat16 \
+  --device "$DEVICE" --providers ours_triton,ours_triton_exact,liger_scaled,logits,trl_chunked,liger,ours_triton_bwd64 \
+  --reps 3 --timeout 30 --json "$OUT/logp.json" \
   --md "$OUT/logp.md" >>"$OUT/sweep.log" 2>&1 || echo "!! logp exited with $? (timeout 124)" | tee -a "$OUT/sweep.log"
+
+# the traffic / FLOP model of every kernel at the same shapes (no GPU work; modeled H100/H200 ms to set beside the
+# measured ones), at most 5 s
+timeout 5 "$PY" -m pgpo_bench.cli model --tokens 1024,4096,8192,16384 --vocab "$VOCAB" --hidden "$HIDDEN" --liger \
+  --json "$OUT/model.json" --md "$OUT/model.md" >/dev/null 2>>"$OUT/sweep.log" || echo "!! model exited with $?" | tee -a "$OUT/sweep.log"
 
 # -- 2b. pgpo-train data parallel (torchrun + FSDP2, nccl): tiny model, 1 GPU vs all GPUs, at most 90 s ----------
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)

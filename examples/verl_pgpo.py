@@ -5,7 +5,7 @@
 
 verl needs a Ray cluster and GPUs to run its trainer; this script runs what PGPO adds to it, on the batch layout
 verl's RayPPOTrainer holds after `compute_advantage`: a DataProto (verl's own when verl is installed) with
-`input_ids` / `attention_mask` [B, L], `position_ids` [B, 3, L], `responses` / `response_mask` [B, T],
+`input_ids` / `attention_mask` [B, L], `position_ids` [B, 4, L] (text row + 3 mrope rows, verl's layout), `responses` / `response_mask` [B, T],
 `old_log_probs` [B, T], GRPO `advantages` [B, T], and per-sample `multi_modal_inputs`. The actor's log-prob call is
 stood in for by `actor_log_probs` (one HF forward with the batch's attention mask and position ids, as verl's
 padded path does). The few lines to put in a trainer subclass are in pgpo_train/integrations/README.md.
@@ -107,7 +107,9 @@ def actor_log_probs(model, data) -> torch.Tensor:
     if mm:
         kwargs = {"pixel_values": torch.cat([m["pixel_values"] for m in mm]),
                   "image_grid_thw": torch.cat([m["image_grid_thw"] for m in mm])}
-    position_ids = b["position_ids"].transpose(0, 1)  # verl's [B, 3, L] -> HF's [3, B, L]
+    position_ids = b["position_ids"]
+    if position_ids.dim() == 3:
+        position_ids = position_ids.transpose(0, 1)  # verl's [B, 4, L] -> HF's [4, B, L] (text row + mrope rows)
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=position_ids,
                    **kwargs).logits  # [B, L, V]
     T = b["responses"].shape[1]
@@ -129,7 +131,10 @@ def main(argv=None):
     grid = torch.cat([m["image_grid_thw"] for m in mm])
     # rope index over the prompt, the responses continue the text positions (verl's rollout does the same)
     position_ids = model_family.position_ids(model, input_ids, attention_mask, prompt_len=prompts.shape[1],
-                                             image_grid_thw=grid).transpose(0, 1)  # [B, 3, L]
+                                             image_grid_thw=grid)  # mrope [3, B, L], or [B, L] for 1-D families
+    if position_ids.dim() == 3:  # verl (and EasyR1) keep [B, 4, L]: the text position row, then the 3 mrope rows
+        text_row = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = torch.cat([text_row[None], position_ids], 0).transpose(0, 1)  # [B, 4, L]
     uid = np.repeat(np.arange(args.prompts), args.n).astype(str).astype(object)
     data = make_dataproto(
         {"prompts": prompts, "responses": responses, "input_ids": input_ids, "attention_mask": attention_mask,

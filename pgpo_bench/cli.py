@@ -8,6 +8,7 @@
     pgpo-bench all --tokens 1..16384 --json r.json --plot r.png
     pgpo-bench sass --vocab 152064 --tokens 4096 --arch 90a,80   static SASS report, CPU only (pgpo_bench/sass.py)
     pgpo-bench logp --tokens 256,1024,4096 --hidden 64   loss head fwd+bwd: peak extra memory per provider (logp.py)
+    pgpo-bench model --liger                          bytes, FLOPs, modeled H100/H200 ms per kernel (model.py)
 
 --tokens takes one value, a list (space or comma separated) or A..B for the powers of two from A to B. On the CPU
 the defaults are small and the output says CPU; our Triton kernels are then listed as not run (the interpreter is
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         from .sass import run_in_subprocess
 
         return run_in_subprocess(argv[1:])
+    if argv[:1] == ["model"]:  # bytes, FLOPs and modeled times per kernel, no GPU needed (pgpo_bench/model.py)
+        from .model import main as model_main
+
+        return model_main(argv[1:])
     if argv[:1] == ["logp"]:  # forward + backward of the loss head, one fresh process per case (pgpo_bench/logp.py)
         from .logp import main as logp_main
 

@@ -10,9 +10,16 @@ Providers (same inputs: hidden [N, H] and lm_head [V, H] requiring grad, N targe
     liger          Liger 0.8.5 LigerFusedLinearCrossEntropyFunction, reduction='none' (logp = -loss; it has no
                    temperature and no entropy output, so it computes less; on a CPU its Triton kernels run in the
                    interpreter: its time is not comparable there)
+    liger_scaled   Liger 0.8.5 LigerFusedLinearScaledCrossEntropyFunction (per-token NLL + entropy, temperature; logp =
+                   -nll): its CuTe-DSL kernel on an H100 (sm_90, needs nvidia-cutlass-dsl), its torch fallback
+                   (512-token chunks) anywhere else; the loss head Liger publishes H100 times for
     trl_chunked    TRL 1.16's ChunkedLogProbFunction (the kernel of trl's add_fused_lm_head), entropy on
     ours_torch     fused_linear_logp(backend='torch'): row chunks of ~8 MiB fp32 logits
-    ours_triton    fused_linear_logp(backend='triton') (CUDA only; the interpreter is never timed)
+    ours_triton    fused_linear_logp(backend='triton') (CUDA only; the interpreter is never timed), its default
+                   gradient filter (CCE's finfo(dtype).eps / 32); these random inputs are far from peaked (logits
+                   ~ N(0, 9) over V): next to no tile falls under it, so this times the filter's check, not its skips
+    ours_triton_exact
+                   the same with grad_filter=0 (the exact backward, no filter code)
     ours_triton_bwd64
                    the same with the backward's previous 64 x 128 x 64 tiles, to time the static tile choice
                    (docs/design/fused_ops.md) against the one it replaced on the first GPU
@@ -35,7 +42,8 @@ import subprocess
 import sys
 import time
 
-PROVIDERS = ("logits", "compile", "liger", "trl_chunked", "ours_torch", "ours_triton", "ours_triton_bwd64")
+PROVIDERS = ("logits", "compile", "liger", "liger_scaled", "trl_chunked", "ours_torch", "ours_triton",
+             "ours_triton_exact", "ours_triton_bwd64")
 # the backward tiles before the static sweep (benchmarks/results/logp/bwd_tile_sweep.md)
 BWD64_BLOCKS = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3, "GROUP_N": 16}
 # bytes per token x vocab entry the logits path was measured to need (~20, benchmarks/results/logp/); used only to
@@ -114,7 +122,14 @@ def make_provider(name: str, temperature: float, device):
                                                ("entropy",))
             return out[0] * valid, out[1] * valid
         return trl
-    if name in ("ours_torch", "ours_triton", "ours_triton_bwd64"):
+    if name == "liger_scaled":
+        from liger_kernel.ops import LigerFusedLinearScaledCrossEntropyFunction
+
+        def liger_scaled(h, w, t):
+            nll, ent = LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, t, temperature, -100, 1, True)
+            return -nll, ent
+        return liger_scaled
+    if name in ("ours_torch", "ours_triton", "ours_triton_exact", "ours_triton_bwd64"):
         from pgpo_kernels import fused_linear_logp
 
         backend = "torch" if name == "ours_torch" else "triton"
@@ -124,8 +139,9 @@ def make_provider(name: str, temperature: float, device):
             fl.BWD_BLOCKS = dict(BWD64_BLOCKS)
         if backend == "triton" and device.type != "cuda":
             raise RuntimeError("the Triton kernels run on CUDA (the interpreter is never timed)")
+        grad_filter = 0.0 if name == "ours_triton_exact" else None
         return lambda h, w, t: fused_linear_logp(h, w, t, temperature=temperature, with_entropy=True,
-                                                 backend=backend)
+                                                 backend=backend, grad_filter=grad_filter)
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -194,9 +210,33 @@ def worker(args) -> dict:
     k = min(8, args.tokens)
     ref = fused_linear_logp_ref(h.detach()[:k].cpu(), w.detach().cpu(), t[:k].cpu(), None, args.temperature)[0]
     err = float((lp[:k].double().cpu() - ref).abs().max())
-    return {"provider": args.provider, "tokens": args.tokens, "peak_extra_bytes": int(peak),
-            "time_ms": 1e3 * times[len(times) // 2], "us_per_token": 1e6 * times[len(times) // 2] / args.tokens,
-            "max_abs_err_logp": err, "status": "ok"}
+    rec = {"provider": args.provider, "tokens": args.tokens, "peak_extra_bytes": int(peak),
+           "time_ms": 1e3 * times[len(times) // 2], "us_per_token": 1e6 * times[len(times) // 2] / args.tokens,
+           "max_abs_err_logp": err, "status": "ok"}
+    if args.provider == "ours_triton":
+        rec["skipped_tile_fraction"] = triton_skip_fraction(h.detach(), w.detach(), t, args.temperature)
+        rec["note"] = f"filter skipped {rec['skipped_tile_fraction']:.1%} of backward tiles"
+    return rec
+
+
+def triton_skip_fraction(h, w, t, temperature: float, grad_filter: float | None = None) -> float:
+    """The share of the Triton backward's tiles its gradient filter skips on these inputs (the kernel's own count:
+    one forward for the row stats, one backward of sum(logp) + 0.01 sum(entropy), as timed)."""
+    import torch
+
+    import pgpo_kernels.fused_logp as fl
+
+    eps = fl.resolve_grad_filter(grad_filter, h.dtype)
+    valid = t != -100
+    tt = t.long().contiguous()
+    _, ent, lse = fl.logp_forward(h, w, None, tt, temperature, True)
+    grads = torch.stack([valid.float(), 0.01 * valid.float()], -1)
+    counter = torch.zeros(1, dtype=torch.int32, device=h.device)
+    fl.logp_backward(h, w, None, tt, torch.stack([lse, ent], -1), grads, temperature, True, (True, True, False),
+                     filter_eps=eps, skip_counter=counter)
+    cfg = fl.logp_launch_configs(h.dtype, h.device)[1]
+    tiles = -(-h.shape[0] // cfg["BLOCK_N"]) * -(-w.shape[0] // cfg["BLOCK_V"])
+    return int(counter.item()) / tiles
 
 
 # %% driver --------------------------------------------------------------------------------------------------------

@@ -361,7 +361,7 @@ def _drive_fused_linear(n, v, dtype, temperature, split_rows, hidden):
                             _meta((n,), torch.int64), temperature, config=cfg)
 
 
-def _drive_fused_logp(backward):
+def _drive_fused_logp(backward, filter_eps=0.0):
     def drive(n, v, dtype, temperature, split_rows, hidden):
         import torch
 
@@ -372,7 +372,7 @@ def _drive_fused_logp(backward):
             fl.logp_forward(h, w, None, t, temperature, True, config=fwd)
         else:
             fl.logp_backward(h, w, None, t, _meta((n, 2), torch.float32), _meta((n, 2), torch.float32), temperature,
-                             True, (True, True, False), config=bwd)
+                             True, (True, True, False), config=bwd, filter_eps=filter_eps)
     return drive
 
 
@@ -397,6 +397,8 @@ DRIVERS = {
     "fused_logp_fwd": ("fused_linear_logp forward (with entropy), N = tokens", _drive_fused_logp(False), False),
     "fused_logp_bwd": ("fused_linear_logp backward (grad hidden + weight), N = tokens", _drive_fused_logp(True),
                        False),
+    "fused_logp_bwd_filter": ("fused_linear_logp backward with CCE's gradient filter (grad_filter 2**-12)",
+                              _drive_fused_logp(True, 2.0**-12), False),
     "reshape": ("reshape_weights, N / 2048 sequences of 2048", _drive_reshape, False),
 }
 

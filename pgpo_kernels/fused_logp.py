@@ -166,14 +166,17 @@ def _logp_bwd_kernel(
     grad_h_ptr,  # [N, H] float32, zeroed (unused without GRAD_H)
     grad_w_ptr,  # [V, H] float32, zeroed (unused without GRAD_W)
     grad_b_ptr,  # [V] float32, zeroed (unused without GRAD_B)
+    skip_ptr,  # [1] int32: tiles skipped by the filter (unused without FILTER)
     n_rows,
     n_cols,
     n_hidden,  # also the row stride of grad_h and grad_w
     stride_h_row,
     stride_w_row,
     inv_temp,
+    filter_eps,  # skip the tile when every |d| < filter_eps x its row's (|g_logp| + |g_ent|) / T (FILTER only)
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    FILTER: tl.constexpr,  # False: every tile computed, the code of the exact backward
     GRAD_H: tl.constexpr,
     GRAD_W: tl.constexpr,
     GRAD_B: tl.constexpr,
@@ -198,12 +201,24 @@ def _logp_bwd_kernel(
     logp = x - lse[:, None]
     p = tl.exp2(logp * LOG2E)
     coef = g_lp[:, None]
+    g_scale = tl.abs(g_lp)
     if WITH_ENTROPY:
         ent = tl.load(stats_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
         g_ent = tl.load(grad_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
         coef = coef + g_ent[:, None] * (logp + ent[:, None])
+        g_scale += tl.abs(g_ent)
     d = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * coef
     d = tl.where(row_ok[:, None] & col_ok[None, :], d * inv_temp, 0.0)  # [BLOCK_N, BLOCK_V] dL/dlogits
+    if FILTER:
+        # gradient filtering (Cut Cross-Entropy): |d| measured per unit of its row's upstream gradient, as CCE
+        # measures softmax - onehot before scaling by dOut (an absolute rule would drop every tile of a loss that
+        # is a mean over many tokens); the target column counts; a NaN is never small; the tile skips both GEMMs
+        # and every atomic. Each skipped |d_ij| < filter_eps (|g_logp_i| + |g_ent_i|) / T: the error bound of
+        # fused_linear_logp's docstring follows from that alone
+        small = (tl.abs(d) < filter_eps * (g_scale * inv_temp)[:, None]) | (d == 0.0)
+        if tl.min(small.to(tl.int32)) == 1:
+            tl.atomic_add(skip_ptr, 1, sem="relaxed")
+            return
     # every atomic below is sem="relaxed": the sums are read only after the kernel ends, so none needs ordering;
     # Triton's default acq_rel put a GPU-wide fence and an L1 invalidate around each one (SASS: MEMBAR.ALL.GPU +
     # CCTL.IVALL per atomic); relaxed: REDG alone, sm_90 hot loop 401 -> 301 instructions (static, pgpo-bench sass)
@@ -283,9 +298,14 @@ def logp_forward(hidden, weight, bias, target, temperature, with_entropy, config
     return logp, ent, lse
 
 
-def logp_backward(hidden, weight, bias, target, stats, grads, temperature, with_entropy, needs, config=None):
+def logp_backward(hidden, weight, bias, target, stats, grads, temperature, with_entropy, needs, config=None,
+                  filter_eps=0.0, skip_counter=None):
     """Backward kernel: stats [N, 2] (lse, entropy), grads [N, 2] (of logp, of entropy) float32 ->
-    (grad_hidden, grad_weight, grad_bias) in the inputs' dtypes (None where not needed)."""
+    (grad_hidden, grad_weight, grad_bias) in the inputs' dtypes (None where not needed).
+
+    filter_eps > 0 skips the tiles whose every |d| is below filter_eps per unit of the row's upstream gradient
+    (fused_linear_logp, "grad_filter"); 0 runs the exact kernel. skip_counter: an optional [1] int32 tensor on the
+    device that the kernel adds its skipped tiles to (the launch has cdiv(N, BLOCK_N) x cdiv(V, BLOCK_V) tiles)."""
     n_rows, n_hidden = hidden.shape
     n_cols = weight.shape[0]
     device = hidden.device
@@ -295,14 +315,23 @@ def logp_backward(hidden, weight, bias, target, stats, grads, temperature, with_
     gh = torch.zeros((n_rows, n_hidden), dtype=torch.float32, device=device) if need_h else None
     gw = torch.zeros((n_cols, n_hidden), dtype=torch.float32, device=device) if need_w else None
     gb = torch.zeros(n_cols, dtype=torch.float32, device=device) if need_b else None
+    filtered = filter_eps > 0
+    if skip_counter is not None and (skip_counter.shape != (1,) or skip_counter.dtype != torch.int32
+                                     or skip_counter.device != device):
+        raise ValueError(f"skip_counter must be a [1] int32 tensor on {device}, got {tuple(skip_counter.shape)} "
+                         f"{skip_counter.dtype} on {skip_counter.device}")
     if n_rows and (need_h or need_w or need_b):
         dummy = stats
+        if filtered and skip_counter is None:
+            skip_counter = torch.zeros(1, dtype=torch.int32, device=device)
         grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]) * triton.cdiv(n_cols, cfg["BLOCK_V"]),)
         _logp_bwd_kernel[grid](
             hidden, weight, bias if bias is not None else dummy, target, stats, grads,
             gh if need_h else dummy, gw if need_w else dummy, gb if need_b else dummy,
+            skip_counter if filtered else dummy,
             n_rows, n_cols, n_hidden, hidden.stride(0), weight.stride(0), 1.0 / float(temperature),
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, GRAD_H=need_h, GRAD_W=need_w, GRAD_B=need_b,
+            float(filter_eps), HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FILTER=filtered,
+            GRAD_H=need_h, GRAD_W=need_w, GRAD_B=need_b,
             DOT_FP32=_dot_fp32(hidden.dtype, device), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
             BLOCK_H=cfg["BLOCK_H"], NUM_STAGES=cfg["num_stages"], GROUP_N=cfg["GROUP_N"],
             num_warps=cfg["num_warps"],
@@ -315,7 +344,7 @@ class FusedLinearLogpFunction(torch.autograd.Function):
     """Triton path: (hidden [N, H], weight [V, H], bias | None, target [N]) -> (logp [N], entropy [N]) float32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, temperature, with_entropy, ignore_index, config):
+    def forward(ctx, hidden, weight, bias, target, temperature, with_entropy, ignore_index, grad_filter, config):
         valid = target != ignore_index
         logp, ent, lse = logp_forward(hidden, weight, bias, target, temperature, with_entropy,
                                       config and config[0])
@@ -323,6 +352,7 @@ class FusedLinearLogpFunction(torch.autograd.Function):
         ent = torch.where(valid, ent, 0.0) if with_entropy else torch.zeros_like(logp)
         ctx.save_for_backward(hidden, weight, bias, target, valid, torch.stack([lse, ent], -1))
         ctx.temperature, ctx.with_entropy, ctx.config = temperature, with_entropy, config and config[1]
+        ctx.grad_filter = grad_filter
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -336,11 +366,29 @@ class FusedLinearLogpFunction(torch.autograd.Function):
         g_en = g_ent.float() if with_entropy else zero.expand(valid.shape)
         grads = torch.where(valid[:, None], torch.stack([g_lp, g_en], -1), zero).contiguous()
         gh, gw, gb = logp_backward(hidden, weight, bias, target, stats, grads, ctx.temperature, with_entropy,
-                                   ctx.needs_input_grad[:3], ctx.config)
-        return gh, gw, gb, None, None, None, None, None
+                                   ctx.needs_input_grad[:3], ctx.config, filter_eps=ctx.grad_filter)
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 # %% public functional ---------------------------------------------------------------------------------------------
+def default_grad_filter(dtype: torch.dtype) -> float:
+    """Cut Cross-Entropy's filter threshold for gradients of this dtype: finfo(dtype).eps / 32."""
+    return torch.finfo(dtype).eps / 32
+
+
+def resolve_grad_filter(grad_filter, dtype: torch.dtype) -> float:
+    """None -> the dtype's default; otherwise a finite real in [0, 1) (relative |dL/dlogit| per unit upstream
+    gradient: the target column's 1 - p reaches 1, so a threshold >= 1 would drop real gradient wholesale)."""
+    if grad_filter is None:
+        return default_grad_filter(dtype)
+    if isinstance(grad_filter, bool) or not isinstance(grad_filter, (int, float)):
+        raise TypeError(f"grad_filter must be a float in [0, 1) or None (finfo(dtype).eps / 32), got "
+                        f"{type(grad_filter).__name__} {grad_filter!r}")
+    if not (0.0 <= float(grad_filter) < 1.0):  # NaN fails too
+        raise ValueError(f"grad_filter must be a float in [0, 1) or None (finfo(dtype).eps / 32), got {grad_filter!r}")
+    return float(grad_filter)
+
+
 def check_logp_args(hidden, weight, targets, bias, ignore_index, chunk_size) -> None:
     """[..., H] hidden, [V, H] weight, [...] integer targets in [0, V) or == ignore_index, optional [V] bias."""
     check_float("hidden", hidden)
@@ -385,6 +433,7 @@ def fused_linear_logp(
     backend: str = "auto",
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    grad_filter: float | None = None,
 ):
     """log softmax((hidden @ weight^T + bias) / T)[targets] (and the entropy) without building [N, V] logits.
 
@@ -397,12 +446,25 @@ def fused_linear_logp(
         temperature: softmax temperature T > 0. with_entropy: also return the entropy.
         backend: "triton", "torch" or "auto" (triton on CUDA tensors, torch otherwise).
         chunk_size: torch backend only, rows whose logits are built at a time (None: ~8 MiB of fp32 logits).
+        grad_filter: Triton backward's gradient filtering (Cut Cross-Entropy's): a tile of BLOCK_N x BLOCK_V logits
+            whose every |d_ij| = |dL/dlogit_ij| (the target column included) is below grad_filter x s_i, with
+            s_i = (|dL/dlogp_i| + |dL/dentropy_i|) / T its row's upstream scale, skips both GEMMs and all its atomics.
+            None: finfo(hidden.dtype).eps / 32 (CCE's rule: 2**-12 for bf16, 2**-15 fp16, 2**-28 fp32); 0: exact,
+            every tile computed (the kernel without the filter's code). Per gradient element the skipped terms
+            change the result (against exact math) by at most
+                |d grad_hidden[i, k]| <= sum over skipped j of |d_ij| |W_jk| < grad_filter s_i n_i max_j |W_jk|
+                |d grad_weight[j, k]| <= sum over skipped i of |d_ij| |h_ik| < grad_filter sum_i s_i |h_ik|
+                |d grad_bias[j]|      < grad_filter sum over skipped i of s_i
+            (n_i: skipped columns of row i); with logp alone a skipped non-target d_ij is -g_i p_ij / T, so the
+            first is also <= |g_i| / T x (probability mass of row i's skipped columns) x max_j |W_jk|. The torch
+            backend is exact at every grad_filter (error 0, within the same bound); the value is validated on both.
 
     Returns:
         logp [...] float32, or (logp, entropy) with with_entropy (float64 for float64 inputs on the torch backend).
     """
     check_logp_args(hidden, weight, targets, bias, ignore_index, chunk_size)
     check_temperature(temperature)
+    grad_filter = resolve_grad_filter(grad_filter, hidden.dtype)
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be a bool, got {type(with_entropy).__name__} {with_entropy!r}")
     lead = hidden.shape[:-1]
@@ -418,6 +480,6 @@ def fused_linear_logp(
     else:
         logp, ent = FusedLinearLogpFunction.apply(
             as_rows(hidden), as_rows(weight), None if bias is None else bias.contiguous(), target.long().contiguous(),
-            float(temperature), with_entropy, ignore_index, None)
+            float(temperature), with_entropy, ignore_index, grad_filter, None)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if with_entropy else logp

@@ -3,6 +3,9 @@
 pgpo-train                                  # embedded default: tiny Qwen2.5-VL, synthetic count task, PGPO
 pgpo-train --algo dapo --steps 200          # the baseline
 pgpo-train --model Qwen/Qwen2.5-VL-3B-Instruct --dataset PATH --pgpo.estimator k3
+pgpo-train --config recipes/tiny.yaml [--steps 10]   # a recipe file; flags on the command line override it
+pgpo-train export runs/pgpo-tiny [--step 40]          # a Hugging Face model folder of a checkpoint
+pgpo-train eval runs/pgpo-tiny/model [--k 8]          # avg@k, pass@k and greedy accuracy on a dataset split
 pgpo-train plot runs/pgpo-tiny [runs/dapo-tiny ...]
 pgpo-train inspect --run runs/pgpo-tiny --out inspect.html
 """
@@ -16,6 +19,9 @@ import time
 
 SUBCOMMANDS = """\
   pgpo-train [train] [OPTIONS]        train (the default subcommand); options below
+  pgpo-train --config FILE [OPTIONS]  train from a YAML config (recipes/); flags on the command line override it
+  pgpo-train export RUN_DIR           a Hugging Face model folder (safetensors) of a checkpoint (--step N)
+  pgpo-train eval MODEL_DIR|RUN_DIR   avg@k / pass@k / greedy accuracy of a model on a dataset split
   pgpo-train plot RUN_DIR...          draw runs' curves (metrics.jsonl) to RUN_DIR/curves.png
   pgpo-train inspect --run RUN_DIR    one response's tokens coloured by visual dependency (.html/.png)
 """
@@ -65,6 +71,9 @@ def _train_parser() -> argparse.ArgumentParser:
         "generated grid-count task, a few minutes on CPU).\n\nsubcommands:\n" + SUBCOMMANDS,
         formatter_class=Formatter,
     )
+    # read (and removed from the command line) by parse_train_argv before argparse sees the rest
+    p.add_argument("--config", metavar="FILE", help="a YAML config (recipes/*.yaml, or a run's config.yaml): any flag "
+                   "below by name (pgpo: {tau: 0.4} or pgpo.tau: 0.4); flags on the command line override it")
     add_train_args(p)
     return p
 
@@ -95,6 +104,59 @@ def _inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_train_argv(argv: list[str]):
+    """The TrainConfig of a train command line: --config FILE's values, then the flags given (they win)."""
+    from pgpo_train.run.config import config_from_args
+    from pgpo_train.run.config_file import apply_config_file
+    from pgpo_train.run.config_file import argv_config
+
+    parser = _train_parser()
+    config_path, flags = argv_config(argv)
+    if config_path:
+        apply_config_file(parser, config_path)
+    return config_from_args(parser.parse_args(flags))
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog="pgpo-train export",
+        description="Write a Hugging Face model folder (save_pretrained: safetensors, config, processor) of a run's "
+        "checkpoint, one-process or sharded (torchrun); from_pretrained and vLLM load it.",
+    )
+    p.add_argument("run_dir", help="a pgpo-train run directory (holding config.json and checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--out", default="", help="output folder (default: RUN_DIR/models/step-XXXXXXXX)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype; auto: the base model's published dtype (fp32 for the embedded tiny model)")
+    return p
+
+
+def _export_main(argv: list[str]) -> int:
+    from pgpo_train.models.hf_export import export_checkpoint
+
+    a = _export_parser().parse_args(argv)
+    try:
+        out = export_checkpoint(a.run_dir, a.step, a.out, a.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pgpo-train export: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"pgpo-train: wrote {out}")
+    return 0
+
+
+def _eval_main(argv: list[str]) -> int:
+    from pgpo_train.recipe.evaluation import eval_main
+    from pgpo_train.recipe.evaluation import eval_parser
+
+    a = eval_parser(_OneLineParser).parse_args(argv)
+    try:
+        eval_main(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pgpo-train eval: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plot":
@@ -118,15 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         out = inspect_main(a)
         print(f"pgpo-train: wrote {out}")
         return 0
+    if argv and argv[0] in ("export", "eval"):
+        return _export_main(argv[1:]) if argv[0] == "export" else _eval_main(argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
     from pgpo_train.recipe.train import train
     from pgpo_train.rl.nonfinite import NonFiniteError
-    from pgpo_train.run.config import config_from_args
     from pgpo_train.run.signals import TrainingInterrupted
 
-    ns = _train_parser().parse_args(argv)
-    cfg = config_from_args(ns)
+    try:
+        cfg = parse_train_argv(argv)
+    except ValueError as e:  # the --config file: one line naming it
+        print(f"pgpo-train: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     if cfg.resume and not any(x == "--out-dir" or x.startswith("--out-dir=") for x in argv):
         print(f"pgpo-train: resuming {cfg.out_dir}")
     t0 = time.perf_counter()
@@ -165,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgpo-train: {line}")
     curves = f"curves {summary['curves']}" if summary.get("curves") else f"curves: pgpo-train plot {summary['out_dir']}"
     print(f"pgpo-train: run dir {summary['out_dir']} ({curves})")
+    if summary.get("model_dir"):
+        print(f"pgpo-train: model folder {summary['model_dir']} (from_pretrained; pgpo-train eval {summary['out_dir']})")
     return 0
 
 

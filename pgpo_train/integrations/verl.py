@@ -139,8 +139,13 @@ def pgpo_text_only_batch(
             the placeholders; for Idefics3 / SmolVLM each image's whole span, grid tags included).
         multimodal_keys: non-tensor keys whose per-sample dicts are replaced by {} (verl's own text-only form).
 
+    Refused: image placeholders in the responses on tokens the policy did not sample (`response_mask` 0), i.e.
+    multi-turn tools that return images (the twin would attend them without pixels).
+
     Returns:
-        A new DataProto sharing every tensor with `data` except the new attention mask; `data` is unchanged.
+        A new DataProto sharing every tensor with `data` except the new attention mask; `data` is unchanged. Its
+        `meta_info` is a copy whose `global_token_num` counts the twin's attended tokens and whose `images_seqlens`
+        is empty, so verl's MFU / throughput of the text-only pass are not computed from the with-image batch.
     """
     if not (hasattr(data, "non_tensor_batch") and hasattr(data, "batch")):
         raise TypeError(f"data must be a verl DataProto (with .batch and .non_tensor_batch), got {type(data).__name__}")
@@ -150,19 +155,49 @@ def pgpo_text_only_batch(
     prompt_len = None
     if "responses" in data.batch.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
         prompt_len = input_ids.shape[1] - data.batch["responses"].shape[1]  # responses are text
+    _check_no_tool_images(data.batch, _visual_ids(visual_token_ids), prompt_len)
     if _is_model_or_config(visual_token_ids):  # the family's own text-only mask (Idefics3 / SmolVLM: image spans)
         visual = model_family.text_only_mask(visual_token_ids, input_ids, prompt_len)
     else:
         visual = model_family.id_mask(input_ids, _visual_ids(visual_token_ids), prompt_len)  # [B, L]
 
-    text = copy.copy(data)  # shallow: meta_info and the other tensors are shared, never written
+    text = copy.copy(data)  # shallow: the other tensors are shared, never written
     text.batch = data.batch.copy()
     text.batch["attention_mask"] = attention_mask.masked_fill(visual, 0)
+    text.meta_info = _text_only_meta_info(getattr(data, "meta_info", None), text.batch["attention_mask"])
     text.non_tensor_batch = dict(data.non_tensor_batch)
     for key in multimodal_keys:
         if key in text.non_tensor_batch:
             text.non_tensor_batch[key] = np.array([{} for _ in range(len(input_ids))], dtype=object)
     return text
+
+
+def _check_no_tool_images(tensors, ids: list[int], prompt_len: int | None) -> None:
+    """Multi-turn rollouts whose tools return images put placeholders in the responses, on tokens the policy did not
+    sample (response_mask 0): the twin masks the prompt's image only, so such a batch is refused."""
+    if prompt_len is None or "response_mask" not in tensors.keys():  # noqa: SIM118 - TensorDict refuses `key in td`
+        return
+    responses = tensors["input_ids"][:, prompt_len:]
+    from_tools = (tensors["response_mask"] == 0) & tensors["attention_mask"][:, prompt_len:].bool()
+    hit = torch.isin(responses, torch.tensor(ids, device=responses.device)) & from_tools
+    if bool(hit.any()):
+        raise ValueError(
+            "pgpo_text_only_batch: image placeholders inside the responses, on tokens the policy did not sample "
+            f"(response_mask 0, rows {hit.any(-1).nonzero().flatten().tolist()}): a multi-turn tool returned images "
+            "(actor_rollout_ref.rollout.multi_turn with image-returning tools). PGPO's text-only pass masks the "
+            "prompt's image only (docs/method.md#text-only-pass), so it would attend these image tokens without "
+            "their pixels. Use tools that return text, or train without PGPO.")
+
+
+def _text_only_meta_info(meta_info, attention_mask: torch.Tensor) -> dict:
+    """The batch's meta_info for the twin: its own token counts (verl's MFU and throughput read
+    `global_token_num`) and no image lengths (the twin has no images)."""
+    meta = dict(meta_info or {})
+    if "global_token_num" in meta:
+        meta["global_token_num"] = attention_mask.sum(-1).tolist()
+    if "images_seqlens" in meta:
+        meta["images_seqlens"] = []
+    return meta
 
 
 def _is_model_or_config(x) -> bool:

@@ -107,7 +107,9 @@ def response_hidden(model, inputs: dict, n_resp: int) -> torch.Tensor:
     The same positions as `policy.response_logits` (logits_to_keep=T+1, then [:, :-1]): the inner model is the whole
     VLM below the lm_head, so with pixel_values in `inputs` the vision tower runs as in `model(**inputs)`.
     """
-    out = model.model(**inputs, use_cache=False)
+    # under peft, `.model` of the wrapper is the whole VLM (lm_head included); the adapters live inside the bare
+    # model's layers, so its inner model runs them too
+    out = model_family.unwrap(model).model(**inputs, use_cache=False)
     return out.last_hidden_state[:, -(n_resp + 1) : -1]  # [mb, T, H]
 
 

@@ -50,6 +50,10 @@ def load_policy(cfg: TrainConfig, device: torch.device):
     if cfg.freeze_vision:
         for p in model_family.vision_tower(model).parameters():
             p.requires_grad_(False)
+    if cfg.lora.rank > 0:  # peft adapters; every base weight frozen (pgpo_train.models.lora)
+        from pgpo_train.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
     return model.to(device), processor
 
 

@@ -34,6 +34,7 @@ from pgpo_train.data.loading import Sampler
 from pgpo_train.data.loading import check_first_rows
 from pgpo_train.data.loading import load_split
 from pgpo_train.data.loading import tiny_dataset_path
+from pgpo_train.models.hf_export import export_run_model
 from pgpo_train.models.lm_head import use_fused_lm_head
 from pgpo_train.models.policy import load_policy
 from pgpo_train.models.policy import make_optimizer
@@ -47,6 +48,7 @@ from pgpo_train.run.checkpoint import latest_checkpoint
 from pgpo_train.run.checkpoint import read_trainer_state
 from pgpo_train.run.checkpoint import save_checkpoint
 from pgpo_train.run.config import TrainConfig
+from pgpo_train.run.config_file import config_yaml
 from pgpo_train.run.run_log import Logger
 from pgpo_train.run.run_log import eval_summary
 from pgpo_train.run.run_log import write_curves
@@ -56,6 +58,7 @@ from pgpo_train.run.signals import TrainingInterrupted
 from pgpo_train.run.signals import stop_requested_anywhere
 from pgpo_train.run.validate import check_sources
 from pgpo_train.step.sampling import evaluate_on_ranks
+from pgpo_train.step.sampling import reward_of
 from pgpo_train.step.sampling import sample_batch
 from pgpo_train.step.scoring import old_logp_and_scores
 from pgpo_train.step.scoring import token_advantages
@@ -123,6 +126,8 @@ class Run:
         save(self.ckpt_dir, state.step, self.model, self.optimizer, state.trainer_state(self),
              self.cfg.keep_checkpoints)
         state.saved_at = state.step
+        if self.cfg.export_checkpoints:  # a model folder beside it: RUN_DIR/models/step-XXXXXXXX
+            export_run_model(self.cfg, self.model, self.processor, self.dp, f"step-{state.step:08d}")
 
 
 @dataclass
@@ -165,6 +170,8 @@ def setup(cfg: TrainConfig, dp) -> Run:
     if dp.is_writer:  # torchrun: rank 0 holds the run dir (train() opened it there only)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:  # pgpo-train --config RUN_DIR/config.yaml
+            f.write(config_yaml(cfg))
 
     # data: the generated tiny task unless a dataset is given
     data_path = cfg.dataset or tiny_dataset_path(seed=0, task=cfg.task, filler=cfg.task_filler)
@@ -173,6 +180,8 @@ def setup(cfg: TrainConfig, dp) -> Run:
         columns["solution"] = cfg.solution_column
     train_ds = load_split(data_path, cfg.split, columns, cfg.max_samples)
     check_first_rows(train_ds, columns)  # wrong columns fail here, not after the model loaded
+    if cfg.reward:  # a custom reward is tried on one real record now, not mid-run
+        reward_of(cfg).probe(RecordStream(train_ds, columns, Sampler(len(train_ds), cfg.seed)).next_batch(1)[0])
 
     try:
         model, processor = load_policy(cfg, device)
@@ -235,7 +244,8 @@ def open_logs(run: Run, state: RunState) -> None:
     if not run.dp.is_writer:
         return
     run.logger = Logger(run.cfg.out_dir, run.cfg.tensorboard,
-                        truncate_after=state.step if state.resumed_from else None)
+                        truncate_after=state.step if state.resumed_from else None, report_to=run.cfg.report_to,
+                        config=dataclasses.asdict(run.cfg))
     if run.cfg.progress:
         from tqdm.auto import tqdm  # lazy: only with a progress bar
 
@@ -352,6 +362,8 @@ def finish(run: Run, state: RunState) -> dict:
     model and processor."""
     cfg = run.cfg
     close_logs(run)
+    # RUN_DIR/model: from_pretrained, vLLM and pgpo-train eval load it (collective under torchrun)
+    model_dir = export_run_model(cfg, run.model, run.processor, run.dp) if cfg.export_model else None
     curves = write_curves(cfg.out_dir) if run.dp.is_writer else None
     summary = {
         "out_dir": cfg.out_dir,
@@ -363,6 +375,7 @@ def finish(run: Run, state: RunState) -> dict:
         "sft_steps": state.sft_end,
         "rl_steps": state.step - state.sft_end,
         "curves": curves,
+        "model_dir": model_dir,
         **state.last_eval,
         **eval_summary(os.path.join(cfg.out_dir, "metrics.jsonl"), state.sft_end, len(run.eval_records)),
     }

@@ -44,6 +44,8 @@ CHOICES = {
     "loss_agg_mode": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
     "backend": ["auto", "torch", "triton"],  # pgpo.backend
     "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "export_dtype": ["auto", "float32", "bfloat16", "float16"],
+    "report_to": ["none", "wandb"],
 }
 
 
@@ -99,6 +101,20 @@ class PGPOWeightsConfig:
 
 
 @dataclass
+class LoraOptions:
+    """LoRA through peft, TrainConfig.lora (`--lora.*`); rank 0 = off (the paper trains every weight)."""
+
+    rank: int = opt(0, "LoRA rank r; 0 = off (full fine-tuning)")
+    alpha: float = opt(16.0, "scaling alpha / r")
+    dropout: float = opt(0.0, "dropout on the adapters' input")
+    target_modules: str = opt(
+        "all-linear",
+        "comma-separated linear layer names (q_proj,v_proj), or all-linear (never the lm_head)",
+    )
+    vision: bool = opt(False, "adapters on the vision tower's linear layers too (else the tower stays frozen)")
+
+
+@dataclass
 class TrainConfig:
     # --- I/O
     out_dir: str | None = opt(
@@ -114,6 +130,14 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
     tensorboard: bool = opt(True, "also write tensorboard events when tensorboard is installed")
     progress: bool = opt(True, "tqdm progress bar")
+    report_to: str = opt("none", "also send metrics to: none | wandb (Weights & Biases, installed separately; the "
+                         "project is $WANDB_PROJECT, default pgpo)")
+    export_model: bool = opt(True, "at the end, a Hugging Face model folder (save_pretrained, safetensors): RUN_DIR/model")
+    export_checkpoints: bool = opt(
+        False,
+        "also one per checkpoint, RUN_DIR/models/step-N (pgpo-train export makes one later from any checkpoint)",
+    )
+    export_dtype: str = opt("auto", "the model folders' weights; auto: the base model's dtype (fp32: the tiny model)")
     # --- model
     model: str = opt(
         "",
@@ -147,6 +171,7 @@ class TrainConfig:
     # --- algorithm
     algo: str = opt("pgpo", "grpo | dapo | pgpo (pgpo = dapo + perception-grounded token weights)")
     pgpo: PGPOWeightsConfig = field(default_factory=PGPOWeightsConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA through peft (--lora.*)"})
     steps: int = opt(60, "RL steps (rollout + update); paper ~200")
     prompts_per_step: int = opt(8, "paper: 384")
     group_size: int = opt(4, "G responses per prompt; paper: 5")
@@ -173,6 +198,11 @@ class TrainConfig:
     )
     weight_decay: float = opt(0.01, "AdamW weight decay (SFT and RL)")
     grad_clip: float = opt(1.0, "max global gradient norm (0: off)")
+    reward: str = opt(
+        "",
+        "your verifiable reward, module:function or path/to/file.py:function: fn(response, record) -> float, or "
+        "fn(responses, records) -> list; empty = the paper's acc_weight x accuracy + format_weight x format",
+    )
     acc_weight: float = opt(0.9, "reward = acc_weight x accuracy + format_weight x format (paper: 0.9 / 0.1)")
     format_weight: float = opt(0.1, "see --acc-weight")
     # --- rollout
@@ -215,7 +245,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated (every flag: pgpo_train.run.validate)."""
         check_types(self)
-        c = dataclasses.replace(self, pgpo=self.pgpo.with_preset())
+        c = dataclasses.replace(self, pgpo=self.pgpo.with_preset(), lora=dataclasses.replace(self.lora))
         if c.clip_ratio_high is None:
             c.clip_ratio_high = 0.2 if c.algo == "grpo" else 0.28
         if c.loss_agg_mode is None:
@@ -288,16 +318,26 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     _add_fields(parser, TrainConfig)
 
 
+def _nested_fields(cls) -> dict[str, type]:
+    """name -> dataclass type of the nested option groups (pgpo, lora)."""
+    return {f.name: type(f.default_factory()) for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+
+
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    pgpo_kw = {f.name: getattr(ns, f"pgpo__{f.name}") for f in dataclasses.fields(PGPOWeightsConfig)}
-    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "pgpo"}
-    return TrainConfig(pgpo=PGPOWeightsConfig(**pgpo_kw), **kw)
+    nested = _nested_fields(TrainConfig)
+    groups = {g: cls(**{f.name: getattr(ns, f"{g}__{f.name}") for f in dataclasses.fields(cls)})
+              for g, cls in nested.items()}
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in nested}
+    return TrainConfig(**groups, **kw)
 
 
 def config_from_dict(d: dict) -> TrainConfig:
     """TrainConfig from a run's config.json; keys this version does not know are ignored (older runs)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"pgpo"}
-    known_pgpo = {f.name for f in dataclasses.fields(PGPOWeightsConfig)}
-    pgpo = PGPOWeightsConfig(**{k: v for k, v in d.get("pgpo", {}).items() if k in known_pgpo})
-    return TrainConfig(pgpo=pgpo, **{k: v for k, v in d.items() if k in known})
-
+    nested = _nested_fields(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(nested)
+    groups = {}
+    for g, cls in nested.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        groups[g] = cls(**{k: v for k, v in (d.get(g) or {}).items() if k in names})
+    return TrainConfig(**groups, **{k: v for k, v in d.items() if k in known})

@@ -19,7 +19,8 @@ from pgpo_train.run.rundir import repair_metrics
 class Logger:
     """metrics.jsonl (one line per step) and tensorboard when installed."""
 
-    def __init__(self, out_dir: str, tensorboard: bool, truncate_after: int | None):
+    def __init__(self, out_dir: str, tensorboard: bool, truncate_after: int | None, report_to: str = "none",
+                 config: dict | None = None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if truncate_after is not None and os.path.exists(self.path):
             # resume: drop lines written after the checkpoint, so the log matches an uninterrupted run, and a line
@@ -37,6 +38,7 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        self.wandb = wandb_run(out_dir, config or {}) if report_to == "wandb" else None
 
     def log(self, step: int, metrics: dict) -> None:
         metrics = {
@@ -49,10 +51,33 @@ class Logger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, step=step)
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def wandb_run(out_dir: str, config: dict):
+    """A Weights & Biases run for --report-to wandb: project $WANDB_PROJECT (default pgpo), named after the run dir,
+    its id kept in RUN_DIR/wandb-id so a resumed run continues the same W&B run."""
+    import uuid
+
+    import wandb
+
+    id_path = os.path.join(out_dir, "wandb-id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        with open(id_path, "w") as f:
+            f.write(run_id)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "pgpo"), name=os.path.basename(os.path.abspath(out_dir)),
+                      id=run_id, resume="allow", dir=out_dir, config=config)
 
 
 def eval_summary(metrics_path: str, sft_end: int, n_eval: int) -> dict:

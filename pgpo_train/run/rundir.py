@@ -121,9 +121,9 @@ def repair_metrics(path: str, last_step: int) -> dict:
 
 
 def _worth_keeping(out_dir: str) -> bool:
-    """True once a run dir holds anything beyond what start-up writes (config.json, the lock, empty logs)."""
+    """True once a run dir holds anything beyond what start-up writes (config.json/.yaml, the lock, empty logs)."""
     for name in os.listdir(out_dir):
-        if name in (LOCK_NAME, "config.json", "tb"):
+        if name in (LOCK_NAME, "config.json", "config.yaml", "tb"):
             continue
         return True
     return False

@@ -161,6 +161,11 @@ def check_values(c, choices: dict[str, list[str]]) -> None:
         raise ValueError("--acc-weight and --format-weight are both 0: every reward would be 0")
     _range("sft_stop_acc", c.sft_stop_acc, 0 <= c.sft_stop_acc <= 1, "in [0, 1] (0 = off)")
     _range("pgpo.min_spread", c.pgpo.min_spread, c.pgpo.min_spread >= 0, ">= 0 (0 = off: the paper's reshape)")
+    if c.lora.rank > 0:
+        _range("lora.alpha", c.lora.alpha, c.lora.alpha > 0, "> 0")
+        _range("lora.dropout", c.lora.dropout, 0 <= c.lora.dropout < 1, "in [0, 1)")
+        if not c.lora.target_modules.strip(" ,"):
+            raise ValueError("--lora.target-modules must name linear layers (q_proj,v_proj) or be all-linear")
     _range("group_size", c.group_size, c.group_size >= 2, ">= 2 (advantages are relative to the group)")
     for name in (
         "prompts_per_step",
@@ -334,6 +339,14 @@ def check_sources(c) -> None:
             _check_hub_name("--model", c.model, "model")
     if c.dataset and not os.path.exists(c.dataset):
         _check_hub_name("--dataset", c.dataset, "dataset")
+    import importlib.util
+
+    if c.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--report-to wandb: wandb is not installed (pip install wandb), or use --report-to none")
+    if c.reward:  # importable and callable (train() tries it on a record once the data is loaded)
+        from pgpo_train.data.rewards import load_reward_fn
+
+        load_reward_fn(c.reward)
     if c.resume:
         if not os.path.isdir(c.out_dir):
             raise ValueError(f"--resume: there is no run directory {c.out_dir}")
@@ -351,7 +364,7 @@ def check_sources(c) -> None:
 RESUME_MAY_CHANGE = {
     "out_dir", "resume", "overwrite", "steps", "save_every", "keep_checkpoints", "tensorboard", "progress",
     "eval_every", "eval_size", "eval_split", "threads", "device", "micro_batch_size", "gradient_checkpointing",
-    "fsdp_cpu_offload",
+    "fsdp_cpu_offload", "export_model", "export_checkpoints", "export_dtype", "report_to",
 }  # fmt: skip
 
 

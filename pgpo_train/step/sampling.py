@@ -4,10 +4,12 @@ dynamic sampling and refill), and the greedy evals.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-from pgpo_train.data.rewards import compute_score
+from pgpo_train.data.rewards import Reward
 from pgpo_train.models import model_family
 from pgpo_train.models.policy import eos_ids
 from pgpo_train.rl import core_algos
@@ -20,6 +22,16 @@ from pgpo_train.step.batching import encode_prompts
 from pgpo_train.step.batching import response_mask_from
 from pgpo_train.step.batching import select_rows
 from pgpo_train.step.refill import refill_groups
+
+
+@functools.lru_cache(maxsize=4)
+def _reward(spec: str, acc_weight: float, format_weight: float) -> Reward:
+    return Reward(spec, acc_weight, format_weight)
+
+
+def reward_of(cfg: TrainConfig) -> Reward:
+    """The run's verifiable reward (--reward, else the paper's acc + format), imported once per process."""
+    return _reward(cfg.reward, cfg.acc_weight, cfg.format_weight)
 
 
 @torch.no_grad()
@@ -46,8 +58,7 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) ->
         response_mask = response_mask_from(responses, stop)
         batch = build_sequences(model, prompt, responses, response_mask, processor.tokenizer.pad_token_id)
         texts = processor.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
-        answers = [r["answer"] for r in records for _ in range(G)]
-        scores = [compute_score(t, a, cfg.acc_weight, cfg.format_weight) for t, a in zip(texts, answers)]
+        scores = reward_of(cfg)(texts, [r for r in records for _ in range(G)])
     batch["rewards"] = torch.tensor([s["score"] for s in scores], dtype=torch.float32, device=device)
     batch["texts"] = texts
     metrics = {
@@ -115,8 +126,7 @@ def evaluate(model, processor, records: list[dict], cfg: TrainConfig, device, ba
             suppress_tokens=model_family.special_ids(model),
         )
         texts = processor.tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-        for t, r in zip(texts, recs):
-            s = compute_score(t, r["answer"], cfg.acc_weight, cfg.format_weight)
+        for s in reward_of(cfg)(texts, recs):
             accs.append(s["acc"])
             scores.append(s["score"])
             fmts.append(s["format"])

@@ -50,11 +50,39 @@ class _Out:
         self.token_ids, self.logprobs = ids, None
 
 
+class _Engine:
+    """vLLM's colocated engine as far as a weight sync reaches it: load_weights bumps the weights' version, and an
+    encoder cache keyed by image content keeps each image's embedding (here: the version that encoded it) until
+    reset_encoder_cache(), as vLLM's does."""
+
+    def __init__(self):
+        self.version, self.encoder_cache, self.resets = 0, {}, 0
+        model = type("M", (), {"load_weights": lambda _, weights: self._load(weights)})()
+        self.model_executor = type("E", (), {"driver_worker": type("W", (), {"model_runner": type(
+            "R", (), {"model": model})()})()})()
+
+    def _load(self, weights):
+        self.version += 1
+
+    def reset_encoder_cache(self):
+        self.encoder_cache.clear()
+        self.resets += 1
+
+    def encode(self, image_key):
+        return self.encoder_cache.setdefault(image_key, self.version)
+
+
 class _LLM:
+    def __init__(self):
+        self.llm_engine = _Engine()
+
     def generate(self, prompts, sampling_params, use_tqdm=False):
         self.prompts, self.sampling_params = prompts, sampling_params
         return [type("R", (), {"prompt_token_ids": p["prompt_token_ids"], "outputs": [_Out([1, 2])]})()
                 for p in prompts]
+
+    def reset_prefix_cache(self):
+        pass
 
 
 def _no_engine(monkeypatch, mode):
@@ -146,3 +174,30 @@ def test_tool_images_inside_completions_are_refused():
     check_no_tool_images(model, ids, ones, ones)  # sampled (tool_mask 1): left to check_responses_are_text
     with pytest.raises(ValueError, match="tools that return images"):
         check_no_tool_images(model, ids, ones, torch.tensor([[1, 0, 1]]))
+
+
+def test_every_weight_sync_drops_vllms_cached_vision_embeddings(tmp_path, monkeypatch):
+    """TRL's own VLLMGeneration.sync_weights (colocate) resets only the prefix cache: an image seen before the sync
+    keeps the embedding of the old vision tower. PGPOGRPOTrainer's syncs also reset the encoder cache. vLLM's engine
+    is stood in for (_Engine); vLLM itself did not run here."""
+    _no_engine(monkeypatch, "colocate")
+    trainer, _ = _trainer(tmp_path, "colocate")
+    engine = trainer.vllm_generation.llm.llm_engine
+    assert engine.encode("empty grid") == 0  # seen before the sync
+    trainer.vllm_generation.sync_weights()  # TRL's sync, through PGPO's trainer
+    assert engine.version > 0 and engine.resets == 1
+    assert engine.encode("empty grid") == engine.version  # re-encoded by the new weights
+
+    plain = type(trainer.vllm_generation)  # the same TRL object without PGPO's hook: the embedding goes stale
+    engine.encoder_cache.clear()
+    engine.encode("empty grid")
+    old = engine.version
+    plain.sync_weights(trainer.vllm_generation)
+    assert engine.version > old and engine.encode("empty grid") == old
+
+
+def test_a_vllm_without_reset_encoder_cache_is_refused(tmp_path, monkeypatch):
+    _no_engine(monkeypatch, "colocate")
+    monkeypatch.delattr(_Engine, "reset_encoder_cache")
+    with pytest.raises(RuntimeError, match="reset_encoder_cache"):
+        _trainer(tmp_path, "colocate")

@@ -4,6 +4,7 @@ import os
 import runpy
 
 import numpy as np
+import pytest
 import torch
 
 from pgpo_train.integrations import PGPOVerlTrainerMixin
@@ -84,3 +85,61 @@ def test_text_only_batch_masks_idefics_image_spans_from_the_config():
     assert bool((text_batch.batch["attention_mask"][input_ids == fake] == 0).all())
     assert int((want[0, :P] == 0).sum()) > int((prompts == model.config.image_token_id).sum())
     assert torch.equal(text_batch.batch["attention_mask"][:, P:], am[:, P:])
+
+
+def test_tool_images_inside_responses_are_refused_and_sampled_placeholders_are_text():
+    """Multi-turn tools that return images put placeholders on response tokens the policy did not sample
+    (response_mask 0): refused. A placeholder the policy sampled (response_mask 1) is text, as before."""
+    model, _ = build_tiny_family("qwen2_5_vl")
+    image = model.config.image_token_id
+    prompts = torch.tensor([[11, image, image, 12]] * 2)
+    responses = torch.tensor([[21, image, image, 22], [21, image, 22, 23]])
+    response_mask = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])  # row 0: a tool's image; row 1: sampled
+    input_ids = torch.cat([prompts, responses], 1)
+    data = _Proto({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "responses": responses,
+                   "response_mask": response_mask, "position_ids": torch.arange(8).expand(2, 4, -1)})
+    with pytest.raises(ValueError, match=r"rows \[0\].*multi_turn"):
+        pgpo_text_only_batch(data, model)
+    data.batch["response_mask"] = torch.ones_like(response_mask)
+    pgpo_text_only_batch(data, model)
+
+
+def test_the_twins_meta_info_has_its_own_token_counts():
+    model, _ = build_tiny_family("qwen2_5_vl")
+    image = model.config.image_token_id
+    input_ids = torch.tensor([[11, image, image, 12, 21, 22]] * 2)
+    am = torch.ones_like(input_ids)
+    data = _Proto({"input_ids": input_ids, "attention_mask": am, "responses": input_ids[:, 4:],
+                   "position_ids": torch.arange(6).expand(2, 4, -1)})
+    data.meta_info = {"global_token_num": [6, 6], "images_seqlens": [8, 8], "temperature": 1.0}
+    text = pgpo_text_only_batch(data, model)
+    assert text.meta_info == {"global_token_num": [4, 4], "images_seqlens": [], "temperature": 1.0}
+    assert data.meta_info["global_token_num"] == [6, 6]  # the batch's own counts untouched
+
+
+@pytest.mark.parametrize("family,attn,refused", [("qwen3_vl", "sdpa", True), ("gemma3", "eager", True),
+                                                 ("qwen3_vl", "flash_attention_2", False),
+                                                 ("qwen2_5_vl", "sdpa", False)])
+def test_remove_padding_with_non_flash_attention_is_refused_where_verl_leaves_attention_alone(
+        tmp_path, family, attn, refused):
+    from pgpo_train.integrations.checks import check_verl_config
+
+    model, _ = build_tiny_family(family)
+    model.config.save_pretrained(tmp_path)
+
+    class Cfg(dict):
+        __getattr__ = dict.__getitem__
+
+    def config(remove_padding):
+        model_cfg = Cfg(path=str(tmp_path), use_remove_padding=remove_padding,
+                        override_config=Cfg(attn_implementation=attn),
+                        external_lib="pgpo_train.integrations.verl_qwen2_vl_fix")
+        return Cfg(algorithm=Cfg(pgpo=Cfg(enable=True), adv_estimator="grpo"),
+                   actor_rollout_ref=Cfg(model=model_cfg, actor=Cfg(strategy="fsdp")))
+
+    check_verl_config(config(False))  # remove-padding off: correct for every family
+    if refused:
+        with pytest.raises(ValueError, match=f"use_remove_padding=True with .*attn_implementation='{attn}'"):
+            check_verl_config(config(True))
+    else:
+        check_verl_config(config(True))

@@ -70,7 +70,9 @@ def test_fused_linear_dot_uses_tensor_cores(aot_results, dt, arch):
 
 @pytest.mark.parametrize("arch", _ARCHS)
 @pytest.mark.parametrize("case_id", ["fused_logp_fwd_bf16_bias1_ent1", "fused_logp_fwd_fp16_bias0_ent0",
-                                     "fused_logp_bwd_bf16_bias1_ent1_g111", "fused_logp_bwd_fp16_bias0_ent0_g110"])
+                                     "fused_logp_bwd_bf16_bias1_ent1_g111", "fused_logp_bwd_fp16_bias0_ent0_g110",
+                                     "fused_logp_bwd_bf16_bias1_ent1_g111_filter",
+                                     "fused_logp_bwd_bf16_bias0_ent0_g110_filter"])
 def test_fused_logp_dots_use_tensor_cores(aot_results, case_id, arch):
     rec = aot_results[arch][case_id]
     assert rec["ok"], rec.get("error")

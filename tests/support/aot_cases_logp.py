@@ -31,13 +31,20 @@ for dt, fwd, bwd, dot_fp32 in (("bf16", FWD_BLOCKS, BWD_BLOCKS, False), ("fp16",
         _add(f"fused_logp_fwd_{dt}_bias{int(has_bias)}_ent{int(with_entropy)}", "_logp_fwd_kernel", sig, consts,
              fwd["num_warps"])
     sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "target_ptr": "*i64", "stats_ptr": "*fp32",
-           "grad_ptr": "*fp32", "grad_h_ptr": "*fp32", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32", "n_rows": "i32",
-           "n_cols": "i32", "n_hidden": "i32", "stride_h_row": "i32", "stride_w_row": "i32", "inv_temp": "fp32"}
-    for has_bias, with_entropy, grads in ((True, True, (True, True, True)), (False, False, (True, True, False)),
-                                          (False, True, (True, False, False)), (False, False, (False, True, False))):
-        consts = {"HAS_BIAS": has_bias, "WITH_ENTROPY": with_entropy, "GRAD_H": grads[0], "GRAD_W": grads[1],
-                  "GRAD_B": grads[2], **tiles, "BLOCK_N": bwd["BLOCK_N"], "BLOCK_V": bwd["BLOCK_V"],
-                  "BLOCK_H": bwd["BLOCK_H"], "NUM_STAGES": bwd["num_stages"], "GROUP_N": bwd["GROUP_N"]}
+           "grad_ptr": "*fp32", "grad_h_ptr": "*fp32", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32",
+           "skip_ptr": "*i32", "n_rows": "i32", "n_cols": "i32", "n_hidden": "i32", "stride_h_row": "i32",
+           "stride_w_row": "i32", "inv_temp": "fp32", "filter_eps": "fp32"}
+    # the exact kernel (FILTER off: grad_filter=0) in every gradient combination, the filtered one in two
+    for has_bias, with_entropy, grads, filt in ((True, True, (True, True, True), False),
+                                                (False, False, (True, True, False), False),
+                                                (False, True, (True, False, False), False),
+                                                (False, False, (False, True, False), False),
+                                                (True, True, (True, True, True), True),
+                                                (False, False, (True, True, False), True)):
+        consts = {"HAS_BIAS": has_bias, "WITH_ENTROPY": with_entropy, "FILTER": filt, "GRAD_H": grads[0],
+                  "GRAD_W": grads[1], "GRAD_B": grads[2], **tiles, "BLOCK_N": bwd["BLOCK_N"],
+                  "BLOCK_V": bwd["BLOCK_V"], "BLOCK_H": bwd["BLOCK_H"], "NUM_STAGES": bwd["num_stages"],
+                  "GROUP_N": bwd["GROUP_N"]}
         flags = "".join(str(int(g)) for g in grads)
-        _add(f"fused_logp_bwd_{dt}_bias{int(has_bias)}_ent{int(with_entropy)}_g{flags}", "_logp_bwd_kernel", sig,
-             consts, bwd["num_warps"])
+        _add(f"fused_logp_bwd_{dt}_bias{int(has_bias)}_ent{int(with_entropy)}_g{flags}{'_filter' * filt}",
+             "_logp_bwd_kernel", sig, consts, bwd["num_warps"])

@@ -29,10 +29,11 @@ def test_help_text_lives_in_the_fields_metadata_and_auto_is_none():
     """Each config field carries its help (no comment parsing); every 'auto' default is None and reads 'auto'."""
     import dataclasses
 
+    from pgpo_train.run.config import LoraOptions
     from pgpo_train.run.config import PGPOWeightsConfig
     from pgpo_train.run.config import TrainConfig
 
-    for cls in (TrainConfig, PGPOWeightsConfig):
+    for cls in (TrainConfig, PGPOWeightsConfig, LoraOptions):
         for f in dataclasses.fields(cls):
             if f.name != "pgpo":
                 assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help metadata"
