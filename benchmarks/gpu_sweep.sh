@@ -7,6 +7,9 @@
 #   logp.{json,md} (loss head fwd + bwd: peak extra memory, time per token), model.{json,md} (modeled bytes/FLOPs/ms),
 #   train_dist/results.{json,md} (pgpo-train rollout/update tokens/s, 1 GPU vs all GPUs).
 # Each step has its own time limit, so a hang or an OOM in one op still leaves the others' results.
+# `bash benchmarks/gpu_sweep.sh rollout` (its own command: the sweep above already fills 10 minutes) runs only
+# pgpo_bench.rollout_engine: pgpo-train's RL step with HF generate vs a colocated vLLM engine, at most 300 s, into
+# $OUT/rollout_engine/results.{json,md}; it needs vLLM (a CUDA build) in the device image.
 #
 # Use (from the repository root, on the device machine):
 #   bash benchmarks/gpu_sweep.sh
@@ -20,6 +23,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # conftest turns the Triton interpreter on unless told otherwise: here the kernels must compile for the GPU
 export TRITON_INTERPRET=0
 PY=${PY:-python3}
+
+if [ "${1:-}" = rollout ]; then  # HF generate vs colocated vLLM in pgpo-train's loop, embedded tiny model, cuda
+  "$PY" -c "import vllm" >/dev/null 2>&1 || { echo "!! rollout: vLLM is not installed here"; exit 1; }
+  timeout 300 "$PY" -m pgpo_bench.rollout_engine --device cuda --steps 6 --prompts-per-step 32 --group-size 8 \
+    --max-new-tokens 64 --out "$OUT/rollout_engine" --machine "device machine, $(nvidia-smi -L | head -1)" \
+    2>&1 | tail -20 || echo "!! rollout exited with $?"
+  exit 0
+fi
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -13,6 +13,7 @@ import torch
 from pgpo_train.models import model_family
 from pgpo_train.models.processor import load_processor
 from pgpo_train.models.tiny import build_tiny
+from pgpo_train.models.tiny import tiny_config
 from pgpo_train.run.config import TrainConfig
 
 
@@ -31,7 +32,7 @@ def seed_everything(seed: int) -> None:
 def load_policy(cfg: TrainConfig, device: torch.device):
     """(model, processor): the embedded tiny model when cfg.model is empty, else from_pretrained(cfg.model)."""
     if not cfg.model:
-        model, processor = build_tiny(seed=cfg.seed)
+        model, processor = build_tiny(tiny_config(cfg.tiny_head_dim), seed=cfg.seed)
     else:
         from transformers import AutoModelForImageTextToText
 

@@ -119,13 +119,26 @@ class TinyConfig:
     hidden_size: int = 64  # text hidden size (= vision out_hidden_size)
     intermediate_size: int = 192
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4  # head_dim 16 -> mrope_section sums to 8
+    num_attention_heads: int = 4  # head_dim 16 -> mrope_section sums to 8 (tiny_config(32): vLLM's head size)
     num_key_value_heads: int = 2
     mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])
     vision_depth: int = 2
     vision_hidden_size: int = 48
     vision_intermediate_size: int = 96
     vision_num_heads: int = 2
+
+
+# head size -> (query heads, KV heads, mrope_section), the same 299,664 parameters either way. 16 is the embedded
+# default; vLLM's attention backends take 32 and up (its CPU backend refuses 16), so --rollout-engine vllm uses 32.
+TINY_HEADS = {16: (4, 2, [2, 3, 3]), 32: (2, 1, [4, 6, 6])}
+
+
+def tiny_config(head_dim: int = 16) -> TinyConfig:
+    """TinyConfig with attention heads of head_dim (TINY_HEADS' sizes)."""
+    if head_dim not in TINY_HEADS:
+        raise ValueError(f"tiny head_dim must be one of {sorted(TINY_HEADS)}, got {head_dim}")
+    heads, kv_heads, mrope = TINY_HEADS[head_dim]
+    return TinyConfig(num_attention_heads=heads, num_key_value_heads=kv_heads, mrope_section=list(mrope))
 
 
 def tiny_model_config(tokenizer, cfg: TinyConfig | None = None):

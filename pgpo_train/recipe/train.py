@@ -6,7 +6,8 @@ function it calls:
   setup            pgpo_train.models.policy     device, seeds, the policy (tiny or from_pretrained), optimizers
   SFT warm-up      pgpo_train.step.update     sft_step: mean token NLL of the reference responses, with the image
   RL step (docs/method.md#rl-step):
-  1. rollout       pgpo_train.step.sampling   G sampled responses per prompt (HF generate), scored by the reward, group
+  1. rollout       pgpo_train.step.sampling   G sampled responses per prompt (HF generate, or a colocated vLLM engine:
+                                         pgpo_train.step.vllm_engine), scored by the reward, group
                                          advantages, DAPO's dynamic sampling and refill (pgpo_train.step.refill)
   2. scoring       pgpo_train.step.scoring    old log-probs with the image and (pgpo) the text-only pass, under no_grad,
                                          micro-batch by micro-batch; token KL -> PGPO weights -> A_t = A * w~_t
@@ -57,6 +58,7 @@ from pgpo_train.run.signals import StopOnSignal
 from pgpo_train.run.signals import TrainingInterrupted
 from pgpo_train.run.signals import stop_requested_anywhere
 from pgpo_train.run.validate import check_sources
+from pgpo_train.step import vllm_engine
 from pgpo_train.step.sampling import evaluate_on_ranks
 from pgpo_train.step.sampling import reward_of
 from pgpo_train.step.sampling import sample_batch
@@ -75,6 +77,11 @@ def train(cfg: TrainConfig) -> dict:
     """
     cfg = cfg.resolved()
     check_sources(cfg)
+    if cfg.rollout_engine == "vllm":  # first: vLLM's torchvision guard must precede transformers' image code
+        try:
+            vllm_engine.prepare_vllm()
+        except ImportError as e:
+            raise ValueError(str(e)) from e
     dp = distributed.setup(resolve_device(cfg).type)  # torchrun: process group + FSDP2; else SINGLE (no change)
     dp.check_config(cfg)
     run_dir = functools.partial(open_run_dir, cfg.out_dir, cfg.resume, cfg.overwrite)
@@ -85,16 +92,20 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, stop: StopOnSignal, dp=distributed.SINGLE) -> dict:
     """train()'s body, in a locked run dir: setup, restore, the SFT and RL steps, finish."""
     run = setup(cfg, dp)
-    state = restore(run)
-    open_logs(run, state)
-    stop.arm()
-    while state.step < state.total(cfg):
-        stop_if_requested(run, state, stop)
-        if state.step < state.sft_end:
-            sft_phase_step(run, state)
-        else:
-            rl_phase_step(run, state)
-    return finish(run, state)
+    try:
+        state = restore(run)
+        open_logs(run, state)
+        stop.arm()
+        while state.step < state.total(cfg):
+            stop_if_requested(run, state, stop)
+            if state.step < state.sft_end:
+                sft_phase_step(run, state)
+            else:
+                rl_phase_step(run, state)
+        return finish(run, state)
+    finally:
+        if run.engine is not None:
+            run.engine.close()
 
 
 # %% the run: what setup builds and what the loop carries
@@ -119,6 +130,7 @@ class Run:
     stream: RecordStream | None = None
     logger: Logger | None = None
     bar: object = None  # tqdm, writer rank only
+    engine: object = None  # --rollout-engine vllm: step.vllm_engine.VLLMRollout, else None (HF generate)
     t_start: float = field(default_factory=time.perf_counter)
 
     def save(self, state: RunState) -> None:
@@ -194,12 +206,15 @@ def setup(cfg: TrainConfig, dp) -> Run:
     if not cfg.threads and device.type == "cpu" and small:
         # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
         torch.set_num_threads(1)
+    engine = None
+    if cfg.rollout_engine == "vllm":  # built from the whole model, before FSDP shards it; synced before each step
+        engine = vllm_engine.VLLMRollout(model, processor, cfg, device, dp)
     if dp.world > 1:  # every rank built the same model; each keeps its shard and samples with its own RNG stream
         model = distributed.shard_policy(model, device, cfg.fsdp_cpu_offload)
         dist_checkpoint.fresh_rng(cfg.seed, 0, dp.rank)
     return Run(cfg=cfg, dp=dp, device=device, model=model, processor=processor, optimizer=None, train_ds=train_ds,
                columns=columns, eval_records=load_eval_records(cfg, data_path, columns), fused_lm_head=fused_lm_head,
-               ckpt_dir=os.path.join(cfg.out_dir, "checkpoints"))
+               ckpt_dir=os.path.join(cfg.out_dir, "checkpoints"), engine=engine)
 
 
 def load_eval_records(cfg: TrainConfig, data_path: str, columns: dict) -> list:
@@ -305,7 +320,8 @@ def rl_phase_step(run: Run, state: RunState) -> None:
     cfg, dp, model, device = run.cfg, run.dp, run.model, run.device
     times: dict = {}
     t0 = time.perf_counter()
-    batch, metrics, texts, filler = sample_batch(model, run.processor, run.stream, cfg, device, times, dp)
+    batch, metrics, texts, filler = sample_batch(model, run.processor, run.stream, cfg, device, times, dp,
+                                                 run.engine)
     metrics["pgpo/fused_lm_head"] = float(run.fused_lm_head)  # which path every pass took (1: hidden states)
     # this rank's responses and kept tokens, to weigh its metrics (torchrun: every rank samples as many)
     n_resp, n_tok = len(texts), 0.0
@@ -313,6 +329,9 @@ def rl_phase_step(run: Run, state: RunState) -> None:
     if batch is not None:
         with dp.full_params(model):
             batch.update(old_logp_and_scores(model, batch, cfg, times, run.fused_lm_head))
+        if "rollout_logp" in batch:  # vLLM's log-probs vs the policy's, on the sampled tokens
+            metrics.update(vllm_engine.logp_gap_metrics(batch["rollout_logp"], batch["old_logp"],
+                                                        batch["response_mask"]))
         tok_adv, w_m = token_advantages(batch, cfg, times, state.step)
         check_token_advantages(state.step + 1, batch["advantages"], tok_adv, batch["response_mask"])
         metrics.update(w_m)

@@ -44,6 +44,7 @@ CHOICES = {
     "loss_agg_mode": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
     "backend": ["auto", "torch", "triton"],  # pgpo.backend
     "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "rollout_engine": ["hf", "vllm"],
     "export_dtype": ["auto", "float32", "bfloat16", "float16"],
     "report_to": ["none", "wandb"],
 }
@@ -213,6 +214,25 @@ class TrainConfig:
     )
     temperature: float = opt(1.0, "sampling temperature; log-probs use the same")
     top_p: float = opt(1.0, "nucleus sampling of the rollouts; paper: 0.99")
+    rollout_engine: str = opt(
+        "hf",
+        "hf: the policy's generate; vllm: a vLLM engine in this process, weights synced before every step's "
+        "rollouts (pip install -e .[vllm]; docs/vllm_rollouts.md)",
+    )
+    vllm_gpu_memory_utilization: float = opt(
+        0.3, "--rollout-engine vllm on CUDA: share of GPU memory its engine takes (weights + KV cache)"
+    )
+    vllm_sleep: bool = opt(
+        True, "--rollout-engine vllm on CUDA: offload the engine's weights and free its KV cache between rollouts"
+    )
+    tiny_head_dim: int | None = opt(
+        None,
+        "embedded model only: attention head size, 16 (4 heads) or 32 (2 heads; same parameter count); auto: 32 "
+        "with --rollout-engine vllm (vLLM's attention refuses 16), else 16",
+    )
+    vllm_max_model_len: int | None = opt(
+        None, "--rollout-engine vllm: longest prompt + response in tokens; auto: max_new_tokens + 4096 (model's cap)"
+    )
     # --- SFT warm-up (gives the random tiny model a start)
     sft_steps: int | None = opt(
         None,
@@ -257,6 +277,8 @@ class TrainConfig:
             c.lr = 1e-6 if c.model else 1e-4
         c.task_filler = task_filler(c.task, c.task_filler)  # ValueError naming --task-filler off grid-reason
         grid = c.task in ("grid-count", "grid-reason")
+        if c.tiny_head_dim is None:
+            c.tiny_head_dim = 32 if c.rollout_engine == "vllm" else 16
         if c.max_new_tokens is None:
             tiny_tokens = grid_reason_max_tokens(c.task_filler) if c.task == "grid-reason" else 24
             c.max_new_tokens = tiny_tokens if embedded else 2048

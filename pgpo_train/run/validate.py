@@ -178,6 +178,16 @@ def check_values(c, choices: dict[str, list[str]]) -> None:
     ):
         _range(name, getattr(c, name), getattr(c, name) >= 1, ">= 1")
     _range("max_new_tokens", c.max_new_tokens, c.max_new_tokens >= 1, ">= 1")
+    _range("vllm_gpu_memory_utilization", c.vllm_gpu_memory_utilization, 0 < c.vllm_gpu_memory_utilization <= 1,
+           "in (0, 1]")
+    if c.tiny_head_dim not in (16, 32):
+        raise ValueError(f"--tiny-head-dim must be 16 or 32, got {c.tiny_head_dim}")
+    if c.rollout_engine == "vllm" and not c.model and c.tiny_head_dim < 32:
+        raise ValueError(f"--tiny-head-dim {c.tiny_head_dim} with --rollout-engine vllm: vLLM's attention takes head "
+                         "sizes 32 and up (its CPU backend refuses 16); use 32 (the auto value)")
+    if c.vllm_max_model_len is not None:
+        _range("vllm_max_model_len", c.vllm_max_model_len, c.vllm_max_model_len > c.max_new_tokens,
+               f"> --max-new-tokens ({c.max_new_tokens}): room for the prompt too")
     for name, unset in (
         ("steps", ""),
         ("sft_steps", ""),

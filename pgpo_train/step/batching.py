@@ -18,13 +18,17 @@ from pgpo_train.models import model_family
 ROW_KEYS = ("rewards", "advantages")
 
 
+def chat_text(processor, record: dict, template: str) -> str:
+    """A record's prompt as the chat template writes it (image placeholder unexpanded; the processor expands it)."""
+    return processor.apply_chat_template(build_prompt(record["problem"], template), add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def encode_prompts(processor, records: list[dict], template: str, repeat: int, device) -> dict:
     """Processor outputs for the prompts, each repeated `repeat` times (adjacent), left-padded, on device."""
     texts, images = [], []
     for r in records:
-        text = processor.apply_chat_template(
-            build_prompt(r["problem"], template), add_generation_prompt=True, tokenize=False
-        )
+        text = chat_text(processor, r, template)
         texts += [text] * repeat
         images += [[r["image"]]] * repeat  # one image per prompt (Gemma 3 reads a flat list as one prompt's)
     enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
@@ -121,7 +125,7 @@ def concat_rollouts(model, parts: list[dict], pad_id: int) -> dict:
         return parts[0]
     lp = max(p["input_ids"].shape[1] - p["responses"].shape[1] for p in parts)
     t = max(p["responses"].shape[1] for p in parts)
-    ids, att, resp, rmask = [], [], [], []
+    ids, att, resp, rmask, rlogp = [], [], [], [], []
     for p in parts:
         T = p["responses"].shape[1]
         Lp = p["input_ids"].shape[1] - T
@@ -130,6 +134,8 @@ def concat_rollouts(model, parts: list[dict], pad_id: int) -> dict:
         att.append(torch.nn.functional.pad(p["attention_mask"][:, :Lp], left, value=0))
         resp.append(torch.nn.functional.pad(p["responses"], right, value=pad_id))
         rmask.append(torch.nn.functional.pad(p["response_mask"], right, value=0))
+        if "rollout_logp" in p:  # the rollout engine's log-probs [B, T] (vLLM), padded like the responses
+            rlogp.append(torch.nn.functional.pad(p["rollout_logp"], right, value=0.0))
     prompt = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(att)}
     for k in model_family.MULTIMODAL_KEYS:  # one image per row
         if parts[0].get(k) is not None:
@@ -138,4 +144,6 @@ def concat_rollouts(model, parts: list[dict], pad_id: int) -> dict:
     for k in ROW_KEYS:
         if k in parts[0]:
             out[k] = torch.cat([p[k] for p in parts])
+    if rlogp:
+        out["rollout_logp"] = torch.cat(rlogp)
     return out

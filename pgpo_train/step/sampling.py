@@ -17,6 +17,7 @@ from pgpo_train.run import distributed
 from pgpo_train.run.config import TrainConfig
 from pgpo_train.run.run_log import timed
 from pgpo_train.step.batching import build_sequences
+from pgpo_train.step.batching import chat_text
 from pgpo_train.step.batching import concat_rollouts
 from pgpo_train.step.batching import encode_prompts
 from pgpo_train.step.batching import response_mask_from
@@ -35,28 +36,41 @@ def reward_of(cfg: TrainConfig) -> Reward:
 
 
 @torch.no_grad()
-def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) -> tuple[dict, dict]:
-    """Samples G responses per prompt and scores them. Returns (batch, rollout metrics)."""
+def rollout(model, processor, records, cfg: TrainConfig, device, times: dict, engine=None) -> tuple[dict, dict]:
+    """Samples G responses per prompt and scores them. Returns (batch, rollout metrics).
+
+    engine: a pgpo_train.step.vllm_engine.VLLMRollout (synced by the caller) samples instead of HF generate; the
+    batch then also holds its log-probs of the sampled tokens, rollout_logp [B, T]."""
     G = cfg.group_size
     with timed(times, "timing/rollout"):
         prompt = encode_prompts(processor, records, cfg.prompt_template, G, device)
         model.eval()
         stop = eos_ids(model, processor)
-        out = model.generate(
-            **prompt,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=0,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=stop,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            suppress_tokens=model_family.special_ids(model),
-            repetition_penalty=1.0,  # checkpoints' generation configs set one (Qwen: 1.05); logp must see plain softmax
-        )
-        responses = out[:, prompt["input_ids"].shape[1] :]  # [B, T]
+        pad_id = processor.tokenizer.pad_token_id
+        rollout_logp = None
+        if engine is not None:
+            texts = [chat_text(processor, r, cfg.prompt_template) for r in records for _ in range(G)]
+            rows = [ids[m.bool()].tolist() for ids, m in zip(prompt["input_ids"], prompt["attention_mask"])]
+            images = [r["image"] for r in records for _ in range(G)]
+            responses, rollout_logp = engine.generate(texts, images, rows, cfg, stop, pad_id)  # [B, T] each
+        else:
+            out = model.generate(
+                **prompt,
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=0,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=stop,
+                pad_token_id=pad_id,
+                suppress_tokens=model_family.special_ids(model),
+                repetition_penalty=1.0,  # checkpoints' configs set one (Qwen: 1.05); logp must see plain softmax
+            )
+            responses = out[:, prompt["input_ids"].shape[1] :]  # [B, T]
         response_mask = response_mask_from(responses, stop)
-        batch = build_sequences(model, prompt, responses, response_mask, processor.tokenizer.pad_token_id)
+        batch = build_sequences(model, prompt, responses, response_mask, pad_id)
+        if rollout_logp is not None:
+            batch["rollout_logp"] = rollout_logp * response_mask
         texts = processor.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
         scores = reward_of(cfg)(texts, [r for r in records for _ in range(G)])
     batch["rewards"] = torch.tensor([s["score"] for s in scores], dtype=torch.float32, device=device)
@@ -71,11 +85,13 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict) ->
     return batch, metrics
 
 
-def sample_batch(model, processor, stream, cfg: TrainConfig, device, times: dict, dp=distributed.SINGLE):
+def sample_batch(model, processor, stream, cfg: TrainConfig, device, times: dict, dp=distributed.SINGLE,
+                 engine=None):
     """The step's rollouts: prompts_per_step groups, scored, with group advantages; with dynamic sampling, groups of
     equal rewards dropped and (max_refill > 0) refilled from more prompts (pgpo_train.step.refill).
 
     Under torchrun (dp) each rank samples its share of every round's prompts and the refill counts are global.
+    engine (--rollout-engine vllm): gets the policy's current weights once, before the first round, then samples.
 
     Returns:
         (batch or None when no group was kept, rollout metrics averaged over every response sampled, the first
@@ -86,7 +102,10 @@ def sample_batch(model, processor, stream, cfg: TrainConfig, device, times: dict
     def sample_round(n_prompts: int) -> dict:
         records = dp.shard(stream.next_batch(n_prompts))  # torchrun: this rank's prompts
         with dp.full_params(model):  # torchrun: one all-gather per layer for the whole rollout
-            batch, m = rollout(model, processor, records, cfg, device, times)
+            if engine is not None and not seen:  # the step's first round: the weights of the last update
+                with timed(times, "timing/vllm_sync"):
+                    engine.sync(model)
+            batch, m = rollout(model, processor, records, cfg, device, times, engine)
         batch["advantages"], adv_m = core_algos.get_adv_estimator_fn("grpo")(batch["rewards"], G)
         seen.append((len(records), {**m, **adv_m}))
         texts.append(batch.pop("texts"))

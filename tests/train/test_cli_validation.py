@@ -2,6 +2,7 @@
 API raises ValueError with the same text; bad model dirs, datasets and hub names are one line too, and leave no
 run dir behind. Null answers never become the text "None"."""
 
+import importlib.util
 import io
 import os
 
@@ -47,6 +48,11 @@ BAD_FLAGS = [
     ("--threads -1", "--threads"),
     ("--device foo", "--device"),
     ("--prompt-template no-question-here", "--prompt-template"),
+    ("--vllm-gpu-memory-utilization 0", "--vllm-gpu-memory-utilization"),
+    ("--vllm-gpu-memory-utilization 1.5", "--vllm-gpu-memory-utilization"),
+    ("--vllm-max-model-len 24", "--vllm-max-model-len"),
+    ("--tiny-head-dim 8", "--tiny-head-dim"),
+    ("--rollout-engine vllm --tiny-head-dim 16", "--tiny-head-dim"),  # the tiny task's 24 new tokens leave no prompt room
 ]
 
 
@@ -100,7 +106,8 @@ def test_triton_backend_on_cpu_without_interpreter(tmp_path, capsys, monkeypatch
     TrainConfig(pgpo=PGPOWeightsConfig(backend="triton"), out_dir=str(tmp_path / "r")).resolved()
 
 
-@pytest.mark.parametrize("args", ["--dtype foo", "--pgpo.backend foo", "--lr abc", "--no-such-flag 1"])
+@pytest.mark.parametrize("args", ["--dtype foo", "--pgpo.backend foo", "--lr abc", "--no-such-flag 1",
+                                  "--rollout-engine sglang"])
 def test_argparse_errors_are_one_line(args, capsys):
     with pytest.raises(SystemExit) as e:
         main(args.split())
@@ -297,3 +304,11 @@ def test_a_missing_answer_never_scores():
     assert compute_score(resp, None)["acc"] == 0.0
     assert compute_score("<think>a</think> \\boxed{}", "")["acc"] == 0.0
     assert compute_score("<think>a</think> \\boxed{3}", "3")["acc"] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_rollout_engine_vllm_without_vllm_is_one_line(tmp_path, capsys, no_work):
+    out = tmp_path / "run"
+    msg = _cli_error(["--rollout-engine", "vllm", "--out-dir", str(out)], capsys)
+    assert msg.startswith("--rollout-engine vllm needs vLLM") and "pip install -e .[vllm]" in msg, msg
+    assert not out.exists()

@@ -42,7 +42,7 @@ _REAL_ROLLOUT = sampling.rollout
 def _patched_rollout(mode: str):
     real = _REAL_ROLLOUT
 
-    def rollout(model, processor, records, cfg, device, times):
+    def rollout(model, processor, records, cfg, device, times, engine=None):
         tok = processor.tokenizer
         G, T = cfg.group_size, cfg.max_new_tokens
         banned = set(model_family.special_ids(model))

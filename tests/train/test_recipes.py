@@ -9,6 +9,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 import yaml
 
 from pgpo_train.cli import main
@@ -113,17 +114,29 @@ def test_tiny_recipe_train_export_eval(tmp_path, capsys):
     run = tmp_path / "tiny"
     small = ["--sft-steps", "6", "--sft-stop-acc", "0", "--sft-batch-size", "8", "--steps", "2",
              "--prompts-per-step", "4", "--eval-every", "0", "--save-every", "1", "--no-progress",
-             "--no-tensorboard"]
+             "--no-tensorboard", "--export-checkpoints"]
     assert main(["--config", str(RECIPES / "tiny.yaml"), "--out-dir", str(run), *small]) == 0
     assert "model folder" in capsys.readouterr().out
     assert os.path.isfile(run / "model" / "model.safetensors")
+    # --export-checkpoints: a folder beside every checkpoint (save-every 1: 6 warm-up + 2 RL steps), kept after
+    # --keep-checkpoints (4) rotated the checkpoints themselves away
+    assert sorted(os.listdir(run / "models")) == [f"step-{i:08d}" for i in range(1, 9)]
+    assert len(os.listdir(run / "checkpoints")) == 4 + 1  # 4 kept + the `latest` pointer
+    from safetensors.torch import load_file
+
+    in_run = load_file(run / "models" / "step-00000008" / "model.safetensors")
+    final = load_file(run / "model" / "model.safetensors")
+    assert in_run.keys() == final.keys() and all(torch.equal(in_run[k], final[k]) for k in final)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["steps"] == 2 and saved["algo"] == "pgpo" and "out_dir" not in saved
     repeat = parse_train_argv(["--config", str(run / "config.yaml"), "--out-dir", str(run)]).resolved()
     with open(run / "config.json") as f:
         assert json.load(f) == dataclasses.asdict(repeat)
 
+    loop_export = load_file(run / "models" / "step-00000006" / "model.safetensors")
     assert main(["export", str(run), "--step", "6"]) == 0  # the warm-up's last step: the policy before RL
+    again = load_file(run / "models" / "step-00000006" / "model.safetensors")
+    assert all(torch.equal(loop_export[k], again[k]) for k in again), "the loop's folder = pgpo-train export's"
     before = run / "models" / "step-00000006"
     for target in (before, run):
         out = tmp_path / f"eval-{target.name}"
