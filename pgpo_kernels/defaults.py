@@ -18,3 +18,18 @@ MIN_SPREAD = 0.0  # a sequence whose log1p(score) spread is below this gets unif
 CONTROL = "none"  # no control ("shuffled": weights permuted within a sequence; "inverted": I -> 1 - I)
 TAU_MODE = "absolute"  # gate at I = tau ("quantile": at each sequence's tau-quantile of I)
 FLOOR = 0.0  # minimum weight after the gate, before the renormalization (0: none)
+# the k3 estimator's clamps (0: off, the paper's): log r clamped to [-K3_LOG_RATIO_MAX, K3_LOG_RATIO_MAX] before
+# (r - 1) - log r, the score to [0, K3_SCORE_MAX] after it
+K3_LOG_RATIO_MAX = 0.0
+K3_SCORE_MAX = 0.0
+PRESET = "none"  # no preset (PRESETS)
+# named bundles of the options above (pgpo-train's --pgpo.preset, TRL's pgpo_preset, verl's algorithm.pgpo.preset).
+# dev-easyr1: the authors' development variant as an independent EasyR1 reproduction that ran it reports it (second-
+# hand: not in the paper, not checked against the authors' code): each response's gate at its own tau-quantile of I,
+# weights below it floored at 0.1, no renormalization, k3 on the sampled token with log r clamped to [-20, 20] and
+# the score to [0, 10] (verl's low_var_kl clamps, the text-only pass as the reference).
+PRESETS = {
+    "none": {},
+    "dev-easyr1": {"tau_mode": "quantile", "floor": 0.1, "renormalize": False, "estimator": "k3",
+                   "k3_log_ratio_max": 20.0, "k3_score_max": 10.0},
+}

@@ -15,7 +15,7 @@ from pgpo_kernels.utils import check_reshape_params
 
 # The mixin's options under `algorithm.pgpo` (docs/method.md#defaults): a typo must never fall back to a default.
 VERL_PGPO_KEYS = ("enable", "tau", "beta", "eps", "renormalize", "min_spread", "visual_token_ids", "control",
-                  "tau_mode", "floor", "seed")
+                  "tau_mode", "floor", "seed", "k3_log_ratio_max", "k3_score_max", "preset")
 
 # verl's actor strategies whose VLM forward keeps the batch's position ids: the FSDP engine packs the (holed)
 # attention mask into varlen sequences and passes `position_ids` (text row + 3 mrope rows) through, so the kept tokens
@@ -99,9 +99,12 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
     if unknown:
         raise ValueError(f"{who}: unknown option(s) algorithm.pgpo.{unknown} (a typo would fall back to a default "
                          f"silently); known: {list(VERL_PGPO_KEYS)}")
+    opts = verl_options_with_preset(opts)  # ValueError naming algorithm.pgpo.preset when unknown
     check_reshape_params(opts.get("tau", 0.4), opts.get("beta", 2.0), opts.get("eps", 1e-6))
+    from pgpo_train.rl.core_algos import check_k3_clamps
     from pgpo_train.rl.weight_variants import check_variant_args
 
+    check_k3_clamps(opts.get("k3_log_ratio_max", 0.0), opts.get("k3_score_max", 0.0))
     check_variant_args(opts.get("control", "none"), opts.get("tau_mode", "absolute"), opts.get("floor", 0.0))
     strategy = _path(config, "actor_rollout_ref.actor.strategy", "fsdp")
     if strategy == "megatron":
@@ -120,6 +123,21 @@ def check_verl_config(config, who: str = "PGPOVerlTrainerMixin") -> None:
                          "by token before PGPO, while PGPO's A_t = A * w~_t reshapes one outcome advantage per "
                          "sequence (docs/method.md#rl-step). Use grpo (the paper's DAPO is grpo + clip-higher + "
                          "filtering).")
+
+
+def verl_options_with_preset(opts) -> dict:
+    """`algorithm.pgpo` as a dict with its `preset`'s values (pgpo_train.run.config.PRESETS) in the keys not given;
+    verl's estimator is k3 always (old_log_probs against the text-only pass), so a preset's estimator is dropped."""
+    from pgpo_train.run.config import PRESETS
+
+    opts = dict(opts)
+    preset = opts.get("preset", "none")
+    if preset not in PRESETS:
+        raise ValueError(f"algorithm.pgpo.preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    for k, v in PRESETS[preset].items():
+        if k != "estimator":
+            opts.setdefault(k, v)
+    return opts
 
 
 def verl_model_type(config) -> str | None:

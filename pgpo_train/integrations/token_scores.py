@@ -45,6 +45,8 @@ def pgpo_weights_from_passes(
     logp_txt: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
     temperature: float = 1.0,
+    k3_log_ratio_max: float = 0.0,
+    k3_score_max: float = 0.0,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGPO token weights [B, T] from exactly one source: a logits pair, a log-prob pair, or precomputed scores.
@@ -56,6 +58,9 @@ def pgpo_weights_from_passes(
         logp_vis, logp_txt: [B, T] sampled-token log-probs of the two passes ("k3").
         scores: [B, T] precomputed visual-dependency scores S_t >= 0 (e.g. token_kl run inside a worker).
         temperature: of the token KL (logits source only).
+        k3_log_ratio_max, k3_score_max: the k3 clamps (log-prob source only; 0 = off, the paper's):
+            `core_algos.k3_scores`' log_ratio_max and score_max (pgpo-train's --pgpo.k3-*; the dev-easyr1 preset's
+            20 and 10).
         options: `pgpo_train.rl.core_algos.pgpo_weights`' keyword options (tau, beta, eps, renormalize, min_spread,
             backend, and the variants' control, tau_mode, floor, generator), with its defaults (the paper's).
 
@@ -70,6 +75,9 @@ def pgpo_weights_from_passes(
     if sum(given.values()) != 1:
         raise ValueError("pass exactly one source of visual-dependency scores: (logits_vis, logits_txt) [B, T, V], "
                          f"(logp_vis, logp_txt) [B, T], or scores [B, T]; got {[k for k, v in given.items() if v]}")
+    if (k3_log_ratio_max or k3_score_max) and not given["logp"]:
+        raise ValueError("k3_log_ratio_max / k3_score_max clamp the k3 estimator: they need the log-prob source "
+                         "(logp_vis, logp_txt)")
     opts = weight_options(**options)
     tau, beta, eps, renormalize, backend = (opts[k] for k in ("tau", "beta", "eps", "renormalize", "backend"))
     check_reshape_params(tau, beta, eps)
@@ -86,7 +94,7 @@ def pgpo_weights_from_passes(
     elif given["logp"]:
         if logp_vis is None or logp_txt is None:
             raise ValueError("the 'k3' estimator needs both logp_vis and logp_txt [B, T]")
-        scores = k3_scores(logp_vis, logp_txt, mask)
+        scores = k3_scores(logp_vis, logp_txt, mask, log_ratio_max=k3_log_ratio_max, score_max=k3_score_max)
     check_float("scores", scores)
     check_mask(mask, scores.shape)
     weights = pgpo_weights(scores, mask.bool(), **opts)

@@ -14,6 +14,7 @@ Idefics3, SmolVLM, InternVL-HF), PEFT-wrapped or not; anything else is refused b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
@@ -42,9 +43,12 @@ from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
 from pgpo_train.models import model_family
 from pgpo_train.rl.core_algos import WEIGHT_METRIC_MAX
 from pgpo_train.rl.core_algos import WEIGHT_METRIC_MIN
+from pgpo_train.rl.core_algos import check_k3_clamps
 from pgpo_train.rl.core_algos import weight_metrics
 from pgpo_train.rl.weight_variants import check_variant_args
 from pgpo_train.rl.weight_variants import control_generator
+from pgpo_train.run.config import PRESETS
+from pgpo_train.run.config import check_values_preset
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +114,13 @@ class PGPOConfig(GRPOConfig):
     pgpo_tau_mode: str = field(default=defaults.TAU_MODE, metadata={"help": "absolute (gate at I = tau) or quantile (at "
                                "each completion's tau-quantile of I)."})
     pgpo_floor: float = field(default=defaults.FLOOR, metadata={"help": "Minimum weight after the gate, before renormalizing."})
+    pgpo_k3_log_ratio_max: float = field(default=defaults.K3_LOG_RATIO_MAX, metadata={
+        "help": "k3 only: log r clamped to [-x, x] before (r - 1) - log r; 0 = off (the paper's). dev-easyr1: 20."})
+    pgpo_k3_score_max: float = field(default=defaults.K3_SCORE_MAX, metadata={
+        "help": "k3 only: the score clamped to [0, x]; 0 = off (the paper's). dev-easyr1: 10."})
+    pgpo_preset: str = field(default=defaults.PRESET, metadata={
+        "help": "none or dev-easyr1: the authors' development variant, second-hand (pgpo_kernels.defaults.PRESETS); "
+                "fills the pgpo_* options still at their defaults."})
     pgpo_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Sequences per PGPO forward pair (bounds the [rows, T, V] logits); None = the per-device "
@@ -120,7 +131,17 @@ class PGPOConfig(GRPOConfig):
         if self.use_liger_kernel and liger_problem():  # before GRPOConfig's own checks: the error the user sees
             raise ValueError(liger_problem())
         super().__post_init__()
+        apply_pgpo_preset(self)
         check_pgpo_args(self)
+
+
+def apply_pgpo_preset(args) -> None:
+    """pgpo_preset's values (pgpo_train.run.config.PRESETS, as pgpo_<option>) into the options still at their defaults."""
+    check_values_preset(args.pgpo_preset)
+    defaults = {f.name: f.default for f in dataclasses.fields(PGPOConfig)}
+    for k, v in PRESETS[args.pgpo_preset].items():
+        if getattr(args, "pgpo_" + k) == defaults["pgpo_" + k]:
+            setattr(args, "pgpo_" + k, v)
 
 
 def check_pgpo_args(args) -> None:
@@ -132,6 +153,9 @@ def check_pgpo_args(args) -> None:
     if not args.pgpo_min_spread >= 0:
         raise ValueError(f"pgpo_min_spread must be >= 0 (0 = off), got {args.pgpo_min_spread}")
     check_variant_args(args.pgpo_control, args.pgpo_tau_mode, args.pgpo_floor)
+    check_k3_clamps(args.pgpo_k3_log_ratio_max, args.pgpo_k3_score_max)
+    if (args.pgpo_k3_log_ratio_max or args.pgpo_k3_score_max) and args.pgpo_estimator != "k3":
+        raise ValueError("pgpo_k3_log_ratio_max / pgpo_k3_score_max clamp the k3 estimator: set pgpo_estimator='k3'")
     if args.pgpo_temperature is not None:
         check_temperature(args.pgpo_temperature)
         if args.pgpo_estimator == "k3":
@@ -342,7 +366,8 @@ class PGPOGRPOTrainer(GRPOTrainer):
                 w, s = pgpo_weights_from_passes(
                     mask[lo:hi], logp_vis=logp_vis, logp_txt=logp_txt, tau=args.pgpo_tau, beta=args.pgpo_beta,
                     eps=args.pgpo_eps, renormalize=args.pgpo_renormalize, min_spread=args.pgpo_min_spread,
-                    backend=args.pgpo_backend)
+                    backend=args.pgpo_backend, k3_log_ratio_max=args.pgpo_k3_log_ratio_max,
+                    k3_score_max=args.pgpo_k3_score_max)
             weights.append(w)
             scores.append(s)
         return torch.cat(weights), torch.cat(scores)

@@ -60,6 +60,8 @@ def pgpo_reshape_advantages_(
     logp_vis_key: str = "old_log_probs",
     logp_txt_key: str = TEXT_LOGP_KEY,
     weights_key: str | None = WEIGHTS_KEY,
+    k3_log_ratio_max: float = 0.0,
+    k3_score_max: float = 0.0,
     **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A_t = A_t * w~_t on a verl/EasyR1 batch, in place (arXiv 2604.01840; docs/method.md#rl-step).
@@ -79,6 +81,7 @@ def pgpo_reshape_advantages_(
             control's permutations, e.g. `pgpo_train.rl.weight_variants.control_generator(seed, step)`).
         *_key: batch keys, verl's names by default.
         weights_key: if not None, the weights are also stored in the batch under this key (for logging).
+        k3_log_ratio_max, k3_score_max: the k3 clamps (log-prob source only; 0 = off): core_algos.k3_scores'.
 
     Returns:
         (weights [B, T_resp] float32, metrics): metrics are floats with "pgpo/" keys (one host sync; this runs
@@ -102,7 +105,7 @@ def pgpo_reshape_advantages_(
             logp_vis = _get(tensors, logp_vis_key, "visual pass log-probs [B, T_resp]")
     weights, s = pgpo_weights_from_passes(
         valid, logits_vis=logits_vis, logits_txt=logits_txt, logp_vis=logp_vis, logp_txt=logp_txt, scores=scores,
-        temperature=temperature, **options)
+        temperature=temperature, k3_log_ratio_max=k3_log_ratio_max, k3_score_max=k3_score_max, **options)
     advantages.mul_(weights.to(device=advantages.device, dtype=advantages.dtype))
     if weights_key is not None:
         tensors[weights_key] = weights
@@ -228,8 +231,10 @@ class PGPOVerlTrainerMixin:
     Config (Hydra; `+` adds keys verl does not declare): `+algorithm.pgpo.enable=True +algorithm.pgpo.tau=0.4
     +algorithm.pgpo.beta=2.0`, optionally `eps`, `renormalize`, `min_spread`, `control` / `tau_mode` / `floor`
     (the variants and controls of docs/method.md#variants; `seed` seeds the shuffled control, default data.seed),
-    `visual_token_ids` (default: the placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s
-    config; else the tokenizer's `<|image_pad|>` and `<|video_pad|>`).
+    `k3_log_ratio_max` / `k3_score_max` (the k3 clamps, 0 = off), `preset` (dev-easyr1: the authors' development
+    variant, second-hand, pgpo_kernels.defaults.PRESETS; fills the keys not given), `visual_token_ids` (default: the
+    placeholder ids of the policy's family, from `actor_rollout_ref.model.path`'s config; else the tokenizer's
+    `<|image_pad|>` and `<|video_pad|>`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -256,12 +261,15 @@ class PGPOVerlTrainerMixin:
         logp_vis = None  # verl's old_log_probs: the actor's with-image pass
         if checks.verl_bypass_mode(self.config):  # old_log_probs are the rollout engine's: recompute on the actor
             logp_vis = self._compute_old_log_prob(batch)[0].batch["old_log_probs"]
+        cfg = checks.verl_options_with_preset(cfg)
         _, metrics = pgpo_reshape_advantages_(
             batch, logp_txt=text_logp.batch["old_log_probs"], logp_vis=logp_vis, tau=cfg.get("tau", defaults.TAU),
             beta=cfg.get("beta", defaults.BETA), eps=cfg.get("eps", defaults.EPS),
             renormalize=cfg.get("renormalize", defaults.RENORMALIZE), min_spread=cfg.get("min_spread", defaults.MIN_SPREAD),
             control=cfg.get("control", defaults.CONTROL), tau_mode=cfg.get("tau_mode", defaults.TAU_MODE),
             floor=cfg.get("floor", defaults.FLOOR), generator=self._pgpo_generator(cfg),
+            k3_log_ratio_max=cfg.get("k3_log_ratio_max", defaults.K3_LOG_RATIO_MAX),
+            k3_score_max=cfg.get("k3_score_max", defaults.K3_SCORE_MAX),
             weights_key=None)
         self._pgpo_armed = True  # this batch's advantages are reshaped: the guarded update may run
         out = super()._update_actor(batch)

@@ -66,6 +66,7 @@ from pgpo_train.step.scoring import old_logp_and_scores
 from pgpo_train.step.scoring import token_advantages
 from pgpo_train.step.update import policy_update
 from pgpo_train.step.update import sft_step
+from pgpo_train.step.update import sft_text_rows
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -285,8 +286,12 @@ def sft_phase_step(run: Run, state: RunState) -> None:
     """One SFT warm-up step; at the warm-up's end (--sft-steps, or earlier at --sft-stop-acc) the eval, a fresh
     optimizer for RL and a checkpoint."""
     cfg, dp = run.cfg, run.dp
-    recs = dp.shard(run.stream.next_batch(cfg.sft_batch_size))
-    m = sft_step(run.model, run.optimizer, run.processor, recs, cfg, run.device, dp, run.fused_lm_head)
+    recs = run.stream.next_batch(cfg.sft_batch_size)
+    # the text-only rows are drawn over the global batch, then sharded with it (torchrun = one process)
+    text_rows = sft_text_rows(cfg.seed, state.step, len(recs), cfg.sft_text_only_prob)
+    mine = dp.shard(list(range(len(recs))))
+    recs, text_rows = [recs[i] for i in mine], text_rows[mine]
+    m = sft_step(run.model, run.optimizer, run.processor, recs, cfg, run.device, dp, run.fused_lm_head, text_rows)
     m = dp.merge_metrics(m, len(recs), 0.0)
     state.step += 1
     check_finite_metrics(state.step, m, ("sft/loss", "sft/grad_norm"))

@@ -8,6 +8,7 @@ namespaced metric keys.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from enum import Enum
 
@@ -231,7 +232,8 @@ def normalized_scores(scores: torch.Tensor, response_mask: torch.Tensor, eps: fl
     return weight_variants.normalized_dependency(scores.float().clamp_min(0), response_mask.bool(), eps)[0]
 
 
-def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor | None = None, *,
+              log_ratio_max: float = defaults.K3_LOG_RATIO_MAX, score_max: float = defaults.K3_SCORE_MAX) -> torch.Tensor:
     """The paper's appendix estimator of KL(pi_vis || pi_txt) from the sampled token only (Schulman's k3;
     docs/method.md#estimators).
 
@@ -243,20 +245,37 @@ def k3_scores(logp_vis: torch.Tensor, logp_txt: torch.Tensor, mask: torch.Tensor
         logp_vis: [B, T] log pi_vis(x_t) of the sampled tokens (visual pass).
         logp_txt: [B, T] log pi_txt(x_t) of the same tokens (text-only pass).
         mask: bool [B, T], True = valid response token; padding gets score 0 (None = all valid).
+        log_ratio_max: > 0: log r clamped to [-log_ratio_max, log_ratio_max] before the formula (0 = off, the
+            paper's); score_max: > 0: S_t clamped to [0, score_max] after it (0 = off). The authors' development
+            code, as an independent EasyR1 reproduction reports it (second-hand), used 20 and 10: verl's
+            "low_var_kl" clamps with the text-only pass as the reference.
 
     Returns:
         [B, T] float32 scores.
     """
+    check_k3_clamps(log_ratio_max, score_max)
     check_float("logp_vis", logp_vis)
     check_float("logp_txt", logp_txt)
     if logp_vis.shape != logp_txt.shape:
         raise ValueError(f"logp_txt must have the shape of logp_vis [B, T] = {tuple(logp_vis.shape)}, "
                          f"got {tuple(logp_txt.shape)}")
     check_mask(mask, logp_vis.shape)
+    if log_ratio_max > 0:  # k3 is a function of log r alone: move pi_txt so that log r sits in the clamp
+        d = (logp_txt.double() - logp_vis.double()).clamp(-log_ratio_max, log_ratio_max)
+        logp_txt = logp_vis.double() + d
+        logp_vis = logp_vis.double()
     scores = k3_kl(logp_vis, logp_txt)  # [B, T] float32
+    if score_max > 0:
+        scores = scores.clamp(0.0, score_max)
     if mask is not None:
         scores = torch.where(mask.bool(), scores, torch.zeros_like(scores))  # padding may hold garbage log-probs
     return scores
+
+
+def check_k3_clamps(log_ratio_max: float, score_max: float) -> None:
+    for name, v in (("log_ratio_max", log_ratio_max), ("score_max", score_max)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"k3 {name} must be a finite number >= 0 (0 = off), got {v!r}")
 
 
 # where ranks' (or micro-batches') values of each weight metric combine by max / min; every other key by mean

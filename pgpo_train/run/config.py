@@ -43,6 +43,7 @@ CHOICES = {
     "control": ["none", "shuffled", "inverted"],  # pgpo.control
     "tau_mode": ["absolute", "quantile"],  # pgpo.tau_mode
     "estimator": ["full", "k3"],
+    "preset": ["none", "dev-easyr1"],  # pgpo.preset (PRESETS)
     "fused_lm_head": ["auto", "on", "off"],
     "dynamic_sampling": ["auto", "on", "off"],
     "loss_agg_mode": ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"],
@@ -52,6 +53,14 @@ CHOICES = {
     "export_dtype": ["auto", "float32", "bfloat16", "float16"],
     "report_to": ["none", "wandb"],
 }
+
+
+PRESETS = defaults.PRESETS  # --pgpo.preset's bundles (pgpo_kernels/defaults.py)
+
+
+def check_values_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"--pgpo.preset must be one of {sorted(PRESETS)}, got {preset!r}")
 
 
 @dataclass
@@ -73,10 +82,23 @@ class PGPOWeightsConfig:
         defaults.MIN_SPREAD,
         "uniform weights for a sequence whose log1p(KL) spread (max - min) is below this; 0 = off",
     )
+    # k3 only: log r = log pi_txt - log pi_vis clamped to [-x, x] before (r-1) - log r, and S_t to [0, y] after it
+    k3_log_ratio_max: float = opt(defaults.K3_LOG_RATIO_MAX, "k3: clamp of the text-only log-ratio log r to [-x, x] (dev-easyr1: 20); 0 = "
+                                  "off (the paper's)")
+    k3_score_max: float = opt(defaults.K3_SCORE_MAX, "k3: clamp of the score S_t to [0, x] (dev-easyr1: 10); 0 = off (the paper's)")
+    preset: str = opt(defaults.PRESET, "none | dev-easyr1: the authors' development variant, second-hand (README); fills "
+                      "only the options left at their defaults")
     backend: str = opt("auto", "pgpo_kernels backend: triton on CUDA, torch otherwise")
     # every pass (old log-probs, text-only, policy update, SFT) from hidden states + fused lm_head, no [B, T, V]
     # logits; auto: on wherever the logits are plain lm_head(hidden) (pgpo_train.models.lm_head's rules)
     fused_lm_head: str = opt("auto", "auto | on | off")
+
+    def with_preset(self) -> PGPOWeightsConfig:
+        """A copy with the preset's values in every option still at its default (explicit values win)."""
+        check_values_preset(self.preset)
+        base = PGPOWeightsConfig()
+        over = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) == getattr(base, k)}
+        return dataclasses.replace(self, **over)
 
     def weight_kwargs(self) -> dict:
         """The reshape options, as core_algos.pgpo_weights takes them (its generator aside)."""
@@ -228,6 +250,10 @@ class TrainConfig:
         "end SFT once its last 3 batches' exact match reaches this (0 = off); auto: 0.75 grid tasks, else 0",
     )
     sft_batch_size: int = opt(32, "reference responses per SFT step")
+    # a share of the warm-up's samples trained on exactly the text-only pass's inputs (no pixels, placeholders
+    # unattended), so the text-only pass PGPO scores with is a calibrated prior, as a real VLM's (trained on text too)
+    sft_text_only_prob: float = opt(0.0, "share of each SFT batch trained on the text-only pass's inputs (seeded by "
+                                    "--seed and step; the stop criterion counts the visual rows); 0 = off")
     sft_lr: float = opt(2e-3, "AdamW learning rate of the warm-up (RL starts with a fresh optimizer at --lr)")
     # --- eval
     eval_every: int = opt(20, "RL steps between greedy evals on eval_split (0: off)")
@@ -244,7 +270,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with algo-dependent 'auto' fields filled in, validated (every flag: pgpo_train.run.validate)."""
         check_types(self)
-        c = dataclasses.replace(self, pgpo=dataclasses.replace(self.pgpo), lora=dataclasses.replace(self.lora))
+        c = dataclasses.replace(self, pgpo=self.pgpo.with_preset(), lora=dataclasses.replace(self.lora))
         if c.clip_ratio_high is None:
             c.clip_ratio_high = 0.2 if c.algo == "grpo" else 0.28
         if c.loss_agg_mode is None:

@@ -217,10 +217,14 @@ def on_writer(dp: Single, make_context):
 
 
 # keys the one-process loop computes over the whole (mini-)batch that each rank holds a part of
-SUM_KEYS = ("actor/loss", "actor/clip_frac", "actor/ppo_kl", "sft/loss")
+SUM_KEYS = ("actor/loss", "actor/clip_frac", "actor/ppo_kl", "sft/loss", "sft/text_rows")
 SAME_KEYS = (
     "actor/grad_norm",
+    "actor/grad_norm_post_clip",
+    "actor/grad_clip_frac",
     "sft/grad_norm",
+    "sft/grad_norm_post_clip",
+    "sft/grad_clip_frac",
     "data/skipped_images",
     "data/skipped_empty",
     "data/epoch",

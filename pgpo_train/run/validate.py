@@ -137,10 +137,18 @@ def check_values(c, choices: dict[str, list[str]]) -> None:
     _range("pgpo.beta", c.pgpo.beta, c.pgpo.beta >= 0, ">= 0")
     _range("pgpo.eps", c.pgpo.eps, c.pgpo.eps > 0, "> 0")
     _range("pgpo.floor", c.pgpo.floor, c.pgpo.floor >= 0, ">= 0 (0 = off: the paper's reshape)")
+    for name in ("k3_log_ratio_max", "k3_score_max"):
+        v = getattr(c.pgpo, name)
+        _range("pgpo." + name, v, v >= 0, ">= 0 (0 = off: the paper's k3)")
+        if v > 0 and c.pgpo.estimator != "k3":
+            raise ValueError(f"{flag('pgpo.' + name)} clamps the k3 estimator; it needs --pgpo.estimator k3 "
+                             f"(got {c.pgpo.estimator!r})")
     _range("task_filler", c.task_filler, c.task_filler >= 0, ">= 0 filler words")
     # optimisation and rollout
     _range("lr", c.lr, c.lr > 0, "> 0")
     _range("sft_lr", c.sft_lr, c.sft_lr > 0, "> 0")
+    _range("sft_text_only_prob", c.sft_text_only_prob, 0 <= c.sft_text_only_prob < 1,
+           "in [0, 1) (the share of warm-up samples trained text-only; some must keep the image)")
     _range("weight_decay", c.weight_decay, c.weight_decay >= 0, ">= 0")
     _range("grad_clip", c.grad_clip, c.grad_clip >= 0, ">= 0 (0 = off)")
     _range("clip_ratio_low", c.clip_ratio_low, 0 <= c.clip_ratio_low < 1, "in [0, 1)")

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from pgpo_kernels import fused_linear_logp
 from pgpo_kernels import fused_linear_token_stats
 from pgpo_kernels import token_kl
 from pgpo_kernels import token_stats
@@ -97,6 +98,8 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
             else:
                 lp_txt, _ = logp_entropy(txt, mb["responses"], with_entropy=False)
                 s = core_algos.k3_scores(lp, lp_txt)  # [mb, T]
+            if cfg.pgpo.estimator == "k3" and (cfg.pgpo.k3_log_ratio_max > 0 or cfg.pgpo.k3_score_max > 0):
+                s = clamped_k3(model, lp, txt, mb, cfg, fused, logits_temp)
         old_logp.append(lp)
         entropy.append(ent)
         scores.append(s)
@@ -105,6 +108,22 @@ def old_logp_and_scores(model, batch: dict, cfg: TrainConfig, times: dict, fused
     if pgpo:
         out["scores"] = torch.cat(scores)
     return out
+
+
+def clamped_k3(model, lp: torch.Tensor, txt: torch.Tensor, mb: dict, cfg: TrainConfig, fused: bool,
+               logits_temp: float | None) -> torch.Tensor:
+    """[mb, T] k3 scores with --pgpo.k3-log-ratio-max / --pgpo.k3-score-max (core_algos.k3_scores' clamps), from
+    the visual log-probs lp and the text-only pass's hidden states (fused) or logits (unscaled when logits_temp is
+    None): the sampled tokens' text-only log-probs, then the clamped formula."""
+    if fused:
+        weight, bias = lm_head_params(model)
+        lp_txt = fused_linear_logp(txt, weight, mb["responses"], bias, temperature=cfg.temperature,
+                                   backend=cfg.pgpo.backend)
+    else:
+        logits = txt.float() / cfg.temperature if logits_temp is None else txt
+        lp_txt, _ = logp_entropy(logits, mb["responses"], with_entropy=False)
+    return core_algos.k3_scores(lp, lp_txt, mb["response_mask"].bool(), log_ratio_max=cfg.pgpo.k3_log_ratio_max,
+                                score_max=cfg.pgpo.k3_score_max)
 
 
 def token_weights(scores: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, step: int = 0) -> torch.Tensor:

@@ -5,6 +5,7 @@ unpadded, the text-only pass built by *deleting* the image tokens while keeping 
 (docs/method.md#text-only-pass: this equals the masked pass), and the weights computed by the float64 reference.
 """
 
+import math
 from typing import ClassVar
 
 import pytest
@@ -202,3 +203,27 @@ def test_refuses_liger_and_bad_options(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="PGPOConfig"):
         PGPOGRPOTrainer(model="unused", reward_funcs=_reward,
                         args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
+
+
+def test_config_dev_preset_and_k3_clamps(tmp_path):
+    c = _config(tmp_path, pgpo_preset="dev-easyr1", pgpo_floor=0.2)
+    assert (c.pgpo_tau_mode, c.pgpo_renormalize, c.pgpo_estimator, c.pgpo_k3_log_ratio_max, c.pgpo_k3_score_max) \
+        == ("quantile", False, "k3", 20.0, 10.0)
+    assert c.pgpo_floor == 0.2, "an explicit value wins over the preset's"
+    with pytest.raises(ValueError, match="pgpo_estimator='k3'"):
+        _config(tmp_path, pgpo_k3_score_max=10.0)
+    with pytest.raises(ValueError, match="preset"):
+        _config(tmp_path, pgpo_preset="nope")
+
+
+def test_weights_from_passes_k3_clamps():
+    from pgpo_train.integrations.token_scores import pgpo_weights_from_passes
+
+    lp_vis = torch.tensor([[-1.0, -1.0, -1.0, -2.0]])
+    lp_txt = lp_vis + torch.tensor([[0.5, -30.0, 25.0, 0.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    _, s = pgpo_weights_from_passes(mask, logp_vis=lp_vis, logp_txt=lp_txt, k3_log_ratio_max=20.0, k3_score_max=10.0,
+                                    backend="torch")
+    torch.testing.assert_close(s, torch.tensor([[math.exp(0.5) - 1.5, 10.0, 10.0, 0.0]]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="log-prob source"):
+        pgpo_weights_from_passes(mask, scores=s, k3_score_max=10.0)

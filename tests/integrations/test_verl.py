@@ -310,3 +310,23 @@ def test_integrations_import_without_trl_or_verl():
     )
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_trainer_mixin_dev_preset_is_the_hand_formula():
+    """algorithm.pgpo.preset=dev-easyr1: clamped k3 (log r in [-20, 20], S in [0, 10]), each response's gate at its
+    0.4-quantile of I, floor 0.1, no renormalization (the loop's weights on the clamped scores)."""
+    from pgpo_train.rl import core_algos
+
+    data, seq_adv, text_logp = _proto_batch()
+    text_logp[0, 0] = data.batch["old_log_probs"][0, 0] - 30.0  # log r = -30: the clamps act (k3 29 -> 10)
+    trainer = _PGPOTrainer({"enable": True, "preset": "dev-easyr1"}, text_logp)
+    trainer._update_actor(data)
+    mask = data.batch["response_mask"].bool()
+    d = (text_logp.double() - data.batch["old_log_probs"].double()).clamp(-20, 20)
+    s = torch.where(mask, (torch.expm1(d) - d).clamp(0, 10), 0.0).float()
+    assert float(s[0, 0]) == 10.0
+    w = core_algos.pgpo_weights(s, mask, tau_mode="quantile", floor=0.1, renormalize=False, backend="torch")
+    assert float(w[mask].min()) >= 0.1 - 1e-6 and not torch.allclose(w.sum(-1), mask.sum(-1).float())
+    torch.testing.assert_close(trainer.updated_with, seq_adv[:, None] * w, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="algorithm.pgpo.preset"):
+        _PGPOTrainer({"enable": True, "preset": "nope"}, text_logp)._update_actor(data)

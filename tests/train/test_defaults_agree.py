@@ -14,7 +14,8 @@ from pgpo_train.run.config import PGPOWeightsConfig
 
 # option name -> defaults.py constant
 METHOD = {"tau": "TAU", "beta": "BETA", "eps": "EPS", "renormalize": "RENORMALIZE", "min_spread": "MIN_SPREAD",
-          "control": "CONTROL", "tau_mode": "TAU_MODE", "floor": "FLOOR"}
+          "control": "CONTROL", "tau_mode": "TAU_MODE", "floor": "FLOOR", "k3_log_ratio_max": "K3_LOG_RATIO_MAX",
+          "k3_score_max": "K3_SCORE_MAX"}
 
 
 def _want(name):

@@ -194,6 +194,8 @@ def _cfg(data: str, out, **kw) -> dict:
 EQUIV_SEED = {"dapo": 3, "pgpo": 28}
 EQUIV_KEPT = {"dapo": [[4], [8]], "pgpo": [[0], [8]]}
 SFT = {"steps": 0, "sft_steps": 1, "sft_batch_size": 4, "sft_lr": 1e-3, "eval_every": 1, "eval_size": 5}
+# a text-only share whose seed-7 rows are [text, text, visual, visual]: rank 0 has no visual row, rank 1 no text row
+SFT_TEXT = {**SFT, "eval_every": 0, "sft_text_only_prob": 0.5, "seed": 7}
 
 
 def _lines(run_dir) -> list[dict]:
@@ -224,6 +226,7 @@ def runs(tmp_path_factory, data):
             r[f"init-{algo}"] = _single({**cfg, "out_dir": str(root / f"init-{algo}"), "steps": 0}, "replay", mpatch)
         # one SFT step (each rank half the records, loss weighed by its token share) and a sharded greedy eval
         r["one-sft"] = _single(_cfg(data, root / "one-sft", **SFT), "replay", mpatch)
+        r["one-sft-text"] = _single(_cfg(data, root / "one-sft-text", **SFT_TEXT), "replay", mpatch)
         # a one-process run with a checkpoint at step 2, to resume at 2 ranks
         r["one-ckpt"] = _single(_cfg(data, root / "one-ckpt", steps=2), "inject", mpatch)
     shutil.copytree(root / "one-ckpt", root / "one-to-two")
@@ -253,6 +256,8 @@ def runs(tmp_path_factory, data):
             ]
             + [{"cfg": long, "answers": "inject", "dump": str(root / "full.pt")}]
             + [{"cfg": _cfg(data, root / "two-sft", **SFT), "answers": "replay", "dump": str(root / "two-sft.pt")}]
+            + [{"cfg": _cfg(data, root / "two-sft-text", **SFT_TEXT), "answers": "replay",
+                "dump": str(root / "two-sft-text.pt")}]
         )
     os.makedirs(root / "cut-saves")
     cut = {**long, "out_dir": str(root / "cut")}
@@ -328,6 +333,16 @@ def test_two_ranks_sft_step_and_eval_equal_one_process(runs):
     # sharded eval runs and merges, not that the merge weights are right (test_merged_metrics... checks those)
     for k in ("eval/acc", "eval/reward", "eval/format"):
         assert l2[k] == pytest.approx(l1[k], abs=1e-9), k
+
+
+def test_two_ranks_sft_text_only_share_equals_one_process(runs):
+    """--sft-text-only-prob under torchrun: the rows are drawn over the global batch, and a rank without rows of
+    one kind runs that kind's forward at zero weight (FSDP's collectives pair): the same step as one process."""
+    root = runs["root"]
+    assert _max_diff(runs["one-sft-text"], torch.load(root / "two-sft-text.pt")) < 1e-5
+    l1, l2 = _lines(root / "one-sft-text")[-1], _lines(root / "two-sft-text")[-1]
+    assert l1["sft/text_rows"] == l2["sft/text_rows"] == 2.0
+    assert l2["sft/loss"] == pytest.approx(l1["sft/loss"], rel=1e-5)
 
 
 def test_killed_two_rank_run_resumes_exactly(runs):
