@@ -26,12 +26,13 @@ recomputes its logits and stops: no gradient GEMMs, no atomics).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
+
+from pgpo_bench.report import write_json
 
 GPUS = {
     "H100": {"hbm_Bps": 3.35e12, "flops": 989e12, "sms": 132, "what": "H100 SXM: 3.35 TB/s HBM3, 989 TFLOPS dense bf16"},
@@ -249,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(md)
     if args.json:
         recs = [dict(asdict(r), **{f"{g}_ms": r.times_ms(g) for g in GPUS}) for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"tool": "pgpo-bench model", "argv": sys.argv[1:], "gpus": GPUS, "modeled": True,
-                       "records": recs}, f, indent=1)
+        # report.write_json: atomic (gpu_sweep.sh kills steps at their time limits), non-finite values as strings
+        write_json({"tool": "pgpo-bench model", "argv": sys.argv[1:], "gpus": GPUS, "modeled": True,
+                    "records": recs}, args.json)
     return 0
 
 
