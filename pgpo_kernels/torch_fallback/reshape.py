@@ -24,7 +24,8 @@ def reshape_weights_torch(
     eps: float,
     renormalize: bool,
 ) -> torch.Tensor:
-    """The reshape (docs/method.md#reshape) over a padded [B, T] (+ mask) or packed [total] (+ cu_seqlens) batch -> float32, 0 at padding.
+    """The reshape (docs/method.md#reshape) over a padded [B, T] (+ mask) or packed [total] (+ cu_seqlens) batch
+    -> float32, 0 at padding.
 
     A NaN, -inf or < -1 score (log1p undefined) in a valid position makes its sequence's weights NaN; +inf scores
     are the sequence maximum (I = 1), a score of exactly -1 (log1p = -inf) its minimum (I = 0). No host sync.

@@ -318,7 +318,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         if default is None:  # auto: the value's type from the annotation ("float | None"), "auto" on the command line
             kind = {"int": int, "float": float, "str": str}[f.type.split("|")[0].strip()]
             parser.add_argument(flag, dest=dest, type=_auto_or(kind), default=None, choices=None,
-                                help=help_text.replace("%%", "%").replace("%", "%%"), metavar=f"{kind.__name__.upper()}|auto")
+                                help=help_text, metavar=f"{kind.__name__.upper()}|auto")
         elif isinstance(default, bool):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
