@@ -17,6 +17,7 @@ from dataclasses import field
 from pgpo_kernels import defaults
 from pgpo_train.data.tasks import grid_reason_max_tokens
 from pgpo_train.data.tasks import task_filler
+from pgpo_train.run.validate import auto_field_type
 from pgpo_train.run.validate import check_types
 from pgpo_train.run.validate import check_values
 
@@ -316,7 +317,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         dest = (prefix + f.name).replace(".", "__")
         help_text = f.metadata.get("help", "").replace("%", "%%")
         if default is None:  # auto: the value's type from the annotation ("float | None"), "auto" on the command line
-            kind = {"int": int, "float": float, "str": str}[f.type.split("|")[0].strip()]
+            kind = auto_field_type(f)
             parser.add_argument(flag, dest=dest, type=_auto_or(kind), default=None, choices=None,
                                 help=help_text, metavar=f"{kind.__name__.upper()}|auto")
         elif isinstance(default, bool):

@@ -33,6 +33,11 @@ def flag(name: str) -> str:
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
+def auto_field_type(f: dataclasses.Field) -> type:
+    """The value type of an "auto" field (default None) from its annotation: `float | None` -> float."""
+    return _TYPES.get(str(f.type).split("|")[0].strip(), type(None))
+
+
 def _fields(obj, prefix: str = ""):
     """(dotted name, value, type) of every leaf field of a config dataclass: the default's type, or for an "auto"
     field (default None) the annotation's (`float | None` -> float)."""
@@ -42,7 +47,7 @@ def _fields(obj, prefix: str = ""):
         if dataclasses.is_dataclass(default):
             yield from _fields(value, f"{prefix}{f.name}.")
         elif default is None:
-            yield prefix + f.name, value, _TYPES.get(str(f.type).split("|")[0].strip(), type(None))
+            yield prefix + f.name, value, auto_field_type(f)
         else:
             yield prefix + f.name, value, type(default)
 
