@@ -38,6 +38,7 @@ from pgpo_train.models.policy import seed_everything
 from pgpo_train.run.config import TrainConfig
 from pgpo_train.step.batching import build_sequences
 from pgpo_train.step.batching import encode_prompts
+from pgpo_train.step.batching import model_inputs
 from pgpo_train.step.batching import response_mask_from
 from pgpo_train.step.batching import visual_kwargs
 from pgpo_train.step.sampling import rollout
@@ -91,7 +92,7 @@ def sampling_gap(model, processor, cfg, records) -> float:
     prompt = encode_prompts(processor, records, cfg.prompt_template, 1, torch.device("cpu"))
     stop = eos_ids(model, processor)
     out = model.generate(
-        **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+        **model_inputs(prompt), do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
         max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=processor.tokenizer.pad_token_id,
         suppress_tokens=model_family.special_ids(model), output_logits=True, return_dict_in_generate=True,
     )

@@ -155,7 +155,7 @@ def role_table(ckpt: str, task: str, filler: int | None, seed: int, base: str, p
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pgpo_bench.paired_runs", description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="grid-count", choices=["grid-count", "grid-reason", "count-copy"])
+    p.add_argument("--task", default="grid-count", choices=["grid-count", "grid-reason", "count-copy", "pair-count"])
     p.add_argument("--filler", type=int, default=None, help="grid-reason's filler words (default: the task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

@@ -62,13 +62,30 @@ def load_split(name_or_path: str, split: str, columns: dict[str, str | None], ma
             f"{ds.column_names} (set --image-column/--problem-column/--answer-column/--solution-column)"
         )
     image_col = columns.get("image")
-    if isinstance(ds.features.get(image_col), datasets.Image):
-        ds = ds.cast_column(image_col, datasets.Image(decode=False))  # decode ourselves: a bad image is skipped
+    feature = ds.features.get(image_col)
+    if isinstance(feature, datasets.Image):  # decode ourselves: a bad image is skipped
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images per record
+        ds = ds.cast_column(image_col, type(feature)(datasets.Image(decode=False)))
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
     if len(ds) == 0:
         raise ValueError(f"dataset {name_or_path!r} split {split!r} has no rows")
     return ds
+
+
+def max_images_per_record(ds, image_column: str) -> int:
+    """The most images any record of the split holds: 1 for a single-image column, the longest list of a list-valued
+    one (read from the Arrow lengths, no image decoded). Sizes the rollout engine's per-prompt image limit and
+    decides whether the model family must take several images per prompt."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if not isinstance(getattr(ds.features.get(image_column), "feature", None), datasets.Image):
+        return 1
+    column = ds.with_format("arrow")[image_column]  # ListArray over the split (select/shuffle views honoured)
+    lengths = pc.list_value_length(column)
+    return max(1, int(pc.max(lengths).as_py() or 0))
 
 
 def is_empty(value) -> bool:
@@ -83,7 +100,7 @@ def check_first_rows(ds, columns: dict[str, str | None], n: int = 32) -> None:
     text_cols = [c for role, c in columns.items() if role != "image" and c]
     images = texts = 0
     for row in rows:
-        img_ok = decode_image(row[columns["image"]]) is not None
+        img_ok = decode_images(row[columns["image"]]) is not None
         text_ok = not any(is_empty(row[c]) for c in text_cols)
         images += img_ok
         texts += text_ok
@@ -101,15 +118,29 @@ def check_first_rows(ds, columns: dict[str, str | None], n: int = 32) -> None:
     )
 
 
+def decode_images(value) -> list[Image.Image] | None:
+    """A record's images: a list-valued image column gives all of its images in order, a single value one; None
+    when the list is empty or any of its images cannot be decoded (the record is skipped, never half-read)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    images = [decode_image(v) for v in values]
+    return images if images and all(im is not None for im in images) else None
+
+
+def record_images(record: dict) -> list:
+    """A record's images: its "images" list (RecordStream's records), or its "image", one or a list (a row of the
+    embedded tasks' generators, which tests and benchmarks feed in directly)."""
+    images = record["images"] if "images" in record else record["image"]
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
 def decode_image(value) -> Image.Image | None:
-    """PIL RGB image from a datasets value (PIL, {"bytes", "path"} or a path), or None when it cannot be decoded."""
+    """PIL RGB image from one datasets value (PIL, {"bytes", "path"} or a path), or None when it cannot be decoded
+    (a list of images is decode_images')."""
     try:
         if isinstance(value, Image.Image):
             img = value
         elif isinstance(value, dict):
             img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-        elif isinstance(value, (list, tuple)) and value:
-            return decode_image(value[0])  # our choice: multi-image records use their first image
         elif isinstance(value, str):
             img = Image.open(value)
         else:
@@ -120,13 +151,29 @@ def decode_image(value) -> Image.Image | None:
         return None
 
 
-def build_prompt(question: str, template: str) -> list[dict]:
-    """Chat messages (one user turn: the image, then the templated question) for processor.apply_chat_template."""
-    # our choice: datasets such as geometry3k write an "<image>" placeholder in the question; the image already
-    # comes first in the user turn, so the literal placeholder is dropped
-    question = question.replace("<image>", "").strip()
-    text = (TINY_PROMPT_TEMPLATE if template == "tiny" else template).format(question=question)
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+IMAGE_MARKER = "<image>"  # where datasets such as geometry3k and ViRL39K place an image in the question text
+
+
+def build_prompt(question: str, template: str, n_images: int = 1) -> list[dict]:
+    """Chat messages (one user turn holding n_images images and the templated question) for
+    processor.apply_chat_template.
+
+    When the templated text holds exactly n_images "<image>" markers, each image takes its marker's place (as
+    EasyR1 builds its prompts); otherwise (no markers, or a count that does not match) every image comes first and
+    the markers are dropped.
+    """
+    template = TINY_PROMPT_TEMPLATE if template == "tiny" else template
+    parts = template.format(question=question).split(IMAGE_MARKER)
+    if len(parts) != n_images + 1:  # our choice: every image first, the stray markers dropped
+        text = template.format(question=question.replace(IMAGE_MARKER, "").strip())
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+    content = []
+    for i, part in enumerate(parts):
+        if part.strip():
+            content.append({"type": "text", "text": part.strip()})
+        if i < n_images:
+            content.append({"type": "image"})
+    return [{"role": "user", "content": content}]
 
 
 class Sampler:
@@ -152,8 +199,9 @@ class Sampler:
 
 
 class RecordStream:
-    """Yields decoded records {"image", "problem", "answer", "solution"} in sampler order, skipping bad images and
-    records with a null/empty problem, answer or (asked for) solution; both kinds are counted."""
+    """Yields decoded records {"images" (a list), "problem", "answer", "solution"} in sampler order, skipping records
+    with an undecodable image and those with a null/empty problem, answer or (asked for) solution; both kinds are
+    counted."""
 
     def __init__(self, ds, columns: dict[str, str | None], sampler: Sampler):
         self.ds, self.columns, self.sampler = ds, columns, sampler
@@ -173,12 +221,12 @@ class RecordStream:
             if any(is_empty(row[c]) for role, c in self.columns.items() if role != "image" and c):
                 self.skipped_empty += 1
                 continue
-            img = decode_image(row[self.columns["image"]])
-            if img is None:
+            images = decode_images(row[self.columns["image"]])
+            if images is None:
                 self.skipped_images += 1
                 continue
             rec = {
-                "image": img,
+                "images": images,
                 "problem": str(row[self.columns["problem"]]),
                 "answer": str(row[self.columns["answer"]]),
             }

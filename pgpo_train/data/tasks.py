@@ -117,9 +117,10 @@ def save_records_dataset(path: str | os.PathLike, make_records, n_train: int, n_
     import datasets
 
     os.makedirs(path, exist_ok=True)
+    several = isinstance(make_records(1, seed)[0]["image"], list)  # pair-count: a list of images per record
     features = datasets.Features(
         {
-            "image": datasets.Image(),
+            "image": datasets.List(datasets.Image()) if several else datasets.Image(),
             "problem": datasets.Value("string"),
             "answer": datasets.Value("string"),
             "solution": datasets.Value("string"),
@@ -305,6 +306,49 @@ def grid_reason_max_tokens(filler: int) -> int:
     return 38 + filler
 
 
+# %% pair-count: two images, one answer
+
+# Two count-copy images (2x2 grids) in one prompt, "How many shapes in both images?": the answer is the sum of the
+# two images' counts, so neither image alone decides it and the text decides nothing. The totals 0..8 are balanced
+# (each block of 9 records holds every total once; the split between the images is drawn among the splits that
+# fit), so a text-only predictor is at chance (1/9), and one image alone leaves 2-5 totals open. The reference
+# response reads each image's count, then adds them in text:
+#   <think>a+b=s</think>\boxed{s}
+# a and b are visual tokens of different images (the text-only pass must mask both images to lose them); s follows
+# from the text. The references are exact (no teacher bias): this task exercises multi-image prompts end to end.
+PAIR_QUESTION = "How many shapes in both images?"
+PAIR_MAX = 2 * GRID * GRID  # totals 0..8
+
+
+def pair_response(a: int, b: int) -> str:
+    return f"<think>{a}+{b}={a + b}</think>\\boxed{{{a + b}}}"
+
+
+def make_pair_example(total: int, rng: random.Random) -> dict:
+    """One pair-count record with `total` shapes over its two images: {"image": [PIL, PIL], "problem", "answer",
+    "solution"}."""
+    per_image = GRID * GRID
+    a = rng.choice([k for k in range(per_image + 1) if 0 <= total - k <= per_image])
+    images = []
+    for n in (a, total - a):
+        filled = set(rng.sample(range(per_image), n))
+        images.append(draw_cells([rng.choice(list(COLORS)) if i in filled else EMPTY for i in range(per_image)], rng))
+    return {"image": images, "problem": PAIR_QUESTION, "answer": str(total), "solution": pair_response(a, total - a)}
+
+
+def make_pair_records(n: int, seed: int = 0) -> list[dict]:
+    """[n] pair-count records, deterministic in seed; each block of PAIR_MAX + 1 holds every total once."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    rng = random.Random(seed)
+    totals: list[int] = []
+    while len(totals) < n:
+        block = list(range(PAIR_MAX + 1))
+        rng.shuffle(block)
+        totals += block
+    return [make_pair_example(t, rng) for t in totals[:n]]
+
+
 # %% registry
 
 
@@ -334,6 +378,12 @@ TASKS = {
         "count-v2",  # the cache name the count task had as the default, so existing caches stay valid
         make_count_records,
         "2x2 grid, count one colour, copy it into the box (a text-only error: PGPO is expected not to help)",
+    ),
+    "pair-count": Task(
+        "pair-count",
+        "pair-count-v1",
+        make_pair_records,
+        "two 2x2 grids per prompt, count the shapes in both (needs both images: multi-image prompts)",
     ),
 }
 DEFAULT_TASK = "grid-count"

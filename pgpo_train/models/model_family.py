@@ -364,8 +364,9 @@ def text_only_inputs(
 
 
 # multimodal kwargs the visual pass passes through as the processor wrote them
+# (batch_num_images [B]: LLaVA-OneVision's images per sample, which decide how each image is tiled)
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "video_grid_thw", "pixel_values_videos", "second_per_grid_ts",
-                   "image_sizes", "pixel_attention_mask")
+                   "image_sizes", "pixel_attention_mask", "batch_num_images")
 
 
 def visual_inputs(
@@ -421,7 +422,8 @@ def select_images(model, multimodal: dict, samples, *, num_images=None, num_tile
         multimodal: the batch's image tensors as the processor wrote them (pixel_values, image_grid_thw,
             image_sizes, pixel_attention_mask; other keys are ignored).
         samples: sample indices (ints or a 1-D tensor), in the order wanted; repeats allowed.
-        num_images: images per sample (None = one each); num_tiles: tiles per sample (the "tiles" layout needs it).
+        num_images: images per sample (None = the batch's batch_num_images where the processor wrote it, else one
+            each); num_tiles: tiles per sample (the "tiles" layout needs it).
 
     Returns:
         dict with those samples' pixel_values (and image_grid_thw / image_sizes / pixel_attention_mask where the
@@ -433,6 +435,8 @@ def select_images(model, multimodal: dict, samples, *, num_images=None, num_tile
     samples = [int(i) for i in samples]
     fam = model if isinstance(model, Family) else family_of(model)
     layout = fam.pixel_layout
+    if num_images is None and multimodal.get("batch_num_images") is not None:
+        num_images = multimodal["batch_num_images"].tolist()
     if num_images is None:
         images = samples  # one image per sample: image i is sample i's
     else:
@@ -458,8 +462,9 @@ def select_images(model, multimodal: dict, samples, *, num_images=None, num_tile
         out["pixel_values"] = pixels[samples]
     else:  # "images": [images, ...]
         out["pixel_values"] = pixels[images]
-    if multimodal.get("pixel_attention_mask") is not None:
-        out["pixel_attention_mask"] = multimodal["pixel_attention_mask"][samples]
+    for key in ("pixel_attention_mask", "batch_num_images"):  # per sample
+        if multimodal.get(key) is not None:
+            out[key] = multimodal[key][samples]
     if multimodal.get("image_sizes") is not None:
         out["image_sizes"] = multimodal["image_sizes"][images]
     if out.get("pixel_values") is None or out["pixel_values"].numel() == 0:

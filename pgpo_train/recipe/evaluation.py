@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from pgpo_train.data.loading import decode_image
+from pgpo_train.data.loading import decode_images
 from pgpo_train.data.loading import is_empty
 from pgpo_train.data.loading import load_split
 from pgpo_train.data.loading import tiny_dataset_path
@@ -32,6 +32,7 @@ from pgpo_train.models import model_family
 from pgpo_train.models.policy import eos_ids
 from pgpo_train.run.config import TrainConfig
 from pgpo_train.step.batching import encode_prompts
+from pgpo_train.step.batching import model_inputs
 from pgpo_train.step.sampling import reward_of
 
 # %% the command line
@@ -137,11 +138,11 @@ def load_records(cfg: TrainConfig, max_samples: int) -> tuple[list[dict], int, s
     ds = load_split(path, cfg.eval_split, columns, max_samples)
     records, skipped = [], 0
     for i, row in enumerate(ds):
-        image = decode_image(row[cfg.image_column])
-        if image is None or is_empty(row[cfg.problem_column]) or is_empty(row[cfg.answer_column]):
+        images = decode_images(row[cfg.image_column])
+        if images is None or is_empty(row[cfg.problem_column]) or is_empty(row[cfg.answer_column]):
             skipped += 1
             continue
-        records.append({"index": i, "image": image, "problem": str(row[cfg.problem_column]),
+        records.append({"index": i, "images": images, "problem": str(row[cfg.problem_column]),
                         "answer": str(row[cfg.answer_column])})
     if not records:
         raise ValueError(f"dataset {path!r} split {cfg.eval_split!r}: no record has a decodable image and text")
@@ -174,7 +175,7 @@ def generate(model, processor, records: list[dict], cfg: TrainConfig, n: int, sa
         "do_sample": False}
     stop = eos_ids(model, processor)
     out = model.generate(
-        **prompt,
+        **model_inputs(prompt),
         **kw,
         max_new_tokens=cfg.max_new_tokens,
         eos_token_id=stop,

@@ -10,10 +10,12 @@ import json
 import os
 
 import torch
+from PIL import Image
 
 from pgpo_train.data.loading import RecordStream
 from pgpo_train.data.loading import Sampler
 from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import record_images
 from pgpo_train.data.loading import tiny_dataset_path
 from pgpo_train.data.rewards import compute_score
 from pgpo_train.models import model_family
@@ -26,6 +28,7 @@ from pgpo_train.run.config import TrainConfig
 from pgpo_train.run.config import config_from_dict
 from pgpo_train.step.batching import build_sequences
 from pgpo_train.step.batching import encode_prompts
+from pgpo_train.step.batching import model_inputs
 from pgpo_train.step.batching import response_mask_from
 from pgpo_train.step.scoring import old_logp_and_scores
 from pgpo_train.step.scoring import token_weights
@@ -45,7 +48,7 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     stop = eos_ids(model, processor)
     gen = {"do_sample": False} if greedy else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
     out = model.generate(
-        **prompt,
+        **model_inputs(prompt),
         **gen,
         max_new_tokens=cfg.max_new_tokens,
         eos_token_id=stop,
@@ -71,9 +74,22 @@ def token_dependency(model, processor, record: dict, cfg: TrainConfig, greedy: b
     }
 
 
+def side_by_side(images: list) -> Image.Image:
+    """A record's images in one row (its one image as it is), for the HTML and PNG views."""
+    if len(images) == 1:
+        return images[0]
+    row = Image.new("RGB", (sum(im.width for im in images) + 4 * (len(images) - 1), max(im.height for im in images)),
+                    "white")
+    x = 0
+    for im in images:
+        row.paste(im, (x, 0))
+        x += im.width + 4
+    return row
+
+
 def render_html(record: dict, dep: dict, tau: float) -> str:
     buf = io.BytesIO()
-    record["image"].save(buf, format="PNG")
+    side_by_side(record_images(record)).save(buf, format="PNG")
     img = base64.b64encode(buf.getvalue()).decode()
     spans = []
     for tok, kl, w, i in zip(dep["tokens"], dep["kl"], dep["weights"], dep["intensity"]):
@@ -88,7 +104,7 @@ def render_html(record: dict, dep: dict, tau: float) -> str:
 <h3>Visual dependency of each response token</h3>
 <p>Colour: min-max normalized log(1 + KL(p<sub>vis</sub> || p<sub>txt</sub>)) per token (PGPO's I<sub>t</sub>);
 framed tokens have I &ge; tau = {tau} and get amplified advantage. Hover a token for KL, I and weight.</p>
-<img src="data:image/png;base64,{img}" style="width:168px;image-rendering:pixelated;border:1px solid #999">
+<img src="data:image/png;base64,{img}" style="height:168px;image-rendering:pixelated;border:1px solid #999">
 <p><b>Question:</b> {html.escape(record["problem"])} &nbsp; <b>Answer:</b> {html.escape(record["answer"])}
 &nbsp; <b>Reward:</b> {dep["score"]["score"]:.2f}</p>
 <p style="line-height:2.2">{"".join(spans)}</p>
@@ -104,7 +120,7 @@ def render_png(record: dict, dep: dict, tau: float, out: str) -> None:
 
     inten = dep["intensity"]
     fig, (ax_img, ax_bar) = plt.subplots(1, 2, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 5]})
-    ax_img.imshow(record["image"])
+    ax_img.imshow(side_by_side(record_images(record)))
     ax_img.set_title(f"{record['problem']} (answer {record['answer']})", fontsize=8)
     ax_img.axis("off")
     xs = range(len(dep["tokens"]))

@@ -34,6 +34,8 @@ from pgpo_train.data.loading import RecordStream
 from pgpo_train.data.loading import Sampler
 from pgpo_train.data.loading import check_first_rows
 from pgpo_train.data.loading import load_split
+from pgpo_train.data.loading import max_images_per_record
+from pgpo_train.data.loading import record_images
 from pgpo_train.data.loading import tiny_dataset_path
 from pgpo_train.models.hf_export import export_run_model
 from pgpo_train.models.lm_head import use_fused_lm_head
@@ -59,6 +61,7 @@ from pgpo_train.run.signals import TrainingInterrupted
 from pgpo_train.run.signals import stop_requested_anywhere
 from pgpo_train.run.validate import check_sources
 from pgpo_train.step import vllm_engine
+from pgpo_train.step.batching import check_images_per_prompt
 from pgpo_train.step.sampling import evaluate_on_ranks
 from pgpo_train.step.sampling import reward_of
 from pgpo_train.step.sampling import sample_batch
@@ -206,14 +209,18 @@ def setup(cfg: TrainConfig, dp) -> Run:
     if not cfg.threads and device.type == "cpu" and small:
         # our choice: a tiny model's matmuls only thrash with more threads (4x slower on a busy 2-core box)
         torch.set_num_threads(1)
+    eval_records = load_eval_records(cfg, data_path, columns)
+    # several images per prompt (a list-valued image column): refused here for a processor that cannot lay them out
+    n_images = max([max_images_per_record(train_ds, cfg.image_column)] + [len(record_images(r)) for r in eval_records])
+    check_images_per_prompt(model, processor, n_images, cfg.prompt_template)
     engine = None
     if cfg.rollout_engine == "vllm":  # built from the whole model, before FSDP shards it; synced before each step
-        engine = vllm_engine.VLLMRollout(model, processor, cfg, device, dp)
+        engine = vllm_engine.VLLMRollout(model, processor, cfg, device, dp, max_images=n_images)
     if dp.world > 1:  # every rank built the same model; each keeps its shard and samples with its own RNG stream
         model = distributed.shard_policy(model, device, cfg.fsdp_cpu_offload)
         dist_checkpoint.fresh_rng(cfg.seed, 0, dp.rank)
     return Run(cfg=cfg, dp=dp, device=device, model=model, processor=processor, optimizer=None, train_ds=train_ds,
-               columns=columns, eval_records=load_eval_records(cfg, data_path, columns), fused_lm_head=fused_lm_head,
+               columns=columns, eval_records=eval_records, fused_lm_head=fused_lm_head,
                ckpt_dir=os.path.join(cfg.out_dir, "checkpoints"), engine=engine)
 
 

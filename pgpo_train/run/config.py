@@ -40,7 +40,7 @@ def opt(default, help: str):
 # the values each string option takes: argparse's choices and resolved()'s checks
 CHOICES = {
     "algo": ["grpo", "dapo", "pgpo"],
-    "task": ["grid-count", "grid-reason", "count-copy"],
+    "task": ["grid-count", "grid-reason", "count-copy", "pair-count"],
     "control": ["none", "shuffled", "inverted"],  # pgpo.control
     "tau_mode": ["absolute", "quantile"],  # pgpo.tau_mode
     "estimator": ["full", "k3"],
@@ -159,7 +159,8 @@ class TrainConfig:
     dataset: str = opt("", "hub name or local path for datasets.load_dataset; empty = the generated --task")
     # grid-count: 3x3 grid, "How many shapes?", answer 0-9 read off the image. count-copy: the contrast case, where
     # the errors are a text-only copy of a count into the box, so PGPO is expected not to help (docs/training.md)
-    task: str = opt("grid-count", "embedded task when --dataset is empty: grid-count | grid-reason | count-copy")
+    task: str = opt("grid-count", "embedded task when --dataset is empty: grid-count | grid-reason | count-copy | "
+                    "pair-count (two images per prompt)")
     task_filler: int | None = opt(
         None,
         "grid-reason: filler words per response (0 = none); auto: 24 (other tasks: none)",
@@ -282,7 +283,7 @@ class TrainConfig:
         if c.lr is None:
             c.lr = 1e-6 if c.model else 1e-4
         c.task_filler = task_filler(c.task, c.task_filler)  # ValueError naming --task-filler off grid-reason
-        grid = c.task in ("grid-count", "grid-reason")
+        grid = c.task in ("grid-count", "grid-reason", "pair-count")  # warm-up to a stop on exact match
         if c.tiny_head_dim is None:
             c.tiny_head_dim = auto_tiny_head_dim(c.rollout_engine)
         if c.max_new_tokens is None:

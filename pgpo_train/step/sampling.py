@@ -9,6 +9,7 @@ import functools
 import numpy as np
 import torch
 
+from pgpo_train.data.loading import record_images
 from pgpo_train.data.rewards import Reward
 from pgpo_train.models import model_family
 from pgpo_train.models.policy import eos_ids
@@ -20,6 +21,7 @@ from pgpo_train.step.batching import build_sequences
 from pgpo_train.step.batching import chat_text
 from pgpo_train.step.batching import concat_rollouts
 from pgpo_train.step.batching import encode_prompts
+from pgpo_train.step.batching import model_inputs
 from pgpo_train.step.batching import response_mask_from
 from pgpo_train.step.batching import select_rows
 from pgpo_train.step.refill import refill_groups
@@ -51,11 +53,11 @@ def rollout(model, processor, records, cfg: TrainConfig, device, times: dict, en
         if engine is not None:
             texts = [chat_text(processor, r, cfg.prompt_template) for r in records for _ in range(G)]
             rows = [ids[m.bool()].tolist() for ids, m in zip(prompt["input_ids"], prompt["attention_mask"])]
-            images = [r["image"] for r in records for _ in range(G)]
+            images = [record_images(r) for r in records for _ in range(G)]
             responses, rollout_logp = engine.generate(texts, images, rows, cfg, stop, pad_id)  # [B, T] each
         else:
             out = model.generate(
-                **prompt,
+                **model_inputs(prompt),
                 do_sample=True,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
@@ -137,7 +139,7 @@ def evaluate(model, processor, records: list[dict], cfg: TrainConfig, device, ba
         recs = records[i : i + batch_size]
         prompt = encode_prompts(processor, recs, cfg.prompt_template, 1, device)
         out = model.generate(
-            **prompt,
+            **model_inputs(prompt),
             do_sample=False,
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=stop,

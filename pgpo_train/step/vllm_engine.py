@@ -149,9 +149,10 @@ class VLLMRollout:
         device: the training device (CUDA: gpu_memory_utilization and sleep mode; CPU: VLLM_CPU_KVCACHE_SPACE).
         dp: pgpo_train.run.distributed's SINGLE or torchrun's (each rank its own engine, TP 1, vLLM's
             external_launcher executor; the embedded model is saved once, by rank 0, into a node-local temp folder).
+        max_images: the most images a prompt holds (the dataset's; vLLM's limit_mm_per_prompt).
     """
 
-    def __init__(self, model, processor, cfg, device: torch.device, dp=distributed.SINGLE):
+    def __init__(self, model, processor, cfg, device: torch.device, dp=distributed.SINGLE, max_images: int = 1):
         world, rank = dp.world, dp.rank
         self.world, self.llm = world, None
         self.processor, self.device = processor, device
@@ -179,7 +180,7 @@ class VLLMRollout:
             max_model_len=self.max_model_len,
             enable_prefix_caching=True,  # the G responses of a prompt share its prefix
             logprobs_mode="processed_logprobs",  # after temperature and the ban: the distribution sampled from
-            limit_mm_per_prompt={"image": 1, "video": 0},
+            limit_mm_per_prompt={"image": max_images, "video": 0},  # the dataset's most images per prompt
             enforce_eager=device.type == "cpu",
         )
         if device.type == "cuda":
@@ -245,7 +246,7 @@ class VLLMRollout:
         """Samples one response per prompt.
 
         Args:
-            texts: the chat-templated prompts; images: one image per prompt.
+            texts: the chat-templated prompts; images: each prompt's list of images.
             prompt_ids: the token ids the policy's processor made of each prompt (unpadded): vLLM's must equal them,
                 or its responses would continue other prompts than the ones the loss scores.
             stop: stop token ids (as the HF path's eos_token_id); pad_id: fills rows past their end.
@@ -263,7 +264,7 @@ class VLLMRollout:
             )
             for s in seeds
         ]
-        prompts = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images)]
+        prompts = [{"prompt": t, "multi_modal_data": {"image": list(im)}} for t, im in zip(texts, images)]
         with kept_process_state():
             self._wake()
             outs = self.llm.generate(prompts, params, use_tqdm=False)

@@ -141,8 +141,8 @@ def test_cuda_sleep_order_with_a_recording_engine(tiny):
     engine._sleep()  # what __init__ does after building the engine
     engine.sync(model)
     cfg = type("Cfg", (), {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4})()
-    responses, logp = engine.generate(["a", "b"], [None, None], [[1, 2], [1, 2]], cfg, [7], 0)
-    engine.generate(["a"], [None], [[1, 2]], cfg, [7], 0)  # a refill round: no sync in between
+    responses, logp = engine.generate(["a", "b"], [[], []], [[1, 2], [1, 2]], cfg, [7], 0)
+    engine.generate(["a"], [[]], [[1, 2]], cfg, [7], 0)  # a refill round: no sync in between
     assert calls == ["sleep1", "wake_up", "reload_weights", "reset_prefix_cache", "reset_encoder_cache", "generate",
                      "sleep1", "wake_up", "generate", "sleep1"]
     assert responses.tolist() == [[5, 6], [5, 6]] and logp.tolist() == [[-0.5, -0.25], [-0.5, -0.25]]
