@@ -32,7 +32,7 @@ from pgpo_train.step import sampling
 
 
 def _record_seed(rec: dict) -> int:
-    h = hashlib.md5((rec["problem"] + "|" + rec["answer"]).encode() + rec["image"].tobytes())
+    h = hashlib.md5((rec["problem"] + "|" + rec["answer"]).encode() + b"".join(im.tobytes() for im in rec["images"]))
     return int(h.hexdigest()[:8], 16)
 
 

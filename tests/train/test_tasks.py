@@ -65,7 +65,7 @@ def test_count_copy_answer_is_partly_guessable_from_text():
 
 
 def test_task_is_selectable_and_validated(tmp_path):
-    assert set(TASKS) == {"grid-count", "grid-reason", "count-copy"}
+    assert set(TASKS) == {"grid-count", "grid-reason", "count-copy", "pair-count"}
     assert TrainConfig().task == "grid-count"
     c = TrainConfig(task="count-copy", out_dir=str(tmp_path)).resolved()
     assert (c.sft_steps, c.sft_stop_acc) == (300, 0.0)  # count-copy's warm-up: fixed length, no accuracy stop

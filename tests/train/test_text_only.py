@@ -123,6 +123,7 @@ def test_training_forward_matches_generate(tiny_batch):
     from pgpo_train.models.policy import response_logits
     from pgpo_train.step.batching import build_sequences
     from pgpo_train.step.batching import encode_prompts
+    from pgpo_train.step.batching import model_inputs
     from pgpo_train.step.batching import response_mask_from
     from pgpo_train.step.batching import visual_kwargs
 
@@ -135,7 +136,7 @@ def test_training_forward_matches_generate(tiny_batch):
     prompt = encode_prompts(processor, recs, "tiny", 2, "cpu")
     stop = eos_ids(model, processor)
     out = model.generate(
-        **prompt,
+        **model_inputs(prompt),
         do_sample=True,
         max_new_tokens=10,
         output_logits=True,

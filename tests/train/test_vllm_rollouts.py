@@ -40,12 +40,30 @@ def _cfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def exported(tmp_path_factory):
+    """The module's engine, served from the policy's exported Hugging Face folder (hf_export.save_model_folder, as
+    every run writes RUN_DIR/model), and its first rollouts before any weight sync."""
+    from pgpo_train.models import hf_export
+
     torch.set_num_threads(1)
     model, processor = build_tiny(tiny_config(32), seed=0)
-    engine = vllm_engine.VLLMRollout(model, processor, _cfg(), torch.device("cpu"))
-    yield engine, model, processor
+    folder = hf_export.save_model_folder(model, processor, str(tmp_path_factory.mktemp("export") / "model"))
+    engine = vllm_engine.VLLMRollout(model, processor, _cfg(model=folder), torch.device("cpu"), max_images=2)
+    first = _sample(engine, model, processor, _records(), sync=False)
+    yield engine, model, processor, first
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def setup(exported):
+    return exported[:3]
+
+
+def test_engine_loads_the_exported_folder(exported):
+    """vLLM loads the folder a run ends with, and samples from exactly the policy's distribution (no sync)."""
+    engine, model, _, first = exported
+    assert engine.syncs == 0 and first["response_mask"].sum() > 0
+    assert _gap(model, first) <= TOL
 
 
 def _records(n=2, seed=1):
@@ -100,6 +118,18 @@ def test_rollouts_and_weight_sync_match_policy_logp(setup):
           f"{stale_gap:.2e}, synced {fresh_gap:.2e} ({int(fresh['response_mask'].sum())} tokens)")
     m = vllm_engine.logp_gap_metrics(fresh["rollout_logp"], _policy_logp(model, fresh), fresh["response_mask"])
     assert m["rollout/vllm_logp_gap_max"] <= TOL
+
+
+def test_two_image_prompts_match_policy_logp(setup):
+    """pair-count's prompts (two images each, and a single-image record in the same round): vLLM lays the images
+    out as the policy's batch does, so its log-probs match the policy's forward on our multi-image batch."""
+    from pgpo_train.data.tasks import make_pair_records
+
+    engine, model, processor = setup
+    records = make_pair_records(2, seed=4) + _records(1, seed=4)
+    batch = _sample(engine, model, processor, records, _cfg(prompts_per_step=3))
+    assert batch["num_images"].tolist() == [2, 2, 2, 2, 1, 1]
+    assert batch["response_mask"].sum() > 0 and _gap(model, batch) <= TOL
 
 
 def test_repeated_image_after_vision_update_uses_new_tower(setup):

@@ -1,4 +1,4 @@
-"""Tables of the fair comparison (issue 28) from run_unit.py's run directories: accuracy per variant, PGPO minus
+"""Tables of the fair comparison (issue 28) from pgpo_bench.paired_runs' run directories: accuracy per variant, PGPO minus
 each reference paired by seed, gradient norms and clipping, weight concentration over RL, the warm-up (both kinds
 of rows) and the token-role table at the warm-up checkpoints beside the P = 0 one of ../train_reason_dose.
 
@@ -67,9 +67,9 @@ def param_shift(start: str, run: str) -> float | None:
 
 def collect(root: str, split: str) -> dict:
     units = {}
-    for base in sorted(glob.glob(os.path.join(root, "f*-p*-s*"))):
+    for base in sorted(glob.glob(os.path.join(root, "*f*-p*-s*"))):
         m = re.search(r"f(\d+)-p([\d.]+)-s(\d+)$", base)
-        if not m:
+        if not m or not os.path.isdir(os.path.join(base, split)):  # the selection seeds' units have no test runs
             continue
         seed = int(m.group(3))
         u = {"runs": {}}
@@ -187,7 +187,7 @@ def choose_rates(root: str) -> tuple[dict, str]:
     """The validation split's choice: per variant, the learning rate with the best mean final accuracy over the
     selection seeds; and the table it came from."""
     acc = {}
-    for run in glob.glob(os.path.join(root, "f*-p*-s*", "validation", "*-lr*", "metrics.jsonl")):
+    for run in glob.glob(os.path.join(root, "*f*-p*-s*", "validation", "*-lr*", "metrics.jsonl")):
         name, lr = re.match(r"(.+)-lr(.+)$", os.path.basename(os.path.dirname(run))).groups()
         if not os.path.exists(os.path.join(os.path.dirname(run), "summary.json")):
             continue
