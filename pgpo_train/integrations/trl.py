@@ -223,6 +223,7 @@ class PGPOGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ the hook
 
     def _generate_and_score_completions(self, inputs):
+        _check_images_per_prompt(self.model, inputs)
         with self._pgpo_log_images_only_if_every_rank_has_some(inputs):
             output = super()._generate_and_score_completions(inputs)
         mask = output["completion_mask"]
@@ -407,6 +408,20 @@ class PGPOGRPOTrainer(GRPOTrainer):
                               else col.mean() for k, col in zip(names, values.unbind(1))])
         for k, v in zip(names, merged.tolist()):  # one host sync per rollout batch
             self._metrics[mode][k].append(v)
+
+
+def _check_images_per_prompt(model, inputs: list[dict]) -> None:
+    """Refuses LLaVA-OneVision prompts of several images: TRL 1.16 does not hand the model its batch_num_images
+    (which decides how each image is tiled), so TRL's own forwards would count the wrong number of image features
+    (or fail on the keyword); the other families take several images per prompt (tests/integrations/
+    test_trl_families.py)."""
+    if model_family.family_of(model).model_types != ("llava_onevision",):
+        return
+    most = max((len(x.get("images") or []) for x in inputs), default=0)
+    if most > 1:
+        raise ValueError(f"PGPOGRPOTrainer: a prompt holds {most} images, and TRL does not pass LLaVA-OneVision's "
+                         "batch_num_images to the model, so its forwards cannot take several images per prompt: use "
+                         "one image per prompt with LLaVA-OneVision under TRL (pgpo-train takes several)")
 
 
 def _trl_batch_images_none(inputs: list[dict]) -> bool:

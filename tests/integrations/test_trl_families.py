@@ -73,6 +73,32 @@ def test_two_real_steps_on_every_family(tmp_path, family):
     assert len(logged) == 2 and all(r["pgpo/no_image_frac"] == 0.0 for r in logged)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "idefics3", "internvl"])  # each pixel layout
+def test_prompts_with_two_images(tmp_path, family):
+    """TRL's "images" lists of 2 and 1 images in one batch: PGPO's passes select each prompt's images (TRL's
+    num_images) and the text-only pass masks both images. LLaVA-OneVision is refused: TRL drops the
+    batch_num_images its model needs for several images per prompt."""
+    model, processor = build_tiny_family(family, seed=0)
+    recs = make_count_records(4, seed=2)
+    rows = []
+    for i, images in enumerate([[recs[0]["image"], recs[1]["image"]], [recs[2]["image"]]]):
+        text = {"type": "text", "text": TINY_PROMPT_TEMPLATE.format(question="How many shapes in the images?")}
+        rows.append({"images": images, "answer": str(i),
+                     "prompt": [{"role": "user", "content": [{"type": "image"}] * len(images) + [text]}]})
+    trainer = _Recording(model=model, reward_funcs=_reward, args=_config(tmp_path), processing_class=processor,
+                         train_dataset=datasets.Dataset.from_list(rows))
+    if family == "llava_onevision":  # TRL drops its batch_num_images: refused before any rollout
+        with pytest.raises(ValueError, match="TRL does not pass LLaVA-OneVision's batch_num_images"):
+            trainer.train()
+        return
+    trainer.train()
+    assert len(trainer.recorded) == 2 and _nonuniform(trainer.recorded)
+    for w, m in trainer.recorded:
+        torch.testing.assert_close(w.sum(-1), m.sum(-1).float())
+    logged = [r for r in trainer.state.log_history if "pgpo/kl_mean" in r]
+    assert len(logged) == 2 and all(r["pgpo/no_image_frac"] == 0.0 and r["pgpo/kl_mean"] > 0 for r in logged)
+
+
 def test_lora_on_qwen2_5_vl_trains_with_non_uniform_weights(tmp_path):
     peft = pytest.importorskip("peft")
     model, processor = build_tiny_family("qwen2_5_vl", seed=0)
