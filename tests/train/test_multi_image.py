@@ -57,15 +57,17 @@ def _records(seed=3):
             {"images": [c[2]["image"], c[3]["image"]], "problem": "How many shapes?", "answer": "3"}]
 
 
-def _batch(model, processor, records):
+def _batch(model, processor, records, rows=None):
+    """records encoded as one batch, row i (rows: their indices in _records) with response i's text."""
+    rows = range(len(records)) if rows is None else rows
     prompt = encode_prompts(processor, records, "tiny", 1, "cpu")
     tok = processor.tokenizer
     words = tok(["1 2 3 4", "5 6", "7 8 9"], add_special_tokens=False)["input_ids"]
     responses = torch.full((len(records), T), tok.pad_token_id)
     mask = torch.zeros(len(records), T, dtype=torch.long)
-    for i, w in enumerate(words[: len(records)]):
-        n = min(len(w), T - i % 2)
-        responses[i, :n], mask[i, :n] = torch.tensor(w[:n]), 1
+    for j, i in enumerate(rows):
+        n = min(len(words[i]), T - i % 2)
+        responses[j, :n], mask[j, :n] = torch.tensor(words[i][:n]), 1
     return build_sequences(model, prompt, responses, mask, tok.pad_token_id)
 
 
@@ -123,7 +125,8 @@ def test_prompt_places_images_at_their_markers_or_first():
 @torch.no_grad()
 def test_rows_select_their_own_images(family):
     """Every row alone (select_rows: its images picked by num_images) gives the logits it has in the whole batch;
-    a merged batch of two rounds (different image counts and padding) equals the batch encoded at once."""
+    a merged batch of two rounds encoded apart (different image counts, each padded to its own largest) equals the
+    batch encoded at once."""
     name, model, processor = family
     recs = _records()
     batch = _batch(model, processor, recs)
@@ -134,7 +137,7 @@ def test_rows_select_their_own_images(family):
         one = model(**visual_kwargs(model, row)).logits[0]
         keep = batch["attention_mask"][i].bool()
         assert (one[row["attention_mask"][0].bool()] - full[i][keep]).abs().max() < 1e-5, (name, i)
-    parts = [select_rows(model, batch, torch.tensor([0, 1])), select_rows(model, batch, torch.tensor([2]))]
+    parts = [_batch(model, processor, recs[:2], rows=[0, 1]), _batch(model, processor, recs[2:], rows=[2])]
     merged = concat_rollouts(model, parts, processor.tokenizer.pad_token_id)
     assert merged["num_images"].tolist() == [2, 1, 2]
     again = model(**visual_kwargs(model, merged)).logits
