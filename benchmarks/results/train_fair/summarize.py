@@ -36,15 +36,22 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} +- {sd:.3f}"
 
 
+# two-sided 95% Student t quantiles by degrees of freedom (a paired t interval over the seeds)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}
+
+
 def _paired(a: dict, b: dict) -> tuple[str, list]:
-    """a - b over the seeds both have, in points: mean +- sd (W/T/L)."""
+    """a - b over the seeds both have, in points: mean +- sd (W/T/L, n) and the paired 95% t interval."""
     seeds = sorted(set(a) & set(b))
     d = [100 * (a[s] - b[s]) for s in seeds]
     if not d:
         return "-", []
     sd = statistics.stdev(d) if len(d) > 1 else float("nan")
     w, t = sum(x > 0 for x in d), sum(x == 0 for x in d)
-    return f"{statistics.mean(d):+.1f} +- {sd:.1f} ({w}/{t}/{len(d) - w - t}, n={len(d)})", d
+    m = statistics.mean(d)
+    half = T95.get(len(d) - 1, 1.96) * sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return f"{m:+.1f} +- {sd:.1f} ({w}/{t}/{len(d) - w - t}, n={len(d)}) | [{m - half:+.1f}, {m + half:+.1f}]", d
 
 
 def param_shift(start: str, run: str) -> float | None:
@@ -126,9 +133,19 @@ def tables(units: dict, dose_summary: str | None) -> tuple[str, dict]:
                    f"{statistics.mean(gain):+.1f} | {_ms(g[GRAD[0]])} | {_ms(g[GRAD[1]])} | {_ms(g[GRAD[2]])} | "
                    f"{_ms([units[s]['runs'][v]['param_shift'] for s in acc[v] if units[s]['runs'][v]['param_shift'] is not None])} |")
         res[v] = {"final": acc[v], "grad": {k: g[k] for k in GRAD}}
-    out.append("\n### Paired differences (final test accuracy, points): mean +- sd (W/T/L, n)\n")
-    out.append("| comparison | difference |")
-    out.append("|---|---|")
+    out.append("\n### Final test accuracy per seed (each variant at its chosen learning rate)\n")
+    shown = [v for v in ORDER if acc[v]]
+    out.append("| seed | after warm-up | " + " | ".join(f"{v} ({units[seeds[0]]['runs'][v]['lr']:g})" for v in shown)
+               + " |")
+    out.append("|---|---|" + "---|" * len(shown))
+    for s in seeds:
+        w = units[s].get("sft", {}).get("eval")
+        out.append(f"| {s} | {'-' if w is None else f'{w:.3f}'} | "
+                   + " | ".join(f"{acc[v][s]:.3f}" if s in acc[v] else "-" for v in shown) + " |")
+    out.append("\n### Paired differences (final test accuracy, points): mean +- sd (W/T/L, n), paired 95% t "
+               "interval\n")
+    out.append("| comparison | difference | 95% interval |")
+    out.append("|---|---|---|")
     res["paired"] = {}
     for a, b in PAIRS:
         txt, d = _paired(acc[a], acc[b])
@@ -219,7 +236,11 @@ def main(argv=None) -> int:
     units = collect(a.root, a.split)
     dose = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train_reason_dose", "summary.json")
     md, res = tables(units, dose)
+    best, lr_md = choose_rates(a.root)
+    print("### Learning rates chosen on the validation split (mean final validation accuracy over the selection "
+          "seeds)\n\n" + lr_md)
     print(md)
+    res["chosen_lr"] = best
     with open(a.json, "w") as f:
         json.dump({"units": units, "tables": res}, f, indent=1)
     return 0
