@@ -92,14 +92,7 @@ from pgpo_train.integrations import pgpo_text_only_batch  # noqa: E402
 from pgpo_train.integrations.checks import PGPODidNotRunError  # noqa: E402
 from pgpo_train.models.tiny_families import build_family_tokenizer  # noqa: E402
 
-flash_attention_utils.flash_attn_varlen_func = flash_standin.flash_attn_varlen_func
-flash_attention_utils.flash_attn_func = flash_standin.flash_attn_func
-flash_attention_utils._flash_attention_forward = flash_standin.transformers_flash_attention_forward
-flash_attention_utils._flash_supports_window_size = True
-flash_attention_utils._flash_supports_deterministic = False
-flash_attention_utils._flash_use_top_left_mask = False
-# flash-attn has half-precision kernels only, so the fp32 q/k/v are cast to bf16 for it; the stand-in is fp32 SDPA
-flash_attention_utils.fa_peft_integration_check = lambda q, k, v, target_dtype=None: (q, k, v)
+flash_standin.install_into(flash_attention_utils)
 
 # ---------------------------------------------------------------- a tiny Qwen2.5-VL in transformers 4.x
 

@@ -66,3 +66,18 @@ def transformers_flash_attention_forward(query_states, key_states, value_states,
         out[b, keep] = flash_attn_func(query_states[b, keep][None], key_states[b, keep][None],
                                        value_states[b, keep][None], dropout, softmax_scale, is_causal)[0]
     return out
+
+
+def install_into(module) -> None:
+    """Points a module that imported flash-attn's functions (transformers' flash_attention_utils, verl's qwen2_vl
+    patch) at the stand-ins, with the flags their callers read."""
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    module.flash_attn_func = flash_attn_func
+    # a micro-batch of one sequence (dynamic batch size) goes through transformers' flash wrapper instead
+    module._flash_attention_forward = transformers_flash_attention_forward
+    module._flash_supports_window_size = True
+    module._flash_supports_deterministic = False
+    module._flash_use_top_left_mask = False
+    # flash-attn only has half-precision kernels, so the callers cast fp32 q/k/v to bf16 before calling it; the
+    # stand-in is exact fp32 SDPA, so the tests keep fp32 end to end (bf16 noise would hide errors of 1e-2)
+    module.fa_peft_integration_check = lambda q, k, v, target_dtype=None: (q, k, v)

@@ -108,13 +108,4 @@ def install_flash_standin() -> None:
     """flash-attn's varlen kernel, where verl imported it (its Qwen2-VL attention patch): per-segment SDPA."""
     from verl.models.transformers import qwen2_vl
 
-    qwen2_vl.flash_attn_varlen_func = flash_standin.flash_attn_varlen_func
-    qwen2_vl.flash_attn_func = flash_standin.flash_attn_func
-    # a micro-batch of one sequence (dynamic batch size) goes through transformers' flash wrapper instead
-    qwen2_vl._flash_attention_forward = flash_standin.transformers_flash_attention_forward
-    qwen2_vl._flash_supports_window_size = True
-    qwen2_vl._flash_supports_deterministic = False
-    qwen2_vl._flash_use_top_left_mask = False
-    # flash-attn only has half-precision kernels, so verl casts fp32 q/k/v to bf16 before calling it; the stand-in
-    # is exact fp32 SDPA, so the tests keep fp32 end to end (bf16 noise would hide errors of 1e-2)
-    qwen2_vl.fa_peft_integration_check = lambda q, k, v, target_dtype=None: (q, k, v)
+    flash_standin.install_into(qwen2_vl)
