@@ -65,7 +65,7 @@ def load_split(name_or_path: str, split: str, columns: dict[str, str | None], ma
     feature = ds.features.get(image_col)
     if isinstance(feature, datasets.Image):  # decode ourselves: a bad image is skipped
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
-    elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images per record
+    elif is_image_list(feature):  # a list of images per record
         ds = ds.cast_column(image_col, type(feature)(datasets.Image(decode=False)))
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
@@ -74,14 +74,20 @@ def load_split(name_or_path: str, split: str, columns: dict[str, str | None], ma
     return ds
 
 
+def is_image_list(feature) -> bool:
+    """Whether a datasets feature is a list of images (List(Image()) / Sequence(Image()))."""
+    import datasets
+
+    return isinstance(getattr(feature, "feature", None), datasets.Image)
+
+
 def max_images_per_record(ds, image_column: str) -> int:
     """The most images any record of the split holds: 1 for a single-image column, the longest list of a list-valued
     one (read from the Arrow lengths, no image decoded). Sizes the rollout engine's per-prompt image limit and
     decides whether the model family must take several images per prompt."""
-    import datasets
     import pyarrow.compute as pc
 
-    if not isinstance(getattr(ds.features.get(image_column), "feature", None), datasets.Image):
+    if not is_image_list(ds.features.get(image_column)):
         return 1
     column = ds.with_format("arrow")[image_column]  # ListArray over the split (select/shuffle views honoured)
     lengths = pc.list_value_length(column)

@@ -117,18 +117,18 @@ def save_records_dataset(path: str | os.PathLike, make_records, n_train: int, n_
     import datasets
 
     os.makedirs(path, exist_ok=True)
-    several = isinstance(make_records(1, seed)[0]["image"], list)  # pair-count: a list of images per record
-    features = datasets.Features(
-        {
-            "image": datasets.List(datasets.Image()) if several else datasets.Image(),
-            "problem": datasets.Value("string"),
-            "answer": datasets.Value("string"),
-            "solution": datasets.Value("string"),
-        }
-    )
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):
-        ds = datasets.Dataset.from_list(make_records(n, s), features=features)
-        ds.to_parquet(os.path.join(path, f"{split}.parquet"))
+        records = make_records(n, s)
+        several = isinstance(records[0]["image"], list)  # pair-count: a list of images per record
+        features = datasets.Features(
+            {
+                "image": datasets.List(datasets.Image()) if several else datasets.Image(),
+                "problem": datasets.Value("string"),
+                "answer": datasets.Value("string"),
+                "solution": datasets.Value("string"),
+            }
+        )
+        datasets.Dataset.from_list(records, features=features).to_parquet(os.path.join(path, f"{split}.parquet"))
     return str(path)
 
 

@@ -411,17 +411,19 @@ class PGPOGRPOTrainer(GRPOTrainer):
 
 
 def _check_images_per_prompt(model, inputs: list[dict]) -> None:
-    """Refuses LLaVA-OneVision prompts of several images: TRL 1.16 does not hand the model its batch_num_images
-    (which decides how each image is tiled), so TRL's own forwards would count the wrong number of image features
-    (or fail on the keyword); the other families take several images per prompt (tests/integrations/
+    """Refuses prompts of several images for a family whose forward needs a per-sample image count
+    (Family.images_per_sample_key: LLaVA-OneVision's batch_num_images, which decides how each image is tiled): TRL
+    1.16 does not hand it to the model, so TRL's own forwards would count the wrong number of image features (or
+    fail on the keyword); the other families take several images per prompt (tests/integrations/
     test_trl_families.py)."""
-    if model_family.family_of(model).model_types != ("llava_onevision",):
+    fam = model_family.family_of(model)
+    if fam.images_per_sample_key is None:
         return
     most = max((len(x.get("images") or []) for x in inputs), default=0)
     if most > 1:
-        raise ValueError(f"PGPOGRPOTrainer: a prompt holds {most} images, and TRL does not pass LLaVA-OneVision's "
-                         "batch_num_images to the model, so its forwards cannot take several images per prompt: use "
-                         "one image per prompt with LLaVA-OneVision under TRL (pgpo-train takes several)")
+        raise ValueError(f"PGPOGRPOTrainer: a prompt holds {most} images, and TRL does not pass {fam.name}'s "
+                         f"{fam.images_per_sample_key} to the model, so its forwards cannot take several images per "
+                         f"prompt: use one image per prompt with {fam.name} under TRL (pgpo-train takes several)")
 
 
 def _trl_batch_images_none(inputs: list[dict]) -> bool:

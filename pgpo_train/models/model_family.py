@@ -49,6 +49,9 @@ class Family:
     # "placeholders": the text-only pass masks the placeholder tokens; "fake_token_span" (Idefics3 / SmolVLM): it
     # masks each image's whole span, <fake_token_around_image> to <fake_token_around_image> (see image_spans)
     text_only_span: str = "placeholders"
+    # the per-sample image count the model's forward needs to read several images per prompt, as the processor names
+    # it (LLaVA-OneVision: batch_num_images, which decides how each image is tiled); None: the layout says it all
+    images_per_sample_key: str | None = None
 
 
 PIXEL_LAYOUTS = ("patches", "images", "per_sample", "tiles")
@@ -65,7 +68,7 @@ FAMILIES: tuple[Family, ...] = (
            pixel_layout="patches"),
     Family("Gemma 3", ("gemma3",), "1d", delimiter_attrs=("boi_token_id", "eoi_token_id"),
            token_type_key="token_type_ids"),
-    Family("LLaVA-OneVision", ("llava_onevision",), "1d"),
+    Family("LLaVA-OneVision", ("llava_onevision",), "1d", images_per_sample_key="batch_num_images"),
     Family("Idefics3", ("idefics3",), "1d", pixel_layout="per_sample", text_only_span="fake_token_span"),
     Family("SmolVLM", ("smolvlm",), "1d", pixel_layout="per_sample", text_only_span="fake_token_span"),
     Family("InternVL (HF)", ("internvl",), "1d", pixel_layout="tiles"),

@@ -206,8 +206,8 @@ def check_images_per_prompt(model, processor, n_images: int, template: str) -> N
         entries = len(pixels)
     # rows select their images entry by entry where there is one per image; elsewhere one image gives >= 1 entry
     ok = entries == n_images if fam.pixel_layout in ("patches", "images") else entries >= n_images
-    if fam.model_types == ("llava_onevision",) and enc.get("batch_num_images") is None:
-        ok = False  # without it the model tiles every image as a lone one and the placeholder count breaks
+    if fam.images_per_sample_key is not None and enc.get(fam.images_per_sample_key) is None:
+        ok = False  # LLaVA-OneVision without it tiles every image as a lone one and the placeholder count breaks
     n_ph = int(model_family.visual_mask(model, enc["input_ids"]).sum())
     if not ok or n_ph == 0:
         raise ValueError(f"the dataset has prompts of {n_images} images, and {fam.name}'s processor does not lay out "

@@ -264,7 +264,7 @@ class VLLMRollout:
             )
             for s in seeds
         ]
-        prompts = [{"prompt": t, "multi_modal_data": {"image": list(im)}} for t, im in zip(texts, images)]
+        prompts = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images)]
         with kept_process_state():
             self._wake()
             outs = self.llm.generate(prompts, params, use_tqdm=False)

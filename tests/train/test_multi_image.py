@@ -14,6 +14,7 @@ import datasets
 import pytest
 import torch
 from PIL import Image
+from test_cli_validation import _png  # a PIL image as a datasets {"bytes", "path"} value
 
 from pgpo_train.data.loading import RecordStream
 from pgpo_train.data.loading import Sampler
@@ -38,14 +39,6 @@ from pgpo_train.step.batching import text_only_kwargs
 from pgpo_train.step.batching import visual_kwargs
 
 T = 4  # response tokens
-
-
-def _png(im):
-    import io
-
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return {"bytes": buf.getvalue(), "path": None}
 
 
 def _records(seed=3):
